@@ -1,0 +1,1 @@
+"""Concept engine: Deep Feature Factorization (NMF) over CNN activations, on NumPy or CuPy."""

@@ -1,0 +1,1 @@
+"""Batch export and the `dff` command line: discover, explain."""

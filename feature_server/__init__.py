@@ -1,0 +1,1 @@
+"""Feature server: ONNX Runtime activations of real ImageNet models, in-process or over gRPC."""

@@ -1,0 +1,64 @@
+"""Tensors on the wire: numpy <-> dff.v1.Tensor (raw little-endian bytes, shape, dtype)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dff_protos.errors import InvalidInput
+from dff_protos.v1 import common_pb2
+
+_TO_NUMPY = {
+    common_pb2.DTYPE_UNSPECIFIED: np.dtype("<f4"),
+    common_pb2.FLOAT32: np.dtype("<f4"),
+    common_pb2.FLOAT16: np.dtype("<f2"),
+}
+
+
+def dtype_from_name(name: str) -> int:
+    """'float16'/'float32' -> the DType enum value."""
+    try:
+        return {"float32": common_pb2.FLOAT32, "float16": common_pb2.FLOAT16}[name]
+    except KeyError:
+        raise InvalidInput(f"unknown wire dtype {name!r} (float32 or float16)") from None
+
+
+def to_tensor(array: np.ndarray, dtype: int = common_pb2.FLOAT32) -> common_pb2.Tensor:
+    """Encode an array (any float dtype) as a Tensor of the given wire dtype."""
+    np_dtype = _TO_NUMPY[dtype]
+    data = np.ascontiguousarray(array, dtype=np_dtype).tobytes()
+    return common_pb2.Tensor(data=data, shape=list(array.shape),
+                             dtype=dtype or common_pb2.FLOAT32)
+
+
+def from_tensor(tensor: common_pb2.Tensor, *, as_float32: bool = True) -> np.ndarray:
+    """Decode a Tensor; float16 is widened to float32 unless as_float32 is False."""
+    try:
+        np_dtype = _TO_NUMPY[tensor.dtype]
+    except KeyError:
+        raise InvalidInput(f"unknown tensor dtype {tensor.dtype}") from None
+    shape = tuple(int(s) for s in tensor.shape)
+    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    if len(tensor.data) != expected:
+        raise InvalidInput(
+            f"tensor of shape {shape} and dtype {np_dtype.name} needs {expected} bytes, "
+            f"got {len(tensor.data)}")
+    array = np.frombuffer(tensor.data, dtype=np_dtype).reshape(shape)
+    if as_float32 and array.dtype != np.float32:
+        return array.astype(np.float32)
+    return array
+
+
+def item_error(exc: BaseException) -> common_pb2.ItemError:
+    """A per-item error for a stream: the item failed, the stream goes on."""
+    from dff_protos import errors
+
+    if isinstance(exc, errors.ImageTooLarge):
+        code = common_pb2.ItemError.IMAGE_TOO_LARGE
+    elif isinstance(exc, errors.InvalidInput):
+        code = common_pb2.ItemError.INVALID_ARGUMENT
+    elif isinstance(exc, errors.NotFound):
+        code = common_pb2.ItemError.NOT_FOUND
+    else:
+        return common_pb2.ItemError(code=common_pb2.ItemError.INTERNAL,
+                                    message="internal error (see server log)")
+    return common_pb2.ItemError(code=code, message=str(exc))
