@@ -1,0 +1,665 @@
+"""Non-negative matrix factorisation V ~= W H for Deep Feature Factorization.
+
+V (n, C) holds one row per spatial position of every image (n = N * h * w) and one column per
+channel of the CNN layer; W (n, k) are the heatmaps and H (k, C) the concept bases.
+
+Two solvers share one loop and one interface (:func:`nmf_fit`):
+
+* ``'mu'`` - Lee & Seung multiplicative updates for the Frobenius loss, exactly as the DFF
+  paper and the seed project: H <- H * (W^T V) / (W^T W H), then W <- W * (V H^T) / (W H H^T),
+  with a denominator that is exactly zero replaced by 1e-7.
+* ``'hals'`` - hierarchical alternating least squares (Cichocki & Phan 2009; Gillis & Glineur
+  2012): each row of H, then each column of W, is set to its exact non-negative least-squares
+  optimum given the others, in the fixed order 0..k-1 (deterministic, no shuffling). It costs the
+  same two passes over V per iteration as MU but converges in far fewer iterations.
+
+Both solvers need V only through the products W^T V (k, C) and V H^T (n, k), so each iteration
+reads V twice and never forms V - WH. The error is
+``||V - WH||^2 = ||V||^2 - 2 <W, V H^T> + <W^T W, H H^T>`` with ||V||^2 computed once; the
+inner products are reduced in float64 and the result is clamped at 0 before the square root.
+
+V may be held in float16 (half the memory) with float32 compute: the GEMMs then upcast V in row
+chunks of bounded size. V may also be a SciPy CSR matrix on the host (activations after ReLU are
+mostly zeros); see benchmarks/bench_nmf.py for when that pays off.
+
+The working copy of W is kept transposed, ``Wt`` (k, n), C-contiguous, so the per-component
+updates of HALS touch contiguous rows, and ``H @ V.T`` maps to a single transposed GEMM.
+
+Every function takes arrays of one namespace (NumPy or CuPy, see :mod:`concept_engine.backend`)
+and returns arrays of the same namespace. Random initialisations are drawn on the host from a
+seeded NumPy generator and copied to the device once, so a seed gives the same start on every
+backend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Literal
+
+import numpy as np
+
+from concept_engine.backend import get_namespace, is_sparse, to_device
+
+__all__ = [
+    "ConvergenceWarning",
+    "NMF",
+    "NMFResult",
+    "nmf_fit",
+    "nmf_init",
+    "nmf_transform",
+    "reconstruction_error",
+]
+
+Solver = Literal["mu", "hals"]
+Init = Literal["nndsvd", "nndsvda", "nndsvdar", "random", "seed", "ls"]
+
+#: The seed replaces denominators that are exactly zero by this value (MU only).
+MU_ZERO_DENOMINATOR = 1e-7
+#: Bytes of float32 scratch per row chunk when V is held in float16 or sparse.
+CHUNK_BYTES = 64 * 2**20
+#: NNDSVD zeroes entries below this (as in Boutsidis & Gallopoulos and scikit-learn).
+_NNDSVD_EPS = 1e-6
+
+_SOLVERS = ("mu", "hals")
+_INITS = ("nndsvd", "nndsvda", "nndsvdar", "random", "seed", "ls")
+
+
+class ConvergenceWarning(UserWarning):
+    """The solver stopped at ``max_iter`` before the tolerance was met."""
+
+
+@dataclass(frozen=True)
+class NMFResult:
+    """Outcome of one factorisation.
+
+    Attributes:
+        W: (n, k) heatmaps / coefficients, same namespace as V, float32 (float64 if V is).
+        H: (k, C) bases.
+        n_iter: iterations run.
+        error: Frobenius norm ||V - W H|| at the returned W, H.
+        converged: True if the tolerance test stopped the loop before ``max_iter``.
+    """
+
+    W: Any
+    H: Any
+    n_iter: int
+    error: float
+    converged: bool
+
+
+# --------------------------------------------------------------------------------------------
+# V as an operand: the few products the solvers need, for dense, float16-held and sparse V.
+# --------------------------------------------------------------------------------------------
+
+
+class _Operand:
+    """Read-only access to V (n, C) through the products the solvers need.
+
+    Dense V in the compute dtype is used directly by BLAS. Dense V held in a narrower dtype
+    (float16) and sparse V are processed in row chunks so the float32 scratch stays bounded by
+    :data:`CHUNK_BYTES` whatever n is.
+    """
+
+    def __init__(self, V: Any, xp: ModuleType) -> None:
+        self.V = V
+        self.xp = xp
+        self.sparse = is_sparse(V)
+        self.n, self.C = (int(s) for s in V.shape)
+        self.dtype = xp.float64 if V.dtype == xp.float64 else xp.float32
+        self.direct = not self.sparse and V.dtype == self.dtype
+        self.chunk = max(1, CHUNK_BYTES // (4 * max(self.C, 1)))
+        self._sq_norm: float | None = None
+        self._mean: float | None = None
+
+    def _chunks(self):
+        for start in range(0, self.n, self.chunk):
+            stop = min(self.n, start + self.chunk)
+            block = self.V[start:stop]
+            if self.sparse:
+                block = block.toarray()
+            yield start, stop, block.astype(self.dtype, copy=False)
+
+    def wt_v(self, Wt: Any) -> Any:
+        """W^T V: (k, n) -> (k, C)."""
+        if self.direct:
+            return Wt @ self.V
+        if self.sparse:
+            # csr.T is csc; csc @ dense is one sweep over the non-zeros.
+            return self.xp.ascontiguousarray((self.V.T @ Wt.T).T, dtype=self.dtype)
+        out = self.xp.zeros((Wt.shape[0], self.C), dtype=self.dtype)
+        for start, stop, block in self._chunks():
+            out += Wt[:, start:stop] @ block
+        return out
+
+    def h_vt(self, H: Any) -> Any:
+        """(V H^T)^T = H V^T: (k, C) -> (k, n)."""
+        if self.direct:
+            return H @ self.V.T
+        if self.sparse:
+            return self.xp.ascontiguousarray((self.V @ H.T).T, dtype=self.dtype)
+        out = self.xp.empty((H.shape[0], self.n), dtype=self.dtype)
+        for start, stop, block in self._chunks():
+            out[:, start:stop] = H @ block.T
+        return out
+
+    def gram(self) -> Any:
+        """V^T V (C, C) in the compute dtype (for the deterministic NNDSVD)."""
+        if self.direct:
+            return self.V.T @ self.V
+        out = self.xp.zeros((self.C, self.C), dtype=self.dtype)
+        for _, _, block in self._chunks():
+            out += block.T @ block
+        return out
+
+    def _moments(self) -> None:
+        xp = self.xp
+        if self.sparse:
+            data = self.V.data
+            total = float(xp.sum(data, dtype=xp.float64))
+            sq = float(xp.sum(xp.square(data, dtype=xp.float64)))
+        else:
+            total = sq = 0.0
+            # float64 per chunk: ||V||^2 of ~1e9 float32 terms must not lose digits, and the
+            # cast must not allocate an (n, C) float64 copy.
+            for start in range(0, self.n, self.chunk):
+                block = self.V[start : start + self.chunk]
+                total += float(xp.sum(block, dtype=xp.float64))
+                sq += float(xp.sum(xp.square(block, dtype=xp.float64)))
+        self._mean = total / max(self.n * self.C, 1)
+        self._sq_norm = sq
+
+    @property
+    def sq_norm(self) -> float:
+        """||V||_F^2 as a Python float (computed once, in float64)."""
+        if self._sq_norm is None:
+            self._moments()
+        return self._sq_norm  # type: ignore[return-value]
+
+    @property
+    def mean(self) -> float:
+        """mean(V) as a Python float (computed once, in float64)."""
+        if self._mean is None:
+            self._moments()
+        return self._mean  # type: ignore[return-value]
+
+    def min(self) -> float:
+        xp = self.xp
+        if self.sparse:
+            if self.V.nnz == 0:
+                return 0.0
+            m = float(xp.min(self.V.data))
+            return min(m, 0.0) if self.V.nnz < self.n * self.C else m
+        return float(xp.min(self.V))
+
+
+# --------------------------------------------------------------------------------------------
+# Error and updates (all in the transposed layout Wt (k, n)).
+# --------------------------------------------------------------------------------------------
+
+
+def _error_from_products(sq_norm: float, Wt: Any, HVt: Any, HHt: Any) -> float:
+    """||V - WH|| from ||V||^2, Wt (k, n), HVt = H V^T (k, n) and HHt = H H^T (k, k)."""
+    xp = get_namespace(Wt, HVt, HHt)
+    cross = float(xp.sum(Wt * HVt, dtype=xp.float64))
+    WtW = (Wt @ Wt.T).astype(xp.float64)
+    quad = float(xp.sum(WtW * HHt.astype(xp.float64)))
+    # Cancellation can leave a tiny negative number when the fit is (almost) exact.
+    return math.sqrt(max(sq_norm - 2.0 * cross + quad, 0.0))
+
+
+def reconstruction_error(V: Any, W: Any, H: Any) -> float:
+    """Frobenius norm ||V - W H|| without forming V - W H.
+
+    Args:
+        V: (n, C) non-negative data (dense, float16/32/64, or SciPy sparse).
+        W: (n, k) coefficients.
+        H: (k, C) bases.
+    """
+    xp = get_namespace(V, W, H)
+    op = _Operand(V, xp)
+    H = xp.asarray(H, dtype=op.dtype)
+    Wt = xp.ascontiguousarray(xp.asarray(W, dtype=op.dtype).T)
+    return _error_from_products(op.sq_norm, Wt, op.h_vt(H), H @ H.T)
+
+
+def _mu_ratio(num: Any, den: Any, xp: ModuleType) -> Any:
+    # The seed (and the DFF paper's code) guards only exact zeros, not small values.
+    den[den == 0] = MU_ZERO_DENOMINATOR
+    return num / den
+
+
+def _mu_update_H(H: Any, WtV: Any, WtW: Any, xp: ModuleType) -> Any:
+    return H * _mu_ratio(WtV, WtW @ H, xp)
+
+
+def _mu_update_Wt(Wt: Any, HVt: Any, HHt: Any, xp: ModuleType) -> Any:
+    # (W H H^T)^T = (H H^T) W^T because H H^T is symmetric.
+    return Wt * _mu_ratio(HVt, HHt @ Wt, xp)
+
+
+def _hals_update_rows(X: Any, AtB: Any, AtA: Any, xp: ModuleType) -> Any:
+    """One HALS sweep over the rows of X (k, m) for min ||B - A X|| with X >= 0.
+
+    AtB = A^T B (k, m) and AtA = A^T A (k, k) are fixed during the sweep; row j is set to its
+    exact non-negative optimum given the current other rows (Gauss-Seidel, order 0..k-1).
+    """
+    diag = [float(d) for d in xp.diag(AtA)]  # k scalars to the host, once per sweep
+    for j, d in enumerate(diag):
+        if d <= 0.0:
+            # Component j is identically zero on the other side: nothing to solve for.
+            continue
+        row = X[j] + (AtB[j] - AtA[j] @ X) / d
+        X[j] = xp.maximum(row, 0)
+    return X
+
+
+def _solve(
+    op: _Operand,
+    Wt: Any,
+    H: Any,
+    *,
+    solver: str,
+    update_H: bool,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+) -> NMFResult:
+    """The shared loop. Wt (k, n) and H (k, C) are updated in place or replaced."""
+    xp = op.xp
+    HHt = H @ H.T
+    HVt = op.h_vt(H)
+    err_init = _error_from_products(op.sq_norm, Wt, HVt, HHt)
+    prev_err = err_init
+    converged = False
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is read after the loop
+        if update_H:
+            WtV = op.wt_v(Wt)
+            WtW = Wt @ Wt.T
+            if solver == "mu":
+                H = _mu_update_H(H, WtV, WtW, xp)
+            else:
+                H = _hals_update_rows(H, WtV, WtW, xp)
+            HHt = H @ H.T
+            HVt = op.h_vt(H)
+        if solver == "mu":
+            Wt = _mu_update_Wt(Wt, HVt, HHt, xp)
+        else:
+            Wt = _hals_update_rows(Wt, HVt, HHt, xp)
+        # As in the seed and scikit-learn: every `check_every` iterations, stop when the error
+        # fell by less than tol (relative to the initial error) since the last check. The error
+        # costs no pass over V: HVt already holds V H^T for the current H.
+        if tol > 0 and n_iter % check_every == 0:
+            err = _error_from_products(op.sq_norm, Wt, HVt, HHt)
+            if err_init == 0.0 or (prev_err - err) / err_init < tol:
+                converged = True
+                break
+            prev_err = err
+    error = _error_from_products(op.sq_norm, Wt, HVt, HHt)
+    W = xp.ascontiguousarray(Wt.T)
+    return NMFResult(W=W, H=H, n_iter=n_iter, error=error, converged=converged)
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation.
+# --------------------------------------------------------------------------------------------
+
+
+def _random_init(op: _Operand, k: int, seed: int, init: str) -> tuple[Any, Any]:
+    """Wt (k, n) and H (k, C) = |N(0, 1)| * sqrt(mean(V) / k), drawn on the host.
+
+    ``'random'`` follows scikit-learn's ``init='random'`` stream (``RandomState(seed)``, H drawn
+    before W), so it starts where ``sklearn.decomposition.NMF(init='random')`` starts.
+    ``'seed'`` is the research prototype's initialisation: the same formula, W drawn before H,
+    from ``numpy.random.default_rng(seed)``. (The prototype drew from torch's generator; torch is
+    not a dependency of the engine, so only the distribution and the scaling are reproduced.)
+    """
+    xp = op.xp
+    dt = np.float64 if op.dtype == xp.float64 else np.float32
+    avg = math.sqrt(op.mean / k)
+    if init == "random":
+        rng = np.random.RandomState(seed)
+        H = avg * rng.standard_normal(size=(k, op.C)).astype(dt)
+        W = avg * rng.standard_normal(size=(op.n, k)).astype(dt)
+    else:
+        gen = np.random.default_rng(seed)
+        W = avg * np.abs(gen.standard_normal(size=(op.n, k)))
+        H = avg * np.abs(gen.standard_normal(size=(k, op.C)))
+    Wt = np.ascontiguousarray(np.abs(W).T, dtype=dt)
+    H = np.abs(H).astype(dt)
+    return to_device(Wt, xp), to_device(H, xp)
+
+
+def _nndsvd_init(op: _Operand, k: int, seed: int, variant: str) -> tuple[Any, Any]:
+    """NNDSVD (Boutsidis & Gallopoulos 2008) from an exact, deterministic truncated SVD.
+
+    The right singular vectors come from the eigendecomposition of the Gram matrix V^T V (C, C),
+    one pass over V; the left ones from V v / s, a second pass. Unlike a randomised SVD this has
+    no random choice, so ``'nndsvd'`` and ``'nndsvda'`` do not depend on the seed.
+    ``'nndsvda'`` fills the zeros with mean(V) (what MU needs, as zeros never move under it);
+    ``'nndsvdar'`` with |N(0, 1)| * mean(V) / 100 drawn from ``RandomState(seed)``.
+    """
+    xp = op.xp
+    if k > op.C:
+        raise ValueError(f"NNDSVD needs k <= C ({k} > {op.C}); use init='random'")
+    gram = op.gram().astype(xp.float64)
+    evals, evecs = xp.linalg.eigh(gram)  # ascending
+    order = xp.arange(op.C - 1, op.C - 1 - k, -1)
+    S = xp.sqrt(xp.maximum(evals[order], 0.0))  # (k,)
+    Vk = xp.ascontiguousarray(evecs[:, order].T)  # (k, C) right singular vectors
+    S_host = [float(s) for s in S]
+    Ut = op.h_vt(Vk.astype(op.dtype)).astype(xp.float64)  # (k, n) = Vk V^T
+    for j, s in enumerate(S_host):
+        Ut[j] = Ut[j] / s if s > 0 else 0.0
+    Wt = xp.zeros((k, op.n), dtype=xp.float64)
+    H = xp.zeros((k, op.C), dtype=xp.float64)
+    Wt[0] = math.sqrt(S_host[0]) * xp.abs(Ut[0])
+    H[0] = math.sqrt(S_host[0]) * xp.abs(Vk[0])
+    for j in range(1, k):
+        x, y = Ut[j], Vk[j]
+        x_p, y_p = xp.maximum(x, 0), xp.maximum(y, 0)
+        x_n, y_n = xp.abs(xp.minimum(x, 0)), xp.abs(xp.minimum(y, 0))
+        xpn, ypn = float(xp.linalg.norm(x_p)), float(xp.linalg.norm(y_p))
+        xnn, ynn = float(xp.linalg.norm(x_n)), float(xp.linalg.norm(y_n))
+        m_p, m_n = xpn * ypn, xnn * ynn
+        # Of the two non-negative rank-one parts of u v^T keep the dominant one.
+        if m_p > m_n:
+            u, v, sigma = (x_p / xpn, y_p / ypn, m_p) if m_p > 0 else (x_p, y_p, 0.0)
+        else:
+            u, v, sigma = (x_n / xnn, y_n / ynn, m_n) if m_n > 0 else (x_n, y_n, 0.0)
+        lbd = math.sqrt(S_host[j] * sigma)
+        Wt[j] = lbd * u
+        H[j] = lbd * v
+    Wt[Wt < _NNDSVD_EPS] = 0
+    H[H < _NNDSVD_EPS] = 0
+    if variant == "nndsvda":
+        avg = op.mean
+        Wt[Wt == 0] = avg
+        H[H == 0] = avg
+    elif variant == "nndsvdar":
+        avg = op.mean
+        rng = np.random.RandomState(seed)
+        for X in (Wt, H):
+            zeros = X == 0
+            count = int(xp.sum(zeros))
+            fill = np.abs(avg * rng.standard_normal(size=count) / 100)
+            X[zeros] = to_device(fill, xp)
+    return xp.ascontiguousarray(Wt.astype(op.dtype)), H.astype(op.dtype)
+
+
+def _ls_init_Wt(op: _Operand, H: Any, solver: str) -> Any:
+    """Wt (k, n) for a fixed H: the unconstrained least-squares solution, clipped at zero.
+
+    A good deterministic start for inference. MU cannot move an entry away from zero, so for MU
+    the clipped entries restart from a small positive value instead.
+    """
+    xp = op.xp
+    HHt = (H @ H.T).astype(xp.float64)
+    HVt = op.h_vt(H).astype(xp.float64)
+    # A tiny ridge keeps the solve defined when two bases coincide or one is zero.
+    ridge = 1e-10 * float(xp.trace(HHt)) + 1e-30
+    Wt = xp.linalg.solve(HHt + ridge * xp.eye(HHt.shape[0]), HVt)
+    Wt = xp.maximum(Wt, 0)
+    if solver == "mu":
+        positive = Wt[Wt > 0]
+        fill = 1e-3 * float(xp.mean(positive)) if positive.size else 1e-3
+        Wt[Wt == 0] = fill
+    return xp.ascontiguousarray(Wt.astype(op.dtype))
+
+
+def nmf_init(
+    V: Any, k: int, *, init: str = "nndsvda", seed: int = 0
+) -> tuple[Any, Any]:
+    """Initial factors for V (n, C): W (n, k) and H (k, C), in V's namespace, compute dtype.
+
+    Args:
+        V: (n, C) non-negative data (NumPy/CuPy, float16/32/64, or SciPy CSR).
+        k: number of components.
+        init: 'nndsvd' | 'nndsvda' | 'nndsvdar' | 'random' | 'seed' (see :func:`nmf_fit`).
+        seed: seed of every random choice.
+    """
+    xp = get_namespace(V)
+    op = _Operand(V, xp)
+    Wt, H = _initialise(op, k, init, seed)
+    return xp.ascontiguousarray(Wt.T), H
+
+
+def _initialise(op: _Operand, k: int, init: str, seed: int) -> tuple[Any, Any]:
+    if init in ("random", "seed"):
+        return _random_init(op, k, seed, init)
+    if init in ("nndsvd", "nndsvda", "nndsvdar"):
+        return _nndsvd_init(op, k, seed, init)
+    raise ValueError(f"init {init!r} needs a fixed H (use it through nmf_transform)")
+
+
+# --------------------------------------------------------------------------------------------
+# Public solvers.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_params(solver: str, init: str, max_iter: int, tol: float, check_every: int) -> None:
+    if solver not in _SOLVERS:
+        raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+
+
+def nmf_fit(
+    V: Any,
+    k: int,
+    *,
+    solver: Solver = "hals",
+    init: Init = "nndsvda",
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    seed: int = 0,
+    W: Any = None,
+    H: Any = None,
+    update_H: bool = True,
+    check_every: int = 10,
+) -> NMFResult:
+    """Factorise V (n, C) >= 0 into W (n, k) H (k, C) minimising ||V - W H||_F.
+
+    Args:
+        V: (n, C) non-negative array, NumPy or CuPy; float32 (compute in float32), float64
+            (compute in float64) or float16 (held in half precision, computed in float32 in row
+            chunks); or a SciPy CSR matrix on the host.
+        k: number of components (concepts).
+        solver: 'hals' (default, fast convergence) or 'mu' (Lee-Seung, as the seed).
+        init: start when W/H are not given. 'nndsvda' (default; deterministic NNDSVD with zeros
+            filled by mean(V)), 'nndsvd' (zeros kept; poor with MU), 'nndsvdar' (zeros filled
+            with small seeded noise), 'random' (scikit-learn's random init stream), 'seed' (the
+            prototype's |N(0,1)| * sqrt(mean(V)/k), W then H, from default_rng(seed)). With
+            ``update_H=False`` and no W, 'random'/'seed' draw W and the others start W from the
+            clipped least-squares solution ('ls').
+        max_iter: iteration budget (one iteration = one H update and one W update).
+        tol: stop when, over the last ``check_every`` iterations, the error fell by less than
+            ``tol`` times the initial error (the seed's / scikit-learn's MU test). 0 disables it.
+        seed: seed of every random choice.
+        W: (n, k) initial W (used as given; copied). Requires H when ``update_H`` is True.
+        H: (k, C) initial H, or the fixed bases when ``update_H`` is False.
+        update_H: False to keep H fixed and solve for W only (inference on new images).
+        check_every: iterations between convergence tests (10 as in the seed).
+
+    Returns:
+        NMFResult with W (n, k), H (k, C), n_iter, error = ||V - WH||_F, converged.
+    """
+    _check_params(solver, init, max_iter, tol, check_every)
+    xp = get_namespace(V, W, H)
+    if V.ndim != 2:
+        raise ValueError(f"V must be 2-D (n, C), got shape {V.shape}")
+    op = _Operand(V, xp)
+    if not op.min() >= 0:  # also catches NaN
+        raise ValueError("V must be non-negative and finite")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not update_H and H is None:
+        raise ValueError("update_H=False needs the fixed bases H")
+    if H is not None:
+        H = xp.array(H, dtype=op.dtype)  # a copy: the loop writes into it
+        if H.shape != (k, op.C):
+            raise ValueError(f"H must have shape {(k, op.C)}, got {H.shape}")
+    if W is not None:
+        W = xp.asarray(W, dtype=op.dtype)
+        if W.shape != (op.n, k):
+            raise ValueError(f"W must have shape {(op.n, k)}, got {W.shape}")
+        Wt = xp.ascontiguousarray(W.T).copy()
+        if H is None:
+            raise ValueError("a given W needs a given H too")
+    elif H is not None:
+        if init in ("random", "seed"):
+            Wt, _ = _random_init(op, k, seed, init)
+        else:
+            Wt = _ls_init_Wt(op, H, solver)
+    else:
+        Wt, H = _initialise(op, k, init, seed)
+    return _solve(
+        op,
+        Wt,
+        H,
+        solver=solver,
+        update_H=update_H,
+        max_iter=max_iter,
+        tol=tol,
+        check_every=check_every,
+    )
+
+
+def nmf_transform(
+    V: Any,
+    H: Any,
+    *,
+    solver: Solver = "hals",
+    init: Init = "ls",
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    seed: int = 0,
+    check_every: int = 10,
+) -> Any:
+    """W (n, k) >= 0 minimising ||V - W H|| for fixed bases H (k, C): inference on new images.
+
+    V is read once (V H^T); every iteration then works on (n, k) arrays only. ``init='seed'`` or
+    ``'random'`` start from the prototype's random W; the default starts from the clipped
+    least-squares solution, which HALS refines in a few iterations.
+    """
+    k = int(H.shape[0])
+    return nmf_fit(
+        V,
+        k,
+        solver=solver,
+        init=init,
+        max_iter=max_iter,
+        tol=tol,
+        seed=seed,
+        H=H,
+        update_H=False,
+        check_every=check_every,
+    ).W
+
+
+# --------------------------------------------------------------------------------------------
+# Estimator.
+# --------------------------------------------------------------------------------------------
+
+
+class NMF:
+    """Estimator wrapper over :func:`nmf_fit` / :func:`nmf_transform` (scikit-learn style).
+
+    Fitted attributes: ``components_`` (k, C) = H, ``reconstruction_err_`` (Frobenius norm),
+    ``n_iter_``, ``converged_``. A :class:`ConvergenceWarning` is issued when ``max_iter`` is
+    reached with ``tol > 0``.
+
+    ``hold_dtype`` ('float16' | 'float32' | None) converts V to that dtype before fitting, e.g.
+    'float16' halves the memory held for V; compute stays in float32.
+    """
+
+    def __init__(
+        self,
+        n_components: int,
+        *,
+        solver: Solver = "hals",
+        init: Init = "nndsvda",
+        max_iter: int = 200,
+        tol: float = 1e-4,
+        random_state: int = 0,
+        hold_dtype: str | None = None,
+        check_every: int = 10,
+    ) -> None:
+        self.n_components = n_components
+        self.solver = solver
+        self.init = init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.hold_dtype = hold_dtype
+        self.check_every = check_every
+
+    def _hold(self, V: Any) -> Any:
+        if self.hold_dtype is None or is_sparse(V):
+            return V
+        if self.hold_dtype not in ("float16", "float32"):
+            raise ValueError(f"hold_dtype must be 'float16', 'float32' or None, got {self.hold_dtype!r}")
+        xp = get_namespace(V)
+        return xp.asarray(V, dtype=getattr(xp, self.hold_dtype))
+
+    def _warn_if_needed(self, result: NMFResult) -> None:
+        if not result.converged and self.tol > 0:
+            import warnings  # noqa: PLC0415 - only needed on this path
+
+            warnings.warn(
+                f"NMF ({self.solver}) reached max_iter={self.max_iter} before tol={self.tol}",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+
+    def fit_transform(self, V: Any) -> Any:
+        """Fit to V (n, C) and return W (n, k)."""
+        result = nmf_fit(
+            self._hold(V),
+            self.n_components,
+            solver=self.solver,
+            init=self.init,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            seed=self.random_state,
+            check_every=self.check_every,
+        )
+        self.components_ = result.H
+        self.reconstruction_err_ = result.error
+        self.n_iter_ = result.n_iter
+        self.converged_ = result.converged
+        self._warn_if_needed(result)
+        return result.W
+
+    def fit(self, V: Any) -> NMF:
+        """Fit to V (n, C); returns self."""
+        self.fit_transform(V)
+        return self
+
+    def transform(self, V: Any) -> Any:
+        """W (n, k) for new data V (n, C) with the fitted bases held fixed."""
+        if not hasattr(self, "components_"):
+            raise RuntimeError("NMF instance is not fitted yet; call fit first")
+        result = nmf_fit(
+            self._hold(V),
+            self.n_components,
+            solver=self.solver,
+            # The seed's inference starts from its random W; other inits start from least squares.
+            init=self.init if self.init in ("random", "seed") else "ls",
+            max_iter=self.max_iter,
+            tol=self.tol,
+            seed=self.random_state,
+            H=self.components_,
+            update_H=False,
+            check_every=self.check_every,
+        )
+        self._warn_if_needed(result)
+        return result.W
