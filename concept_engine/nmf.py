@@ -409,9 +409,7 @@ def _ls_init_Wt(op: _Operand, H: Any, solver: str) -> Any:
     return xp.ascontiguousarray(Wt.astype(op.dtype))
 
 
-def nmf_init(
-    V: Any, k: int, *, init: str = "nndsvda", seed: int = 0
-) -> tuple[Any, Any]:
+def nmf_init(V: Any, k: int, *, init: str = "nndsvda", seed: int = 0) -> tuple[Any, Any]:
     """Initial factors for V (n, C): W (n, k) and H (k, C), in V's namespace, compute dtype.
 
     Args:
@@ -606,7 +604,9 @@ class NMF:
         if self.hold_dtype is None or is_sparse(V):
             return V
         if self.hold_dtype not in ("float16", "float32"):
-            raise ValueError(f"hold_dtype must be 'float16', 'float32' or None, got {self.hold_dtype!r}")
+            raise ValueError(
+                f"hold_dtype must be 'float16', 'float32' or None, got {self.hold_dtype!r}"
+            )
         xp = get_namespace(V)
         return xp.asarray(V, dtype=getattr(xp, self.hold_dtype))
 
