@@ -1,0 +1,548 @@
+"""The discovery pipeline: images -> activations -> fine-graining -> k -> DFF -> concept set.
+
+``discover`` runs, in order (each stage timed, see ``ConceptSet.stage_seconds``):
+
+1. ``features``: one pass through the feature source gives every image's activations at
+   ``options.layer`` AND (unless the prediction filter is OFF) the classifier probabilities.
+   A failed image (undecodable, too large, ...) becomes a ``Decision`` with stage ``error``.
+2. ``prediction_filter``: target class = ``options.target_class`` or else ``options.name``
+   (the folder name), resolved against the classifier's class names (see
+   :func:`concept_engine.finegrain.resolve_class`). AUTO skips the filter with a recorded
+   notice when the class is unknown (the notice lists close matches) or no probabilities came
+   back; ON makes that an InvalidInput error. Fewer than ``prediction_min_images`` passing:
+   everything is kept, with a notice.
+3. ``certainty_filter``: a provisional DFF fit at ``options.k`` when k is given, else at
+   ``options.k_min``; the mean (over concepts) concept certainty per image is filtered at its
+   ``certainty_quantile``. Skipped with a notice if fewer than ``certainty_min_images`` remain.
+4. ``k_sweep`` (only when ``options.k == 0``): :func:`concept_engine.kselect.select_k` over
+   ``k_min..k_max`` (k larger than the number of images is left out, with a notice) with
+   ``options.k_criterion``; every measured curve is kept. The CHOSEN k is fitted next.
+5. ``fit``: the final NMF on the kept images. A fit already made on exactly the same rows with
+   the same k, seed and solver (from the sweep, or the provisional fit when the certainty filter
+   dropped nothing) is reused rather than recomputed.
+6. ``regions``: per kept image the raw heatmaps (k, h, w) at feature resolution, the concept
+   certainties (k,), and contour polygons of the significant regions at the image's ORIGINAL
+   size.
+
+``explain`` applies a stored concept set to new images with the bases H fixed.
+
+Too few usable images (fewer than 2, or fewer than k) raise TooFewImages.
+The numerics use the array namespace of the backend (NumPy here, CuPy when V is on a GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from dff_protos.errors import DFFError, InvalidInput, TooFewImages
+
+from concept_engine import heatmaps as hm
+from concept_engine.backend import get_namespace, to_host
+from concept_engine.finegrain import (
+    CERTAINTY,
+    ERROR,
+    PREDICTION,
+    Decision,
+    FilterOutcome,
+    certainty_filter,
+    prediction_filter,
+    resolve_class,
+)
+from concept_engine.store import ConceptSet, utc_now
+from feature_server.extractor import ExtractOptions, ExtractResult, FeatureSource
+
+log = logging.getLogger(__name__)
+
+FILTER_MODES = ("auto", "on", "off")
+K_CRITERIA = ("stability", "certainty", "elbow")
+SOLVERS = ("hals", "mu")
+INITS = ("nndsvd", "nndsvda", "nndsvdar", "random", "seed")
+RESIZE_MODES = ("squash", "keep_aspect")
+
+
+def _software_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dff-concepts")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class DiscoveryOptions:
+    """What to discover and how (mirrors dff.v1.DiscoverOptions; defaults are the proto's).
+
+    Filter modes are 'auto' (apply when possible, else skip with a notice), 'on' (impossible
+    is an error) or 'off'. ``k == 0`` estimates k in ``k_min..k_max`` with ``k_criterion``."""
+
+    name: str = ""
+    target_class: str = ""
+    k: int = 0
+    k_min: int = 2
+    k_max: int = 6
+    k_criterion: str = "stability"
+    prediction_filter: str = "auto"
+    min_probability: float = 0.95
+    prediction_min_images: int = 10
+    certainty_filter: str = "auto"
+    certainty_quantile: float = 0.25
+    certainty_min_images: int = 15
+    solver: str = "hals"
+    init: str = "nndsvd"
+    max_iter: int = 200
+    tol: float = 1e-4
+    seed: int = 0
+    layer: str = "conv5_4"
+    resize_mode: str = "squash"
+    size: int = 224
+    model: str = "vgg19"
+    classifier: str = "efficientnet_lite0"
+    wire_dtype: str = "float32"
+    threshold: float = hm.DEFAULT_THRESHOLD
+    min_area: float = hm.DEFAULT_MIN_AREA
+
+    def validate(self) -> None:
+        """Raise InvalidInput for an option no data could satisfy."""
+        problems = []
+        if self.k < 0:
+            problems.append(f"k must be >= 0 (0 = estimate), got {self.k}")
+        if self.k == 0 and not 1 <= self.k_min <= self.k_max:
+            problems.append(f"need 1 <= k_min <= k_max, got {self.k_min}..{self.k_max}")
+        if self.k_criterion not in K_CRITERIA:
+            problems.append(f"k_criterion {self.k_criterion!r} not in {K_CRITERIA}")
+        for label, mode in (("prediction_filter", self.prediction_filter),
+                            ("certainty_filter", self.certainty_filter)):
+            if mode not in FILTER_MODES:
+                problems.append(f"{label} {mode!r} not in {FILTER_MODES}")
+        if not 0.0 <= self.min_probability <= 1.0:
+            problems.append(f"min_probability must be in 0..1, got {self.min_probability}")
+        if not 0.0 <= self.certainty_quantile <= 1.0:
+            problems.append(f"certainty_quantile must be in 0..1, got {self.certainty_quantile}")
+        if self.solver not in SOLVERS:
+            problems.append(f"solver {self.solver!r} not in {SOLVERS}")
+        if self.init not in INITS:
+            problems.append(f"init {self.init!r} not in {INITS}")
+        if self.max_iter < 1 or not self.tol >= 0:
+            problems.append("max_iter must be >= 1 and tol >= 0")
+        if self.resize_mode not in RESIZE_MODES:
+            problems.append(f"resize_mode {self.resize_mode!r} not in {RESIZE_MODES}")
+        if not 0.0 <= self.min_area <= 1.0:
+            problems.append(f"min_area is a fraction of the image (0..1), got {self.min_area}")
+        if self.seed < 0:
+            problems.append("seed must be >= 0")
+        if problems:
+            raise InvalidInput("; ".join(problems))
+
+    def extract_options(self) -> ExtractOptions:
+        return ExtractOptions(model=self.model, layers=(self.layer,),
+                              wire_dtype=self.wire_dtype, resize_mode=self.resize_mode,
+                              size=self.size,
+                              return_probabilities=self.prediction_filter != "off",
+                              classifier=self.classifier)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress event: ``done`` of ``total`` units of ``stage`` (see the module docstring)."""
+
+    stage: str
+    done: int
+    total: int
+    message: str = ""
+
+
+ProgressCallback = Callable[[Progress | Decision], None]
+"""Receives Progress events and every Decision as it is made. May raise to cancel."""
+
+
+@dataclass
+class _Image:
+    """One usable image: its activations as rows of V (h*w, C) and its sizes."""
+
+    id: str
+    rows: np.ndarray
+    feature_size: tuple[int, int]
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    probabilities: np.ndarray | None
+
+
+@dataclass
+class _Run:
+    options: DiscoveryOptions
+    progress: ProgressCallback | None
+    decisions: list[Decision] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def emit(self, event: Progress | Decision) -> None:
+        if isinstance(event, Decision):
+            self.decisions.append(event)
+        if self.progress is not None:
+            self.progress(event)
+
+    def notice(self, text: str) -> None:
+        log.info("%s", text)
+        self.notices.append(text)
+        self.emit(Progress("notice", 0, 0, text))
+
+
+# ---------------------------------------------------------------------------------- helpers
+def stack_rows(images: Sequence[_Image], xp=np):
+    """V (sum h_i*w_i, C) float32 in the namespace ``xp``."""
+    return xp.asarray(np.concatenate([im.rows for im in images], axis=0), dtype=xp.float32)
+
+
+def _rows(activation: np.ndarray) -> np.ndarray:
+    """(C, h, w) -> (h*w, C) rows in row-major (y, x) order."""
+    c, h, w = activation.shape
+    return np.ascontiguousarray(activation.reshape(c, h * w).T, dtype=np.float32)
+
+
+def image_certainties(maps: Sequence[Any], input_sizes: Sequence[tuple[int, int]]
+                      ) -> np.ndarray:
+    """Concept certainty (N, k) of per-image raw maps (k, h_i, w_i), seed definition, computed
+    at each image's network input size (224 x 224 under the seed's squash policy). Images with
+    the same map and input sizes go through :func:`concept_certainty` together."""
+    from concept_engine.certainty import concept_certainty
+
+    n = len(maps)
+    if n == 0:
+        return np.zeros((0, 0), np.float32)
+    k = int(maps[0].shape[0])
+    out = np.zeros((n, k), dtype=np.float32)
+    groups: dict[tuple, list[int]] = {}
+    for i, (m, s) in enumerate(zip(maps, input_sizes, strict=True)):
+        groups.setdefault((tuple(m.shape), tuple(int(v) for v in s)), []).append(i)
+    for (_, size), members in groups.items():
+        xp = get_namespace(maps[members[0]])
+        batch = xp.stack([maps[i] for i in members])
+        out[members] = to_host(concept_certainty(batch, upsample_to=size))
+    return np.nan_to_num(out, nan=0.0)
+
+
+def _fit(V, k: int, options: DiscoveryOptions):
+    from concept_engine.nmf import nmf_fit
+
+    return nmf_fit(V, k, solver=options.solver, init=options.init, max_iter=options.max_iter,
+                   tol=options.tol, seed=options.seed)
+
+
+def _maps(W, images: Sequence[_Image]) -> list:
+    return hm.split_heatmaps(W, [im.feature_size for im in images])
+
+
+def _model_info(describe: dict, name: str) -> dict:
+    for m in describe.get("models", []) or []:
+        if isinstance(m, dict) and m.get("name") == name:
+            return m
+    return {}
+
+
+# ---------------------------------------------------------------------------------- stages
+def _extract(items: Sequence[tuple[str, bytes]], source: FeatureSource, run: _Run
+             ) -> list[_Image]:
+    options = run.options
+    ids = [i for i, _ in items]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise InvalidInput(f"duplicate image ids: {dup}")
+    order = {i: n for n, i in enumerate(ids)}
+    results: dict[str, ExtractResult] = {}
+    total = len(items)
+    run.emit(Progress("features", 0, total, f"extracting {options.layer} from {total} images"))
+    for res in source.extract(items, options.extract_options()):
+        if res.id not in order or res.id in results:
+            log.warning("feature source answered an unexpected id %r", res.id)
+            continue
+        results[res.id] = res
+        run.emit(Progress("features", len(results), total, res.id))
+    images: list[_Image] = []
+    channels: int | None = None
+    for item_id in ids:
+        res = results.get(item_id)
+        error: str | None = None
+        if res is None:
+            error = "no answer from the feature source"
+        elif res.error is not None:
+            error = str(res.error)
+        elif options.layer not in res.activations:
+            error = f"no activations for layer {options.layer!r}"
+        else:
+            act = np.asarray(res.activations[options.layer])
+            if act.ndim != 3 or min(act.shape) < 1:
+                error = f"activation of shape {act.shape} is not (C, h, w)"
+            elif channels is not None and act.shape[0] != channels:
+                error = f"activation has {act.shape[0]} channels, others have {channels}"
+            elif not np.all(np.isfinite(act)):
+                error = "activation contains NaN or inf"
+        if error is not None:
+            run.emit(Decision(item_id, False, ERROR, error))
+            continue
+        channels = act.shape[0]
+        probs = None if res.probabilities is None else np.asarray(res.probabilities, np.float64)
+        images.append(_Image(item_id, _rows(np.maximum(act, 0)),
+                             (int(act.shape[1]), int(act.shape[2])),
+                             tuple(int(v) for v in res.original_size),
+                             tuple(int(v) for v in res.input_size), probs))
+    return images
+
+
+def _prediction_stage(images: list[_Image], source: FeatureSource, run: _Run) -> list[_Image]:
+    options = run.options
+    mode = options.prediction_filter
+    if mode == "off":
+        return images
+
+    def skip(text: str) -> list[_Image]:
+        if mode == "on":
+            raise InvalidInput(f"prediction filter requested but impossible: {text}")
+        run.notice(f"prediction filter skipped: {text}")
+        return images
+
+    target = options.target_class or options.name
+    if not target:
+        return skip("no target class (give target_class or a name)")
+    names = source.class_names(options.classifier)
+    wnids = _model_info(source.describe(), options.classifier).get("class_wnids") or None
+    try:
+        index = resolve_class(target, names, wnids)
+    except InvalidInput as exc:
+        return skip(str(exc))
+    if any(im.probabilities is None for im in images):
+        return skip("the feature source returned no class probabilities")
+    if any(im.probabilities.shape[0] != len(names) for im in images):
+        return skip("probability vectors do not match the classifier's class list")
+    probs = np.stack([im.probabilities for im in images]) if images else np.zeros((0, 1))
+    outcome = prediction_filter([im.id for im in images], probs, index,
+                                options.min_probability, options.prediction_min_images,
+                                class_name=names[index])
+    return _apply(images, outcome, run)
+
+
+def _apply(images: list[_Image], outcome: FilterOutcome, run: _Run) -> list[_Image]:
+    for d in outcome.decisions:
+        run.emit(d)
+    if outcome.notice:
+        run.notice(outcome.notice)
+    return [im for im, keep in zip(images, outcome.kept, strict=True) if keep]
+
+
+def _probability_of(decisions: list[Decision]) -> dict[str, float]:
+    return {d.id: d.probability for d in decisions
+            if d.stage == PREDICTION and not math.isnan(d.probability)}
+
+
+def _check_enough(images: list[_Image], k: int, where: str) -> None:
+    need = max(2, k)
+    if len(images) < need:
+        raise TooFewImages(f"{len(images)} usable image(s) {where}; discovery needs at least "
+                           f"{need} (2, and at least k={k})")
+
+
+# ---------------------------------------------------------------------------------- discover
+def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
+             options: DiscoveryOptions = DiscoveryOptions(),
+             progress: ProgressCallback | None = None) -> ConceptSet:
+    """Discover concepts in ``items`` ((id, encoded image bytes), ids unique) using activations
+    from ``source``. Returns an unsaved ConceptSet (id empty). See the module docstring for the
+    stages. Raises InvalidInput (bad options, duplicate ids, impossible ON filter) or
+    TooFewImages. Deterministic for a given seed, data and backend."""
+    options.validate()
+    run = _Run(options, progress)
+    t_start = time.perf_counter()
+    items = list(items)
+
+    t = time.perf_counter()
+    images = _extract(items, source, run)
+    run.seconds["features"] = time.perf_counter() - t
+    n_input = len(items)
+    log.info("discover %r: %d of %d images usable", options.name, len(images), n_input)
+    _check_enough(images, 2, f"of {n_input} after decoding and feature extraction")
+
+    t = time.perf_counter()
+    images = _prediction_stage(images, source, run)
+    run.seconds["prediction_filter"] = time.perf_counter() - t
+    provisional_k = options.k if options.k > 0 else options.k_min
+    _check_enough(images, provisional_k, "after the prediction filter")
+
+    xp = np  # activations arrive on the host; CuPy would take over here via to_device
+    reuse = None  # (ids, k, NMFResult) of a fit that may serve as the final fit
+    t = time.perf_counter()
+    if options.certainty_filter != "off":
+        run.emit(Progress(CERTAINTY, 0, 1, f"provisional DFF fit at k={provisional_k}"))
+        V = stack_rows(images, xp)
+        fit = _fit(V, provisional_k, options)
+        maps = _maps(fit.W, images)
+        cert = image_certainties(maps, [im.input_size for im in images])
+        outcome = certainty_filter([im.id for im in images], cert.mean(axis=1),
+                                   options.certainty_quantile, options.certainty_min_images)
+        probs = _probability_of(run.decisions)
+        outcome.decisions = [replace(d, probability=probs.get(d.id, math.nan))
+                             for d in outcome.decisions]
+        kept_before = [im.id for im in images]
+        images = _apply(images, outcome, run)
+        if len(images) == len(kept_before):
+            reuse = ([im.id for im in images], provisional_k, fit)
+        run.emit(Progress(CERTAINTY, 1, 1, f"{len(images)} images kept"))
+    run.seconds["certainty_filter"] = time.perf_counter() - t
+
+    ids = [im.id for im in images]
+    V = stack_rows(images, xp)
+    n_rows_per_image = [im.feature_size[0] * im.feature_size[1] for im in images]
+    curves: dict[str, dict[int, float]] = {}
+    t = time.perf_counter()
+    if options.k > 0:
+        k = options.k
+        k_reason = f"k={k} given by the user"
+        criterion = ""
+    else:
+        ks = [c for c in range(options.k_min, options.k_max + 1) if c <= len(images)]
+        if len(ks) < options.k_max - options.k_min + 1:
+            run.notice(f"k sweep limited to {ks} ({len(images)} images)")
+        _check_enough(images, options.k_min, "for the k sweep")
+        run.emit(Progress("k_sweep", 0, len(ks), f"{options.k_criterion} over k={ks}"))
+        from concept_engine.kselect import select_k
+
+        hw = images[0].feature_size if len(set(n_rows_per_image)) == 1 else None
+        sel = select_k(V, len(images), hw, ks=ks, criterion=options.k_criterion,
+                       seed=options.seed, solver=options.solver, init=options.init,
+                       max_iter=options.max_iter, tol=options.tol)
+        k, k_reason, criterion = int(sel.k), sel.reason, options.k_criterion
+        curves = {c: {int(a): float(b) for a, b in v.items()} for c, v in sel.curves.items()}
+        if sel.fits and k in sel.fits:
+            reuse = (ids, k, sel.fits[k])
+        run.emit(Progress("k_sweep", len(ks), len(ks), f"k={k}: {k_reason}"))
+    run.seconds["k_sweep"] = time.perf_counter() - t
+    _check_enough(images, k, "for the final fit")
+
+    t = time.perf_counter()
+    run.emit(Progress("fit", 0, 1, f"DFF k={k} on {len(images)} images"))
+    if reuse is not None and reuse[0] == ids and reuse[1] == k:
+        fit = reuse[2]
+        log.info("reusing the k=%d fit already made on the same images", k)
+    else:
+        fit = _fit(V, k, options)
+    W, H = fit.W, fit.H
+    run.emit(Progress("fit", 1, 1, f"{fit.n_iter} iterations, error {float(fit.error):.6g}"))
+    run.seconds["fit"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    maps = [np.asarray(to_host(m), np.float32) for m in _maps(W, images)]
+    certainties = image_certainties(maps, [im.input_size for im in images])
+    polygons = []
+    for i, (im, m) in enumerate(zip(images, maps, strict=True)):
+        polygons.append(hm.concept_polygons(m, im.original_size, options.threshold,
+                                            options.min_area))
+        run.emit(Progress("regions", i + 1, len(images), im.id))
+    run.seconds["regions"] = time.perf_counter() - t
+    run.seconds["total"] = time.perf_counter() - t_start
+
+    describe = source.describe()
+    model = _model_info(describe, options.model)
+    classifier = _model_info(describe, options.classifier)
+    created = utc_now()
+    provenance = {
+        "model": options.model,
+        "weights_sha256": model.get("weights_sha256", ""),
+        "onnx_sha256": model.get("onnx_sha256", ""),
+        "layer": options.layer,
+        "preprocessing": model.get("preprocessing", {}),
+        "resize_mode": options.resize_mode,
+        "size": options.size,
+        "wire_dtype": options.wire_dtype,
+        "classifier": options.classifier if options.prediction_filter != "off" else "",
+        "classifier_weights_sha256": classifier.get("weights_sha256", ""),
+        "execution_provider": describe.get("execution_provider", ""),
+        "k": k,
+        "k_reason": k_reason,
+        "k_criterion": criterion,
+        "solver": options.solver,
+        "init": options.init,
+        "max_iter": options.max_iter,
+        "tol": options.tol,
+        "n_iter": int(fit.n_iter),
+        "reconstruction_error": float(fit.error),
+        "converged": bool(getattr(fit, "converged", True)),
+        "seed": options.seed,
+        "backend": xp.__name__,
+        "software_version": _software_version(),
+        "created": created,
+        "options": asdict(options),
+        "input_images": [i for i, _ in items],
+        "kept_images": ids,
+    }
+    return ConceptSet(
+        name=options.name, bases=np.asarray(to_host(H), np.float32), image_ids=ids,
+        heatmaps=maps, certainties=certainties,
+        original_sizes=np.array([im.original_size for im in images], np.int32).reshape(-1, 2),
+        input_sizes=np.array([im.input_size for im in images], np.int32).reshape(-1, 2),
+        polygons=polygons, decisions=run.decisions, k_curves=curves, k_criterion=criterion,
+        k_reason=k_reason, threshold=options.threshold, min_area=options.min_area,
+        provenance=provenance, notices=run.notices, stage_seconds=run.seconds,
+        created=created)
+
+
+# ---------------------------------------------------------------------------------- explain
+@dataclass
+class Explanation:
+    """A stored concept set applied to one new image: raw heatmaps (k, h, w) at feature
+    resolution, certainties (k,), polygons[j] list of (n, 2) int32 x, y for concept j at the
+    ORIGINAL size (height, width). ``error`` set => the other fields are empty."""
+
+    id: str
+    heatmaps: np.ndarray | None = None
+    certainties: np.ndarray | None = None
+    polygons: list[list[np.ndarray]] = field(default_factory=list)
+    original_size: tuple[int, int] = (0, 0)
+    input_size: tuple[int, int] = (0, 0)
+    error: DFFError | None = None
+
+
+def explain(concept_set: ConceptSet, items: Iterable[tuple[str, bytes]], source: FeatureSource,
+            threshold: float | None = None, min_area: float | None = None, *,
+            max_iter: int = 200, tol: float = 1e-4) -> Iterator[Explanation]:
+    """Heatmaps of ``concept_set``'s concepts in new images: W from NMF with H fixed
+    (nmf_transform), extracted with the set's own model, layer and resize policy. One
+    Explanation per item, in the source's answer order; per-item failures are in ``error``.
+    ``threshold``/``min_area`` default to the values the set was made with."""
+    from concept_engine.nmf import nmf_transform
+
+    prov = concept_set.provenance
+    threshold = concept_set.threshold if threshold is None else threshold
+    min_area = concept_set.min_area if min_area is None else min_area
+    if not 0.0 <= min_area <= 1.0:
+        raise InvalidInput(f"min_area is a fraction of the image (0..1), got {min_area}")
+    opts = ExtractOptions(model=prov.get("model", "vgg19"),
+                          layers=(prov.get("layer", "conv5_4"),),
+                          wire_dtype=prov.get("wire_dtype", "float32"),
+                          resize_mode=prov.get("resize_mode", "squash"),
+                          size=int(prov.get("size", 224)))
+    layer = opts.layers[0]
+    H = np.asarray(concept_set.bases, np.float32)
+    solver = prov.get("solver", "hals")
+    for res in source.extract(items, opts):
+        if res.error is not None:
+            yield Explanation(res.id, error=res.error)
+            continue
+        act = res.activations.get(layer)
+        if act is None or act.ndim != 3 or act.shape[0] != H.shape[1]:
+            shape = None if act is None else act.shape
+            yield Explanation(res.id, error=InvalidInput(
+                f"activation {shape} does not match the concept set's {H.shape[1]} channels"))
+            continue
+        h, w = int(act.shape[1]), int(act.shape[2])
+        V = _rows(np.maximum(np.asarray(act, np.float32), 0))
+        W = nmf_transform(V, H, solver=solver, max_iter=max_iter, tol=tol)
+        maps = np.asarray(to_host(hm.heatmaps(W, 1, h, w))[0], np.float32)
+        cert = image_certainties([maps], [tuple(res.input_size)])[0]
+        polys = hm.concept_polygons(maps, tuple(res.original_size), threshold, min_area)
+        yield Explanation(res.id, maps, cert, polys, tuple(int(v) for v in res.original_size),
+                          tuple(int(v) for v in res.input_size))

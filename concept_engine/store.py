@@ -1,0 +1,431 @@
+"""Concept sets on disk: one HDF5 file per concept set, and a folder of them (``ConceptSetStore``).
+
+Schema (version 1). Every group and the file root carry an integer attribute
+``schema_version``; all names below are defined once in :class:`Names`. Big arrays are chunked
+(one image per chunk) and gzip-compressed (level 4, shuffle); small ones are stored plainly.
+Strings are variable-length UTF-8. A file is written to a temporary name in the same folder and
+moved into place with ``os.replace``, so a reader never sees a half-written file and a failed
+write leaves nothing under the final name::
+
+    /                          attrs: schema_version=1, format="dff-concept-set", id, name,
+                                      created (ISO 8601 UTC), k, n_images, model, layer,
+                                      k_reason, provenance_json, notices_json,
+                                      stage_seconds_json
+    /bases                     (k, C) float32            concept bases H (rows = concepts)
+    /images/                   attrs: schema_version
+        ids                    (N,) str                  kept (training) images, in fit order
+        original_sizes         (N, 2) int32              (height, width) as decoded
+        input_sizes            (N, 2) int32              (height, width) fed to the network
+        heatmap_sizes          (N, 2) int32              (h, w) of each image's feature maps
+        heatmaps               (N, k, hmax, wmax) float32  raw W at feature resolution, image i
+                                                         valid in [:, :h_i, :w_i], zero-padded
+                                                         (sizes differ only with keep_aspect)
+        certainties            (N, k) float32            concept certainty per image
+    /regions/                  attrs: schema_version, threshold, min_area
+        points                 (P, 2) int32              x, y in ORIGINAL image pixels
+        offsets                (M + 1,) int64            polygon m = points[offsets[m]:offsets[m+1]]
+        owner                  (M, 2) int32              (image index, concept index) of polygon m
+    /decisions/                attrs: schema_version   one row per (image, stage) verdict, for
+                                                         ALL input images (errors included)
+        ids, stage, reason     (D,) str
+        kept                   (D,) bool
+        score, probability     (D,) float64              NaN when not applicable
+    /k_sweep/                  attrs: schema_version, criterion, chosen_k, reason
+        <criterion>/k          (n,) int32                one subgroup per criterion measured
+        <criterion>/value      (n,) float64
+
+``provenance_json`` holds model name, weights sha256, layer, preprocessing and size policy,
+k and how it was chosen, solver, init, iterations, final error, seed, software version,
+created time and the full input image list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from dff_protos.errors import InvalidInput, NotFound
+
+from concept_engine.finegrain import Decision
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+FORMAT = "dff-concept-set"
+SUFFIX = ".h5"
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class Names:
+    """Every HDF5 name of the schema, in one place."""
+
+    SCHEMA_VERSION = "schema_version"
+    FORMAT = "format"
+    ID = "id"
+    NAME = "name"
+    CREATED = "created"
+    K = "k"
+    N_IMAGES = "n_images"
+    MODEL = "model"
+    LAYER = "layer"
+    K_REASON = "k_reason"
+    PROVENANCE = "provenance_json"
+    NOTICES = "notices_json"
+    STAGE_SECONDS = "stage_seconds_json"
+    BASES = "bases"
+    IMAGES = "images"
+    IDS = "ids"
+    ORIGINAL_SIZES = "original_sizes"
+    INPUT_SIZES = "input_sizes"
+    HEATMAP_SIZES = "heatmap_sizes"
+    HEATMAPS = "heatmaps"
+    CERTAINTIES = "certainties"
+    REGIONS = "regions"
+    POINTS = "points"
+    OFFSETS = "offsets"
+    OWNER = "owner"
+    THRESHOLD = "threshold"
+    MIN_AREA = "min_area"
+    DECISIONS = "decisions"
+    STAGE = "stage"
+    REASON = "reason"
+    KEPT = "kept"
+    SCORE = "score"
+    PROBABILITY = "probability"
+    K_SWEEP = "k_sweep"
+    CRITERION = "criterion"
+    CHOSEN_K = "chosen_k"
+    VALUE = "value"
+
+
+@dataclass
+class ConceptSet:
+    """A discovered concept set (what ``discover`` returns and the store saves).
+
+    bases (k, C) float32; per kept image i (N of them): heatmaps[i] (k, h_i, w_i) float32 raw W
+    at feature resolution, certainties (N, k), original_sizes / input_sizes (N, 2) as (height,
+    width), polygons[i][j] list of (n, 2) int32 x, y contours of concept j in image i.
+    ``decisions`` covers every input image (one entry per stage that judged it).
+    ``k_curves`` criterion -> {k: value}. ``provenance`` is JSON-serialisable."""
+
+    name: str
+    bases: np.ndarray
+    image_ids: list[str]
+    heatmaps: list[np.ndarray]
+    certainties: np.ndarray
+    original_sizes: np.ndarray
+    input_sizes: np.ndarray
+    polygons: list[list[list[np.ndarray]]]
+    decisions: list[Decision] = field(default_factory=list)
+    k_curves: dict[str, dict[int, float]] = field(default_factory=dict)
+    k_criterion: str = ""
+    k_reason: str = ""
+    threshold: float = 0.75
+    min_area: float = 0.01
+    provenance: dict[str, Any] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    id: str = ""
+    created: str = ""
+
+    @property
+    def k(self) -> int:
+        return int(self.bases.shape[0])
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_ids)
+
+
+@dataclass(frozen=True)
+class ConceptSetSummary:
+    """What listing needs, read from root attributes only (no arrays)."""
+
+    id: str
+    name: str
+    k: int
+    n_images: int
+    model: str
+    layer: str
+    created: str
+    k_reason: str
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _str_dtype():
+    return h5py.string_dtype("utf-8")
+
+
+def _write_strings(group: h5py.Group, name: str, values: list[str]) -> None:
+    group.create_dataset(name, data=np.array(values, dtype=object), dtype=_str_dtype())
+
+
+def _read_strings(group: h5py.Group, name: str) -> list[str]:
+    if len(group[name]) == 0:
+        return []
+    return [str(v) for v in group[name].asstr()[()]]
+
+
+def _big(group: h5py.Group, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
+    if data.size == 0:
+        group.create_dataset(name, data=data)
+        return
+    chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, data.shape, strict=True))
+    group.create_dataset(name, data=data, chunks=chunks, compression="gzip",
+                         compression_opts=4, shuffle=True)
+
+
+def _group(parent: h5py.Group, name: str) -> h5py.Group:
+    g = parent.create_group(name)
+    g.attrs[Names.SCHEMA_VERSION] = SCHEMA_VERSION
+    return g
+
+
+def _write(f: h5py.File, cs: ConceptSet) -> None:
+    k = cs.k
+    n = cs.n_images
+    f.attrs[Names.SCHEMA_VERSION] = SCHEMA_VERSION
+    f.attrs[Names.FORMAT] = FORMAT
+    f.attrs[Names.ID] = cs.id
+    f.attrs[Names.NAME] = cs.name
+    f.attrs[Names.CREATED] = cs.created or utc_now()
+    f.attrs[Names.K] = k
+    f.attrs[Names.N_IMAGES] = n
+    f.attrs[Names.MODEL] = str(cs.provenance.get("model", ""))
+    f.attrs[Names.LAYER] = str(cs.provenance.get("layer", ""))
+    f.attrs[Names.K_REASON] = cs.k_reason
+    f.attrs[Names.PROVENANCE] = json.dumps(cs.provenance, sort_keys=True, default=str)
+    f.attrs[Names.NOTICES] = json.dumps(list(cs.notices))
+    f.attrs[Names.STAGE_SECONDS] = json.dumps(cs.stage_seconds, sort_keys=True)
+    f.create_dataset(Names.BASES, data=np.asarray(cs.bases, dtype=np.float32))
+
+    images = _group(f, Names.IMAGES)
+    _write_strings(images, Names.IDS, list(cs.image_ids))
+    images.create_dataset(Names.ORIGINAL_SIZES,
+                          data=np.asarray(cs.original_sizes, np.int32).reshape(n, 2))
+    images.create_dataset(Names.INPUT_SIZES,
+                          data=np.asarray(cs.input_sizes, np.int32).reshape(n, 2))
+    sizes = np.array([m.shape[1:] for m in cs.heatmaps], dtype=np.int32).reshape(n, 2)
+    images.create_dataset(Names.HEATMAP_SIZES, data=sizes)
+    hmax = int(sizes[:, 0].max()) if n else 0
+    wmax = int(sizes[:, 1].max()) if n else 0
+    padded = np.zeros((n, k, hmax, wmax), dtype=np.float32)
+    for i, m in enumerate(cs.heatmaps):
+        padded[i, :, :m.shape[1], :m.shape[2]] = m
+    _big(images, Names.HEATMAPS, padded, (1, k, hmax, wmax))
+    _big(images, Names.CERTAINTIES, np.asarray(cs.certainties, np.float32).reshape(n, k),
+         (4096, k))
+
+    regions = _group(f, Names.REGIONS)
+    regions.attrs[Names.THRESHOLD] = float(cs.threshold)
+    regions.attrs[Names.MIN_AREA] = float(cs.min_area)
+    points, offsets, owner = [], [0], []
+    for i, per_image in enumerate(cs.polygons):
+        for j, polys in enumerate(per_image):
+            for p in polys:
+                p = np.asarray(p, dtype=np.int32).reshape(-1, 2)
+                points.append(p)
+                offsets.append(offsets[-1] + len(p))
+                owner.append((i, j))
+    flat = np.concatenate(points) if points else np.zeros((0, 2), np.int32)
+    _big(regions, Names.POINTS, flat.astype(np.int32), (65536, 2))
+    regions.create_dataset(Names.OFFSETS, data=np.asarray(offsets, dtype=np.int64))
+    regions.create_dataset(Names.OWNER, data=np.asarray(owner, np.int32).reshape(-1, 2))
+
+    dec = _group(f, Names.DECISIONS)
+    _write_strings(dec, Names.IDS, [d.id for d in cs.decisions])
+    _write_strings(dec, Names.STAGE, [d.stage for d in cs.decisions])
+    _write_strings(dec, Names.REASON, [d.reason for d in cs.decisions])
+    dec.create_dataset(Names.KEPT, data=np.array([d.kept for d in cs.decisions], dtype=bool))
+    dec.create_dataset(Names.SCORE, data=np.array([d.score for d in cs.decisions], np.float64))
+    dec.create_dataset(Names.PROBABILITY,
+                       data=np.array([d.probability for d in cs.decisions], np.float64))
+
+    sweep = _group(f, Names.K_SWEEP)
+    sweep.attrs[Names.CRITERION] = cs.k_criterion
+    sweep.attrs[Names.CHOSEN_K] = k
+    sweep.attrs[Names.REASON] = cs.k_reason
+    for criterion, curve in sorted(cs.k_curves.items()):
+        g = _group(sweep, criterion)
+        ks = sorted(curve)
+        g.create_dataset(Names.K, data=np.asarray(ks, dtype=np.int32))
+        g.create_dataset(Names.VALUE, data=np.asarray([curve[x] for x in ks], dtype=np.float64))
+
+
+def save_concept_set(path: str | os.PathLike[str], cs: ConceptSet) -> Path:
+    """Write ``cs`` to ``path`` atomically (temp file in the same folder + os.replace).
+    If anything fails, no file exists under ``path`` afterwards (an older one stays intact)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if len(cs.heatmaps) != cs.n_images or len(cs.polygons) != cs.n_images:
+        raise InvalidInput(f"concept set has {cs.n_images} images but {len(cs.heatmaps)} "
+                           f"heatmaps and {len(cs.polygons)} polygon lists")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            _write(f, cs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("saved concept set %r (k=%d, %d images) to %s", cs.name, cs.k, cs.n_images, path)
+    return path
+
+
+def _check_version(node: h5py.HLObject, where: str) -> None:
+    version = int(node.attrs.get(Names.SCHEMA_VERSION, -1))
+    if version != SCHEMA_VERSION:
+        raise InvalidInput(f"{where}: schema_version {version} is not supported "
+                           f"(this software reads {SCHEMA_VERSION})")
+
+
+def load_concept_set(path: str | os.PathLike[str]) -> ConceptSet:
+    """Read a concept set written by :func:`save_concept_set`."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFound(f"no concept set file at {path}")
+    with h5py.File(path, "r") as f:
+        _check_version(f, str(path))
+        if f.attrs.get(Names.FORMAT) != FORMAT:
+            raise InvalidInput(f"{path} is not a {FORMAT} file")
+        for g in (Names.IMAGES, Names.REGIONS, Names.DECISIONS, Names.K_SWEEP):
+            _check_version(f[g], f"{path}:/{g}")
+        bases = f[Names.BASES][()]
+        images = f[Names.IMAGES]
+        ids = _read_strings(images, Names.IDS)
+        sizes = images[Names.HEATMAP_SIZES][()]
+        padded = images[Names.HEATMAPS][()]
+        heat = [np.ascontiguousarray(padded[i, :, :h, :w]) for i, (h, w) in enumerate(sizes)]
+        k = bases.shape[0]
+        regions = f[Names.REGIONS]
+        points = regions[Names.POINTS][()]
+        offsets = regions[Names.OFFSETS][()]
+        owner = regions[Names.OWNER][()]
+        polygons: list[list[list[np.ndarray]]] = [[[] for _ in range(k)] for _ in ids]
+        for m, (i, j) in enumerate(owner):
+            polygons[int(i)][int(j)].append(points[offsets[m]:offsets[m + 1]].astype(np.int32))
+        dec = f[Names.DECISIONS]
+        d_ids = _read_strings(dec, Names.IDS)
+        stages = _read_strings(dec, Names.STAGE)
+        reasons = _read_strings(dec, Names.REASON)
+        kept, score, prob = dec[Names.KEPT][()], dec[Names.SCORE][()], dec[Names.PROBABILITY][()]
+        decisions = [Decision(d_ids[r], bool(kept[r]), stages[r], reasons[r], float(score[r]),
+                              float(prob[r])) for r in range(len(d_ids))]
+        sweep = f[Names.K_SWEEP]
+        curves = {}
+        for criterion, g in sweep.items():
+            curves[criterion] = {int(a): float(b) for a, b in
+                                 zip(g[Names.K][()], g[Names.VALUE][()], strict=True)}
+        return ConceptSet(
+            name=str(f.attrs[Names.NAME]), bases=bases, image_ids=ids, heatmaps=heat,
+            certainties=images[Names.CERTAINTIES][()],
+            original_sizes=images[Names.ORIGINAL_SIZES][()],
+            input_sizes=images[Names.INPUT_SIZES][()],
+            polygons=polygons, decisions=decisions, k_curves=curves,
+            k_criterion=str(sweep.attrs[Names.CRITERION]), k_reason=str(f.attrs[Names.K_REASON]),
+            threshold=float(regions.attrs[Names.THRESHOLD]),
+            min_area=float(regions.attrs[Names.MIN_AREA]),
+            provenance=json.loads(f.attrs[Names.PROVENANCE]),
+            notices=json.loads(f.attrs[Names.NOTICES]),
+            stage_seconds=json.loads(f.attrs[Names.STAGE_SECONDS]),
+            id=str(f.attrs[Names.ID]), created=str(f.attrs[Names.CREATED]))
+
+
+def read_summary(path: str | os.PathLike[str]) -> ConceptSetSummary:
+    """Root attributes only: cheap enough for listing many sets."""
+    with h5py.File(path, "r") as f:
+        _check_version(f, str(path))
+        a = f.attrs
+        return ConceptSetSummary(str(a[Names.ID]), str(a[Names.NAME]), int(a[Names.K]),
+                                 int(a[Names.N_IMAGES]), str(a[Names.MODEL]),
+                                 str(a[Names.LAYER]), str(a[Names.CREATED]),
+                                 str(a[Names.K_REASON]))
+
+
+def safe_id(text: str) -> str:
+    """A safe id fragment from any text (letters, digits, '.', '_', '-'; no leading dot)."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
+    return s[:64] or "concepts"
+
+
+class ConceptSetStore:
+    """A folder of concept sets, ``<root>/<id>.h5``. Ids are safe names (``[A-Za-z0-9][A-Za-z0-9
+    ._-]*``, at most 128 characters); anything else - path separators, '..', absolute paths - is
+    refused with InvalidInput before the file system is touched."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, concept_set_id: str) -> Path:
+        if not isinstance(concept_set_id, str) or not _ID_RE.match(concept_set_id) \
+                or ".." in concept_set_id:
+            raise InvalidInput(f"invalid concept set id {concept_set_id!r}")
+        p = self.root / f"{concept_set_id}{SUFFIX}"
+        if p.resolve().parent != self.root.resolve():
+            raise InvalidInput(f"invalid concept set id {concept_set_id!r}")
+        return p
+
+    def new_id(self, name: str, created: str | None = None) -> str:
+        """``<name>-<UTC timestamp>``, with a counter appended if taken."""
+        stamp = re.sub(r"[^0-9T]", "", (created or utc_now()).split("+")[0])
+        base = f"{safe_id(name)}-{stamp}"
+        candidate, n = base, 1
+        while self.path(candidate).exists():
+            n += 1
+            candidate = f"{base}-{n}"
+        return candidate
+
+    def save(self, cs: ConceptSet) -> str:
+        """Give ``cs`` an id (if it has none), write it, and return the id."""
+        if not cs.created:
+            cs.created = utc_now()
+        if not cs.id:
+            cs.id = self.new_id(cs.name, cs.created)
+        save_concept_set(self.path(cs.id), cs)
+        return cs.id
+
+    def ids(self) -> list[str]:
+        return sorted(p.name[:-len(SUFFIX)] for p in self.root.glob(f"*{SUFFIX}")
+                      if _ID_RE.match(p.name[:-len(SUFFIX)]))
+
+    def list(self) -> list[ConceptSetSummary]:
+        out = []
+        for i in self.ids():
+            try:
+                out.append(read_summary(self.path(i)))
+            except (OSError, InvalidInput, KeyError) as exc:
+                log.warning("skipping unreadable concept set %s: %s", i, exc)
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids())
+
+    def get(self, concept_set_id: str) -> ConceptSet:
+        p = self.path(concept_set_id)
+        if not p.is_file():
+            raise NotFound(f"no concept set {concept_set_id!r}")
+        return load_concept_set(p)
+
+    def delete(self, concept_set_id: str) -> bool:
+        """True if a set was deleted, False if there was none."""
+        p = self.path(concept_set_id)
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            return False
+        return True
