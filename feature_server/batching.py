@@ -83,36 +83,41 @@ class MicroBatcher:
         pending: dict[Hashable, list[_Job]] = {}
         stopping = False
         while True:
-            if pending:
-                oldest = min(jobs[0].queued_at for jobs in pending.values())
-                wait = max(0.0, oldest + self.max_wait_s - time.monotonic())
-            else:
-                wait = None
-            if stopping:
-                wait = 0.0
-            try:
-                job = self._queue.get(timeout=wait) if wait != 0.0 else self._queue.get_nowait()
-            except queue.Empty:
-                job = None
-                got = False
-            else:
-                got = True
-            if got and job is None:
-                stopping = True
-            elif job is not None:
-                pending.setdefault(job.key, []).append(job)
+            incoming: list[_Job | None] = []
+            if not stopping:
+                if pending:
+                    oldest = min(jobs[0].queued_at for jobs in pending.values())
+                    wait = max(0.0, oldest + self.max_wait_s - time.monotonic())
+                else:
+                    wait = None
+                try:
+                    incoming.append(self._queue.get(timeout=wait))
+                except queue.Empty:
+                    pass
+            # take everything already waiting, so work queued during a batch is grouped
+            while True:
+                try:
+                    incoming.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for job in incoming:
+                if job is None:
+                    stopping = True
+                else:
+                    pending.setdefault(job.key, []).append(job)
             now = time.monotonic()
-            for key in list(pending):
+            for key in sorted(pending, key=lambda k: pending[k][0].queued_at):
                 jobs = pending[key]
-                full = len(jobs) >= self.max_batch_size
-                due = now >= jobs[0].queued_at + self.max_wait_s
-                if full or due or (stopping and not got):
-                    batch, rest = jobs[:self.max_batch_size], jobs[self.max_batch_size:]
-                    if rest:
-                        pending[key] = rest
-                    else:
-                        del pending[key]
-                    self._execute(batch)
+                while len(jobs) >= self.max_batch_size:
+                    self._execute(jobs[:self.max_batch_size])
+                    jobs = jobs[self.max_batch_size:]
+                if jobs and (stopping or now >= jobs[0].queued_at + self.max_wait_s):
+                    self._execute(jobs)
+                    jobs = []
+                if jobs:
+                    pending[key] = jobs
+                else:
+                    del pending[key]
             if stopping and not pending and self._queue.empty():
                 return
 

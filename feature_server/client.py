@@ -1,0 +1,230 @@
+"""gRPC client of the feature service: the same :class:`FeatureSource` interface as the
+in-process Extractor, over one or several feature-server addresses.
+
+- Items are dealt round-robin into shards, one Extract stream per shard, shards spread over
+  the addresses (``streams_per_address`` streams each). Each address is a gRPC target; with
+  ``dns:///name:port`` the channel's ``round_robin`` LB policy spreads streams over every
+  resolved backend (a Kubernetes headless Service).
+- Every call carries a deadline (``timeout`` + ``timeout_per_item`` per image for streams).
+- When a stream fails (server gone, deadline, overloaded), its unanswered items are re-sent
+  on the next address, up to ``max_attempts`` streams per item; after that each unanswered
+  item is returned with the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from dff_protos import errors, wire
+from dff_protos.status import error_from_rpc
+from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
+
+from feature_server.extractor import ExtractOptions, ExtractResult
+from feature_server.models.registry import DEFAULT_CLASSIFIER
+
+log = logging.getLogger(__name__)
+
+_NOT_RETRYABLE = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED,
+                            grpc.StatusCode.PERMISSION_DENIED,
+                            grpc.StatusCode.UNAUTHENTICATED})
+_ITEM_ERRORS: dict[int, type[errors.DFFError]] = {
+    common_pb2.ItemError.INVALID_IMAGE: errors.InvalidInput,
+    common_pb2.ItemError.IMAGE_TOO_LARGE: errors.ImageTooLarge,
+    common_pb2.ItemError.INVALID_ARGUMENT: errors.InvalidInput,
+    common_pb2.ItemError.NOT_FOUND: errors.NotFound,
+}
+
+
+def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
+    """'a:1,b:2' or ['a:1', 'b:2'] -> ['a:1', 'b:2']."""
+    if isinstance(addresses, str):
+        addresses = addresses.split(",")
+    out = [a.strip() for a in addresses if a.strip()]
+    if not out:
+        raise errors.InvalidInput("no feature-server address given")
+    return out
+
+
+def result_from_proto(resp: features_pb2.ExtractResponse, item_id: str | None = None
+                      ) -> ExtractResult:
+    """An ExtractResponse as an ExtractResult (activations (C, h, w) float32)."""
+    rid = resp.id if item_id is None else item_id
+    if resp.HasField("error"):
+        cls = _ITEM_ERRORS.get(resp.error.code, errors.DFFError)
+        return ExtractResult(rid, error=cls(resp.error.message))
+    acts = {a.layer: wire.from_tensor(a.tensor) for a in resp.activations}
+    probs = wire.from_tensor(resp.probabilities) if resp.HasField("probabilities") else None
+    top = [(s.index, s.name, float(s.probability)) for s in resp.top_k]
+    return ExtractResult(rid, acts, probs, top,
+                         (resp.info.original_height, resp.info.original_width),
+                         (resp.info.input_height, resp.info.input_width))
+
+
+@dataclass
+class _Shard:
+    indices: list[int]
+    address_index: int
+    attempt: int = 1
+
+
+class FeatureClient:
+    """FeatureSource over gRPC feature servers (see the module docstring)."""
+
+    def __init__(self, addresses: str | Sequence[str], *, timeout: float = 60.0,
+                 timeout_per_item: float = 5.0, streams_per_address: int = 1,
+                 max_attempts: int = 3, max_message_mb: int = 64) -> None:
+        self.addresses = parse_addresses(addresses)
+        self.timeout = timeout
+        self.timeout_per_item = timeout_per_item
+        self.streams_per_address = max(1, streams_per_address)
+        self.max_attempts = max(1, max_attempts)
+        limit = max_message_mb * 1024 * 1024
+        options = [("grpc.max_receive_message_length", limit),
+                   ("grpc.max_send_message_length", limit),
+                   ("grpc.lb_policy_name", "round_robin")]
+        self._channels = [grpc.insecure_channel(a, options=options) for a in self.addresses]
+        self._stubs = [features_pb2_grpc.FeatureServiceStub(c) for c in self._channels]
+        self._describe: dict | None = None
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> FeatureClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ extract
+    def extract(self, items: Iterable[tuple[str, bytes]], options: ExtractOptions
+                ) -> Iterator[ExtractResult]:
+        """One result per item, in completion order (match them by ``id``)."""
+        items = list(items)
+        if not items:
+            return
+        n_shards = min(len(items), len(self._stubs) * self.streams_per_address)
+        results: queue.Queue[tuple[int, ExtractResult] | None] = queue.Queue()
+        threads: list[threading.Thread] = []
+        for s in range(n_shards):
+            shard = _Shard(list(range(s, len(items), n_shards)), s % len(self._stubs))
+            t = threading.Thread(target=self._run_shard, args=(shard, items, options, results),
+                                 name=f"extract-shard-{s}", daemon=True)
+            t.start()
+            threads.append(t)
+        finished = 0
+        while finished < n_shards:
+            got = results.get()
+            if got is None:
+                finished += 1
+                continue
+            yield got[1]
+        for t in threads:
+            t.join()
+
+    def _run_shard(self, shard: _Shard, items: list[tuple[str, bytes]],
+                   options: ExtractOptions,
+                   results: queue.Queue[tuple[int, ExtractResult] | None]) -> None:
+        try:
+            pending = list(shard.indices)
+            address_index, attempt = shard.address_index, 1
+            while pending:
+                answered, exc = self._stream(self._stubs[address_index], pending, items,
+                                             options, results)
+                pending = [i for i in pending if i not in answered]
+                if exc is None or not pending:
+                    break
+                code = exc.code() if isinstance(exc, grpc.RpcError) else None
+                if attempt >= self.max_attempts or code in _NOT_RETRYABLE:
+                    err = error_from_rpc(exc) if isinstance(exc, grpc.RpcError) else \
+                        errors.DFFError(str(exc))
+                    for i in pending:
+                        results.put((i, ExtractResult(items[i][0], error=err)))
+                    break
+                nxt = (address_index + 1) % len(self._stubs)
+                log.warning("stream to %s failed (%s); re-sending %d items to %s",
+                            self.addresses[address_index], code, len(pending),
+                            self.addresses[nxt])
+                address_index, attempt = nxt, attempt + 1
+        finally:
+            results.put(None)
+
+    def _stream(self, stub: features_pb2_grpc.FeatureServiceStub, indices: list[int],
+                items: list[tuple[str, bytes]], options: ExtractOptions,
+                results: queue.Queue[tuple[int, ExtractResult] | None]
+                ) -> tuple[set[int], BaseException | None]:
+        """One Extract stream; returns the indices answered and the error that ended it."""
+        from feature_server.service import options_to_proto
+
+        def requests() -> Iterator[features_pb2.ExtractRequest]:
+            yield features_pb2.ExtractRequest(options=options_to_proto(options))
+            for i in indices:
+                # the wire id is the item's index, so duplicate caller ids stay distinct
+                yield features_pb2.ExtractRequest(
+                    image=common_pb2.ImageInput(id=str(i), data=items[i][1]))
+
+        answered: set[int] = set()
+        deadline = self.timeout + self.timeout_per_item * len(indices)
+        try:
+            for resp in stub.Extract(requests(), timeout=deadline):
+                i = int(resp.id)
+                answered.add(i)
+                results.put((i, result_from_proto(resp, items[i][0])))
+        except grpc.RpcError as exc:
+            return answered, exc
+        return answered, None
+
+    # ------------------------------------------------------------------ metadata
+    def describe(self) -> dict:
+        """DescribeModel of the first address that answers, as the Extractor's dict."""
+        if self._describe is not None:
+            return self._describe
+        last: grpc.RpcError | None = None
+        for stub in self._stubs:
+            try:
+                resp = stub.DescribeModel(features_pb2.DescribeModelRequest(),
+                                          timeout=self.timeout)
+            except grpc.RpcError as exc:
+                last = exc
+                continue
+            self._describe = describe_from_proto(resp)
+            return self._describe
+        assert last is not None
+        raise error_from_rpc(last)
+
+    def class_names(self, classifier: str | None = None) -> list[str]:
+        name = classifier or DEFAULT_CLASSIFIER
+        for model in self.describe()["models"]:
+            if model["name"] == name:
+                return list(model["class_names"])
+        raise errors.NotFound(f"the feature server has no classifier {name!r}")
+
+
+def describe_from_proto(resp: features_pb2.DescribeModelResponse) -> dict:
+    """A DescribeModelResponse as the dict ``Extractor.describe()`` returns."""
+    models = []
+    for m in resp.models:
+        pre = m.preprocessing
+        models.append({
+            "name": m.name, "kind": m.kind, "source": m.source,
+            "weights_sha256": m.weights_sha256, "onnx_sha256": m.onnx_sha256,
+            "layers": {layer.name: {"channels": layer.channels, "stride": layer.stride,
+                                    "shape_at_224": list(layer.shape_at_224)}
+                       for layer in m.layers},
+            "preprocessing": {"color_order": pre.color_order, "mean": list(pre.mean),
+                              "std": list(pre.std), "size": pre.default_resize.size,
+                              "description": pre.description},
+            "num_classes": m.num_classes, "class_names": list(m.class_names),
+        })
+    return {"models": models, "execution_provider": resp.execution_provider,
+            "available_providers": list(resp.available_providers),
+            "server_version": resp.server_version,
+            "limits": {"max_message_bytes": resp.limits.max_message_bytes,
+                       "max_pixels": resp.limits.max_pixels,
+                       "max_batch_size": resp.limits.max_batch_size,
+                       "max_concurrent_streams": resp.limits.max_concurrent_streams}}

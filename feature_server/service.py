@@ -1,0 +1,382 @@
+"""The gRPC feature service: a thin servicer over :class:`feature_server.extractor.Extractor`
+plus ``serve()`` (options, health, reflection, micro-batcher, graceful SIGTERM).
+
+Per stream, a reader thread takes requests (options, images), decodes and preprocesses each
+image and submits it to the shared micro-batcher; the RPC's own thread turns finished items
+into responses. A per-stream semaphore bounds the items read but not yet answered, so a fast
+client cannot make the server read unboundedly ahead (flow control).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from dff_protos import wire
+from dff_protos.errors import DFFError, ImageTooLarge, InvalidInput, ResourceExhausted
+from dff_protos.status import map_errors
+from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from feature_server.batching import MicroBatcher
+from feature_server.extractor import ExtractOptions, Extractor, ExtractResult, Prepared
+from feature_server.images import DEFAULT_FORMATS, DecodeLimits
+from feature_server.models.registry import DEFAULT_CLASSIFIER, DEFAULT_FEATURE_MODEL
+
+log = logging.getLogger(__name__)
+
+SERVER_VERSION = "0.1.0"
+_RESIZE_FROM_PROTO = {common_pb2.RESIZE_MODE_UNSPECIFIED: "squash",
+                      common_pb2.SQUASH: "squash", common_pb2.KEEP_ASPECT: "keep_aspect"}
+_DTYPE_FROM_PROTO = {common_pb2.DTYPE_UNSPECIFIED: "float32", common_pb2.FLOAT32: "float32",
+                     common_pb2.FLOAT16: "float16"}
+_RESIZE_TO_PROTO = {"squash": common_pb2.SQUASH, "keep_aspect": common_pb2.KEEP_ASPECT,
+                    "shorter_crop": common_pb2.RESIZE_MODE_UNSPECIFIED}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``dff serve features`` is configured with (built once at the entry point)."""
+
+    host: str = "[::]"
+    port: int = 50051
+    home: str | None = None
+    providers: tuple[str, ...] = ()
+    max_batch_size: int = 8
+    max_wait_ms: float = 5.0
+    max_pixels: int = 50_000_000
+    max_message_mb: int = 64
+    max_concurrent_streams: int = 16
+    max_inflight_per_stream: int = 16
+    max_queue: int = 256
+    formats: frozenset[str] = field(default=DEFAULT_FORMATS)
+    grace_s: float = 30.0
+    intra_op_threads: int = 0
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
+
+    @property
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(max_pixels=self.max_pixels, max_bytes=self.max_message_bytes,
+                            formats=self.formats)
+
+
+# ---------------------------------------------------------------------- proto <-> domain
+def options_from_proto(msg: features_pb2.ExtractOptions) -> ExtractOptions:
+    return ExtractOptions(
+        model=msg.model or DEFAULT_FEATURE_MODEL,
+        layers=tuple(msg.layers) or ("conv5_4",),
+        wire_dtype=_DTYPE_FROM_PROTO.get(msg.wire_dtype, "invalid"),
+        resize_mode=_RESIZE_FROM_PROTO.get(msg.resize.mode, "invalid"),
+        size=msg.resize.size or 224,
+        return_probabilities=msg.return_probabilities,
+        top_k=msg.top_k,
+        classifier=msg.classifier or DEFAULT_CLASSIFIER,
+    )
+
+
+def options_to_proto(options: ExtractOptions) -> features_pb2.ExtractOptions:
+    return features_pb2.ExtractOptions(
+        model=options.model, layers=list(options.layers),
+        wire_dtype=wire.dtype_from_name(options.wire_dtype),
+        resize=common_pb2.ResizePolicy(mode=_RESIZE_TO_PROTO[options.resize_mode],
+                                       size=options.size),
+        return_probabilities=options.return_probabilities, top_k=options.top_k,
+        classifier=options.classifier)
+
+
+def item_error(exc: BaseException, decoding: bool = False) -> common_pb2.ItemError:
+    """A per-item error; decode failures (not size limits) are INVALID_IMAGE."""
+    err = wire.item_error(exc)
+    if decoding and isinstance(exc, InvalidInput) and not isinstance(exc, ImageTooLarge):
+        err.code = common_pb2.ItemError.INVALID_IMAGE
+    if err.code == common_pb2.ItemError.INTERNAL:
+        log.error("internal error on an item", exc_info=exc)
+    return err
+
+
+def result_to_proto(result: ExtractResult, options: ExtractOptions
+                    ) -> features_pb2.ExtractResponse:
+    dtype = wire.dtype_from_name(options.wire_dtype)
+    resp = features_pb2.ExtractResponse(id=result.id)
+    for layer, act in result.activations.items():
+        resp.activations.append(features_pb2.Activation(layer=layer,
+                                                        tensor=wire.to_tensor(act, dtype)))
+    if result.probabilities is not None:
+        resp.probabilities.CopyFrom(wire.to_tensor(result.probabilities))
+    for index, name, p in result.top_k:
+        resp.top_k.append(features_pb2.ClassScore(index=index, name=name, probability=p))
+    h, w = result.original_size
+    ih, iw = result.input_size
+    resp.info.CopyFrom(common_pb2.ImageInfo(original_height=h, original_width=w,
+                                            input_height=ih, input_width=iw))
+    return resp
+
+
+# ---------------------------------------------------------------------- the servicer
+class _Stream:
+    """Book-keeping of one Extract call: bounded in-flight items and the response queue."""
+
+    _END = object()
+
+    def __init__(self, max_inflight: int) -> None:
+        self.slots = threading.Semaphore(max_inflight)
+        self.out: queue.Queue[Any] = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._reading = True
+        self.stop = threading.Event()
+
+    def started(self) -> None:
+        with self._lock:
+            self._pending += 1
+
+    def put(self, item: Any) -> None:
+        self.out.put(item)
+        with self._lock:
+            self._pending -= 1
+            end = not self._reading and self._pending == 0
+        if end:
+            self.out.put(self._END)
+
+    def reading_done(self) -> None:
+        with self._lock:
+            self._reading = False
+            end = self._pending == 0
+        if end:
+            self.out.put(self._END)
+
+
+class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
+    """dff.v1.FeatureService over an Extractor and a shared MicroBatcher."""
+
+    def __init__(self, extractor: Extractor, batcher: MicroBatcher, config: ServerConfig
+                 ) -> None:
+        self.extractor = extractor
+        self.batcher = batcher
+        self.config = config
+        self._streams = threading.BoundedSemaphore(config.max_concurrent_streams)
+
+    @map_errors
+    def DescribeModel(self, request: features_pb2.DescribeModelRequest,  # noqa: N802
+                      context: grpc.ServicerContext) -> features_pb2.DescribeModelResponse:
+        return describe_to_proto(self.extractor.describe(), self.config)
+
+    @map_errors
+    def Extract(self, request_iterator: Iterator[features_pb2.ExtractRequest],  # noqa: N802
+                context: grpc.ServicerContext) -> Iterator[features_pb2.ExtractResponse]:
+        if not self._streams.acquire(blocking=False):
+            raise ResourceExhausted(f"more than {self.config.max_concurrent_streams} "
+                                    "concurrent Extract streams; retry later")
+        try:
+            stream = _Stream(self.config.max_inflight_per_stream)
+            reader = threading.Thread(target=self._read, args=(request_iterator, context, stream),
+                                      name="extract-reader", daemon=True)
+            reader.start()
+            try:
+                while True:
+                    item = stream.out.get()
+                    if item is _Stream._END:
+                        break
+                    stream.slots.release()
+                    yield self._respond(item)
+            finally:
+                stream.stop.set()
+                stream.slots.release()  # unblock a reader waiting for a slot
+        finally:
+            self._streams.release()
+
+    def _respond(self, item: Any) -> features_pb2.ExtractResponse:
+        kind, payload = item
+        if kind == "error":
+            item_id, exc, decoding = payload
+            return features_pb2.ExtractResponse(id=item_id, error=item_error(exc, decoding))
+        prepared, options, feat_future, cls_future = payload
+        try:
+            acts = feat_future.result()
+            probs = cls_future.result()["probabilities"] if cls_future is not None else None
+            result = self.extractor.finish(prepared, acts, probs, options)
+            return result_to_proto(result, options)
+        except Exception as exc:  # noqa: BLE001 - a per-item INTERNAL error, stream goes on
+            return features_pb2.ExtractResponse(id=prepared.id, error=item_error(exc))
+
+    def _read(self, request_iterator: Iterator[features_pb2.ExtractRequest],
+              context: grpc.ServicerContext, stream: _Stream) -> None:
+        options = ExtractOptions()
+        options_error: DFFError | None = None
+        try:
+            for request in request_iterator:
+                if request.HasField("options"):
+                    options = options_from_proto(request.options)
+                    try:
+                        self.extractor.validate(options)
+                        options_error = None
+                    except DFFError as exc:
+                        options_error = exc
+                    continue
+                if not request.HasField("image"):
+                    continue
+                stream.slots.acquire()
+                if stream.stop.is_set() or not context.is_active():
+                    break
+                stream.started()
+                image = request.image
+                if options_error is not None:
+                    stream.put(("error", (image.id, options_error, False)))
+                    continue
+                try:
+                    prepared = self.extractor.prepare(image.id, image.data, options)
+                except DFFError as exc:
+                    stream.put(("error", (image.id, exc, True)))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - per-item INTERNAL, logged
+                    stream.put(("error", (image.id, exc, False)))
+                    continue
+                self._submit(prepared, options, stream)
+        except grpc.RpcError:
+            log.info("client stream ended early (cancelled or deadline)")
+        except Exception:  # noqa: BLE001 - the reader must always end the stream
+            log.exception("reading the request stream failed")
+        finally:
+            stream.reading_done()
+
+    def _submit(self, prepared: Prepared, options: ExtractOptions, stream: _Stream) -> None:
+        feat = self.batcher.submit(options.model, prepared.features_input, options.layers)
+        cls = None
+        if prepared.classifier_input is not None:
+            cls = self.batcher.submit(options.classifier, prepared.classifier_input,
+                                      ("probabilities",))
+        waiting = [f for f in (feat, cls) if f is not None]
+        remaining = [len(waiting)]
+        lock = threading.Lock()
+
+        def done(_: futures.Future) -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                stream.put(("ok", (prepared, options, feat, cls)))
+
+        for f in waiting:
+            f.add_done_callback(done)
+
+
+def describe_to_proto(desc: dict, config: ServerConfig) -> features_pb2.DescribeModelResponse:
+    resp = features_pb2.DescribeModelResponse(
+        execution_provider=desc["execution_provider"],
+        available_providers=desc["available_providers"], server_version=SERVER_VERSION,
+        limits=features_pb2.ServerLimits(
+            max_message_bytes=config.max_message_bytes, max_pixels=config.max_pixels,
+            max_batch_size=config.max_batch_size,
+            max_concurrent_streams=config.max_concurrent_streams))
+    for m in desc["models"]:
+        pre = m["preprocessing"]
+        info = features_pb2.ModelInfo(
+            name=m["name"], kind=m["kind"], weights_sha256=m["weights_sha256"],
+            onnx_sha256=m["onnx_sha256"], source=m["source"], num_classes=m["num_classes"],
+            class_names=m["class_names"],
+            preprocessing=features_pb2.Preprocessing(
+                color_order=pre["color_order"], mean=pre["mean"], std=pre["std"],
+                default_resize=common_pb2.ResizePolicy(
+                    mode=_RESIZE_TO_PROTO.get(pre["resize_mode"], 0), size=pre["size"]),
+                description=pre["description"]))
+        for name, layer in m["layers"].items():
+            info.layers.append(features_pb2.LayerInfo(
+                name=name, channels=layer["channels"], stride=layer["stride"],
+                shape_at_224=layer["shape_at_224"]))
+        resp.models.append(info)
+    return resp
+
+
+# ---------------------------------------------------------------------- the server
+@dataclass
+class RunningServer:
+    """A started server and what it needs to stop gracefully."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    batcher: MicroBatcher
+    extractor: Extractor
+    config: ServerConfig
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, stop taking RPCs, let in-flight ones finish, stop the batcher."""
+        grace = self.config.grace_s if grace is None else grace
+        log.info("shutting down: health NOT_SERVING, draining in-flight streams (grace %.0fs)",
+                 grace)
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.batcher.close(timeout=grace)
+        log.info("stopped (%d batches, %d items, largest batch %d)", self.batcher.stats.batches,
+                 self.batcher.stats.items, self.batcher.stats.max_batch)
+
+
+def start_server(config: ServerConfig, extractor: Extractor | None = None) -> RunningServer:
+    """Build and start the server (port 0 picks a free port; see ``RunningServer.port``)."""
+    if extractor is None:
+        extractor = Extractor.from_cache(config.home, providers=config.providers or None,
+                                         batch_size=config.max_batch_size, limits=config.limits)
+    batcher = MicroBatcher(extractor.run, max_batch_size=config.max_batch_size,
+                           max_wait_s=config.max_wait_ms / 1000.0, max_queue=config.max_queue)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    # room for every stream's RPC thread plus health/describe calls
+    pool = futures.ThreadPoolExecutor(max_workers=config.max_concurrent_streams + 8,
+                                      thread_name_prefix="grpc")
+    server = grpc.server(pool, options=options)
+    features_pb2_grpc.add_FeatureServiceServicer_to_server(
+        FeatureServicer(extractor, batcher, config), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_name = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
+    reflection.enable_server_reflection(
+        (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    server.start()
+    for name in ("", service_name):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("feature server listening on %s:%d (provider %s, models %s, max batch %d)",
+             config.host, port, extractor.execution_provider, sorted(extractor.registry),
+             config.max_batch_size)
+    return RunningServer(server, port, health_servicer, batcher, extractor, config)
+
+
+def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT, then shut down gracefully; returns the exit code (0)."""
+    running = start_server(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received signal %d", signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop.wait(0.5):
+            pass
+        running.stop()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0
+
+
+__all__ = ["FeatureServicer", "RunningServer", "ServerConfig", "serve", "start_server",
+           "options_from_proto", "options_to_proto", "result_to_proto"]
