@@ -1,0 +1,115 @@
+"""Concept certainty, exactly as the seed defines its "discovery confidence", but NaN-free.
+
+For image i and concept j: take the raw heatmap W_maps[i, j] (h, w), upsample it bilinearly to
+224 x 224, normalise it by its own maximum, and average the RAW upsampled values over the pixels
+whose normalised value is >= 0.1.
+
+Upsampling is implemented over ``xp`` (NumPy or CuPy) as two small interpolation matrices,
+``up = R_y @ map @ R_x^T``, with the semantics of ``torch.nn.functional.interpolate(mode=
+'bilinear', align_corners=False)`` (half-pixel centres, source coordinates clamped to the edge),
+which is what the seed used; for upsampling this equals ``cv2.resize(..., INTER_LINEAR)`` to
+float32 rounding (both are checked in tests/concept_engine/test_certainty.py). Working on the
+device avoids a host round trip per map, and the matrix form is two batched GEMMs.
+
+Where the seed divides by zero this returns 0: an all-zero (or non-positive) map has no
+normalised values and certainty 0; an empty pixel set (impossible once the max is positive, as
+the max pixel always qualifies) also gives 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from concept_engine.backend import get_namespace, to_device
+
+__all__ = [
+    "SEED_SIZE",
+    "SEED_THRESHOLD",
+    "bilinear_matrix",
+    "concept_certainty",
+    "upsample_bilinear",
+]
+
+#: The seed upsamples every heatmap to the network input size before measuring certainty.
+SEED_SIZE = (224, 224)
+#: Pixels whose max-normalised value is at least this count towards the certainty.
+SEED_THRESHOLD = 0.1
+#: float32 bytes of upsampled maps held at once.
+_CHUNK_BYTES = 64 * 2**20
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float64 matrix R with ``R @ x`` = bilinear resampling of x (in_size,).
+
+    align_corners=False: output pixel d samples source coordinate (d + 0.5) * in/out - 0.5,
+    clamped to [0, in_size - 1] as torch and OpenCV do at the borders.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
+    dst = np.arange(out_size, dtype=np.float64)
+    src = np.maximum((dst + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    lam = src - i0
+    R = np.zeros((out_size, in_size), dtype=np.float64)
+    rows = np.arange(out_size)
+    np.add.at(R, (rows, i0), 1.0 - lam)
+    np.add.at(R, (rows, i1), lam)
+    return R
+
+
+def upsample_bilinear(maps: Any, size: tuple[int, int]) -> Any:
+    """Bilinear (align_corners=False) upsampling of maps (m, h, w) to (m, H, W), size = (H, W).
+
+    Same namespace as ``maps``; float32 out. The two interpolation matrices are built on the host
+    (a few KiB) and copied to the device once per call.
+    """
+    xp = get_namespace(maps)
+    m, h, w = maps.shape
+    Ry = to_device(bilinear_matrix(h, int(size[0])).astype(np.float32), xp)  # (H, h)
+    RxT = to_device(bilinear_matrix(w, int(size[1])).T.astype(np.float32), xp)  # (w, W)
+    return xp.matmul(xp.matmul(Ry, maps.astype(xp.float32, copy=False)), RxT)
+
+
+def concept_certainty(
+    W_maps: Any,
+    upsample_to: tuple[int, int] | None = SEED_SIZE,
+    *,
+    threshold: float = SEED_THRESHOLD,
+) -> Any:
+    """Certainty (N, k) of each concept in each image, as the seed computes it.
+
+    Args:
+        W_maps: (N, k, h, w) raw heatmaps at feature resolution (non-negative), NumPy or CuPy.
+        upsample_to: (H, W) to upsample to first (the seed: 224 x 224); None measures the maps at
+            feature resolution.
+        threshold: pixels with ``up / max(up) >= threshold`` are averaged (the seed: 0.1).
+
+    Returns:
+        (N, k) float32 in the namespace of ``W_maps``: mean of the raw upsampled map over the
+        selected pixels; 0 where the map is all zero (never NaN).
+    """
+    xp = get_namespace(W_maps)
+    if W_maps.ndim != 4:
+        raise ValueError(f"W_maps must be (N, k, h, w), got shape {W_maps.shape}")
+    N, k, h, w = (int(s) for s in W_maps.shape)
+    maps = W_maps.reshape(N * k, h, w)
+    H, W = (h, w) if upsample_to is None else (int(upsample_to[0]), int(upsample_to[1]))
+    out = xp.zeros(N * k, dtype=xp.float32)
+    step = max(1, _CHUNK_BYTES // (4 * H * W))
+    for start in range(0, N * k, step):
+        block = maps[start : start + step].astype(xp.float32)
+        up = block if upsample_to is None else upsample_bilinear(block, (H, W))
+        peak = xp.max(up, axis=(1, 2))  # (m,)
+        positive = peak > 0
+        # Divide as the seed does (then compare), with 1 standing in for a zero max so that an
+        # all-zero map yields no selected pixel instead of NaN.
+        norm = up / xp.where(positive, peak, 1)[:, None, None]
+        mask = norm >= threshold
+        count = xp.sum(mask, axis=(1, 2))
+        total = xp.sum(xp.where(mask, up, 0), axis=(1, 2), dtype=xp.float64)
+        ok = positive & (count > 0)
+        out[start : start + step] = xp.where(ok, total / xp.maximum(count, 1), 0).astype(xp.float32)
+    return out.reshape(N, k)

@@ -1,0 +1,288 @@
+"""Choosing the number of concepts k: one interface, several criteria.
+
+:func:`select_k` fits NMF on the features V once per candidate k, asks every recorded criterion
+for its curve ({k: value}), lets the chosen criterion pick k, and returns the per-k fits so the
+caller reuses the fit of the chosen k instead of fitting again (the seed estimated k and then
+never used it).
+
+Criteria (each a small class with ``curve`` and ``choose``):
+
+* ``'certainty'`` - the seed's: mean concept certainty of each fit, argmax. Measured on real
+  features it nearly always answers the smallest k (certainty falls as concepts get finer), so
+  it is recorded for comparison but is not the default.
+* ``'stability'`` (default) - split-half reproducibility. The IMAGES (not the rows of V, whose
+  rows from one image are strongly correlated) are split at random into two halves; each half is
+  fitted at every k; the bases of the two halves are matched one-to-one by the Hungarian
+  algorithm on cosine similarity; the curve is the mean matched cosine, averaged over
+  ``n_splits`` random splits. Rule: the LARGEST k whose stability is within ``tolerance`` of the
+  best. Plain argmax is biased to small k in the same way as certainty (a coarse split into two
+  broad parts is nearly always reproducible), whereas the goal is the finest set of concepts
+  that is still reproducible: beyond the true k, extra components split noise or concepts
+  arbitrarily and their cosines drop well below the tolerance.
+* ``'elbow'`` - the knee of the reconstruction-error curve: after scaling k and the error to
+  [0, 1], the k farthest below the chord joining the first and last points (Kneedle).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from concept_engine.backend import get_namespace, to_device
+from concept_engine.certainty import SEED_SIZE, concept_certainty
+from concept_engine.matching import match_bases
+from concept_engine.nmf import NMFResult, nmf_fit
+
+__all__ = [
+    "CRITERIA",
+    "CertaintyCriterion",
+    "ElbowCriterion",
+    "KCriterion",
+    "KSelection",
+    "StabilityCriterion",
+    "Sweep",
+    "select_k",
+]
+
+
+@dataclass(frozen=True)
+class KSelection:
+    """Result of a k sweep.
+
+    Attributes:
+        k: the chosen number of concepts (a key of ``fits``).
+        criterion: name of the criterion that chose it.
+        reason: one human-readable sentence on why.
+        curves: criterion name -> {k: value} for every recorded criterion.
+        fits: k -> NMFResult of the fit on all of V (reuse ``fits[k]`` as the final fit).
+    """
+
+    k: int
+    criterion: str
+    reason: str
+    curves: dict[str, dict[int, float]]
+    fits: dict[int, NMFResult]
+
+    @property
+    def fit(self) -> NMFResult:
+        """The fit for the chosen k."""
+        return self.fits[self.k]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What a criterion may use: the features, their layout, the per-k fits and how to refit.
+
+    V is (n_images * h * w, C), rows ordered image by image, then row-major (y, x).
+    """
+
+    V: Any
+    n_images: int
+    hw: tuple[int, int]
+    ks: tuple[int, ...]
+    fits: dict[int, NMFResult]
+    fit_kwargs: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+
+class KCriterion(Protocol):
+    """A k-selection strategy: a curve over the candidate ks and a rule that picks one."""
+
+    name: str
+
+    def curve(self, sweep: Sweep) -> dict[int, float]: ...
+
+    def choose(self, curve: dict[int, float]) -> tuple[int, str]: ...
+
+
+@dataclass(frozen=True)
+class CertaintyCriterion:
+    """The seed's criterion: mean concept certainty (over images and concepts), argmax."""
+
+    upsample_to: tuple[int, int] | None = SEED_SIZE
+    name: str = "certainty"
+
+    def curve(self, sweep: Sweep) -> dict[int, float]:
+        h, w = sweep.hw
+        out: dict[int, float] = {}
+        for k in sweep.ks:
+            W = sweep.fits[k].W
+            xp = get_namespace(W)
+            maps = W.reshape(sweep.n_images, h, w, k).transpose(0, 3, 1, 2)
+            cert = concept_certainty(maps, upsample_to=self.upsample_to)
+            out[k] = float(xp.mean(cert, dtype=xp.float64))
+        return out
+
+    def choose(self, curve: dict[int, float]) -> tuple[int, str]:
+        k = max(curve, key=lambda kk: (curve[kk], -kk))  # ties -> smallest k
+        return k, f"k={k} has the highest mean concept certainty ({curve[k]:.4g})"
+
+
+@dataclass(frozen=True)
+class ElbowCriterion:
+    """Knee of the reconstruction error ||V - WH|| over k (largest drop below the chord)."""
+
+    name: str = "elbow"
+
+    def curve(self, sweep: Sweep) -> dict[int, float]:
+        return {k: float(sweep.fits[k].error) for k in sweep.ks}
+
+    def choose(self, curve: dict[int, float]) -> tuple[int, str]:
+        ks = sorted(curve)
+        if len(ks) < 3:
+            return ks[0], "fewer than 3 candidate ks: no knee can be located; smallest k"
+        x = np.asarray(ks, dtype=np.float64)
+        y = np.asarray([curve[k] for k in ks], dtype=np.float64)
+        x = (x - x[0]) / (x[-1] - x[0])
+        span = y[0] - y[-1]
+        if not span > 0:
+            return ks[0], "the error does not decrease with k; smallest k"
+        y = (y - y[-1]) / span  # 1 at the first k, 0 at the last
+        # Distance below the chord from (0, 1) to (1, 0); a convex decreasing curve bulges below.
+        below = (1.0 - x) - y
+        i = int(np.argmax(below))
+        return ks[i], f"k={ks[i]} is the knee of the error curve (normalised gap {below[i]:.3g})"
+
+
+@dataclass(frozen=True)
+class StabilityCriterion:
+    """Split-half stability of the bases (see the module docstring for the rule)."""
+
+    n_splits: int = 2
+    tolerance: float = 0.02
+    name: str = "stability"
+
+    def curve(self, sweep: Sweep) -> dict[int, float]:
+        if sweep.n_images < 2:
+            raise ValueError("stability needs at least 2 images to split")
+        xp = get_namespace(sweep.V) if not _is_host_sparse(sweep.V) else np
+        hw = sweep.hw[0] * sweep.hw[1]
+        scores: dict[int, list[float]] = {k: [] for k in sweep.ks}
+        for split in range(self.n_splits):
+            halves = _split_images(sweep.n_images, sweep.seed + split)
+            parts = [sweep.V[to_device(_rows(idx, hw), xp)] for idx in halves]
+            for k in sweep.ks:
+                Ha = nmf_fit(parts[0], k, **sweep.fit_kwargs).H
+                Hb = nmf_fit(parts[1], k, **sweep.fit_kwargs).H
+                _, cos = match_bases(Ha, Hb)
+                scores[k].append(float(np.mean(cos)))
+        return {k: float(np.mean(v)) for k, v in scores.items()}
+
+    def choose(self, curve: dict[int, float]) -> tuple[int, str]:
+        best = max(curve.values())
+        ok = [k for k, v in curve.items() if v >= best - self.tolerance]
+        k = max(ok)
+        return k, (
+            f"k={k} is the largest k whose split-half stability ({curve[k]:.4g}) is within "
+            f"{self.tolerance:g} of the best ({best:.4g})"
+        )
+
+
+CRITERIA: dict[str, type] = {
+    "certainty": CertaintyCriterion,
+    "stability": StabilityCriterion,
+    "elbow": ElbowCriterion,
+}
+
+
+def _is_host_sparse(V: Any) -> bool:
+    import scipy.sparse as sp  # noqa: PLC0415
+
+    return sp.issparse(V)
+
+
+def _split_images(n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint, sorted halves of range(n_images) from a seeded permutation."""
+    perm = np.random.default_rng(seed).permutation(n_images)
+    half = n_images // 2
+    return np.sort(perm[:half]), np.sort(perm[half:])
+
+
+def _rows(images: np.ndarray, hw: int) -> np.ndarray:
+    """Row indices of V (host int64) belonging to the given images."""
+    return (images[:, None] * hw + np.arange(hw)[None, :]).ravel()
+
+
+def _as_hw(hw: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(hw, (int, np.integer)):
+        side = math.isqrt(int(hw))
+        if side * side != int(hw):
+            raise ValueError(f"hw={hw} is not square; pass (h, w)")
+        return side, side
+    h, w = (int(v) for v in hw)
+    return h, w
+
+
+def select_k(
+    V: Any,
+    n_images: int,
+    hw: int | Sequence[int],
+    ks: Iterable[int] = range(2, 7),
+    criterion: str | KCriterion = "stability",
+    *,
+    seed: int = 0,
+    solver: str = "hals",
+    init: str = "nndsvda",
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    record: Sequence[str | KCriterion] | None = None,
+    fits: dict[int, NMFResult] | None = None,
+) -> KSelection:
+    """Choose k for V (n_images * h * w, C) by ``criterion`` and return every curve and fit.
+
+    Args:
+        V: features, rows ordered image by image, then (y, x); NumPy/CuPy (any dtype
+            :func:`~concept_engine.nmf.nmf_fit` accepts) or SciPy CSR. Computed once by the
+            caller and reused for every k and every split.
+        n_images: N.
+        hw: (h, w) of one image's feature map, or h*w when square.
+        ks: candidate numbers of concepts (the seed: 2..6).
+        criterion: 'stability' | 'certainty' | 'elbow', or a :class:`KCriterion` instance.
+        seed: seed of the NMF inits and of the image splits.
+        solver, init, max_iter, tol: passed to :func:`~concept_engine.nmf.nmf_fit`.
+        record: criteria whose curves are computed too (the chosen one always is). Default: all
+            three; pass e.g. ``("certainty", "elbow")`` to skip the split-half fits.
+        fits: already computed fits on all of V, by k (reused, not refitted).
+
+    Returns:
+        KSelection; ``result.fit`` is the fit on all of V for the chosen k.
+    """
+    ks_t = tuple(sorted({int(k) for k in ks}))
+    if not ks_t or ks_t[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks_t}")
+    h, w = _as_hw(hw)
+    if V.shape[0] != n_images * h * w:
+        raise ValueError(f"V has {V.shape[0]} rows, expected n_images*h*w = {n_images * h * w}")
+
+    def make(c: str | KCriterion) -> KCriterion:
+        if isinstance(c, str):
+            if c not in CRITERIA:
+                raise ValueError(f"unknown criterion {c!r}; one of {sorted(CRITERIA)}")
+            return CRITERIA[c]()
+        return c
+
+    chosen = make(criterion)
+    recorded = [make(c) for c in (record if record is not None else tuple(CRITERIA))]
+    if chosen.name not in {c.name for c in recorded}:
+        recorded.append(chosen)
+    fit_kwargs = {"solver": solver, "init": init, "max_iter": max_iter, "tol": tol, "seed": seed}
+    all_fits = dict(fits or {})
+    for k in ks_t:
+        if k not in all_fits:
+            all_fits[k] = nmf_fit(V, k, **fit_kwargs)
+    sweep = Sweep(
+        V=V, n_images=n_images, hw=(h, w), ks=ks_t, fits=all_fits, fit_kwargs=fit_kwargs, seed=seed
+    )
+    curves = {c.name: c.curve(sweep) for c in recorded}
+    k, reason = chosen.choose(curves[chosen.name])
+    return KSelection(
+        k=k,
+        criterion=chosen.name,
+        reason=reason,
+        curves=curves,
+        fits={kk: all_fits[kk] for kk in ks_t},
+    )
