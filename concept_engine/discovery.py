@@ -396,7 +396,6 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
 
     ids = [im.id for im in images]
     V = stack_rows(images, xp)
-    n_rows_per_image = [im.feature_size[0] * im.feature_size[1] for im in images]
     curves: dict[str, dict[int, float]] = {}
     t = time.perf_counter()
     if options.k > 0:
@@ -411,10 +410,17 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
         run.emit(Progress("k_sweep", 0, len(ks), f"{options.k_criterion} over k={ks}"))
         from concept_engine.kselect import select_k
 
-        hw = images[0].feature_size if len(set(n_rows_per_image)) == 1 else None
-        sel = select_k(V, len(images), hw, ks=ks, criterion=options.k_criterion,
-                       seed=options.seed, solver=options.solver, init=options.init,
-                       max_iter=options.max_iter, tol=options.tol)
+        sizes = {im.feature_size for im in images}
+        if len(sizes) != 1:
+            raise InvalidInput(
+                f"k estimation needs one feature-map size for all images, got {len(sizes)} "
+                f"different sizes (resize_mode {options.resize_mode!r}); give k, or use "
+                f"resize_mode 'squash'")
+        prior = {reuse[1]: reuse[2]} if reuse is not None and reuse[0] == ids else None
+        sel = select_k(V, len(images), images[0].feature_size, ks=ks,
+                       criterion=options.k_criterion, seed=options.seed,
+                       solver=options.solver, init=options.init,
+                       max_iter=options.max_iter, tol=options.tol, fits=prior)
         k, k_reason, criterion = int(sel.k), sel.reason, options.k_criterion
         curves = {c: {int(a): float(b) for a, b in v.items()} for c, v in sel.curves.items()}
         if sel.fits and k in sel.fits:

@@ -1,0 +1,145 @@
+"""The discovery pipeline and explain() on a deterministic fake feature source."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dff_protos.errors import InvalidInput, TooFewImages
+from fake_source import FakeSource, make_image, make_items
+
+from concept_engine.discovery import DiscoveryOptions, Progress, discover, explain
+from concept_engine.finegrain import Decision
+from concept_engine.store import load_concept_set, save_concept_set
+
+
+@pytest.fixture(scope="module")
+def items():
+    return make_items(24)
+
+
+def test_deterministic_for_a_seed(items):
+    a = discover(items, FakeSource(), DiscoveryOptions(name="ant", k=3, seed=7))
+    b = discover(items, FakeSource(), DiscoveryOptions(name="ant", k=3, seed=7))
+    np.testing.assert_array_equal(a.bases, b.bases)
+    np.testing.assert_array_equal(a.certainties, b.certainties)
+    assert a.image_ids == b.image_ids
+    assert [d.reason for d in a.decisions] == [d.reason for d in b.decisions]
+
+
+def test_extract_once_errors_and_filters_recorded(items):
+    src = FakeSource({"img003.png": 0.5, "img004.png": 0.94})
+    data = items + [("broken.jpg", b"not an image"), ("empty.png", b"")]
+    events: list = []
+    cs = discover(data, src, DiscoveryOptions(name="ant", k=3), progress=events.append)
+    assert src.calls == 1 and src.items_seen == len(data)
+    by_id: dict[str, list[Decision]] = {}
+    for d in cs.decisions:
+        by_id.setdefault(d.id, []).append(d)
+    assert by_id["broken.jpg"][0].stage == "error" and not by_id["broken.jpg"][0].kept
+    assert "cannot decode" in by_id["broken.jpg"][0].reason
+    low = by_id["img003.png"][0]
+    assert (low.stage, low.kept) == ("prediction_filter", False)
+    assert low.probability == pytest.approx(0.5) and "p(ant)=0.500 < 0.95" in low.reason
+    assert "img003.png" not in cs.image_ids and "img004.png" not in cs.image_ids
+    # 22 pass the prediction filter; the certainty filter (q=0.25, interpolated at rank 5.25)
+    # drops 6 -> 16 kept
+    cert = [d for d in cs.decisions if d.stage == "certainty_filter"]
+    assert len(cert) == 22 and sum(not d.kept for d in cert) == 6
+    assert all(not np.isnan(d.probability) for d in cert)
+    assert cs.n_images == 16 and cs.k == 3
+    assert set(cs.stage_seconds) >= {"features", "prediction_filter", "certainty_filter",
+                                      "k_sweep", "fit", "regions"}
+    stages = {e.stage for e in events if isinstance(e, Progress)}
+    assert {"features", "certainty_filter", "fit", "regions"} <= stages
+    assert [e for e in events if isinstance(e, Decision)] == cs.decisions
+
+
+def test_k_estimated_and_used(items):
+    cs = discover(items, FakeSource(), DiscoveryOptions(name="ant", certainty_filter="off"))
+    assert set(cs.k_curves) == {"stability", "certainty", "elbow"}
+    assert sorted(cs.k_curves["stability"]) == [2, 3, 4, 5, 6]
+    assert cs.k == 3  # three planted colour concepts
+    assert cs.provenance["k"] == cs.k and cs.k_criterion == "stability"
+    assert "k=3" in cs.k_reason
+    assert cs.certainties.shape == (24, 3) and cs.heatmaps[0].shape == (3, 14, 14)
+
+
+def test_k_given_has_no_sweep(items):
+    cs = discover(items[:12], FakeSource(), DiscoveryOptions(name="ant", k=2))
+    assert cs.k == 2 and cs.k_curves == {} and "given" in cs.k_reason
+
+
+def test_unknown_class_auto_skips_with_notice_on_errors(items):
+    cs = discover(items[:12], FakeSource(), DiscoveryOptions(name="antt", k=2))
+    assert any("prediction filter skipped" in n and "close matches: 'ant'" in n
+               for n in cs.notices)
+    assert not any(d.stage == "prediction_filter" for d in cs.decisions)
+    with pytest.raises(InvalidInput, match="unknown class 'antt'"):
+        discover(items[:12], FakeSource(), DiscoveryOptions(name="antt", k=2,
+                                                            prediction_filter="on"))
+
+
+def test_target_class_by_wordnet_id(items):
+    src = FakeSource({"img000.png": 0.1})
+    cs = discover(items[:12], src, DiscoveryOptions(name="folder", target_class="n02219486",
+                                                    k=2))
+    assert "img000.png" not in cs.image_ids and not cs.notices[:0]
+
+
+def test_too_few_pass_prediction_filter_keeps_all(items):
+    src = FakeSource({i: 0.3 for i, _ in items})
+    cs = discover(items[:12], src, DiscoveryOptions(name="ant", k=2))
+    assert cs.n_images == 12
+    assert any("prediction filter not applied" in n for n in cs.notices)
+    assert any("certainty filter not applied" in n for n in cs.notices)
+
+
+def test_too_few_images():
+    with pytest.raises(TooFewImages, match="1 usable image"):
+        discover(make_items(1) + [("x.png", b"junk")], FakeSource(), DiscoveryOptions(k=2))
+    with pytest.raises(TooFewImages, match="k=5"):
+        discover(make_items(3), FakeSource(), DiscoveryOptions(k=5))
+
+
+def test_duplicate_ids_and_bad_options():
+    with pytest.raises(InvalidInput, match="duplicate"):
+        discover(make_items(2) + make_items(1), FakeSource(), DiscoveryOptions(k=2))
+    with pytest.raises(InvalidInput, match="k_criterion"):
+        discover(make_items(3), FakeSource(), DiscoveryOptions(k_criterion="best"))
+
+
+def test_polygons_at_original_size_keep_aspect():
+    data = [("wide.png", make_image(1, (37, 301))), ("tall.png", make_image(2, (200, 90)))]
+    data += make_items(4)
+    opts = DiscoveryOptions(name="ant", k=3, resize_mode="keep_aspect",
+                            certainty_filter="off", min_area=0.0)
+    cs = discover(data, FakeSource(), opts)
+    shapes = {i: m.shape for i, m in zip(cs.image_ids, cs.heatmaps, strict=True)}
+    assert shapes["wide.png"][1:] != shapes["tall.png"][1:]
+    for i, size in zip(cs.image_ids, cs.original_sizes, strict=True):
+        h, w = size
+        for polys in cs.polygons[cs.image_ids.index(i)]:
+            for p in polys:
+                assert p.dtype == np.int32 and p.shape[1] == 2
+                assert 0 <= p[:, 0].min() and p[:, 0].max() < w
+                assert 0 <= p[:, 1].min() and p[:, 1].max() < h
+    assert cs.original_sizes[cs.image_ids.index("wide.png")].tolist() == [37, 301]
+    with pytest.raises(InvalidInput, match="one feature-map size"):
+        discover(data, FakeSource(), DiscoveryOptions(name="ant", resize_mode="keep_aspect"))
+
+
+def test_explain_with_fixed_bases(tmp_path, items):
+    src = FakeSource()
+    cs = discover(items[:16], src, DiscoveryOptions(name="ant", k=3, certainty_filter="off"))
+    cs = load_concept_set(save_concept_set(tmp_path / "c.h5", cs))
+    held_out = make_items(3, start=100) + [("bad.png", b"zz")]
+    out = {e.id: e for e in explain(cs, held_out, src)}
+    assert out["bad.png"].error is not None and out["bad.png"].heatmaps is None
+    e = out["img100.png"]
+    assert e.error is None and e.heatmaps.shape == (3, 14, 14)
+    assert e.certainties.shape == (3,) and len(e.polygons) == 3
+    assert e.original_size == (96, 128)
+    # a training image explained with H fixed reproduces its training heatmaps
+    (again,) = explain(cs, items[:1], src)
+    a, b = again.heatmaps.ravel(), cs.heatmaps[0].ravel()
+    assert np.corrcoef(a, b)[0, 1] > 0.99
