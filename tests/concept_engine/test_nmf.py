@@ -1,0 +1,322 @@
+"""NMF solvers: planted recovery, MU step-for-step vs a dense reference, residual-free error,
+fixed-basis inference, float16/CSR-held V, the estimator, and scikit-learn as a yardstick."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from concept_engine.backend import get_namespace, gpu_available, to_device, to_host
+from concept_engine.matching import match_bases
+from concept_engine.nmf import (
+    MU_ZERO_DENOMINATOR,
+    NMF,
+    ConvergenceWarning,
+    nmf_fit,
+    nmf_init,
+    nmf_transform,
+    reconstruction_error,
+)
+
+
+def planted(n: int = 1500, C: int = 48, k: int = 4, noise: float = 0.0, seed: int = 0):
+    """V (n, C) = W H (+ noise) with sparse non-negative W (n, k), H (k, C).
+
+    Most rows of W have one active component (pure pixels), which makes the factorisation
+    unique up to scaling and permutation, so recovered bases can be compared to the planted.
+    """
+    rng = np.random.default_rng(seed)
+    H = rng.random((k, C)) * (rng.random((k, C)) < 0.4)
+    W = np.zeros((n, k))
+    active = rng.integers(0, k, n)
+    W[np.arange(n), active] = rng.random(n) + 0.5
+    mixed = rng.random(n) < 0.3
+    W[mixed, rng.integers(0, k, int(mixed.sum()))] += rng.random(int(mixed.sum()))
+    V = np.maximum(W @ H + noise * rng.standard_normal((n, C)), 0)
+    return V.astype(np.float32), W, H
+
+
+def conv54_like(n_images: int = 12, C: int = 512, density: float = 0.07, seed: int = 0):
+    """Sparse non-negative V (n_images*196, C) like VGG conv5_4 after ReLU (~93% zeros)."""
+    rng = np.random.default_rng(seed)
+    n = n_images * 196
+    parts = rng.gamma(0.5, 1.0, (n, 8)) @ rng.gamma(0.3, 1.0, (8, C))
+    x = parts + 2.0 * rng.standard_normal((n, C))
+    cut = np.quantile(x, 1.0 - density)
+    return np.maximum(x - cut, 0).astype(np.float32)
+
+
+def reference_mu(V, W, H, n_iter):
+    """The plain textbook / seed MU loop, dense, float64: H first, then W, 0 -> 1e-7."""
+    W, H = W.copy(), H.copy()
+    out = []
+    for _ in range(n_iter):
+        den = W.T @ W @ H
+        den[den == 0] = MU_ZERO_DENOMINATOR
+        H = H * (W.T @ V) / den
+        den = W @ H @ H.T
+        den[den == 0] = MU_ZERO_DENOMINATOR
+        W = W * (V @ H.T) / den
+        out.append((W, H))
+    return out
+
+
+SOLVER_INITS = [
+    ("mu", "nndsvda"),
+    ("mu", "nndsvdar"),
+    ("mu", "random"),
+    ("mu", "seed"),
+    ("hals", "nndsvd"),
+    ("hals", "nndsvda"),
+    ("hals", "nndsvdar"),
+    ("hals", "random"),
+    ("hals", "seed"),
+]
+
+
+@pytest.mark.parametrize(("solver", "init"), SOLVER_INITS)
+def test_planted_bases_recovered(solver, init):
+    V, _, H_true = planted(noise=0.002)
+    max_iter = 2000 if solver == "mu" else 300
+    res = nmf_fit(V, 4, solver=solver, init=init, max_iter=max_iter, tol=1e-7, seed=3)
+    perm, cos = match_bases(res.H, H_true)
+    assert sorted(perm) == [0, 1, 2, 3]
+    assert cos.min() >= 0.99, cos
+    assert res.W.shape == (V.shape[0], 4) and res.H.shape == (4, V.shape[1])
+    assert res.W.dtype == np.float32 and res.H.dtype == np.float32
+    assert (res.W >= 0).all() and (res.H >= 0).all()
+    rel = res.error / np.linalg.norm(V)
+    assert rel < 0.01
+
+
+def test_mu_matches_dense_reference_step_by_step():
+    V, _, _ = planted(n=300, C=20, k=3, noise=0.01, seed=1)
+    V64 = V.astype(np.float64)
+    W0, H0 = nmf_init(V64, 3, init="seed", seed=5)
+    ref = reference_mu(V64, W0, H0, 6)
+    for t in range(1, 7):
+        res = nmf_fit(V64, 3, solver="mu", W=W0, H=H0, max_iter=t, tol=0)
+        W_ref, H_ref = ref[t - 1]
+        assert res.n_iter == t
+        np.testing.assert_allclose(res.H, H_ref, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(res.W, W_ref, rtol=1e-10, atol=1e-12)
+    # float32 compute follows the float64 reference to float32 rounding.
+    W032, H032 = W0.astype(np.float32), H0.astype(np.float32)
+    for t in (1, 3, 6):
+        res = nmf_fit(V, 3, solver="mu", W=W032, H=H032, max_iter=t, tol=0)
+        W_ref, H_ref = ref[t - 1]
+        np.testing.assert_allclose(res.H, H_ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(res.W, W_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_mu_zero_denominator_as_seed():
+    # A basis row of zeros makes W^T W H have zero entries: the seed's 1e-7 keeps H finite.
+    V = np.abs(np.random.default_rng(0).random((30, 6))).astype(np.float64)
+    W0 = np.abs(np.random.default_rng(1).random((30, 2)))
+    H0 = np.abs(np.random.default_rng(2).random((2, 6)))
+    W0[:, 1] = 0.0
+    res = nmf_fit(V, 2, solver="mu", W=W0, H=H0, max_iter=3, tol=0)
+    W_ref, H_ref = reference_mu(V, W0, H0, 3)[-1]
+    assert np.isfinite(res.W).all() and np.isfinite(res.H).all()
+    np.testing.assert_allclose(res.H, H_ref, rtol=1e-10)
+    np.testing.assert_allclose(res.W, W_ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["float64", "float32", "float16", "csr"])
+def test_error_formula_equals_dense_residual(layout):
+    rng = np.random.default_rng(0)
+    V = rng.random((200, 30)) * (rng.random((200, 30)) < 0.3)
+    W = rng.random((200, 5))
+    H = rng.random((5, 30))
+    V = V.astype(np.float16).astype(np.float64)  # exactly representable in every layout
+    dense = np.linalg.norm(V - W @ H)
+    Vl = {
+        "float64": V,
+        "float32": V.astype(np.float32),
+        "float16": V.astype(np.float16),
+        "csr": sp.csr_matrix(V.astype(np.float32)),
+    }[layout]
+    got = reconstruction_error(Vl, W, H)
+    rtol = 1e-10 if layout == "float64" else 1e-5
+    assert got == pytest.approx(dense, rel=rtol)
+
+
+def test_error_is_clamped_for_exact_factorisation():
+    _, W, H = planted(n=200, C=16, k=3)
+    V = W @ H
+    assert reconstruction_error(V, W, H) == pytest.approx(0.0, abs=1e-5 * np.linalg.norm(V))
+
+
+def test_reported_error_matches_returned_factors():
+    V, _, _ = planted(n=400, C=24, k=3, noise=0.05)
+    for solver in ("mu", "hals"):
+        res = nmf_fit(V, 3, solver=solver, max_iter=40)
+        dense = np.linalg.norm(V.astype(np.float64) - res.W.astype(np.float64) @ res.H)
+        assert res.error == pytest.approx(dense, rel=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["mu", "hals"])
+def test_transform_recovers_planted_W(solver):
+    _, W, H = planted(n=600, C=32, k=4, seed=2)
+    V = (W @ H).astype(np.float32)
+    H32 = H.astype(np.float32)
+    W_hat = nmf_transform(V, H32, solver=solver, max_iter=3000 if solver == "mu" else 200, tol=0)
+    np.testing.assert_allclose(W_hat, W, atol=2e-3 if solver == "mu" else 1e-4)
+
+
+def test_transform_with_seed_init_and_update_H_false_keeps_H():
+    V, _, H = planted(n=300, C=16, k=3, seed=4)
+    H32 = H.astype(np.float32)
+    res = nmf_fit(V, 3, H=H32, update_H=False, init="seed", solver="mu", max_iter=50)
+    np.testing.assert_array_equal(res.H, H32)
+    assert res.W.shape == (300, 3)
+
+
+def test_float16_held_V_gives_near_identical_fit():
+    V, _, _ = planted(n=1200, C=40, k=4, noise=0.01, seed=6)
+    a = nmf_fit(V, 4, max_iter=100)
+    b = nmf_fit(V.astype(np.float16), 4, max_iter=100)
+    _, cos = match_bases(a.H, b.H)
+    assert cos.min() > 0.9999
+    assert b.error == pytest.approx(a.error, rel=2e-2)
+    assert b.W.dtype == np.float32
+
+
+def test_csr_V_gives_same_fit_as_dense(monkeypatch):
+    V = conv54_like(n_images=4, C=64)
+    a = nmf_fit(V, 5, max_iter=30, tol=0)
+    b = nmf_fit(sp.csr_matrix(V), 5, max_iter=30, tol=0)
+    np.testing.assert_allclose(b.H, a.H, rtol=2e-3, atol=1e-5 * float(np.abs(a.H).max()))
+    assert b.error == pytest.approx(a.error, rel=1e-4)
+
+
+def test_chunked_float16_path_with_small_chunks(monkeypatch):
+    import concept_engine.nmf as nmf_mod
+
+    V = planted(n=500, C=24, k=3, noise=0.01)[0]
+    a = nmf_fit(V.astype(np.float16), 3, max_iter=20, tol=0)
+    monkeypatch.setattr(nmf_mod, "CHUNK_BYTES", 24 * 4 * 7)  # 7-row chunks, ragged end
+    b = nmf_fit(V.astype(np.float16), 3, max_iter=20, tol=0)
+    np.testing.assert_allclose(b.W, a.W, rtol=1e-4, atol=1e-6)
+    # Residual-free error in float32: cancellation costs ~eps / (relative residual)^2.
+    assert b.error == pytest.approx(a.error, rel=5e-4)
+
+
+def test_random_init_is_sklearns_random_init():
+    _nmf = pytest.importorskip("sklearn.decomposition._nmf")
+    V = planted(n=100, C=12, k=3)[0]
+    W_sk, H_sk = _nmf._initialize_nmf(V, 3, init="random", random_state=7)
+    W, H = nmf_init(V, 3, init="random", seed=7)
+    np.testing.assert_allclose(W, W_sk, rtol=1e-6)
+    np.testing.assert_allclose(H, H_sk, rtol=1e-6)
+
+
+def test_seed_init_scaling_and_determinism():
+    V = planted(n=5000, C=16, k=4)[0]
+    W, H = nmf_init(V, 4, init="seed", seed=0)
+    W2, H2 = nmf_init(V, 4, init="seed", seed=0)
+    np.testing.assert_array_equal(W, W2)
+    np.testing.assert_array_equal(H, H2)
+    # E|N(0,1)| = sqrt(2/pi): the mean of W is sqrt(mean(V)/k) * sqrt(2/pi).
+    expect = np.sqrt(V.mean() / 4) * np.sqrt(2 / np.pi)
+    assert W.mean() == pytest.approx(expect, rel=0.02)
+    assert not np.array_equal(W, nmf_init(V, 4, init="seed", seed=1)[0])
+
+
+def test_nndsvd_is_deterministic_and_close_to_sklearn():
+    _nmf = pytest.importorskip("sklearn.decomposition._nmf")
+    V = planted(n=800, C=30, k=4, noise=0.01)[0].astype(np.float64)
+    W, H = nmf_init(V, 4, init="nndsvda", seed=0)
+    W1, H1 = nmf_init(V, 4, init="nndsvda", seed=123)
+    np.testing.assert_array_equal(W, W1)
+    W_sk, H_sk = _nmf._initialize_nmf(V, 4, init="nndsvda", random_state=0)
+    # scikit-learn uses a randomised SVD: equal up to its accuracy.
+    np.testing.assert_allclose(H, H_sk, rtol=1e-3, atol=1e-4 * np.abs(H_sk).max())
+    np.testing.assert_allclose(W, W_sk, rtol=1e-3, atol=1e-4 * np.abs(W_sk).max())
+
+
+def test_estimator_api_and_convergence_warning():
+    V = planted(n=400, C=20, k=3, noise=0.05)[0]
+    est = NMF(3, solver="mu", max_iter=5, tol=1e-12)
+    with pytest.warns(ConvergenceWarning):
+        W = est.fit_transform(V)
+    assert issubclass(ConvergenceWarning, UserWarning)
+    assert est.n_iter_ == 5 and not est.converged_
+    assert est.components_.shape == (3, 20)
+    assert est.reconstruction_err_ == pytest.approx(
+        np.linalg.norm(V - W.astype(np.float64) @ est.components_), rel=1e-4
+    )
+    est2 = NMF(3, max_iter=300, tol=1e-4, hold_dtype="float16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert est2.fit(V) is est2
+        W_new = est2.transform(V[:50])
+    assert W_new.shape == (50, 3) and (W_new >= 0).all()
+
+
+def test_rejects_bad_input():
+    V = planted(n=50, C=8, k=2)[0]
+    with pytest.raises(ValueError, match="non-negative"):
+        nmf_fit(-V, 2)
+    bad = V.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-negative"):
+        nmf_fit(bad, 2)
+    with pytest.raises(ValueError, match="solver"):
+        nmf_fit(V, 2, solver="cd")
+    with pytest.raises(ValueError, match="shape"):
+        nmf_fit(V, 2, H=np.ones((3, 8), np.float32), update_H=False)
+    with pytest.raises(RuntimeError):
+        NMF(2).transform(V)
+
+
+def test_same_seed_same_result():
+    V = planted(n=300, C=16, k=3, noise=0.05)[0]
+    a = nmf_fit(V, 3, init="random", seed=9, max_iter=30)
+    b = nmf_fit(V, 3, init="random", seed=9, max_iter=30)
+    np.testing.assert_array_equal(a.W, b.W)
+    np.testing.assert_array_equal(a.H, b.H)
+
+
+@pytest.mark.parametrize("solver", ["mu", "hals"])
+def test_final_error_not_worse_than_sklearn_on_conv54_like_data(solver):
+    skd = pytest.importorskip("sklearn.decomposition")
+    from sklearn.exceptions import ConvergenceWarning as SkConvergenceWarning
+
+    V = conv54_like(n_images=12)
+    assert 0.90 < (V == 0).mean() < 0.96
+    k, max_iter = 6, 200
+    errs = {}
+    for sk_solver in ("mu", "cd"):
+        est = skd.NMF(
+            k, init="nndsvda", solver=sk_solver, max_iter=max_iter, tol=1e-4, random_state=0
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SkConvergenceWarning)
+            est.fit(V)
+        errs[sk_solver] = est.reconstruction_err_
+    res = nmf_fit(V, k, solver=solver, init="nndsvda", max_iter=max_iter, tol=1e-4)
+    # MU against MU, and our default HALS against both of scikit-learn's solvers.
+    bound = errs["mu"] if solver == "mu" else min(errs.values())
+    assert res.error <= bound * (1 + 1e-3), (res.error, errs)
+
+
+@pytest.mark.gpu
+def test_cupy_matches_numpy():
+    assert gpu_available()
+    V = planted(n=800, C=32, k=4, noise=0.01)[0]
+    import cupy  # noqa: PLC0415 - only in the GPU test
+
+    Vd = to_device(V, cupy)
+    assert get_namespace(Vd) is cupy
+    for solver in ("mu", "hals"):
+        a = nmf_fit(V, 4, solver=solver, max_iter=50, tol=0)
+        b = nmf_fit(Vd, 4, solver=solver, max_iter=50, tol=0)
+        assert get_namespace(b.W, b.H) is cupy
+        np.testing.assert_allclose(to_host(b.H), a.H, rtol=1e-3, atol=1e-5)
+        assert b.error == pytest.approx(a.error, rel=1e-4)
+    b16 = nmf_fit(Vd.astype(cupy.float16), 4, max_iter=20)
+    assert np.isfinite(b16.error)
