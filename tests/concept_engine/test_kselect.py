@@ -1,0 +1,97 @@
+"""k selection: the planted k is found, every curve is recorded, the chosen fit is reused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from concept_engine.kselect import (
+    CertaintyCriterion,
+    ElbowCriterion,
+    StabilityCriterion,
+    select_k,
+)
+from concept_engine.nmf import nmf_fit
+
+
+def planted_images(
+    n_images: int = 40, hw=(6, 6), C: int = 48, k: int = 4, noise: float = 0.05, seed: int = 0
+) -> np.ndarray:
+    """V (n_images*h*w, C): every pixel mostly one of k planted parts, plus Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    n = n_images * hw[0] * hw[1]
+    H = rng.random((k, C)) * (rng.random((k, C)) < 0.4)
+    W = np.zeros((n, k))
+    W[np.arange(n), rng.integers(0, k, n)] = rng.random(n) + 0.5
+    mixed = rng.random(n) < 0.3
+    W[mixed, rng.integers(0, k, int(mixed.sum()))] += rng.random(int(mixed.sum()))
+    return np.maximum(W @ H + noise * rng.standard_normal((n, C)), 0).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def V4() -> np.ndarray:
+    return planted_images()
+
+
+@pytest.fixture(scope="module")
+def stability_selection(V4):
+    return select_k(V4, 40, (6, 6), ks=range(2, 7), criterion="stability", seed=0)
+
+
+def test_stability_finds_planted_k_and_records_all_curves(stability_selection):
+    sel = stability_selection
+    assert sel.k == 4
+    assert sel.criterion == "stability"
+    assert set(sel.curves) == {"certainty", "stability", "elbow"}
+    for curve in sel.curves.values():
+        assert sorted(curve) == [2, 3, 4, 5, 6]
+        assert all(np.isfinite(v) for v in curve.values())
+    assert sorted(sel.fits) == [2, 3, 4, 5, 6]
+    assert sel.fit is sel.fits[4] and sel.fit.H.shape == (4, 48)
+    assert sel.curves["stability"][4] > 0.99
+    assert "largest k" in sel.reason
+    # The elbow curve is the fits' own errors.
+    assert sel.curves["elbow"] == {k: f.error for k, f in sel.fits.items()}
+
+
+def test_elbow_and_certainty_reuse_given_fits(V4, stability_selection):
+    fits = stability_selection.fits
+    sel = select_k(V4, 40, 36, criterion="elbow", record=("elbow",), fits=fits)
+    assert sel.k == 4
+    assert set(sel.curves) == {"elbow"}
+    assert all(sel.fits[k] is fits[k] for k in fits)  # nothing refitted
+    sel_c = select_k(V4, 40, (6, 6), criterion="certainty", record=(), fits=fits)
+    assert set(sel_c.curves) == {"certainty"}
+    curve = sel_c.curves["certainty"]
+    assert sel_c.k == max(curve, key=curve.get)
+
+
+def test_stability_rule_is_largest_k_within_tolerance():
+    crit = StabilityCriterion(tolerance=0.02)
+    assert crit.choose({2: 0.99, 3: 0.95, 4: 0.98, 5: 0.90})[0] == 4
+    assert crit.choose({2: 0.99, 3: 0.80})[0] == 2
+
+
+def test_elbow_rule():
+    crit = ElbowCriterion()
+    assert crit.choose({2: 100.0, 3: 60.0, 4: 10.0, 5: 9.0, 6: 8.5})[0] == 4
+    assert crit.choose({2: 1.0, 3: 1.0})[0] == 2
+    assert crit.choose({2: 1.0, 3: 1.0, 4: 1.0})[0] == 2
+
+
+def test_certainty_rule_ties_go_to_smallest_k():
+    assert CertaintyCriterion().choose({2: 0.5, 3: 0.5, 4: 0.4})[0] == 2
+
+
+def test_custom_criterion_instance_and_bad_arguments(V4):
+    fits = {k: nmf_fit(V4, k, max_iter=20) for k in (2, 3)}
+    sel = select_k(
+        V4, 40, (6, 6), ks=(2, 3), criterion=StabilityCriterion(n_splits=1), record=(), fits=fits
+    )
+    assert set(sel.curves) == {"stability"} and sel.k in (2, 3)
+    with pytest.raises(ValueError, match="rows"):
+        select_k(V4, 41, (6, 6))
+    with pytest.raises(ValueError, match="criterion"):
+        select_k(V4, 40, (6, 6), criterion="aic")
+    with pytest.raises(ValueError, match="square"):
+        select_k(V4, 40, 35)
