@@ -250,12 +250,22 @@ def _decision_dicts(decisions: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def dropped_counts(decisions: Sequence[Any]) -> dict[str, int]:
-    """'stage: reason' -> number of images dropped for it."""
+    """Why images were dropped -> how many: filters are grouped by stage (the example reason
+    shows the threshold), errors by their message."""
     counts: Counter[str] = Counter()
+    example: dict[str, str] = {}
     for d in _decision_dicts(decisions):
-        if not d.get("kept", True):
-            counts[f"{d.get('stage', '')}: {d.get('reason', '')}"] += 1
-    return dict(sorted(counts.items()))
+        if d.get("kept", True):
+            continue
+        stage, reason = str(d.get("stage", "")), str(d.get("reason", ""))
+        if stage == "error":
+            key = f"error: {reason}"
+        else:
+            key = stage
+            example.setdefault(stage, reason)
+        counts[key] += 1
+    return {(f"{k} (e.g. {example[k]})" if k in example else k): n
+            for k, n in sorted(counts.items())}
 
 
 def _image_results(cs: Any, paths: dict[str, Path]) -> Iterator[Any]:

@@ -193,6 +193,13 @@ def make_grid(tiles: Sequence[tuple[np.ndarray, str]], columns: int = 8,
 
 # ---------------------------------------------------------------------------- k curves
 
+_CURVE_TITLES = {
+    "stability": "stability (split-half, higher = more reproducible)",
+    "certainty": "mean certainty (the seed's criterion)",
+    "elbow": "reconstruction error (elbow)",
+}
+
+
 def plot_k_curves(curves: dict[str, dict[int, float]], chosen_k: int, path: Path,
                   reason: str = "") -> None:
     """The k sweep: one panel per criterion, the chosen k marked. matplotlib Agg only."""
@@ -219,7 +226,7 @@ def plot_k_curves(curves: dict[str, dict[int, float]], chosen_k: int, path: Path
             ax.text(0.5, 0.5, f"k fixed at {chosen_k}", ha="center", va="center",
                     transform=ax.transAxes)
         ax.set_xlabel("k (number of concepts)")
-        ax.set_title(name)
+        ax.set_title(_CURVE_TITLES.get(name, name), fontsize=9)
         ax.grid(alpha=0.3)
     if reason:
         fig.suptitle(f"chosen k = {chosen_k}: {reason}"[:120], fontsize=9)
