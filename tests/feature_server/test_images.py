@@ -9,8 +9,8 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-
 from dff_protos.errors import ImageTooLarge, InvalidInput
+
 from feature_server.images import (
     ALL_FORMATS,
     DecodeLimits,

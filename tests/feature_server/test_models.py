@@ -7,8 +7,8 @@ import tarfile
 
 import onnxruntime as ort
 import pytest
-
 from dff_protos.errors import InvalidInput, NotFound
+
 from feature_server import cli
 from feature_server.__main__ import main
 from feature_server.models import build

@@ -9,12 +9,12 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from dff_protos import wire
 from dff_protos.errors import InvalidInput
 from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from feature_server.client import FeatureClient
 from feature_server.extractor import ExtractOptions
 from feature_server.service import ServerConfig, options_to_proto, start_server
