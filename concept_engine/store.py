@@ -278,6 +278,7 @@ def save_concept_set(path: str | os.PathLike[str], cs: ConceptSet) -> Path:
     try:
         with h5py.File(tmp, "w") as f:
             _write(f, cs)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a concept set is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

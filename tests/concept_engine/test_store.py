@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -137,3 +138,18 @@ def test_store_refuses_unsafe_ids(tmp_path, bad):
 def test_missing_file(tmp_path):
     with pytest.raises(NotFound):
         load_concept_set(tmp_path / "none.h5")
+
+
+GOLDEN = Path(__file__).parent / "data" / "concept_set_v1.h5"
+
+
+def test_golden_v1_file_still_reads():
+    """A file written by schema version 1 (regenerate only when adding version 2: keep this
+    one and add a new golden file)."""
+    back = load_concept_set(GOLDEN)
+    want = make_set()
+    assert back.id == "ant-golden" and back.created == "2026-11-25T16:00:00+00:00"
+    np.testing.assert_array_equal(back.bases, want.bases)
+    np.testing.assert_array_equal(back.heatmaps[1], want.heatmaps[1])
+    assert back.k_curves == want.k_curves and back.provenance == want.provenance
+    assert [d.id for d in back.decisions] == ["a.jpg", "b.jpg", "c.gif"]
