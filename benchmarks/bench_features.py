@@ -1,0 +1,147 @@
+"""Feature-server throughput: loopback gRPC vs the same ONNX Runtime session in-process.
+
+Same images, same batch size, same Extractor (one ORT session): the server is started in this
+process on 127.0.0.1:0 around that Extractor, so the difference is gRPC + serialisation +
+micro-batching. Prints a table (images/s, bytes per image on the wire) and overhead ratios.
+
+    .venv/bin/python benchmarks/bench_features.py [--images 32] [--batch-size 8] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
+
+from feature_server.extractor import ExtractOptions, Extractor
+from feature_server.service import ServerConfig, options_to_proto, start_server
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "imagenet_sample"
+
+
+def in_process(extractor: Extractor, items: list[tuple[str, bytes]], options: ExtractOptions
+               ) -> float:
+    """Seconds for decode + preprocess + ORT + fp16 rounding, batches of extractor.batch_size."""
+    t0 = time.perf_counter()
+    results = list(extractor.extract(items, options))
+    elapsed = time.perf_counter() - t0
+    assert all(r.error is None for r in results)
+    return elapsed
+
+
+def ort_only(extractor: Extractor, items: list[tuple[str, bytes]], options: ExtractOptions
+             ) -> float:
+    """Seconds for ORT alone on preprocessed batches (no decoding): the compute floor."""
+    xs = [extractor.prepare(i, d, options).features_input for i, d in items]
+    t0 = time.perf_counter()
+    for s in range(0, len(xs), extractor.batch_size):
+        extractor.run(options.model, np.stack(xs[s:s + extractor.batch_size]),
+                      list(options.layers))
+    return time.perf_counter() - t0
+
+
+def over_grpc(address: str, items: list[tuple[str, bytes]], options: ExtractOptions,
+              streams: int) -> tuple[float, int, int]:
+    """Seconds, request bytes and response bytes for ``streams`` concurrent Extract streams."""
+    import threading
+
+    shards = [items[k::streams] for k in range(streams)]
+    sizes = [[0, 0] for _ in range(streams)]
+
+    def run(k: int, stub: features_pb2_grpc.FeatureServiceStub) -> None:
+        reqs = [features_pb2.ExtractRequest(options=options_to_proto(options))]
+        reqs += [features_pb2.ExtractRequest(image=common_pb2.ImageInput(id=i, data=d))
+                 for i, d in shards[k]]
+        sizes[k][0] = sum(r.ByteSize() for r in reqs)
+        for resp in stub.Extract(iter(reqs), timeout=600):
+            assert not resp.HasField("error"), resp.error
+            sizes[k][1] += resp.ByteSize()
+
+    limit = 64 * 1024 * 1024
+    with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", limit)]
+                               ) as channel:
+        stub = features_pb2_grpc.FeatureServiceStub(channel)
+        grpc.channel_ready_future(channel).result(timeout=10)
+        threads = [threading.Thread(target=run, args=(k, stub)) for k in range(streams)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+    return elapsed, sum(s[0] for s in sizes), sum(s[1] for s in sizes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=2, help="runs per row (median kept)")
+    parser.add_argument("--streams", type=int, default=1, help="concurrent gRPC streams")
+    parser.add_argument("--layer", default="conv5_4")
+    parser.add_argument("--home", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    files = sorted(DATA.glob("*.JPEG"))
+    files = (files * (args.images // len(files) + 1))[:args.images]
+    items = [(f"{i}-{p.name}", p.read_bytes()) for i, p in enumerate(files)]
+    extractor = Extractor.from_cache(args.home, batch_size=args.batch_size)
+    server = start_server(ServerConfig(host="127.0.0.1", port=0,
+                                       max_batch_size=args.batch_size, max_wait_ms=5,
+                                       max_inflight_per_stream=4 * args.batch_size), extractor)
+    address = f"127.0.0.1:{server.port}"
+    try:
+        warm = ExtractOptions(layers=(args.layer,))
+        list(extractor.extract(items[:args.batch_size], warm))  # warm-up
+        over_grpc(address, items[:args.batch_size], warm, 1)
+        n = len(items)
+        # interleaved repeats: the machine is shared, so every row sees the same noise
+        times: dict[tuple[str, str], list[float]] = {}
+        wire_bytes: dict[str, tuple[int, int]] = {}
+        load_before = os.getloadavg()[0]
+        for _ in range(args.repeat):
+            times.setdefault(("ORT only (preprocessed)", "-"), []).append(
+                ort_only(extractor, items, warm))
+            for dtype in ("float32", "float16"):
+                options = ExtractOptions(layers=(args.layer,), wire_dtype=dtype)
+                times.setdefault(("in-process Extractor", dtype), []).append(
+                    in_process(extractor, items, options))
+                t, req, resp = over_grpc(address, items, options, args.streams)
+                times.setdefault((f"gRPC loopback x{args.streams}", dtype), []).append(t)
+                wire_bytes[dtype] = (req, resp)
+        load_after = os.getloadavg()[0]
+        rows = []
+        for (name, dtype), ts in times.items():
+            req, resp = wire_bytes[dtype] if name.startswith("gRPC") else (0, 0)
+            rows.append((name, dtype, n / statistics.median(ts), req / n, resp / n))
+    finally:
+        server.stop(grace=2)
+
+    out = sys.stdout
+    out.write(f"\n{n} images (imagenet_sample JPEGs, ~{np.mean([len(d) for _, d in items]):.0f}"
+              f" B each), batch {args.batch_size}, layer {args.layer}, provider "
+              f"{extractor.execution_provider}, {args.repeat} interleaved repeats (median), "
+              f"load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores"
+              "\n\n")
+    out.write(f"{'path':<26}{'wire':<9}{'img/s':>8}{'req B/img':>12}{'resp B/img':>12}\n")
+    for name, dtype, ips, req, resp in rows:
+        out.write(f"{name:<26}{dtype:<9}{ips:>8.2f}{req:>12.0f}{resp:>12.0f}\n")
+    by = {(r[0].split()[0], r[1]): r[2] for r in rows}
+    for dtype in ("float32", "float16"):
+        ratio = by[("in-process", dtype)] / by[("gRPC", dtype)]
+        out.write(f"overhead {dtype}: in-process / gRPC throughput = {ratio:.3f}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
