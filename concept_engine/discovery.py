@@ -437,6 +437,9 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
     else:
         fit = _fit(V, k, options)
     W, H = fit.W, fit.H
+    if not getattr(fit, "converged", True):
+        run.notice(f"the final fit stopped at max_iter={options.max_iter} before reaching "
+                   f"tol={options.tol:g} (relative error change); raise max_iter to converge")
     run.emit(Progress("fit", 1, 1, f"{fit.n_iter} iterations, error {float(fit.error):.6g}"))
     run.seconds["fit"] = time.perf_counter() - t
 

@@ -256,16 +256,17 @@ class ConceptEngineServicer(engine_pb2_grpc.ConceptEngineServicer):
         if not self._discover_slots.acquire(blocking=False):
             raise ResourceExhausted(f"{self.config.max_concurrent_discover} discoveries are "
                                     f"already running; retry later")
-        try:
-            yield from self._run_discover(items, options, context)
-        finally:
-            self._discover_slots.release()
+        yield from self._run_discover(items, options, context)
 
     def _run_discover(self, items: list[tuple[str, bytes]], options: DiscoveryOptions,
                       context: grpc.ServicerContext) -> Iterator[engine_pb2.DiscoverEvent]:
+        """Runs discover() in a worker thread (which owns the acquired discover slot and
+        releases it when it ends) and streams its events. A client that goes away (cancel,
+        deadline) sets ``cancel``; the worker stops at its next progress event."""
         events: queue.Queue = queue.Queue()
         cancel = threading.Event()
         outcome: dict[str, Any] = {}
+        context.add_callback(cancel.set)  # fires when the RPC ends, cancelled or not
 
         def on_event(event: Progress | Decision) -> None:
             if cancel.is_set():
@@ -283,19 +284,26 @@ class ConceptEngineServicer(engine_pb2_grpc.ConceptEngineServicer):
             except BaseException as exc:  # noqa: BLE001 - handed to the RPC thread
                 outcome["error"] = exc
             finally:
+                self._discover_slots.release()
                 events.put(_END)
 
         worker = threading.Thread(target=work, name="discover", daemon=True)
-        worker.start()
+        try:
+            worker.start()
+        except BaseException:
+            self._discover_slots.release()
+            raise
         try:
             while True:
                 try:
                     event = events.get(timeout=0.5)
                 except queue.Empty:
-                    if not context.is_active():
-                        log.info("Discover cancelled by the client")
-                        cancel.set()
-                        return
+                    event = None
+                if not context.is_active() or cancel.is_set() and event is not _END:
+                    log.info("Discover cancelled by the client")
+                    cancel.set()
+                    return
+                if event is None:
                     continue
                 if event is _END:
                     break

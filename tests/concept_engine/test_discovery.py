@@ -143,3 +143,10 @@ def test_explain_with_fixed_bases(tmp_path, items):
     (again,) = explain(cs, items[:1], src)
     a, b = again.heatmaps.ravel(), cs.heatmaps[0].ravel()
     assert np.corrcoef(a, b)[0, 1] > 0.99
+
+
+def test_unconverged_fit_is_noticed(items):
+    cs = discover(items[:12], FakeSource(), DiscoveryOptions(name="ant", k=3, max_iter=1,
+                                                             tol=1e-12))
+    assert any("max_iter=1" in n for n in cs.notices)
+    assert cs.provenance["converged"] is False and cs.provenance["n_iter"] == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -281,3 +282,39 @@ def test_real_discover_and_explain(real_pair):
             assert len(r.certainties) == summary.k and np.isfinite(r.certainties).all()
             assert r.overlay_png[:8] == b"\x89PNG\r\n\x1a\n"
             assert any(len(reg.contours) for reg in r.regions)
+
+
+class _SlowSource(FakeSource):
+    """A fake source that takes 50 ms per image, so a client can cancel mid-stream."""
+
+    def extract(self, items, options):
+        for result in super().extract(items, options):
+            time.sleep(0.05)
+            yield result
+
+
+def test_cancelled_discover_stops_and_frees_its_slot(tmp_path):
+    source = _SlowSource()
+    running = _engine(tmp_path, source)
+    items = make_items(60)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = engine_pb2_grpc.ConceptEngineStub(channel)
+            for _ in range(3):  # more than max_concurrent_discover=2: slots must be released
+                def requests():
+                    yield engine_pb2.DiscoverRequest(options=engine_pb2.DiscoverOptions(k=2))
+                    for i, data in items:
+                        yield engine_pb2.DiscoverRequest(
+                            image=common_pb2.ImageInput(id=i, data=data))
+                call = stub.Discover(requests(), timeout=TIMEOUT)
+                first = next(call)
+                assert first.progress.stage == "features"
+                call.cancel()
+                time.sleep(0.3)  # the worker notices at its next progress event (50 ms)
+
+            time.sleep(1.5)
+            assert source.items_seen < 3 * len(items)  # the workers stopped early
+            events = _discover(stub, engine_pb2.DiscoverOptions(k=2), make_items(3))
+            assert events[-1].summary.k == 2
+    finally:
+        running.stop(grace=1)
