@@ -1,4 +1,4 @@
-"""`python -m feature_server serve features` as a real process: SIGTERM drains in-flight work
+"""`dff serve features` (python -m exporter.cli) as a real process: SIGTERM drains in-flight work
 and exits 0; `extract` writes HDF5 in-process and through a server."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_sigterm_drains_in_flight_work(models_home, shared_data):
     env = dict(os.environ, DFF_HOME=str(models_home), PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "feature_server", "-v", "serve", "features", "--host",
+        [sys.executable, "-m", "exporter.cli", "-v", "serve", "features", "--host",
          "127.0.0.1", "--port", "0", "--max-batch-size", "2", "--max-wait-ms", "1",
          "--no-build", "--grace-s", "60"],
         cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
