@@ -165,10 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         "ours-mu-csr,sklearn-mu,sklearn-cd",
         help="comma-separated subset of runs",
     )
-    p.add_argument("--no-track", action="store_true", help="skip tracemalloc peak measurement")
+    p.add_argument(
+        "--track-memory",
+        action="store_true",
+        help="record peak NumPy allocations with tracemalloc (slows the fits: timings invalid)",
+    )
     args = p.parse_args(argv)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    track = not args.no_track
+    track = args.track_memory
 
     t = time.perf_counter()
     if args.features:
