@@ -1,0 +1,47 @@
+"""A grpc.health.v1 probe for containers (like grpc_health_probe, in Python).
+
+    python -m exporter.healthcheck [ADDR] [--service NAME] [--timeout SECONDS]
+
+Exit status 0 when the server answers SERVING, 1 otherwise (NOT_SERVING, unreachable, timeout,
+unknown service). ADDR defaults to localhost:50051; the empty service name asks about the
+server as a whole. Used by the Dockerfiles' HEALTHCHECK; Kubernetes uses its native gRPC probe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def check(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
+    """(serving?, a one-line status) of the gRPC health service at address."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as exc:
+            return False, f"{address}: {exc.code().name}: {exc.details()}"
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    return resp.status == health_pb2.HealthCheckResponse.SERVING, f"{address}: {status}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m exporter.healthcheck",
+                                description="Ask a gRPC server's grpc.health.v1 service "
+                                            "whether it is SERVING (exit 0) or not (exit 1).")
+    p.add_argument("address", nargs="?", default="localhost:50051", help="host:port")
+    p.add_argument("--service", default="", help="service name ('' = the whole server)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    args = p.parse_args(argv)
+    ok, text = check(args.address, args.service, args.timeout)
+    if not args.quiet:
+        print(text, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
