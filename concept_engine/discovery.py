@@ -140,11 +140,14 @@ class DiscoveryOptions:
         if problems:
             raise InvalidInput("; ".join(problems))
 
-    def extract_options(self) -> ExtractOptions:
+    def extract_options(self, probabilities: bool | None = None) -> ExtractOptions:
+        """The feature request; class probabilities come in the same pass when
+        ``probabilities`` (default: unless the prediction filter is off)."""
+        if probabilities is None:
+            probabilities = self.prediction_filter != "off"
         return ExtractOptions(model=self.model, layers=(self.layer,),
                               wire_dtype=self.wire_dtype, resize_mode=self.resize_mode,
-                              size=self.size,
-                              return_probabilities=self.prediction_filter != "off",
+                              size=self.size, return_probabilities=probabilities,
                               classifier=self.classifier)
 
 
@@ -247,8 +250,8 @@ def _model_info(describe: dict, name: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------- stages
-def _extract(items: Sequence[tuple[str, bytes]], source: FeatureSource, run: _Run
-             ) -> list[_Image]:
+def _extract(items: Sequence[tuple[str, bytes]], source: FeatureSource, run: _Run,
+             probabilities: bool) -> list[_Image]:
     options = run.options
     ids = [i for i, _ in items]
     if len(set(ids)) != len(ids):
@@ -258,7 +261,7 @@ def _extract(items: Sequence[tuple[str, bytes]], source: FeatureSource, run: _Ru
     results: dict[str, ExtractResult] = {}
     total = len(items)
     run.emit(Progress("features", 0, total, f"extracting {options.layer} from {total} images"))
-    for res in source.extract(items, options.extract_options()):
+    for res in source.extract(items, options.extract_options(probabilities)):
         if res.id not in order or res.id in results:
             log.warning("feature source answered an unexpected id %r", res.id)
             continue
@@ -295,17 +298,20 @@ def _extract(items: Sequence[tuple[str, bytes]], source: FeatureSource, run: _Ru
     return images
 
 
-def _prediction_stage(images: list[_Image], source: FeatureSource, run: _Run) -> list[_Image]:
+def _resolve_target(source: FeatureSource, run: _Run) -> tuple[int, str] | None:
+    """(index, class name) of the prediction filter's target class, or None when the filter is
+    off or skipped (AUTO: a notice says why; ON: InvalidInput). Runs BEFORE extraction, so an
+    impossible ON filter fails fast and a skipped one costs no classifier pass."""
     options = run.options
     mode = options.prediction_filter
     if mode == "off":
-        return images
+        return None
 
-    def skip(text: str) -> list[_Image]:
+    def skip(text: str) -> None:
         if mode == "on":
             raise InvalidInput(f"prediction filter requested but impossible: {text}")
         run.notice(f"prediction filter skipped: {text}")
-        return images
+        return None
 
     target = options.target_class or options.name
     if not target:
@@ -316,14 +322,25 @@ def _prediction_stage(images: list[_Image], source: FeatureSource, run: _Run) ->
         index = resolve_class(target, names, wnids)
     except InvalidInput as exc:
         return skip(str(exc))
-    if any(im.probabilities is None for im in images):
-        return skip("the feature source returned no class probabilities")
-    if any(im.probabilities.shape[0] != len(names) for im in images):
-        return skip("probability vectors do not match the classifier's class list")
+    return index, names[index]
+
+
+def _prediction_stage(images: list[_Image], target: tuple[int, str] | None, run: _Run
+                      ) -> list[_Image]:
+    options = run.options
+    if target is None:
+        return images
+    index, name = target
+    if any(im.probabilities is None or im.probabilities.shape[0] <= index for im in images):
+        text = "the feature source returned no (or too short) class probabilities"
+        if options.prediction_filter == "on":
+            raise InvalidInput(f"prediction filter requested but impossible: {text}")
+        run.notice(f"prediction filter skipped: {text}")
+        return images
     probs = np.stack([im.probabilities for im in images]) if images else np.zeros((0, 1))
     outcome = prediction_filter([im.id for im in images], probs, index,
                                 options.min_probability, options.prediction_min_images,
-                                class_name=names[index])
+                                class_name=name)
     return _apply(images, outcome, run)
 
 
@@ -360,15 +377,16 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
     t_start = time.perf_counter()
     items = list(items)
 
+    target = _resolve_target(source, run)
     t = time.perf_counter()
-    images = _extract(items, source, run)
+    images = _extract(items, source, run, probabilities=target is not None)
     run.seconds["features"] = time.perf_counter() - t
     n_input = len(items)
     log.info("discover %r: %d of %d images usable", options.name, len(images), n_input)
     _check_enough(images, 2, f"of {n_input} after decoding and feature extraction")
 
     t = time.perf_counter()
-    images = _prediction_stage(images, source, run)
+    images = _prediction_stage(images, target, run)
     run.seconds["prediction_filter"] = time.perf_counter() - t
     provisional_k = options.k if options.k > 0 else options.k_min
     _check_enough(images, provisional_k, "after the prediction filter")
@@ -467,7 +485,8 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
         "resize_mode": options.resize_mode,
         "size": options.size,
         "wire_dtype": options.wire_dtype,
-        "classifier": options.classifier if options.prediction_filter != "off" else "",
+        "classifier": options.classifier if target is not None else "",
+        "target_class": target[1] if target is not None else "",
         "classifier_weights_sha256": classifier.get("weights_sha256", ""),
         "execution_provider": describe.get("execution_provider", ""),
         "k": k,

@@ -169,9 +169,9 @@ def concept_polygons(maps: np.ndarray, original_size: tuple[int, int],
 
     Returns one list of polygons (n, 2) int32 (x, y in original pixels) per concept."""
     maps = np.asarray(maps, dtype=np.float32)
-    up = normalize_max(upsample(maps, original_size))
     out: list[list[np.ndarray]] = []
-    for m in up:
-        reg = regions(m, threshold, min_area)
+    for m in maps:  # one concept at a time: peak memory is one map at the original size
+        up = normalize_max(upsample(m[None], original_size))[0]
+        reg = regions(up, threshold, min_area)
         out.append(contours(reg.labels) if reg.components else [])
     return out

@@ -74,9 +74,23 @@ def test_unknown_class_auto_skips_with_notice_on_errors(items):
     assert any("prediction filter skipped" in n and "close matches: 'ant'" in n
                for n in cs.notices)
     assert not any(d.stage == "prediction_filter" for d in cs.decisions)
+    src = FakeSource()
     with pytest.raises(InvalidInput, match="unknown class 'antt'"):
-        discover(items[:12], FakeSource(), DiscoveryOptions(name="antt", k=2,
-                                                            prediction_filter="on"))
+        discover(items[:12], src, DiscoveryOptions(name="antt", k=2, prediction_filter="on"))
+    assert src.calls == 0  # failed before any feature extraction
+
+
+def test_probabilities_requested_only_when_the_filter_runs(items):
+    seen = []
+
+    class Spy(FakeSource):
+        def extract(self, data, options):
+            seen.append(options.return_probabilities)
+            return super().extract(data, options)
+
+    for name, mode in (("ant", "auto"), ("antt", "auto"), ("ant", "off")):
+        discover(items[:4], Spy(), DiscoveryOptions(name=name, k=2, prediction_filter=mode))
+    assert seen == [True, False, False]
 
 
 def test_target_class_by_wordnet_id(items):
