@@ -57,11 +57,13 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+def _jpeg_markers(data: bytes) -> tuple[tuple[int, int] | None, int]:
+    """((width, height) from the first SOF or None, offset of the first SOS or -1)."""
     i, n = 2, len(data)
+    size = None
     while i + 4 <= n:
         if data[i] != 0xFF:
-            return None
+            break
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -69,15 +71,21 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
             i += 2
             continue
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            return size, i
         length = struct.unpack(">H", data[i + 2:i + 4])[0]
         # SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC) carry the frame size
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+        if size is None and 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             if i + 9 > n:
-                return None
+                break
             h, w = struct.unpack(">HH", data[i + 5:i + 9])
-            return w, h
+            size = (w, h)
         i += 2 + length
-    return None
+    return size, -1
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    return _jpeg_markers(data)[0]
 
 
 def header_size(data: bytes, fmt: str | None) -> tuple[int, int] | None:
@@ -154,8 +162,14 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
 
 
 def _jpeg_complete(data: bytes) -> bool:
-    # libjpeg pads a truncated scan with grey and only warns; trailing bytes after EOI are fine
-    return b"\xff\xd9" in data[-1024:]
+    """True when an end-of-image marker follows the first scan.
+
+    libjpeg pads a truncated scan with grey and only warns, so truncation is checked here.
+    In entropy-coded data 0xFF is always followed by 0x00 or RSTn, so any FFD9 after the
+    first SOS is the EOI (an EXIF thumbnail's EOI comes before it); trailing bytes are fine.
+    """
+    _, sos = _jpeg_markers(data)
+    return sos >= 0 and data.find(b"\xff\xd9", sos) >= 0
 
 
 def to_bgr_float(img: np.ndarray) -> np.ndarray:

@@ -206,9 +206,18 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
             acts = feat_future.result() if feat_future is not None else {}
             probs = cls_future.result()["probabilities"] if cls_future is not None else None
             result = self.extractor.finish(prepared, acts, probs, options)
-            return result_to_proto(result, options)
+            resp = result_to_proto(result, options)
         except Exception as exc:  # noqa: BLE001 - a per-item INTERNAL error, stream goes on
             return features_pb2.ExtractResponse(id=prepared.id, error=item_error(exc))
+        size = resp.ByteSize()
+        if size > self.config.max_message_bytes:
+            # sending it would fail the whole stream; fail only this item
+            return features_pb2.ExtractResponse(id=prepared.id, error=item_error(
+                InvalidInput(
+                    f"the response ({size} bytes) is above the message limit of "
+                    f"{self.config.max_message_bytes} bytes; ask for fewer or deeper layers, "
+                    "a smaller size, or float16")))
+        return resp
 
     def _read(self, request_iterator: Iterator[features_pb2.ExtractRequest],
               context: grpc.ServicerContext, stream: _Stream) -> None:

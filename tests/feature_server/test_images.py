@@ -75,6 +75,11 @@ def test_truncated_jpeg(shared_data):
         decode_image(data[: len(data) // 2])
 
 
+def test_jpeg_with_trailing_bytes_is_fine(shared_data):
+    data = (shared_data / "imagenet_sample" / "n01440764_tench.JPEG").read_bytes()
+    assert decode_image(data + b"\x00" * 4096).shape == (375, 500, 3)
+
+
 def test_gif_refused_by_default_accepted_when_enabled(shared_data):
     data = (shared_data / "imagenet_data" / "ant" / "imageNotFound.gif").read_bytes()
     with pytest.raises(InvalidInput, match="GIF images are not accepted"):

@@ -190,3 +190,19 @@ def test_concurrent_stream_limit(extractor, photos):
     finally:
         release.set()
         running.stop(grace=1)
+
+
+def test_response_above_the_message_limit_fails_only_that_item(extractor, photos):
+    running = start_server(ServerConfig(host="127.0.0.1", port=0, max_message_mb=2),
+                           extractor)
+    try:
+        requests = [opts(layers=("conv1_1",)), image("too-big", photos[0][1]),
+                    opts(), image("fine", photos[0][1])]
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = features_pb2_grpc.FeatureServiceStub(channel)
+            responses = {r.id: r for r in stub.Extract(iter(requests), timeout=60)}
+        assert responses["too-big"].error.code == ItemError.INVALID_ARGUMENT
+        assert "message limit" in responses["too-big"].error.message
+        assert not responses["fine"].HasField("error")
+    finally:
+        running.stop(grace=1)
