@@ -140,16 +140,14 @@ def discovery_options(name: str, options: dict[str, Any]) -> Any:
 
 def engine_progress(progress: Progress | None) -> Callable[[Any], None] | None:
     """Adapt discover()'s event callback (Progress or Decision objects) to
-    progress(stage, done, total, message); notices go to the log instead of a bar."""
+    progress(stage, done, total, message); notices (already logged by the engine) and
+    decisions are reported in the class summary instead of a bar."""
     if progress is None:
         return None
 
     def on_event(event: Any) -> None:
         stage = getattr(event, "stage", None)
-        if not hasattr(event, "done") or stage is None:
-            return  # a Decision: reported in the summary
-        if stage == "notice":
-            log.info("%s", event.message)
+        if not hasattr(event, "done") or stage is None or stage == "notice":
             return
         progress(stage, event.done, event.total, event.message)
 

@@ -98,3 +98,21 @@ def test_in_process_feature_servers_and_engine_agree(ant_folder, services, tmp_p
         ca, cb = np.asarray(a["images/certainties"]), np.asarray(b["images/certainties"])
     assert ca.shape == cb.shape
     assert np.corrcoef(ca.ravel(), cb.ravel())[0, 1] > 0.9
+
+
+def test_folder_that_is_not_a_class_still_gets_concepts(shared_data, tmp_path, capsys):
+    """gymnast is no ImageNet class: the prediction filter is skipped with a notice."""
+    _models_or_skip()
+    from exporter.cli import main
+
+    rc = main(["discover", str(shared_data / "gymnast"), "--out", str(tmp_path), "--k", "3",
+               "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "notice: prediction filter skipped: unknown class 'gymnast'" in out
+    summary = json.loads((tmp_path / "gymnast" / "summary.json").read_text())
+    assert summary["n_kept"] == 6 and summary["k"] == 3
+    rc = main(["discover", str(shared_data / "gymnast"), "--out", str(tmp_path / "off"),
+               "--k", "2", "--no-prediction-filter", "--no-certainty-filter", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "prediction filter skipped" not in out
