@@ -201,6 +201,12 @@ class Extractor:
         x = cx = None
         if options.layers:
             x = preprocess(img, spec.preprocessing, options.resize_mode, options.size)
+            need = max(spec.layers[layer][1] for layer in options.layers)
+            if min(x.shape[1:]) < need:
+                raise InvalidInput(
+                    f"image {img.shape[1]}x{img.shape[0]} becomes {x.shape[2]}x{x.shape[1]} "
+                    f"with {options.resize_mode} {options.size}: too thin for "
+                    f"{list(options.layers)} (stride {need}); use squash or a larger size")
         if options.wants_classifier:
             cx = preprocess(img, self.registry[options.classifier].preprocessing)
         net_in = x if x is not None else cx

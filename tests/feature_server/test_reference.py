@@ -79,3 +79,14 @@ def test_in_process_matches_reference_and_keep_aspect(extractor, reference, shar
     (wide,) = extractor.extract(items[:1], ExtractOptions(resize_mode="keep_aspect"))
     assert wide.original_size == (375, 500) and wide.input_size == (168, 224)
     assert wide.activations["conv5_4"].shape == (512, 10, 14)
+
+
+def test_too_thin_for_keep_aspect_is_an_item_error(extractor):
+    import cv2
+
+    thin = cv2.imencode(".png", np.zeros((4, 600, 3), np.uint8))[1].tobytes()
+    (bad,) = extractor.extract([("thin", thin)], ExtractOptions(resize_mode="keep_aspect"))
+    assert bad.error is not None and "too thin" in str(bad.error)
+    (ok,) = extractor.extract([("thin", thin)], ExtractOptions(layers=("conv1_1",),
+                                                               resize_mode="keep_aspect"))
+    assert ok.error is None and ok.activations["conv1_1"].shape == (64, 1, 224)
