@@ -101,3 +101,17 @@ def test_upsampling_matches_torch_bilinear_align_corners_false():
 def test_rejects_wrong_rank():
     with pytest.raises(ValueError):
         concept_certainty(np.zeros((2, 14, 14), dtype=np.float32))
+
+
+@pytest.mark.gpu
+def test_cupy_certainty_matches_numpy():
+    import cupy  # noqa: PLC0415 - only in the GPU test
+
+    from concept_engine.backend import get_namespace, to_device, to_host
+
+    rng = np.random.default_rng(2)
+    maps = (rng.random((4, 3, 14, 14)) * (rng.random((4, 3, 14, 14)) < 0.2)).astype(np.float32)
+    maps[0, 0] = 0
+    got = concept_certainty(to_device(maps, cupy))
+    assert get_namespace(got) is cupy
+    np.testing.assert_allclose(to_host(got), concept_certainty(maps), rtol=1e-5, atol=1e-7)

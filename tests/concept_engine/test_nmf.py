@@ -320,3 +320,13 @@ def test_cupy_matches_numpy():
         assert b.error == pytest.approx(a.error, rel=1e-4)
     b16 = nmf_fit(Vd.astype(cupy.float16), 4, max_iter=20)
     assert np.isfinite(b16.error)
+
+
+def test_backend_namespace_and_copies():
+    a = np.ones((2, 2), np.float32)
+    assert get_namespace(a, None, 3.0) is np
+    assert get_namespace(sp.csr_matrix(a)) is np
+    assert to_host(a) is a
+    assert to_device(a, np) is a
+    assert to_host(None) is None
+    assert isinstance(gpu_available(), bool)
