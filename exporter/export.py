@@ -323,6 +323,11 @@ def export_class(name: str, folder: Path, settings: ExportSettings, discoverer: 
         previous["status"] = "skipped"
         known = {f.name for f in dataclasses.fields(ClassReport)}
         return ClassReport(**{k: v for k, v in previous.items() if k in known})
+    if final.exists() and not is_done(final) and not settings.force:
+        report.status = "failed"
+        report.error = (f"{final} exists but is not a finished dff export (no {DONE_MARKER}); "
+                        "move it away or use --force to replace it")
+        return report
     start = time.perf_counter()
     partial = out / f".{name}.partial"
     _rmtree(partial)  # a previous run was killed here: redo the class from scratch
@@ -408,17 +413,17 @@ def export(classes: Sequence[tuple[str, Path]], settings: ExportSettings,
            progress_for: Callable[[str], Progress | None] | None = None,
            on_class: Callable[[ClassReport], None] | None = None) -> list[ClassReport]:
     """Export every class; returns one report per class (done, skipped or failed)."""
-    pending = [(n, f) for n, f in classes
-               if settings.force or not is_done(Path(settings.out) / n)]
+    pending = [n for n, _ in classes if settings.force or not is_done(Path(settings.out) / n)]
     reports: list[ClassReport] = []
     own = discoverer is None and bool(pending)
-    if own:
+    if own:  # models are loaded (or servers connected) only when there is work to do
         discoverer = make_discoverer(settings)
     try:
         for name, folder in classes:
             progress = progress_for(name) if progress_for else None
-            assert discoverer is not None or (name, folder) not in pending
-            report = export_class(name, folder, settings, discoverer, progress)  # type: ignore[arg-type]
+            report = export_class(name, folder, settings,
+                                  discoverer,  # type: ignore[arg-type] - None only when all done
+                                  progress)
             close = getattr(progress, "close", None)
             if callable(close):
                 close()

@@ -21,24 +21,20 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-GREEN = (0, 255, 0)  # BGR, the seed's contour colour
-CONTOUR_WIDTH = 2
 TILE = 176  # grid thumbnail size (px)
 CAPTION = 22  # caption band under each thumbnail (px)
 
-# tab10, as BGR: concept j is drawn in _PALETTE[j % 10] in combined overlays and the legend.
-_TAB10_RGB = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-              (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-PALETTE: list[tuple[int, int, int]] = [(b, g, r) for r, g, b in _TAB10_RGB]
+
+def concept_colors(k: int) -> list[tuple[int, int, int]]:
+    """BGR colour of each of k concepts: the engine's palette (concept 0 is the seed's green),
+    so the exporter's pictures and the engine's Explain overlays agree."""
+    from concept_engine.drawing import palette
+
+    return palette(k)
 
 
-def concept_color(j: int) -> tuple[int, int, int]:
-    """BGR colour of concept j (tab10, cycling)."""
-    return PALETTE[j % len(PALETTE)]
-
-
-def concept_color_hex(j: int) -> str:
-    b, g, r = concept_color(j)
+def color_hex(bgr: tuple[int, int, int]) -> str:
+    b, g, r = bgr
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
@@ -97,60 +93,21 @@ def write_image(path: Path, image: np.ndarray, quality: int = 90) -> None:
     path.write_bytes(buf.tobytes())
 
 
-def _scaled_width(shape: Sequence[int], base: int = CONTOUR_WIDTH) -> int:
-    """Contour width: the seed's 2 px, thicker only on photos larger than ~770 px."""
-    return max(base, int(round(base * max(shape[:2]) / 512)))
+# ---------------------------------------------------------------------------- drawing
+
+def concept_overlay(image: np.ndarray, polygons: Sequence[np.ndarray]) -> np.ndarray:
+    """One concept's regions contoured like the seed: green, width 2."""
+    from concept_engine.drawing import SEED_COLOR, draw_contours
+
+    return draw_contours(image, [list(polygons)], [SEED_COLOR], thickness=2)
 
 
-# ---------------------------------------------------------------------------- contours
-
-def image_contours(maps: np.ndarray, size: tuple[int, int], *, threshold: float = 0.75,
-                   min_area: float = 0.01) -> list[list[np.ndarray]]:
-    """Contours of every concept of one image from raw maps (k, h, w) at feature resolution,
-    in original pixels (size = (H, W)): the engine's chain (upsample, normalise, regions)."""
-    from concept_engine.heatmaps import concept_polygons
-
-    return concept_polygons(np.asarray(maps, dtype=np.float32), size, threshold, min_area)
-
-
-def draw_contours(image: np.ndarray, polygons: Iterable[np.ndarray],
-                  color: tuple[int, int, int] = GREEN, width: int | None = None) -> np.ndarray:
-    """A copy of image with the polygons drawn as closed contours."""
-    out = image.copy()
-    polys = [np.asarray(p, dtype=np.int32).reshape(-1, 1, 2) for p in polygons if len(p)]
-    if polys:
-        cv2.polylines(out, polys, isClosed=True, color=color,
-                      thickness=width or _scaled_width(image.shape), lineType=cv2.LINE_AA)
-    return out
-
-
-def draw_legend(image: np.ndarray, labels: Sequence[str],
-                colors: Sequence[tuple[int, int, int]]) -> np.ndarray:
-    """image with a legend band below it: a colour swatch and a label per concept."""
-    h, w = image.shape[:2]
-    scale = max(0.45, min(1.0, w / 900))
-    row = int(26 * scale) + 6
-    per_row = max(1, min(len(labels), w // max(1, int(190 * scale))))
-    rows = (len(labels) + per_row - 1) // per_row
-    band = np.full((rows * row + 8, w, 3), 255, dtype=np.uint8)
-    col_w = w // per_row
-    for i, (text, color) in enumerate(zip(labels, colors, strict=True)):
-        r, c = divmod(i, per_row)
-        x, y = c * col_w + 6, r * row + 6
-        cv2.rectangle(band, (x, y), (x + row - 8, y + row - 8), color, thickness=-1)
-        cv2.putText(band, text, (x + row - 2, y + row - 10), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.5 * scale + 0.1, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.vstack([image, band])
-
-
-def combined_overlay(image: np.ndarray, contours: list[list[np.ndarray]],
+def combined_overlay(image: np.ndarray, polygons: Sequence[Sequence[np.ndarray]],
                      certainties: Sequence[float]) -> np.ndarray:
-    """Every concept's contours in its own colour, with a legend band."""
-    out = image.copy()
-    for j, polys in enumerate(contours):
-        out = draw_contours(out, polys, concept_color(j))
-    labels = [f"concept {j} ({float(c):.3g})" for j, c in enumerate(certainties)]
-    return draw_legend(out, labels, [concept_color(j) for j in range(len(contours))])
+    """Every concept's contours in its own colour, with a legend band (concept, certainty)."""
+    from concept_engine.drawing import overlay
+
+    return overlay(image, polygons, [float(c) for c in certainties], legend=True)
 
 
 # ---------------------------------------------------------------------------- grids
@@ -263,7 +220,7 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
         name = safe_name(res.id)
         stem = os.path.splitext(name)[0]
         for j in range(k):
-            ov = draw_contours(res.image, conts[j], GREEN)
+            ov = concept_overlay(res.image, conts[j])
             rel = f"overlays/concept_{j:02d}/{stem}.jpg"
             write_image(out_dir / rel, ov)
             rendered.overlays[j][res.id] = rel
@@ -345,13 +302,14 @@ def write_index(out_dir: Path, data: ReportData, rendered: Rendered, *,
     if rendered.k_plot:
         parts.append("<h2>Choosing k</h2>"
                      f"<img class=\"full\" src=\"{_href(rendered.k_plot)}\" alt=\"k sweep\">")
+    hexes = [color_hex(c) for c in concept_colors(data.k)]
     parts.append("<h2>Concepts</h2><p>")
-    parts.append(" ".join(f"<span class=\"swatch\" style=\"background:{concept_color_hex(j)}\">"
+    parts.append(" ".join(f"<span class=\"swatch\" style=\"background:{hexes[j]}\">"
                           f"</span>concept {j}" for j in range(data.k)))
     parts.append("</p>")
     for j in range(data.k):
         parts.append(f"<h3 id=\"concept-{j}\"><span class=\"swatch\" style=\"background:"
-                     f"{concept_color_hex(j)}\"></span>Concept {j}</h3>")
+                     f"{hexes[j]}\"></span>Concept {j}</h3>")
         if j < len(rendered.grid_top):
             parts.append(f"<p>Top images by certainty</p><img class=\"full\" "
                          f"src=\"{_href(rendered.grid_top[j])}\" alt=\"concept {j} top\">")
