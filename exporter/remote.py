@@ -28,6 +28,12 @@ from dff_protos.errors import TooFewImages
 log = logging.getLogger(__name__)
 
 _FILTER = {"auto": 1, "on": 2, "off": 3}
+# DiscoveryOptions fields that DiscoverOptions carries (threshold/min_area go to Explain)
+_ON_THE_WIRE = frozenset({
+    "target_class", "k", "k_min", "k_max", "k_criterion", "prediction_filter",
+    "min_probability", "prediction_min_images", "certainty_min_images", "certainty_filter",
+    "certainty_quantile", "solver", "max_iter", "tol", "seed", "layer", "init", "resize_mode",
+    "size", "threshold", "min_area"})
 
 
 def options_message(name: str, options: dict[str, Any]) -> Any:
@@ -35,6 +41,14 @@ def options_message(name: str, options: dict[str, Any]) -> Any:
     from dff_protos.v1 import common_pb2, engine_pb2
 
     o = dict(options)
+    unsupported = sorted(set(o) - _ON_THE_WIRE)
+    if unsupported:
+        log.warning("the engine protocol cannot carry %s; the engine uses its defaults",
+                    ", ".join(unsupported))
+    if o.get("certainty_min_images") is not None and o.get("prediction_min_images") is None:
+        log.warning("the engine protocol has one min_images for both filters; "
+                    "using certainty_min_images for both")
+        o["prediction_min_images"] = o["certainty_min_images"]
     msg = engine_pb2.DiscoverOptions(name=name)
     for key in ("target_class", "k_criterion", "solver", "layer", "init"):
         if o.get(key):
@@ -120,8 +134,11 @@ class EngineDiscoverer:
             bases = from_tensor(cs_msg.bases)
             provenance = json.loads(cs_msg.provenance_json or "{}")
             kept_ids = _kept_ids(items, decisions, provenance)
-            threshold = float(provenance.get("threshold", 0.75))
-            min_area = float(provenance.get("min_area", 0.01))
+            used = provenance.get("options", {}) if isinstance(provenance.get("options"),
+                                                                dict) else {}
+            # the proto's DiscoverOptions has no threshold/min_area: apply them at Explain
+            threshold = float(options.get("threshold", used.get("threshold", 0.75)))
+            min_area = float(options.get("min_area", used.get("min_area", 0.01)))
             explained = self._explain(summary.concept_set_id,
                                       [(i, d) for i, d in items if i in set(kept_ids)],
                                       threshold, min_area, progress)
