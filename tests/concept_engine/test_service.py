@@ -318,3 +318,35 @@ def test_cancelled_discover_stops_and_frees_its_slot(tmp_path):
             assert events[-1].summary.k == 2
     finally:
         running.stop(grace=1)
+
+
+def test_serve_engine_process_sigterm(tmp_path):
+    """`dff serve engine` as a process: healthy, then SIGTERM -> graceful exit 0."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter.cli", "serve", "engine", "--host", "127.0.0.1",
+         "--port", str(port), "--store", str(tmp_path / "store"),
+         "--feature-server", "127.0.0.1:1", "--grace", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="dff.v1.ConceptEngine"), timeout=10)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            listed = engine_pb2_grpc.ConceptEngineStub(channel).ListConceptSets(
+                engine_pb2.ListConceptSetsRequest(), timeout=10)
+            assert list(listed.concept_sets) == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
