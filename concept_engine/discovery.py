@@ -421,10 +421,10 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
         k_reason = f"k={k} given by the user"
         criterion = ""
     else:
+        _check_enough(images, options.k_min, "for the k sweep")
         ks = [c for c in range(options.k_min, options.k_max + 1) if c <= len(images)]
         if len(ks) < options.k_max - options.k_min + 1:
             run.notice(f"k sweep limited to {ks} ({len(images)} images)")
-        _check_enough(images, options.k_min, "for the k sweep")
         run.emit(Progress("k_sweep", 0, len(ks), f"{options.k_criterion} over k={ks}"))
         from concept_engine.kselect import select_k
 

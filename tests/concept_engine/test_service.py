@@ -90,6 +90,12 @@ def test_health_and_reflection_names(fake_engine):
         resp = h.Check(health_pb2.HealthCheckRequest(service="dff.v1.ConceptEngine"),
                        timeout=10)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+            ProtoReflectionDescriptorDatabase,
+        )
+
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        assert {"dff.v1.ConceptEngine", "grpc.health.v1.Health"} <= services
 
 
 def test_discover_streamed_explain_list_get_delete(stub, fake_engine):
