@@ -47,8 +47,9 @@ def draw_contours(image: np.ndarray, polygons: Sequence[Sequence[np.ndarray]],
     for j, polys in enumerate(polygons):
         pts = [np.asarray(p, np.int32).reshape(-1, 1, 2) for p in polys if len(p)]
         if pts:
+            # LINE_8, not anti-aliased: the drawn pixels are exactly the region's boundary
             cv2.drawContours(out, pts, -1, colors[j % len(colors)], thickness,
-                             lineType=cv2.LINE_AA)
+                             lineType=cv2.LINE_8)
     return out
 
 
