@@ -316,7 +316,12 @@ def _resolve_target(source: FeatureSource, run: _Run) -> tuple[int, str] | None:
     target = options.target_class or options.name
     if not target:
         return skip("no target class (give target_class or a name)")
-    names = source.class_names(options.classifier)
+    try:
+        names = source.class_names(options.classifier)
+    except DFFError as exc:
+        return skip(f"classifier {options.classifier!r} unavailable: {exc}")
+    if not names:
+        return skip(f"classifier {options.classifier!r} has no class names")
     wnids = _model_info(source.describe(), options.classifier).get("class_wnids") or None
     try:
         index = resolve_class(target, names, wnids)

@@ -164,3 +164,17 @@ def test_unconverged_fit_is_noticed(items):
                                                              tol=1e-12))
     assert any("max_iter=1" in n for n in cs.notices)
     assert cs.provenance["converged"] is False and cs.provenance["n_iter"] == 1
+
+
+def test_missing_classifier_skips_auto_filter(items):
+    from dff_protos.errors import NotFound
+
+    class NoClassifier(FakeSource):
+        def class_names(self, classifier=None):
+            raise NotFound(f"model {classifier!r} not built")
+
+    cs = discover(items[:4], NoClassifier(), DiscoveryOptions(name="ant", k=2))
+    assert any("unavailable" in n and "not built" in n for n in cs.notices)
+    with pytest.raises(InvalidInput, match="not built"):
+        discover(items[:4], NoClassifier(), DiscoveryOptions(name="ant", k=2,
+                                                             prediction_filter="on"))
