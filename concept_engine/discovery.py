@@ -388,7 +388,9 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
     run.seconds["features"] = time.perf_counter() - t
     n_input = len(items)
     log.info("discover %r: %d of %d images usable", options.name, len(images), n_input)
-    _check_enough(images, 2, f"of {n_input} after decoding and feature extraction")
+    reasons = sorted({d.reason for d in run.decisions if d.stage == ERROR})[:3]
+    _check_enough(images, 2, f"of {n_input} after decoding and feature extraction"
+                  + (f" (errors: {'; '.join(reasons)})" if reasons else ""))
 
     t = time.perf_counter()
     images = _prediction_stage(images, target, run)

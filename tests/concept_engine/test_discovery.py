@@ -109,7 +109,7 @@ def test_too_few_pass_prediction_filter_keeps_all(items):
 
 
 def test_too_few_images():
-    with pytest.raises(TooFewImages, match="1 usable image"):
+    with pytest.raises(TooFewImages, match="1 usable image.*errors: cannot decode x.png"):
         discover(make_items(1) + [("x.png", b"junk")], FakeSource(), DiscoveryOptions(k=2))
     with pytest.raises(TooFewImages, match="k=5"):
         discover(make_items(3), FakeSource(), DiscoveryOptions(k=5))
