@@ -278,10 +278,13 @@ def _image_results(cs: Any, paths: dict[str, Path]) -> Iterator[Any]:
 def write_class_outputs(class_dir: Path, cs: Any, paths: dict[str, Path], report: ClassReport,
                         *, top_n: int = 8, progress: Progress | None = None) -> None:
     """concepts.h5, pictures and index.html of one concept set into class_dir (not summary)."""
-    from concept_engine.store import save_concept_set
+    from concept_engine.store import safe_id, save_concept_set
     from exporter.report import ReportData, write_report
 
     t0 = time.perf_counter()
+    if not cs.id:  # in-process discovery leaves the id to the caller
+        cs.id = safe_id(cs.name or class_dir.name)
+        report.concept_set_id = cs.id
     save_concept_set(class_dir / CONCEPTS_FILE, cs)
     report.stage_seconds["save"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
