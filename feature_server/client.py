@@ -205,21 +205,36 @@ class FeatureClient:
         raise errors.NotFound(f"the feature server has no classifier {name!r}")
 
 
+def _f32(values: Iterable[float]) -> list[float]:
+    # float32 on the wire: back to the short decimal the metadata holds (103.939, not ...03)
+    return [float(f"{v:.7g}") for v in values]
+
+
 def describe_from_proto(resp: features_pb2.DescribeModelResponse) -> dict:
-    """A DescribeModelResponse as the dict ``Extractor.describe()`` returns."""
+    """A DescribeModelResponse as the dict ``Extractor.describe()`` returns (plus server
+    version and limits)."""
     models = []
     for m in resp.models:
         pre = m.preprocessing
+        if pre.default_resize.mode == common_pb2.KEEP_ASPECT:
+            mode = "keep_aspect"
+        elif pre.resize_shorter > 0:
+            mode = "shorter_crop"
+        else:
+            mode = "squash"
         models.append({
             "name": m.name, "kind": m.kind, "source": m.source,
             "weights_sha256": m.weights_sha256, "onnx_sha256": m.onnx_sha256,
             "layers": {layer.name: {"channels": layer.channels, "stride": layer.stride,
                                     "shape_at_224": list(layer.shape_at_224)}
                        for layer in m.layers},
-            "preprocessing": {"color_order": pre.color_order, "mean": list(pre.mean),
-                              "std": list(pre.std), "size": pre.default_resize.size,
+            "preprocessing": {"color_order": pre.color_order, "mean": _f32(pre.mean),
+                              "std": _f32(pre.std), "resize_mode": mode,
+                              "size": pre.default_resize.size,
+                              "resize_shorter": pre.resize_shorter,
                               "description": pre.description},
             "num_classes": m.num_classes, "class_names": list(m.class_names),
+            "class_wnids": list(m.class_wnids),
         })
     return {"models": models, "execution_provider": resp.execution_provider,
             "available_providers": list(resp.available_providers),

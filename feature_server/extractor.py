@@ -304,7 +304,6 @@ class Extractor:
                 "layers": {name: {"channels": c, "stride": s,
                                   "shape_at_224": [c, 224 // s, 224 // s] if s else [c]}
                            for name, (c, s) in spec.layers.items()},
-                "default_layers": list(spec.default_layers),
                 "preprocessing": {"color_order": pre.color_order, "mean": list(pre.mean),
                                   "std": list(pre.std), "resize_mode": pre.resize_mode,
                                   "size": pre.size, "resize_shorter": pre.resize_shorter,

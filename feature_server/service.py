@@ -294,12 +294,12 @@ def describe_to_proto(desc: dict, config: ServerConfig) -> features_pb2.Describe
         info = features_pb2.ModelInfo(
             name=m["name"], kind=m["kind"], weights_sha256=m["weights_sha256"],
             onnx_sha256=m["onnx_sha256"], source=m["source"], num_classes=m["num_classes"],
-            class_names=m["class_names"],
+            class_names=m["class_names"], class_wnids=m["class_wnids"],
             preprocessing=features_pb2.Preprocessing(
                 color_order=pre["color_order"], mean=pre["mean"], std=pre["std"],
                 default_resize=common_pb2.ResizePolicy(
                     mode=_RESIZE_TO_PROTO.get(pre["resize_mode"], 0), size=pre["size"]),
-                description=pre["description"]))
+                description=pre["description"], resize_shorter=pre["resize_shorter"]))
         for name, layer in m["layers"].items():
             info.layers.append(features_pb2.LayerInfo(
                 name=name, channels=layer["channels"], stride=layer["stride"],

@@ -206,3 +206,17 @@ def test_response_above_the_message_limit_fails_only_that_item(extractor, photos
         assert not responses["fine"].HasField("error")
     finally:
         running.stop(grace=1)
+
+
+def test_describe_is_the_same_in_process_and_remote(address, extractor):
+    with FeatureClient(address) as client:
+        remote = client.describe()
+        assert client.class_names() == extractor.class_names()
+    local = extractor.describe()
+    assert remote["limits"]["max_batch_size"] == 8 and remote["server_version"]
+    for key in ("limits", "server_version"):
+        remote.pop(key)
+    assert remote == local
+    cls = next(m for m in local["models"] if m["name"] == "efficientnet_lite0")
+    assert cls["class_wnids"][309] == "n02206856"  # bee
+    assert cls["preprocessing"]["resize_mode"] == "shorter_crop"

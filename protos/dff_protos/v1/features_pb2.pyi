@@ -84,21 +84,23 @@ class LayerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., channels: _Optional[int] = ..., stride: _Optional[int] = ..., shape_at_224: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Preprocessing(_message.Message):
-    __slots__ = ("color_order", "mean", "std", "default_resize", "description")
+    __slots__ = ("color_order", "mean", "std", "default_resize", "description", "resize_shorter")
     COLOR_ORDER_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_RESIZE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_SHORTER_FIELD_NUMBER: _ClassVar[int]
     color_order: str
     mean: _containers.RepeatedScalarFieldContainer[float]
     std: _containers.RepeatedScalarFieldContainer[float]
     default_resize: _common_pb2.ResizePolicy
     description: str
-    def __init__(self, color_order: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., default_resize: _Optional[_Union[_common_pb2.ResizePolicy, _Mapping]] = ..., description: _Optional[str] = ...) -> None: ...
+    resize_shorter: int
+    def __init__(self, color_order: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., default_resize: _Optional[_Union[_common_pb2.ResizePolicy, _Mapping]] = ..., description: _Optional[str] = ..., resize_shorter: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "layers", "preprocessing", "weights_sha256", "source", "num_classes", "class_names", "onnx_sha256")
+    __slots__ = ("name", "kind", "layers", "preprocessing", "weights_sha256", "source", "num_classes", "class_names", "onnx_sha256", "class_wnids")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +110,7 @@ class ModelInfo(_message.Message):
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     ONNX_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CLASS_WNIDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
@@ -117,7 +120,8 @@ class ModelInfo(_message.Message):
     num_classes: int
     class_names: _containers.RepeatedScalarFieldContainer[str]
     onnx_sha256: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., weights_sha256: _Optional[str] = ..., source: _Optional[str] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., onnx_sha256: _Optional[str] = ...) -> None: ...
+    class_wnids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., weights_sha256: _Optional[str] = ..., source: _Optional[str] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., onnx_sha256: _Optional[str] = ..., class_wnids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_message_bytes", "max_pixels", "max_batch_size", "max_concurrent_streams")
