@@ -366,8 +366,7 @@ def _explain(args: argparse.Namespace) -> int:
                                   "reason": str(x.error)} for x in failed],
                       summary={"images": len(items), "explained": len(ok),
                                "failed": len(failed), "concept set": str(args.concepts)})
-    write_report(args.out, results(), data, top_n=args.top, total=len(ok),
-                 concepts_file="explanations.json")
+    write_report(args.out, results(), data, top_n=args.top, total=len(ok), concepts_file="")
     for x in failed:
         print(f"    could not explain {x.id}: {x.error}", file=sys.stderr)
     print(f"explained {len(ok)} of {len(items)} image(s) -> {args.out / 'index.html'}")

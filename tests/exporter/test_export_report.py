@@ -76,3 +76,20 @@ def test_progress_plain_lines_when_not_a_tty():
     stages = StageProgress("ant: ", stream=buf, enabled=False)
     stages("fit", 0, 1)
     stages.close()
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_redraws_one_line_on_a_tty():
+    buf = _Tty()
+    bar = ProgressBar("fit", 3, stream=buf)
+    for i in range(1, 4):
+        bar.update(i)
+        bar._last = 0.0  # no throttling in the test
+    bar.close()
+    text = buf.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n") and "\r" in text
+    assert "3/3" in text and "[" in text

@@ -97,7 +97,8 @@ def test_in_process_feature_servers_and_engine_agree(ant_folder, services, tmp_p
     with h5py.File(local / "concepts.h5") as a, h5py.File(engine / "concepts.h5") as b:
         ca, cb = np.asarray(a["images/certainties"]), np.asarray(b["images/certainties"])
     assert ca.shape == cb.shape
-    assert np.corrcoef(ca.ravel(), cb.ravel())[0, 1] > 0.9
+    # measured: 7e-4 of the largest certainty (12 ant photos, k=3, HALS)
+    assert float(np.abs(ca - cb).max()) < 0.01 * float(np.abs(ca).max())
 
 
 def test_folder_that_is_not_a_class_still_gets_concepts(shared_data, tmp_path, capsys):
