@@ -136,6 +136,13 @@ class _Stream:
         self._pending = 0
         self._reading = True
         self.stop = threading.Event()
+        self.futures: set[futures.Future] = set()  # submitted to the batcher, not yet done
+
+    def cancel_pending(self) -> int:
+        """Cancel queued batcher work of a stream that is gone; returns how many."""
+        with self._lock:
+            pending = list(self.futures)
+        return sum(f.cancel() for f in pending)
 
     def started(self) -> None:
         with self._lock:
@@ -193,6 +200,9 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
             finally:
                 stream.stop.set()
                 stream.slots.release()  # unblock a reader waiting for a slot
+                cancelled = stream.cancel_pending()
+                if cancelled:
+                    log.info("stream ended early: %d queued items cancelled", cancelled)
         finally:
             self._streams.release()
 
@@ -270,13 +280,17 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         remaining = [len(waiting)]
         lock = threading.Lock()
 
-        def done(_: futures.Future) -> None:
+        def done(f: futures.Future) -> None:
             with lock:
                 remaining[0] -= 1
                 last = remaining[0] == 0
+            with stream._lock:
+                stream.futures.discard(f)
             if last:
                 stream.put(("ok", (prepared, options, feat, cls)))
 
+        with stream._lock:
+            stream.futures.update(waiting)
         for f in waiting:
             f.add_done_callback(done)
 

@@ -76,3 +76,25 @@ def test_cuda_provider_preferred_when_present(registry):
 
     assert select_providers()[0] == "CUDAExecutionProvider"
     assert Extractor(registry).execution_provider == "CUDAExecutionProvider"
+
+
+def test_queued_work_of_a_gone_stream_is_cancelled(extractor, shared_data):
+    import numpy as np
+
+    def slow_run(model, batch, outputs):
+        time.sleep(0.2)
+        return [np.zeros((len(batch), 512, 14, 14), np.float32) for _ in outputs]
+
+    batcher = MicroBatcher(slow_run, max_batch_size=1, max_wait_s=0.0)
+    servicer = FeatureServicer(extractor, batcher, ServerConfig(max_inflight_per_stream=8))
+    data = (shared_data / "imagenet_sample" / "n01440764_tench.JPEG").read_bytes()
+
+    def requests():
+        for i in range(8):
+            yield features_pb2.ExtractRequest(image=common_pb2.ImageInput(id=str(i), data=data))
+
+    responses = servicer.Extract(requests(), FakeContext())
+    assert not next(responses).HasField("error")
+    responses.close()
+    batcher.close()
+    assert batcher.stats.items <= 3  # the rest was cancelled, not computed
