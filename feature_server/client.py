@@ -84,6 +84,7 @@ class FeatureClient:
         self.streams_per_address = max(1, streams_per_address)
         self.max_attempts = max(1, max_attempts)
         limit = max_message_mb * 1024 * 1024
+        self.max_image_bytes = limit - 4096  # room for the message's other fields
         options = [("grpc.max_receive_message_length", limit),
                    ("grpc.max_send_message_length", limit),
                    ("grpc.lb_policy_name", "round_robin")]
@@ -106,6 +107,17 @@ class FeatureClient:
                 ) -> Iterator[ExtractResult]:
         """One result per item, in completion order (match them by ``id``)."""
         items = list(items)
+        too_big = [i for i, (_, data) in enumerate(items) if len(data) > self.max_image_bytes]
+        for i in too_big:
+            # it would fail the whole stream at the transport; fail only this item
+            yield ExtractResult(items[i][0], error=errors.ImageTooLarge(
+                f"encoded image of {len(items[i][1])} bytes is above the message limit of "
+                f"{self.max_image_bytes} bytes"))
+        skip = set(too_big)
+        yield from self._extract([it for i, it in enumerate(items) if i not in skip], options)
+
+    def _extract(self, items: list[tuple[str, bytes]], options: ExtractOptions
+                 ) -> Iterator[ExtractResult]:
         if not items:
             return
         n_shards = min(len(items), len(self._stubs) * self.streams_per_address)

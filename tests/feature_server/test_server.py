@@ -220,3 +220,13 @@ def test_describe_is_the_same_in_process_and_remote(address, extractor):
     cls = next(m for m in local["models"] if m["name"] == "efficientnet_lite0")
     assert cls["class_wnids"][309] == "n02206856"  # bee
     assert cls["preprocessing"]["resize_mode"] == "shorter_crop"
+
+
+def test_client_refuses_images_above_the_message_limit_per_item(address, photos):
+    from dff_protos.errors import ImageTooLarge
+
+    with FeatureClient(address, max_message_mb=1) as client:
+        results = {r.id: r for r in client.extract(
+            [("big", b"\xff\xd8\xff" + b"\x00" * (2 << 20)), photos[0]], ExtractOptions())}
+    assert isinstance(results["big"].error, ImageTooLarge)
+    assert results[photos[0][0]].error is None
