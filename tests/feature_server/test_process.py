@@ -60,13 +60,18 @@ def test_sigterm_drains_in_flight_work(models_home, shared_data):
                 received.append(result_from_proto(resp))
                 if i == 0:  # work is in flight: stop the server now
                     proc.send_signal(signal.SIGTERM)
-                    time.sleep(0.3)
                     health = health_pb2_grpc.HealthStub(channel)
-                    try:
-                        status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-                    except grpc.RpcError as exc:  # already refusing new calls
-                        status = exc.code()
-                    assert status != health_pb2.HealthCheckResponse.SERVING
+                    deadline = time.monotonic() + 20
+                    while True:
+                        try:
+                            status = health.Check(health_pb2.HealthCheckRequest(),
+                                                  timeout=5).status
+                        except grpc.RpcError as exc:  # already refusing new calls
+                            status = exc.code()
+                        if status != health_pb2.HealthCheckResponse.SERVING:
+                            break
+                        assert time.monotonic() < deadline, "still SERVING after SIGTERM"
+                        time.sleep(0.05)
         assert sorted(r.id for r in received) == [p.name for p in files]
         assert all(r.error is None and r.activations["conv5_4"].shape == (512, 14, 14)
                    for r in received)
