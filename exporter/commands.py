@@ -299,13 +299,13 @@ def run_discover(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- explain
 
 def run_explain(args: argparse.Namespace) -> int:
-    from dff_protos.errors import DFFError
+    from dff_protos.errors import DFFError, InvalidInput, NotFound
 
     try:
         return _explain(args)
     except DFFError as exc:
         print(f"dff explain: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_USAGE if type(exc).__name__ in ("NotFound", "InvalidInput") else EXIT_PARTIAL
+        return EXIT_USAGE if isinstance(exc, InvalidInput | NotFound) else EXIT_PARTIAL
     except Exception:  # noqa: BLE001
         log.exception("internal error")
         return EXIT_INTERNAL

@@ -307,8 +307,9 @@ def _summary_table(report: ClassReport, cs: Any) -> dict[str, Any]:
         "k": cs.k, "k chosen by": report.k_criterion or "fixed",
         "k reason": cs.k_reason,
     }
-    for key in ("model", "layer", "solver", "init", "seed", "n_iter", "error", "converged",
-                "resize", "software_version", "weights_sha256"):
+    for key in ("model", "layer", "resize_mode", "solver", "init", "seed", "n_iter",
+                "reconstruction_error", "converged", "execution_provider", "engine",
+                "software_version", "weights_sha256"):
         if key in prov:
             table[key] = prov[key]
     table["seconds per stage"] = {k: round(float(v), 2) for k, v in cs.stage_seconds.items()}
