@@ -229,8 +229,16 @@ def _adapt_options(kw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_STAGE_ORDER = ("read", "features", "prediction_filter", "certainty_filter", "k_sweep", "fit",
+                "regions", "explain", "total", "save", "render")
+
+
 def _fmt_seconds(stages: dict[str, float]) -> str:
-    return ", ".join(f"{k} {float(v):.1f}s" for k, v in stages.items())
+    """'features 20.1s, ...' in pipeline order ('total' is the engine's discovery total)."""
+    rank = {s: i for i, s in enumerate(_STAGE_ORDER)}
+    ordered = sorted(stages.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
+    return ", ".join(f"{'discovery total' if k == 'total' else k} {float(v):.1f}s"
+                     for k, v in ordered)
 
 
 def print_report(report: Any, stream: Any = None) -> None:
