@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -139,9 +140,11 @@ class EngineDiscoverer:
             # the proto's DiscoverOptions has no threshold/min_area: apply them at Explain
             threshold = float(options.get("threshold", used.get("threshold", 0.75)))
             min_area = float(options.get("min_area", used.get("min_area", 0.01)))
+            t0 = time.perf_counter()
             explained = self._explain(summary.concept_set_id,
                                       [(i, d) for i, d in items if i in set(kept_ids)],
                                       threshold, min_area, progress)
+            explain_s = time.perf_counter() - t0
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         heatmaps, certs, orig, inp, polys = [], [], [], [], []
@@ -173,7 +176,8 @@ class EngineDiscoverer:
             provenance={**provenance, "engine": self.address,
                         "reconstruction_error": summary.reconstruction_error,
                         "n_iter": summary.n_iter},
-            notices=list(summary.notices), stage_seconds=dict(summary.stage_seconds),
+            notices=list(summary.notices),
+            stage_seconds={**dict(summary.stage_seconds), "explain": explain_s},
             id=summary.concept_set_id, created=cs_msg.info.created)
 
     def _explain(self, concept_set_id: str, items: list[tuple[str, bytes]], threshold: float,
