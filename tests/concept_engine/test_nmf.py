@@ -18,6 +18,7 @@ from concept_engine.nmf import (
     nmf_fit,
     nmf_init,
     nmf_transform,
+    prepare_v,
     reconstruction_error,
 )
 
@@ -249,7 +250,7 @@ def test_estimator_api_and_convergence_warning():
     assert est.reconstruction_err_ == pytest.approx(
         np.linalg.norm(V - W.astype(np.float64) @ est.components_), rel=1e-4
     )
-    est2 = NMF(3, max_iter=300, tol=1e-4, hold_dtype="float16")
+    est2 = NMF(3, max_iter=300, tol=1e-4, hold_dtype="float16", sparse=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert est2.fit(V) is est2
@@ -320,6 +321,23 @@ def test_cupy_matches_numpy():
         assert b.error == pytest.approx(a.error, rel=1e-4)
     b16 = nmf_fit(Vd.astype(cupy.float16), 4, max_iter=20)
     assert np.isfinite(b16.error)
+
+
+def test_prepare_v_picks_csr_for_sparse_host_data():
+    V = conv54_like(n_images=2, C=64)
+    held = prepare_v(V)
+    assert sp.issparse(held) and held.dtype == np.float32
+    np.testing.assert_array_equal(held.toarray(), V)
+    dense = np.ones((10, 4), np.float32)
+    assert prepare_v(dense) is dense
+    assert prepare_v(dense, hold_dtype="float16").dtype == np.float16
+    assert sp.issparse(prepare_v(dense, sparse=True))
+    assert prepare_v(V, sparse=False, hold_dtype="float16").dtype == np.float16
+    with pytest.raises(ValueError):
+        prepare_v(V, hold_dtype="bfloat16")
+    est = NMF(5, max_iter=50).fit(V)
+    ref = NMF(5, max_iter=50, sparse=False).fit(V)
+    assert est.reconstruction_err_ == pytest.approx(ref.reconstruction_err_, rel=1e-4)
 
 
 def test_backend_namespace_and_copies():
