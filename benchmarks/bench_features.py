@@ -81,6 +81,29 @@ def over_grpc(address: str, items: list[tuple[str, bytes]], options: ExtractOpti
     return elapsed, sum(s[0] for s in sizes), sum(s[1] for s in sizes)
 
 
+class NullCompute:
+    """The Extractor with ``run`` replaced by zeros of the right shapes: what is left is
+    decoding, preprocessing, batching, serialisation and the wire."""
+
+    def __init__(self, extractor: Extractor) -> None:
+        self._inner = extractor
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def run(self, model: str, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        spec = self._inner.registry[model]
+        n, _, h, w = batch.shape
+        return [np.zeros((n, spec.layers[o][0], h // spec.layers[o][1], w // spec.layers[o][1]),
+                         np.float32) for o in outputs]
+
+    def extract(self, items, options):
+        return Extractor.extract(self, items, options)  # type: ignore[arg-type]
+
+    def _extract_chunk(self, chunk, options):
+        return Extractor._extract_chunk(self, chunk, options)  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=32)
@@ -100,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                                        max_batch_size=args.batch_size, max_wait_ms=5,
                                        max_inflight_per_stream=4 * args.batch_size), extractor)
     address = f"127.0.0.1:{server.port}"
+    null = NullCompute(extractor)
+    null_server = start_server(ServerConfig(host="127.0.0.1", port=0,
+                                            max_batch_size=args.batch_size, max_wait_ms=5,
+                                            max_inflight_per_stream=4 * args.batch_size),
+                               null)  # type: ignore[arg-type]
+    null_address = f"127.0.0.1:{null_server.port}"
     try:
         warm = ExtractOptions(layers=(args.layer,))
         list(extractor.extract(items[:args.batch_size], warm))  # warm-up
@@ -119,13 +148,18 @@ def main(argv: list[str] | None = None) -> int:
                 t, req, resp = over_grpc(address, items, options, args.streams)
                 times.setdefault((f"gRPC loopback x{args.streams}", dtype), []).append(t)
                 wire_bytes[dtype] = (req, resp)
+                times.setdefault(("no-compute in-process", dtype), []).append(
+                    in_process(null, items, options))  # type: ignore[arg-type]
+                times.setdefault((f"no-compute gRPC x{args.streams}", dtype), []).append(
+                    over_grpc(null_address, items, options, args.streams)[0])
         load_after = os.getloadavg()[0]
         rows = []
         for (name, dtype), ts in times.items():
-            req, resp = wire_bytes[dtype] if name.startswith("gRPC") else (0, 0)
+            req, resp = wire_bytes[dtype] if "gRPC" in name else (0, 0)
             rows.append((name, dtype, n / statistics.median(ts), req / n, resp / n))
     finally:
         server.stop(grace=2)
+        null_server.stop(grace=2)
 
     out = sys.stdout
     out.write(f"\n{n} images (imagenet_sample JPEGs, ~{np.mean([len(d) for _, d in items]):.0f}"
@@ -136,10 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     out.write(f"{'path':<26}{'wire':<9}{'img/s':>8}{'req B/img':>12}{'resp B/img':>12}\n")
     for name, dtype, ips, req, resp in rows:
         out.write(f"{name:<26}{dtype:<9}{ips:>8.2f}{req:>12.0f}{resp:>12.0f}\n")
-    by = {(r[0].split()[0], r[1]): r[2] for r in rows}
+    by = {(r[0].rsplit(" x", 1)[0].split(" Extractor")[0], r[1]): r[2] for r in rows}
     for dtype in ("float32", "float16"):
-        ratio = by[("in-process", dtype)] / by[("gRPC", dtype)]
-        out.write(f"overhead {dtype}: in-process / gRPC throughput = {ratio:.3f}\n")
+        ratio = by[("in-process", dtype)] / by[("gRPC loopback", dtype)]
+        extra_ms = 1e3 * (1 / by[("no-compute gRPC", dtype)]
+                          - 1 / by[("no-compute in-process", dtype)])
+        out.write(f"overhead {dtype}: in-process / gRPC throughput = {ratio:.3f}; "
+                  f"gRPC path without compute costs {extra_ms:+.1f} ms/image more than "
+                  f"in-process (compute: {1e3 / by[('ORT only (preprocessed)', '-')]:.0f} "
+                  "ms/image)\n")
     return 0
 
 
