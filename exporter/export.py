@@ -6,14 +6,17 @@
 Resumable and atomic: a class is built in ``OUT/.<class>.partial/`` and renamed to
 ``OUT/<class>/`` only when complete, with ``summary.json`` written last inside it (the done
 marker). A killed run leaves at most a ``.partial`` folder, which the next run deletes and
-redoes; finished classes are skipped unless ``force``. Discovery itself runs in-process
+redoes; finished classes are skipped unless ``force``. An advisory lock (``OUT/.<class>.lock``)
+keeps two runs from writing the same class at once. Discovery itself runs in-process
 (``concept_engine.discovery.discover`` over a FeatureSource: the embedded ONNX Runtime extractor
 or feature servers) or on a concept engine service (``EngineDiscoverer``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -316,6 +319,23 @@ def _summary_table(report: ClassReport, cs: Any) -> dict[str, Any]:
     return table
 
 
+@contextlib.contextmanager
+def _class_lock(out: Path, name: str) -> Iterator[bool]:
+    """An advisory lock on OUT/.<class>.lock: False when another run holds it (e.g. a retried
+    Kubernetes Job pod while the old one still runs)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f".{name}.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def export_class(name: str, folder: Path, settings: ExportSettings, discoverer: Discoverer,
                  progress: Progress | None = None) -> ClassReport:
     """Discover and write one class atomically (see the module docstring)."""
@@ -323,10 +343,29 @@ def export_class(name: str, folder: Path, settings: ExportSettings, discoverer: 
     final = out / name
     report = ClassReport(name=name, status="done", out_dir=str(final))
     if is_done(final) and not settings.force:
-        previous = json.loads((final / DONE_MARKER).read_text())
-        previous["status"] = "skipped"
-        known = {f.name for f in dataclasses.fields(ClassReport)}
-        return ClassReport(**{k: v for k, v in previous.items() if k in known})
+        return _previous(final)
+    with _class_lock(out, name) as locked:
+        if not locked:
+            report.status = "failed"
+            report.error = f"another dff discover is writing {final} (lock {out}/.{name}.lock)"
+            return report
+        return _export_class_locked(name, folder, settings, discoverer, progress, report)
+
+
+def _previous(final: Path) -> ClassReport:
+    previous = json.loads((final / DONE_MARKER).read_text())
+    previous["status"] = "skipped"
+    known = {f.name for f in dataclasses.fields(ClassReport)}
+    return ClassReport(**{k: v for k, v in previous.items() if k in known})
+
+
+def _export_class_locked(name: str, folder: Path, settings: ExportSettings,
+                         discoverer: Discoverer, progress: Progress | None,
+                         report: ClassReport) -> ClassReport:
+    out = Path(settings.out)
+    final = out / name
+    if is_done(final) and not settings.force:  # finished by a run that held the lock before us
+        return _previous(final)
     if final.exists() and not is_done(final) and not settings.force:
         report.status = "failed"
         report.error = (f"{final} exists but is not a finished dff export (no {DONE_MARKER}); "

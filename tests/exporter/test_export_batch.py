@@ -169,3 +169,25 @@ def test_cli_explain(tmp_path, fake_source, capsys):
     assert all(len(x["certainties"]) == 3 for x in record["images"])
     assert len(list((tmp_path / "ex" / "combined").glob("*.jpg"))) == 3
     assert (tmp_path / "ex" / "index.html").is_file()
+
+
+def test_a_class_locked_by_another_run_is_not_touched(tmp_path, fake_source):
+    folder = make_class_folder(tmp_path / "data", "ant", 6)
+    out = tmp_path / "out"
+    with export._class_lock(out, "ant") as locked:
+        assert locked
+        report = export.export_class("ant", folder, _settings(out), LocalDiscoverer(fake_source))
+    assert report.status == "failed" and "another dff discover" in report.error
+    assert fake_source.calls == 0
+    report = export.export_class("ant", folder, _settings(out), LocalDiscoverer(fake_source))
+    assert report.status == "done"
+
+
+def test_foreign_folder_is_not_replaced_without_force(tmp_path, fake_source):
+    folder = make_class_folder(tmp_path / "data", "ant", 6)
+    (tmp_path / "out" / "ant").mkdir(parents=True)
+    (tmp_path / "out" / "ant" / "mine.txt").write_text("keep me")
+    report = export.export_class("ant", folder, _settings(tmp_path / "out"),
+                                 LocalDiscoverer(fake_source))
+    assert report.status == "failed" and "--force" in report.error
+    assert (tmp_path / "out" / "ant" / "mine.txt").read_text() == "keep me"
