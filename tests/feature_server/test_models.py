@@ -72,3 +72,54 @@ def test_sdist_checks(tmp_path):
         pass
     with pytest.raises(InvalidInput, match="has no"):
         build.read_vgg19_h5(empty)
+
+
+@pytest.mark.slow
+def test_torchvision_source_builds_features_and_classifier(tmp_path):
+    """A state dict laid out like torchvision's vgg19 (random weights, a small head) becomes two
+    ONNX models that agree with the same network written in torch."""
+    import numpy as np
+    import torch
+
+    F = torch.nn.functional
+    gen = torch.Generator().manual_seed(0)
+    conv_idx = [0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34]
+    channels = [64, 64, 128, 128, 256, 256, 256, 256] + [512] * 8
+    state, c_in = {}, 3
+    for i, c in zip(conv_idx, channels, strict=True):
+        state[f"features.{i}.weight"] = torch.randn(c, c_in, 3, 3, generator=gen) * (
+            2.0 / (9 * c_in)) ** 0.5
+        state[f"features.{i}.bias"] = torch.zeros(c)
+        c_in = c
+    for i, (o, n) in zip((0, 3, 6), ((16, 25088), (16, 16), (1000, 16)), strict=True):
+        state[f"classifier.{i}.weight"] = torch.randn(o, n, generator=gen) * n ** -0.5
+        state[f"classifier.{i}.bias"] = torch.zeros(o)
+    weights = tmp_path / "vgg19-fake.pth"
+    torch.save(state, weights)
+    built = build.build_models(tmp_path, source="torchvision", torchvision_weights=weights)
+    assert set(built) == {"vgg19_torchvision", "vgg19_torchvision_classifier"}
+    assert built["vgg19_torchvision"].preprocessing.color_order == "RGB"
+    assert len(built["vgg19_torchvision_classifier"].class_names) == 1000
+
+    x = torch.randn(1, 3, 224, 224, generator=gen)
+    t = x
+    with torch.no_grad():
+        for k, i in enumerate(conv_idx):
+            t = F.relu(F.conv2d(t, state[f"features.{i}.weight"], state[f"features.{i}.bias"],
+                                padding=1))
+            if k in (1, 3, 7, 11):
+                t = F.max_pool2d(t, 2)
+        conv5_4 = t.numpy()
+        t = F.max_pool2d(t, 2).flatten(1)
+        for j, i in enumerate((0, 3, 6)):
+            t = F.linear(t, state[f"classifier.{i}.weight"], state[f"classifier.{i}.bias"])
+            t = F.relu(t) if j < 2 else torch.softmax(t, dim=1)
+        probs = t.numpy()
+    feat = ort.InferenceSession(str(built["vgg19_torchvision"].onnx_path),
+                                providers=["CPUExecutionProvider"])
+    cls = ort.InferenceSession(str(built["vgg19_torchvision_classifier"].onnx_path),
+                               providers=["CPUExecutionProvider"])
+    (got,) = feat.run(["conv5_4"], {"input": x.numpy()})
+    (got_p,) = cls.run(["probabilities"], {"input": x.numpy()})
+    assert np.linalg.norm(got - conv5_4) / np.linalg.norm(conv5_4) < 1e-4
+    np.testing.assert_allclose(got_p, probs, rtol=1e-3, atol=1e-6)
