@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
     listing = models_sub.add_parser("list", help="list built models, sha256s and layers")
     listing.add_argument("--home")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument("--verify", action="store_true",
+                         help="also check each ONNX file against its recorded sha256")
     listing.set_defaults(func=cmd_models_list)
 
     serve = serve_sub.add_parser("features", help="run the gRPC feature server")
@@ -98,7 +100,7 @@ def cmd_models_build(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from feature_server.models.registry import load_registry, models_dir
+    from feature_server.models.registry import load_registry, models_dir, verify
 
     registry = load_registry(args.home)
     if args.json:
@@ -109,14 +111,20 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     if not registry:
         sys.stdout.write(f"no models in {models_dir(args.home)}; run `dff models build`\n")
         return 1
+    status = 0
     for spec in registry.values():
+        check = ""
+        if args.verify:
+            ok = verify(spec)
+            check = " verified" if ok else " MISMATCH (rebuild with `dff models build --force`)"
+            status = status or (0 if ok else 1)
         sys.stdout.write(
             f"{spec.name} ({spec.kind})\n  onnx     {spec.onnx_path}\n"
-            f"  sha256   {spec.onnx_sha256} (onnx), {spec.weights_sha256} (weights)\n"
+            f"  sha256   {spec.onnx_sha256} (onnx{check}), {spec.weights_sha256} (weights)\n"
             f"  source   {spec.source}\n  input    {spec.preprocessing.description}\n"
             f"  layers   {', '.join(spec.layers)}"
             + (f"\n  classes  {len(spec.class_names)}" if spec.class_names else "") + "\n")
-    return 0
+    return status
 
 
 def cmd_serve_features(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import logging
 import queue
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -190,13 +191,19 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
             reader = threading.Thread(target=self._read, args=(request_iterator, context, stream),
                                       name="extract-reader", daemon=True)
             reader.start()
+            started, answered, failed = time.monotonic(), 0, 0
             try:
                 while True:
                     item = stream.out.get()
                     if item is _Stream._END:
                         break
                     stream.slots.release()
-                    yield self._respond(item)
+                    resp = self._respond(item)
+                    answered += 1
+                    failed += resp.HasField("error")
+                    yield resp
+                log.debug("stream from %s done: %d items (%d errors) in %.2fs", context.peer(),
+                          answered, failed, time.monotonic() - started)
             finally:
                 stream.stop.set()
                 stream.slots.release()  # unblock a reader waiting for a slot

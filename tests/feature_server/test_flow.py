@@ -17,6 +17,9 @@ class FakeContext:
     def is_active(self) -> bool:
         return True
 
+    def peer(self) -> str:
+        return "test"
+
     def abort(self, code, details):  # pragma: no cover - not expected here
         raise AssertionError(f"aborted: {code} {details}")
 

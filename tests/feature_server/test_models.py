@@ -39,8 +39,9 @@ def test_build_is_idempotent(models_home, registry, caplog):
 
 
 def test_models_list_cli(models_home, capsys):
-    assert main(["models", "list", "--home", str(models_home)]) == 0
+    assert main(["models", "list", "--home", str(models_home), "--verify"]) == 0
     out = capsys.readouterr().out
+    assert "(onnx verified)" in out
     assert "vgg19 (features)" in out and build.VGG19_H5_SHA256 in out and "conv5_4" in out
 
 
