@@ -4,7 +4,8 @@ in-process Extractor, over one or several feature-server addresses.
 - Items are dealt round-robin into shards, one Extract stream per shard, shards spread over
   the addresses (``streams_per_address`` streams each). Each address is a gRPC target; with
   ``dns:///name:port`` the channel's ``round_robin`` LB policy spreads streams over every
-  resolved backend (a Kubernetes headless Service).
+  resolved backend (a Kubernetes headless Service); such targets get ``DNS_STREAMS`` streams
+  unless ``streams_per_address`` says otherwise.
 - Every call carries a deadline (``timeout`` + ``timeout_per_item`` per image for streams).
 - When a stream fails (server gone, deadline, overloaded), its unanswered items are re-sent
   on the next address, up to ``max_attempts`` streams per item; after that each unanswered
@@ -29,6 +30,7 @@ from feature_server.models.registry import DEFAULT_CLASSIFIER
 
 log = logging.getLogger(__name__)
 
+DNS_STREAMS = 4
 _NOT_RETRYABLE = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED,
                             grpc.StatusCode.PERMISSION_DENIED,
                             grpc.StatusCode.UNAUTHENTICATED})
@@ -76,11 +78,16 @@ class FeatureClient:
     """FeatureSource over gRPC feature servers (see the module docstring)."""
 
     def __init__(self, addresses: str | Sequence[str], *, timeout: float = 60.0,
-                 timeout_per_item: float = 5.0, streams_per_address: int = 1,
+                 timeout_per_item: float = 5.0, streams_per_address: int | None = None,
                  max_attempts: int = 3, max_message_mb: int = 64) -> None:
         self.addresses = parse_addresses(addresses)
         self.timeout = timeout
         self.timeout_per_item = timeout_per_item
+        if streams_per_address is None:
+            # a dns:/// name may resolve to many replicas: open several streams so that the
+            # round_robin policy can spread them; a plain host:port is one server
+            streams_per_address = DNS_STREAMS if any(
+                a.startswith("dns:") for a in self.addresses) else 1
         self.streams_per_address = max(1, streams_per_address)
         self.max_attempts = max(1, max_attempts)
         limit = max_message_mb * 1024 * 1024

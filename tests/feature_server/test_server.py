@@ -230,3 +230,18 @@ def test_client_refuses_images_above_the_message_limit_per_item(address, photos)
             [("big", b"\xff\xd8\xff" + b"\x00" * (2 << 20)), photos[0]], ExtractOptions())}
     assert isinstance(results["big"].error, ImageTooLarge)
     assert results[photos[0][0]].error is None
+
+
+@pytest.mark.slow
+def test_dns_target_with_round_robin_and_several_streams(server, photos, local):
+    from feature_server.client import DNS_STREAMS
+
+    before = server.batcher.stats.items
+    with FeatureClient(f"dns:///127.0.0.1:{server.port}", timeout=60) as client:
+        assert client.streams_per_address == DNS_STREAMS
+        results = list(client.extract(photos[:4], ExtractOptions()))
+    assert sorted(r.id for r in results) == sorted(n for n, _ in photos[:4])
+    assert all(r.error is None for r in results)
+    assert server.batcher.stats.items - before == 4
+    np.testing.assert_allclose(results[0].activations["conv5_4"], local[results[0].id],
+                               rtol=1e-5, atol=1e-4)
