@@ -60,6 +60,8 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
                        help="accepted image formats (gif is off by default)")
     serve.add_argument("--grace-s", type=float, default=30.0,
                        help="seconds in-flight streams get on SIGTERM")
+    serve.add_argument("--decode-workers", type=int, default=0,
+                       help="image decoding threads shared by all streams (0 = min(8, cores))")
     serve.add_argument("--no-build", action="store_true",
                        help="fail instead of building missing models")
     serve.set_defaults(func=cmd_serve_features)
@@ -143,7 +145,7 @@ def cmd_serve_features(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels, max_message_mb=args.max_message_mb,
         max_concurrent_streams=args.max_concurrent_streams,
         max_inflight_per_stream=args.max_inflight_per_stream, formats=formats,
-        grace_s=args.grace_s)
+        grace_s=args.grace_s, decode_workers=args.decode_workers)
     if args.no_build:
         from feature_server.models.registry import ensure_models
 

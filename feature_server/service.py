@@ -10,6 +10,7 @@ client cannot make the server read unboundedly ahead (flow control).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -60,6 +61,7 @@ class ServerConfig:
     max_queue: int = 256
     formats: frozenset[str] = field(default=DEFAULT_FORMATS)
     grace_s: float = 30.0
+    decode_workers: int = 0  # threads decoding images for all streams; 0 = min(8, cores)
     intra_op_threads: int = 0
 
     @property
@@ -174,6 +176,9 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         self.batcher = batcher
         self.config = config
         self._streams = threading.BoundedSemaphore(config.max_concurrent_streams)
+        self._decoders = futures.ThreadPoolExecutor(
+            max_workers=config.decode_workers or min(8, os.cpu_count() or 1),
+            thread_name_prefix="decode")
 
     @map_errors
     def DescribeModel(self, request: features_pb2.DescribeModelRequest,  # noqa: N802
@@ -260,21 +265,33 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
                 if options_error is not None:
                     stream.put(("error", (image.id, options_error, False)))
                     continue
-                try:
-                    prepared = self.extractor.prepare(image.id, image.data, options)
-                except DFFError as exc:
-                    stream.put(("error", (image.id, exc, True)))
-                    continue
-                except Exception as exc:  # noqa: BLE001 - per-item INTERNAL, logged
-                    stream.put(("error", (image.id, exc, False)))
-                    continue
-                self._submit(prepared, options, stream)
+                # decoding runs on the shared pool, so one stream can use several cores
+                self._decoders.submit(self._prepare, image.id, image.data, options, stream)
         except grpc.RpcError:
             log.info("client stream ended early (cancelled or deadline)")
         except Exception:  # noqa: BLE001 - the reader must always end the stream
             log.exception("reading the request stream failed")
         finally:
             stream.reading_done()
+
+    def _prepare(self, item_id: str, data: bytes, options: ExtractOptions, stream: _Stream
+                 ) -> None:
+        try:
+            prepared = self.extractor.prepare(item_id, data, options)
+        except DFFError as exc:
+            stream.put(("error", (item_id, exc, True)))
+            return
+        except Exception as exc:  # noqa: BLE001 - per-item INTERNAL, logged
+            stream.put(("error", (item_id, exc, False)))
+            return
+        try:
+            self._submit(prepared, options, stream)
+        except Exception as exc:  # noqa: BLE001 - e.g. the batcher is shut down
+            stream.put(("error", (item_id, exc, False)))
+
+    def close(self) -> None:
+        """Stop the decoding pool (after the server has drained)."""
+        self._decoders.shutdown(wait=True)
 
     def _submit(self, prepared: Prepared, options: ExtractOptions, stream: _Stream) -> None:
         feat = cls = None
@@ -340,6 +357,7 @@ class RunningServer:
     batcher: MicroBatcher
     extractor: Extractor
     config: ServerConfig
+    servicer: FeatureServicer
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, stop taking RPCs, let in-flight ones finish, stop the batcher."""
@@ -348,6 +366,7 @@ class RunningServer:
                  grace)
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.servicer.close()
         self.batcher.close(timeout=grace)
         log.info("stopped (%d batches, %d items, largest batch %d)", self.batcher.stats.batches,
                  self.batcher.stats.items, self.batcher.stats.max_batch)
@@ -369,8 +388,8 @@ def start_server(config: ServerConfig, extractor: Extractor | None = None) -> Ru
     pool = futures.ThreadPoolExecutor(max_workers=config.max_concurrent_streams + 8,
                                       thread_name_prefix="grpc")
     server = grpc.server(pool, options=options)
-    features_pb2_grpc.add_FeatureServiceServicer_to_server(
-        FeatureServicer(extractor, batcher, config), server)
+    servicer = FeatureServicer(extractor, batcher, config)
+    features_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
@@ -386,7 +405,7 @@ def start_server(config: ServerConfig, extractor: Extractor | None = None) -> Ru
     log.info("feature server listening on %s:%d (provider %s, models %s, max batch %d)",
              config.host, port, extractor.execution_provider, sorted(extractor.registry),
              config.max_batch_size)
-    return RunningServer(server, port, health_servicer, batcher, extractor, config)
+    return RunningServer(server, port, health_servicer, batcher, extractor, config, servicer)
 
 
 def serve(config: ServerConfig) -> int:

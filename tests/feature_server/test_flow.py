@@ -44,6 +44,7 @@ def test_servicer_does_not_read_unboundedly_ahead(extractor):
     assert len(pulled) <= 4  # 2 in-flight slots (+1 freed by the first answer, +1 held)
     rest = list(responses)
     assert len(rest) == 19 and len(pulled) == 20
+    servicer.close()
     batcher.close()
 
 
@@ -63,6 +64,7 @@ def test_stream_ends_when_the_consumer_stops(extractor):
     time.sleep(0.2)
     assert servicer._streams.acquire(blocking=False)  # the stream slot was given back
     assert len(pulled) < 10  # the reader stopped instead of draining the client
+    servicer.close()
     batcher.close()
 
 
@@ -99,5 +101,6 @@ def test_queued_work_of_a_gone_stream_is_cancelled(extractor, shared_data):
     responses = servicer.Extract(requests(), FakeContext())
     assert not next(responses).HasField("error")
     responses.close()
+    servicer.close()
     batcher.close()
     assert batcher.stats.items <= 3  # the rest was cancelled, not computed
