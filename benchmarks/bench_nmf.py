@@ -282,8 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"\nfit s excludes the shared inits (seed {seed_init_s:.2f} s, nndsvda {nndsvd_s:.2f} s);"
-        f" read(V) = {t_read * 1e3:.1f} ms; peak = numpy allocations during the fit (tracemalloc),"
-        f" V itself excluded."
+        f" read(V) = {t_read * 1e3:.1f} ms; seed-torch includes its dense-residual checks."
+        + (
+            " peak = NumPy allocations during the fit (tracemalloc; timings slowed)."
+            if track
+            else ""
+        )
     )
     return 0
 
