@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 __all__ = [
+    "compute_namespace",
     "get_namespace",
     "gpu_available",
     "is_sparse",
@@ -43,6 +44,13 @@ def _cupy() -> ModuleType | None:
 def gpu_available() -> bool:
     """True when CuPy is importable and a CUDA device is visible."""
     return _cupy() is not None
+
+
+def compute_namespace(prefer_gpu: bool = True) -> ModuleType:
+    """Where new computations should run: CuPy when a CUDA device is usable (and preferred),
+    else NumPy. Pipelines call this once and move their input there with :func:`to_device`."""
+    cp = _cupy() if prefer_gpu else None
+    return cp if cp is not None else np
 
 
 def _is_cupy_array(a: Any) -> bool:

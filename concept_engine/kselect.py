@@ -82,11 +82,24 @@ class Sweep:
 
     V: Any
     n_images: int
-    hw: tuple[int, int]
+    sizes: tuple[tuple[int, int], ...]  # (h, w) of each image's feature map
     ks: tuple[int, ...]
     fits: dict[int, NMFResult]
     fit_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    input_sizes: tuple[tuple[int, int], ...] | None = None  # network input (H, W) per image
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Row offset of each image in V, plus the total: (n_images + 1,) int64."""
+        return np.concatenate([[0], np.cumsum([h * w for h, w in self.sizes])]).astype(np.int64)
+
+    def maps(self, W: Any) -> list[Any]:
+        """Per-image raw heatmaps (k, h_i, w_i) from W (rows of V, k)."""
+        off = self.offsets
+        k = W.shape[1]
+        return [W[off[i]:off[i + 1]].reshape(h, w, k).transpose(2, 0, 1)
+                for i, (h, w) in enumerate(self.sizes)]
 
 
 class KCriterion(Protocol):
@@ -107,14 +120,23 @@ class CertaintyCriterion:
     name: str = "certainty"
 
     def curve(self, sweep: Sweep) -> dict[int, float]:
-        h, w = sweep.hw
+        # Maps are upsampled to each image's network input size when known (keep-aspect
+        # inputs), else to the seed's 224 x 224; images are grouped so each group is one batch.
+        inputs = sweep.input_sizes or (self.upsample_to,) * sweep.n_images
+        groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(zip(sweep.sizes, inputs, strict=True)):
+            groups.setdefault(key, []).append(i)
         out: dict[int, float] = {}
         for k in sweep.ks:
             W = sweep.fits[k].W
             xp = get_namespace(W)
-            maps = W.reshape(sweep.n_images, h, w, k).transpose(0, 3, 1, 2)
-            cert = concept_certainty(maps, upsample_to=self.upsample_to)
-            out[k] = float(xp.mean(cert, dtype=xp.float64))
+            maps = sweep.maps(W)
+            total = 0.0
+            for (_, size), members in groups.items():
+                batch = xp.stack([maps[i] for i in members])
+                cert = concept_certainty(batch, upsample_to=size)
+                total += float(xp.sum(cert, dtype=xp.float64))
+            out[k] = total / (sweep.n_images * k)
         return out
 
     def choose(self, curve: dict[int, float]) -> tuple[int, str]:
@@ -160,11 +182,11 @@ class StabilityCriterion:
         if sweep.n_images < 2:
             raise ValueError("stability needs at least 2 images to split")
         xp = get_namespace(sweep.V) if not _is_host_sparse(sweep.V) else np
-        hw = sweep.hw[0] * sweep.hw[1]
+        off = sweep.offsets
         scores: dict[int, list[float]] = {k: [] for k in sweep.ks}
         for split in range(self.n_splits):
             halves = _split_images(sweep.n_images, sweep.seed + split)
-            parts = [sweep.V[to_device(_rows(idx, hw), xp)] for idx in halves]
+            parts = [sweep.V[to_device(_rows(idx, off), xp)] for idx in halves]
             for k in sweep.ks:
                 Ha = nmf_fit(parts[0], k, **sweep.fit_kwargs).H
                 Hb = nmf_fit(parts[1], k, **sweep.fit_kwargs).H
@@ -202,9 +224,22 @@ def _split_images(n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[:half]), np.sort(perm[half:])
 
 
-def _rows(images: np.ndarray, hw: int) -> np.ndarray:
-    """Row indices of V (host int64) belonging to the given images."""
-    return (images[:, None] * hw + np.arange(hw)[None, :]).ravel()
+def _rows(images: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Row indices of V (host int64) belonging to the given images (offsets: Sweep.offsets)."""
+    if len(images) == 0:
+        return np.zeros(0, np.int64)
+    return np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in images])
+
+
+def _as_sizes(hw: Any, n_images: int) -> tuple[tuple[int, int], ...]:
+    """Per-image (h, w) from one size (int or pair) or a sequence of n_images pairs."""
+    if not isinstance(hw, (int, np.integer)) and len(hw) and not isinstance(
+            hw[0], (int, np.integer)):
+        sizes = tuple((int(h), int(w)) for h, w in hw)
+        if len(sizes) != n_images:
+            raise ValueError(f"{len(sizes)} sizes for {n_images} images")
+        return sizes
+    return (_as_hw(hw),) * n_images
 
 
 def _as_hw(hw: int | Sequence[int]) -> tuple[int, int]:
@@ -220,7 +255,7 @@ def _as_hw(hw: int | Sequence[int]) -> tuple[int, int]:
 def select_k(
     V: Any,
     n_images: int,
-    hw: int | Sequence[int],
+    hw: int | Sequence[int] | Sequence[tuple[int, int]],
     ks: Iterable[int] = range(2, 7),
     criterion: str | KCriterion = "stability",
     *,
@@ -231,6 +266,7 @@ def select_k(
     tol: float = 1e-4,
     record: Sequence[str | KCriterion] | None = None,
     fits: dict[int, NMFResult] | None = None,
+    input_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> KSelection:
     """Choose k for V (n_images * h * w, C) by ``criterion`` and return every curve and fit.
 
@@ -239,7 +275,8 @@ def select_k(
             :func:`~concept_engine.nmf.nmf_fit` accepts) or SciPy CSR. Computed once by the
             caller and reused for every k and every split.
         n_images: N.
-        hw: (h, w) of one image's feature map, or h*w when square.
+        hw: (h, w) of every image's feature map, or h*w when square, or a sequence of
+            n_images (h_i, w_i) pairs when the sizes differ (keep-aspect inputs).
         ks: candidate numbers of concepts (the seed: 2..6).
         criterion: 'stability' | 'certainty' | 'elbow', or a :class:`KCriterion` instance.
         seed: seed of the NMF inits and of the image splits.
@@ -247,6 +284,8 @@ def select_k(
         record: criteria whose curves are computed too (the chosen one always is). Default: all
             three; pass e.g. ``("certainty", "elbow")`` to skip the split-half fits.
         fits: already computed fits on all of V, by k (reused, not refitted).
+        input_sizes: network input (H, W) of each image; the certainty criterion upsamples
+            each map to it (default: the seed's 224 x 224 for every image).
 
     Returns:
         KSelection; ``result.fit`` is the fit on all of V for the chosen k.
@@ -254,9 +293,10 @@ def select_k(
     ks_t = tuple(sorted({int(k) for k in ks}))
     if not ks_t or ks_t[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks_t}")
-    h, w = _as_hw(hw)
-    if V.shape[0] != n_images * h * w:
-        raise ValueError(f"V has {V.shape[0]} rows, expected n_images*h*w = {n_images * h * w}")
+    sizes = _as_sizes(hw, n_images)
+    expected = sum(h * w for h, w in sizes)
+    if V.shape[0] != expected:
+        raise ValueError(f"V has {V.shape[0]} rows, expected sum of h*w = {expected}")
 
     def make(c: str | KCriterion) -> KCriterion:
         if isinstance(c, str):
@@ -275,7 +315,10 @@ def select_k(
         if k not in all_fits:
             all_fits[k] = nmf_fit(V, k, **fit_kwargs)
     sweep = Sweep(
-        V=V, n_images=n_images, hw=(h, w), ks=ks_t, fits=all_fits, fit_kwargs=fit_kwargs, seed=seed
+        V=V, n_images=n_images, sizes=sizes, ks=ks_t,
+        input_sizes=(tuple((int(h), int(w)) for h, w in input_sizes)
+                     if input_sizes is not None else None),
+        fits=all_fits, fit_kwargs=fit_kwargs, seed=seed,
     )
     curves = {c.name: c.curve(sweep) for c in recorded}
     k, reason = chosen.choose(curves[chosen.name])

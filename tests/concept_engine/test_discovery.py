@@ -138,8 +138,11 @@ def test_polygons_at_original_size_keep_aspect():
                 assert 0 <= p[:, 0].min() and p[:, 0].max() < w
                 assert 0 <= p[:, 1].min() and p[:, 1].max() < h
     assert cs.original_sizes[cs.image_ids.index("wide.png")].tolist() == [37, 301]
-    with pytest.raises(InvalidInput, match="one feature-map size"):
-        discover(data, FakeSource(), DiscoveryOptions(name="ant", resize_mode="keep_aspect"))
+    # k estimation works across images of different feature-map sizes too
+    auto = discover(data, FakeSource(), DiscoveryOptions(
+        name="ant", resize_mode="keep_aspect", certainty_filter="off", k_max=4))
+    assert auto.k in (2, 3, 4) and set(auto.k_curves["stability"]) == {2, 3, 4}
+    assert all(np.isfinite(v) for v in auto.k_curves["certainty"].values())
 
 
 def test_explain_with_fixed_bases(tmp_path, items):

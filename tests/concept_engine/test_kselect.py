@@ -95,3 +95,23 @@ def test_custom_criterion_instance_and_bad_arguments(V4):
         select_k(V4, 40, (6, 6), criterion="aic")
     with pytest.raises(ValueError, match="square"):
         select_k(V4, 40, 35)
+
+
+def test_per_image_sizes_match_uniform_layout():
+    """A sequence of per-image (h, w) gives the same curves as one uniform size."""
+    V = planted_images(n_images=20)
+    uniform = select_k(V, 20, (6, 6), ks=(2, 3, 4), seed=1)
+    per_image = select_k(V, 20, [(6, 6)] * 20, ks=(2, 3, 4), seed=1)
+    assert uniform.k == per_image.k
+    for name, curve in uniform.curves.items():
+        for k, v in curve.items():
+            assert per_image.curves[name][k] == pytest.approx(v, rel=1e-6)
+
+
+def test_mixed_sizes_rows_checked():
+    V = planted_images(n_images=4)  # 4 images of 6x6 = 144 rows
+    sizes = [(6, 6), (4, 9), (9, 4), (3, 12)]
+    sel = select_k(V, 4, sizes, ks=(2,), record=("certainty", "elbow"), criterion="elbow")
+    assert sel.k == 2
+    with pytest.raises(ValueError, match="sum of h\\*w"):
+        select_k(V, 4, [(6, 6), (6, 6), (6, 6), (6, 7)], ks=(2,))
