@@ -30,6 +30,7 @@ cleanup() {
 }
 containers=()
 trap cleanup EXIT
+trap 'echo "FAIL: line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 
 for tool in buildah podman debootstrap; do
   command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install -y buildah podman debootstrap)"; exit 2; }
@@ -54,11 +55,12 @@ step "3. image metadata"
 for target in feature-server engine exporter; do
   img="localhost/dff-$target"
   user=$(buildah "${STORAGE[@]}" inspect --format '{{.Docker.Config.User}}' "$img")
-  entry=$(buildah "${STORAGE[@]}" inspect --format '{{json .Docker.Config.Entrypoint}}' "$img")
-  health=$(buildah "${STORAGE[@]}" inspect --format '{{json .Docker.Config.Healthcheck}}' "$img")
+  entry=$(buildah "${STORAGE[@]}" inspect --format '{{.Docker.Config.Entrypoint}}' "$img")
+  health=$(buildah "${STORAGE[@]}" inspect --format '{{.Docker.Config.Healthcheck}}' "$img")
   echo "$img: user=$user entrypoint=$entry healthcheck=$health"
   [[ "$user" == "dff" ]] || { echo "FAIL: $img runs as '$user', not dff"; exit 1; }
-  [[ "$entry" == '["dff",'* ]] || { echo "FAIL: $img entrypoint is not exec form"; exit 1; }
+  # exec form: the entrypoint is the dff program itself, not `/bin/sh -c "..."`
+  [[ "$entry" == '[dff '* ]] || { echo "FAIL: $img entrypoint is not exec form"; exit 1; }
   if [[ "$target" != exporter ]]; then
     [[ "$health" == *exporter.healthcheck* ]] || { echo "FAIL: $img has no gRPC health check"; exit 1; }
   fi
@@ -66,7 +68,8 @@ done
 
 step "4. export inside the exporter image (in-process)"
 mkdir -p "$WORK/data/ant" "$WORK/out" "$WORK/out-fs"
-find "$DATA" -maxdepth 1 -type f -iname '*.jpg' | sort | head -n "$N" | xargs -I{} cp {} "$WORK/data/ant/"
+mapfile -t photos < <(find "$DATA" -maxdepth 1 -type f -iname '*.jpg' | sort)
+cp "${photos[@]:0:$N}" "$WORK/data/ant/"
 chmod -R a+rX "$WORK/data"; chmod 777 "$WORK/out" "$WORK/out-fs"
 ctr=$(buildah "${STORAGE[@]}" from localhost/dff-exporter); containers+=("$ctr")
 t0=$(date +%s)
