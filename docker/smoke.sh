@@ -107,6 +107,7 @@ b = h5py.File(f"{w}/out-fs/ant/concepts.h5")["bases"][()]
 print("bases in-process vs feature server: max abs diff", float(np.abs(a - b).max()), "of max", float(np.abs(a).max()))
 assert np.allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(a).max())
 PY
+echo "stopping the feature server container (buildah reports the kill as 'exit status 1')"
 kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=""
 
 step "SMOKE OK"
