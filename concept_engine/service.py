@@ -353,7 +353,17 @@ class ConceptEngineServicer(engine_pb2_grpc.ConceptEngineServicer):
 
     @map_errors
     def GetConceptSet(self, request, context):  # noqa: N802
-        return concept_set_to_proto(self.store.get(request.id))
+        data = self.store.read_bytes(request.id) if request.include_file else b""
+        msg = concept_set_to_proto(self.store.get(request.id))
+        if request.include_file:
+            msg.hdf5 = data
+            limit = self.config.max_message_bytes
+            if msg.ByteSize() > limit:
+                raise ResourceExhausted(
+                    f"concept set {request.id!r}: its file is {len(data)} bytes and the "
+                    f"response would be {msg.ByteSize()} bytes, over this engine's max message "
+                    f"size of {limit} bytes; ask without include_file (and use Explain)")
+        return msg
 
     @map_errors
     def DeleteConceptSet(self, request, context):  # noqa: N802

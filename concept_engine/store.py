@@ -422,6 +422,14 @@ class ConceptSetStore:
             raise NotFound(f"no concept set {concept_set_id!r}")
         return load_concept_set(p)
 
+    def read_bytes(self, concept_set_id: str) -> bytes:
+        """The stored HDF5 file of a concept set, byte for byte."""
+        p = self.path(concept_set_id)
+        try:
+            return p.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"no concept set {concept_set_id!r}") from None
+
     def delete(self, concept_set_id: str) -> bool:
         """True if a set was deleted, False if there was none."""
         p = self.path(concept_set_id)

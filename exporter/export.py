@@ -288,7 +288,11 @@ def write_class_outputs(class_dir: Path, cs: Any, paths: dict[str, Path], report
     if not cs.id:  # in-process discovery leaves the id to the caller
         cs.id = safe_id(cs.name or class_dir.name)
         report.concept_set_id = cs.id
-    save_concept_set(class_dir / CONCEPTS_FILE, cs)
+    stored = getattr(cs, "hdf5", b"")  # the engine's own file (exporter.remote.EngineConceptSet)
+    if stored:
+        (class_dir / CONCEPTS_FILE).write_bytes(stored)
+    else:
+        save_concept_set(class_dir / CONCEPTS_FILE, cs)
     report.stage_seconds["save"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     data = ReportData(name=cs.name, k=cs.k, k_reason=cs.k_reason,

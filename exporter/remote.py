@@ -1,30 +1,37 @@
 """Discovery on a concept engine service (``dff discover --engine ADDR``).
 
-The engine fits the concept set; to write the same outputs as an in-process run the exporter
-then needs the pieces the service exposes:
+The engine fits the concept set and stores it; the exporter then fetches it:
 
 1. ``Discover``: options, then the images; events give progress, one decision per (image,
    stage) and a summary (k, reason, curves, stage times, notices, concept set id).
-2. ``GetConceptSet``: the bases H and the provenance.
-3. ``Explain`` (H fixed) of the kept images: heatmaps at feature resolution, certainties,
-   contours and image sizes.
+2. ``GetConceptSet`` with ``include_file``: the concept set's HDF5 file exactly as the engine
+   stored it (the fit's own heatmaps W, certainties, regions, decisions, k sweep). It is written
+   unchanged as ``OUT/<class>/concepts.h5`` (see :class:`EngineConceptSet`), so an engine run
+   gives the same outputs as an in-process one, and every image goes through the network once.
 
-The heatmaps of step 3 are the fixed-basis solution W(H) for the training images, not the W of
-the fit itself; for a converged fit the two agree closely (W of the fit is the fixed point of the
-same update). The concept set is then saved locally with the engine's store module, so the
-folder layout is the same either way.
+Fallback, with a logged warning, when the file cannot come (larger than the engine's or this
+client's max message size: RESOURCE_EXHAUSTED / FAILED_PRECONDITION; or an engine that predates
+``include_file`` and leaves ``hdf5`` empty): ``GetConceptSet`` for the bases and provenance, then
+``Explain`` (H fixed) of the kept images for heatmaps, certainties, contours and image sizes.
+Those heatmaps are the fixed-basis solution W(H), close to the fit's W but not identical, and
+the features of the kept images are extracted a second time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
-from dff_protos.errors import TooFewImages
+from dff_protos.errors import InvalidInput, TooFewImages
+
+from concept_engine.store import ConceptSet
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,16 @@ def options_message(name: str, options: dict[str, Any]) -> Any:
     return msg
 
 
+@dataclass
+class EngineConceptSet(ConceptSet):
+    """A concept set made by the engine. ``hdf5`` holds the engine's stored file, byte for byte,
+    when this object is exactly that file's content (the exporter then writes those bytes as
+    concepts.h5 instead of saving the object again); empty when it was rebuilt from Explain or
+    changed here (other region options)."""
+
+    hdf5: bytes = b""
+
+
 class EngineDiscoverer:
     """A Discoverer that runs discovery on a ConceptEngine service."""
 
@@ -106,11 +123,8 @@ class EngineDiscoverer:
                  progress: Any = None) -> Any:
         import grpc
         from dff_protos.status import error_from_rpc
-        from dff_protos.v1 import engine_pb2
-        from dff_protos.wire import from_tensor
 
         from concept_engine.finegrain import Decision
-        from concept_engine.store import ConceptSet
 
         msg = options_message(name, options)
         decisions: list[Decision] = []
@@ -130,23 +144,96 @@ class EngineDiscoverer:
             if summary is None:
                 raise TooFewImages(f"engine at {self.address} ended discovery of {name!r} "
                                    "without a summary")
-            cs_msg = self.stub.GetConceptSet(
-                engine_pb2.GetConceptSetRequest(id=summary.concept_set_id), timeout=60)
-            bases = from_tensor(cs_msg.bases)
-            provenance = json.loads(cs_msg.provenance_json or "{}")
-            kept_ids = _kept_ids(items, decisions, provenance)
-            used = provenance.get("options", {}) if isinstance(provenance.get("options"),
-                                                                dict) else {}
-            # the proto's DiscoverOptions has no threshold/min_area: apply them at Explain
-            threshold = float(options.get("threshold", used.get("threshold", 0.75)))
-            min_area = float(options.get("min_area", used.get("min_area", 0.01)))
-            t0 = time.perf_counter()
-            explained = self._explain(summary.concept_set_id,
-                                      [(i, d) for i, d in items if i in set(kept_ids)],
-                                      threshold, min_area, progress)
-            explain_s = time.perf_counter() - t0
+            cs_msg = self._get_concept_set(summary.concept_set_id)
+            if cs_msg.hdf5:
+                return self._from_file(cs_msg.hdf5, summary, options)
+            return self._from_explain(name, items, options, decisions, summary, cs_msg,
+                                      progress)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
+
+    def _get_concept_set(self, concept_set_id: str) -> Any:
+        """GetConceptSet with the stored file; without it (and a warning) when the engine
+        cannot send it. A message with an empty ``hdf5`` means: use Explain."""
+        import grpc
+        from dff_protos.v1 import engine_pb2
+
+        try:
+            cs_msg = self.stub.GetConceptSet(engine_pb2.GetConceptSetRequest(
+                id=concept_set_id, include_file=True), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  grpc.StatusCode.FAILED_PRECONDITION):
+                raise
+            log.warning("engine at %s cannot send concept set %s as a file (%s); explaining "
+                        "the kept images again instead (their features are extracted twice "
+                        "and the heatmaps only approximate the fit's)", self.address,
+                        concept_set_id, exc.details())
+            return self.stub.GetConceptSet(
+                engine_pb2.GetConceptSetRequest(id=concept_set_id), timeout=60)
+        if not cs_msg.hdf5:
+            log.warning("engine at %s sent no concept set file (an engine older than "
+                        "GetConceptSetRequest.include_file?); explaining the kept images again "
+                        "instead (their features are extracted twice and the heatmaps only "
+                        "approximate the fit's)", self.address)
+        return cs_msg
+
+    def _from_file(self, data: bytes, summary: Any, options: dict[str, Any]) -> EngineConceptSet:
+        """The concept set in the engine's file; kept byte for byte unless other region
+        options (threshold/min_area, which DiscoverOptions does not carry) were asked for."""
+        from concept_engine import heatmaps as hm
+        from concept_engine.store import load_concept_set
+
+        fd, tmp = tempfile.mkstemp(prefix=".engine-", suffix=".h5")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            cs = load_concept_set(tmp)
+        finally:
+            os.unlink(tmp)
+        if cs.id != summary.concept_set_id:
+            raise InvalidInput(f"engine at {self.address} sent concept set {cs.id!r} for "
+                               f"{summary.concept_set_id!r}")
+        exact = True
+        threshold = float(cs.threshold if options.get("threshold") is None
+                          else options["threshold"])
+        min_area = float(cs.min_area if options.get("min_area") is None else options["min_area"])
+        if (threshold, min_area) != (cs.threshold, cs.min_area):
+            # regions are a function of the stored heatmaps: redraw them here, as an
+            # in-process run with these options would
+            log.info("regions at threshold %g, min_area %g (the engine used %g, %g)",
+                     threshold, min_area, cs.threshold, cs.min_area)
+            cs.polygons = [hm.concept_polygons(m, (int(s[0]), int(s[1])), threshold, min_area)
+                           for m, s in zip(cs.heatmaps, cs.original_sizes, strict=True)]
+            cs.threshold, cs.min_area = threshold, min_area
+            exact = False
+        out = EngineConceptSet(**{f.name: getattr(cs, f.name) for f in fields(ConceptSet)},
+                               hdf5=data if exact else b"")
+        # for the report only (the file keeps the engine's own provenance and times)
+        out.provenance = {**cs.provenance, "engine": self.address}
+        out.stage_seconds = dict(summary.stage_seconds)
+        return out
+
+    def _from_explain(self, name: str, items: list[tuple[str, bytes]], options: dict[str, Any],
+                      decisions: list[Any], summary: Any, cs_msg: Any,
+                      progress: Any) -> EngineConceptSet:
+        """The concept set rebuilt from the bases and Explain of the kept images (fallback)."""
+        from dff_protos.wire import from_tensor
+
+        bases = from_tensor(cs_msg.bases)
+        provenance = json.loads(cs_msg.provenance_json or "{}")
+        kept_ids = _kept_ids(items, decisions, provenance)
+        used = provenance.get("options", {}) if isinstance(provenance.get("options"),
+                                                            dict) else {}
+        # the proto's DiscoverOptions has no threshold/min_area: apply them at Explain
+        threshold = float(options.get("threshold", used.get("threshold", 0.75)))
+        min_area = float(options.get("min_area", used.get("min_area", 0.01)))
+        t0 = time.perf_counter()
+        kept = set(kept_ids)
+        explained = self._explain(summary.concept_set_id,
+                                  [(i, d) for i, d in items if i in kept],
+                                  threshold, min_area, progress)
+        explain_s = time.perf_counter() - t0
         heatmaps, certs, orig, inp, polys = [], [], [], [], []
         for image_id in kept_ids:
             r = explained[image_id]
@@ -165,7 +252,7 @@ class EngineDiscoverer:
         k = int(bases.shape[0])
         curves = {c.criterion: {int(kk): float(v) for kk, v in zip(c.k, c.value, strict=True)}
                   for c in summary.curves}
-        return ConceptSet(
+        return EngineConceptSet(
             name=name, bases=bases, image_ids=kept_ids, heatmaps=heatmaps,
             certainties=np.asarray(certs, dtype=np.float32).reshape(len(kept_ids), k),
             original_sizes=np.asarray(orig, dtype=np.int32).reshape(-1, 2),

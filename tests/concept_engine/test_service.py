@@ -154,6 +154,97 @@ def test_discover_from_data_dir(stub):
     assert got.info.name == "ant"  # the folder name is the class
 
 
+def _assert_same_set(a, b) -> None:
+    assert (a.id, a.name, a.k, a.image_ids, a.created) == (b.id, b.name, b.k, b.image_ids,
+                                                           b.created)
+    np.testing.assert_array_equal(a.bases, b.bases)
+    np.testing.assert_array_equal(a.certainties, b.certainties)
+    for x, y in zip(a.heatmaps, b.heatmaps, strict=True):
+        np.testing.assert_array_equal(x, y)
+    for pa, pb in zip(a.polygons, b.polygons, strict=True):
+        for ca, cb in zip(pa, pb, strict=True):
+            assert [c.tolist() for c in ca] == [c.tolist() for c in cb]
+    assert a.decisions == b.decisions and a.k_curves == b.k_curves
+    assert a.provenance == b.provenance
+
+
+def test_get_concept_set_with_its_file(stub, fake_engine, tmp_path):
+    running, _ = fake_engine
+    _, _, summary = _split(_discover(stub, engine_pb2.DiscoverOptions(name="ant", k=3),
+                                     make_items(10)))
+    request = engine_pb2.GetConceptSetRequest(id=summary.concept_set_id)
+    assert stub.GetConceptSet(request, timeout=10).hdf5 == b""  # only when asked for
+    got = stub.GetConceptSet(engine_pb2.GetConceptSetRequest(id=summary.concept_set_id,
+                                                             include_file=True), timeout=10)
+    stored = running.servicer.store.path(summary.concept_set_id)
+    assert got.hdf5 == stored.read_bytes()  # the file as stored, byte for byte
+    (tmp_path / "got.h5").write_bytes(got.hdf5)
+    _assert_same_set(load_concept_set(tmp_path / "got.h5"), load_concept_set(stored))
+    np.testing.assert_array_equal(wire.from_tensor(got.bases),
+                                  load_concept_set(stored).bases)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetConceptSet(engine_pb2.GetConceptSetRequest(id="missing", include_file=True),
+                           timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_concept_set_file_over_the_message_limit(tmp_path, caplog):
+    """A file too big for one message: RESOURCE_EXHAUSTED naming the sizes; the exporter then
+    falls back to Explain (with a warning) and still gets the concept set."""
+    import dataclasses
+
+    from exporter.remote import EngineDiscoverer
+
+    running = _engine(tmp_path, FakeSource())
+    try:
+        address = f"127.0.0.1:{running.port}"
+        discoverer = EngineDiscoverer(address, timeout=TIMEOUT)
+        try:  # within the limit: the engine's file itself, no Explain
+            cs = discoverer.discover("ant", make_items(10), {"k": 3})
+        finally:
+            discoverer.close()
+        assert cs.hdf5 == running.servicer.store.path(cs.id).read_bytes()
+        assert "explain" not in cs.stage_seconds and cs.provenance["engine"] == address
+        discoverer = EngineDiscoverer(address, timeout=TIMEOUT)
+        try:  # region options DiscoverOptions cannot carry: redrawn here from the file's maps
+            other = discoverer.discover("ant", make_items(10), {"k": 3, "threshold": 0.5})
+        finally:
+            discoverer.close()
+        assert other.hdf5 == b"" and "explain" not in other.stage_seconds
+        from concept_engine.heatmaps import concept_polygons
+
+        def lists(per_concept):
+            return [[c.tolist() for c in polys] for polys in per_concept]
+
+        assert other.threshold == 0.5 and lists(other.polygons[0]) != lists(cs.polygons[0])
+        assert lists(other.polygons[0]) == lists(concept_polygons(
+            other.heatmaps[0], tuple(other.original_sizes[0]), 0.5, other.min_area))
+        with grpc.insecure_channel(address) as channel:
+            stub = engine_pb2_grpc.ConceptEngineStub(channel)
+            _, _, summary = _split(_discover(stub, engine_pb2.DiscoverOptions(name="ant", k=3),
+                                             make_items(10)))
+            size = running.servicer.store.path(summary.concept_set_id).stat().st_size
+            # the server's transport limit stays 64 MiB; only the engine's own check sees 0
+            running.servicer.config = dataclasses.replace(running.config, max_message_mb=0)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetConceptSet(engine_pb2.GetConceptSetRequest(
+                    id=summary.concept_set_id, include_file=True), timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"its file is {size} bytes" in err.value.details()
+            assert "max message size of 0 bytes" in err.value.details()
+        discoverer = EngineDiscoverer(address, timeout=TIMEOUT)
+        try:
+            with caplog.at_level("WARNING", logger="exporter.remote"):
+                cs = discoverer.discover("ant", make_items(10), {"k": 3})
+        finally:
+            discoverer.close()
+        assert "cannot send concept set" in caplog.text and str(size) in caplog.text
+        assert cs.hdf5 == b"" and "explain" in cs.stage_seconds
+        assert cs.k == 3 and cs.n_images == 10 and len(cs.heatmaps) == 10
+    finally:
+        running.stop(grace=1)
+
+
 @pytest.mark.parametrize("data_dir", ["../outside", "/etc", "escape", "ant/../../outside",
                                       "mixed"])
 def test_data_dir_outside_root_refused(stub, data_dir):

@@ -233,20 +233,24 @@ class ListConceptSetsResponse(_message.Message):
     def __init__(self, concept_sets: _Optional[_Iterable[_Union[ConceptSetInfo, _Mapping]]] = ...) -> None: ...
 
 class GetConceptSetRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "include_file")
     ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_FILE_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    include_file: bool
+    def __init__(self, id: _Optional[str] = ..., include_file: _Optional[bool] = ...) -> None: ...
 
 class ConceptSet(_message.Message):
-    __slots__ = ("info", "bases", "provenance_json")
+    __slots__ = ("info", "bases", "provenance_json", "hdf5")
     INFO_FIELD_NUMBER: _ClassVar[int]
     BASES_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_JSON_FIELD_NUMBER: _ClassVar[int]
+    HDF5_FIELD_NUMBER: _ClassVar[int]
     info: ConceptSetInfo
     bases: _common_pb2.Tensor
     provenance_json: str
-    def __init__(self, info: _Optional[_Union[ConceptSetInfo, _Mapping]] = ..., bases: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., provenance_json: _Optional[str] = ...) -> None: ...
+    hdf5: bytes
+    def __init__(self, info: _Optional[_Union[ConceptSetInfo, _Mapping]] = ..., bases: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., provenance_json: _Optional[str] = ..., hdf5: _Optional[bytes] = ...) -> None: ...
 
 class DeleteConceptSetRequest(_message.Message):
     __slots__ = ("id",)
