@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -34,10 +33,10 @@ import grpc
 import numpy as np
 from dff_protos import wire
 from dff_protos.errors import InvalidInput, NotFound, ResourceExhausted
+from dff_protos.serving import add_health_and_reflection, mark_serving, run_until_signal
 from dff_protos.status import map_errors
 from dff_protos.v1 import common_pb2, engine_pb2, engine_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from concept_engine.discovery import DiscoveryOptions, Explanation, Progress, discover, explain
 from concept_engine.finegrain import Decision
@@ -431,18 +430,13 @@ def start_server(config: EngineConfig, source: FeatureSource | None = None) -> R
     server = grpc.server(pool, options=options)
     servicer = ConceptEngineServicer(source, store, config)
     engine_pb2_grpc.add_ConceptEngineServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = engine_pb2.DESCRIPTOR.services_by_name["ConceptEngine"].full_name
-    reflection.enable_server_reflection(
-        (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+    health_servicer = add_health_and_reflection(server, service_name)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
     server.start()
-    for name in ("", service_name):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    mark_serving(health_servicer, service_name)
     log.info("concept engine listening on %s:%d (store %s, data root %s)", config.host, port,
              config.store_dir, config.data_root or "none")
     return RunningEngine(server, port, health_servicer, servicer, config)
@@ -451,21 +445,7 @@ def start_server(config: EngineConfig, source: FeatureSource | None = None) -> R
 def serve(config: EngineConfig) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully; returns the exit code (0)."""
     running = start_server(config)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("received signal %d", signum)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while not stop.wait(0.5):
-            pass
-        running.stop()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return 0
+    return run_until_signal(running.stop)
 
 
 __all__ = ["ConceptEngineServicer", "EngineConfig", "RunningEngine", "make_source",

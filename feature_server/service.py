@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -23,10 +22,10 @@ from typing import Any
 import grpc
 from dff_protos import wire
 from dff_protos.errors import DFFError, ImageTooLarge, InvalidInput, ResourceExhausted
+from dff_protos.serving import add_health_and_reflection, mark_serving, run_until_signal
 from dff_protos.status import map_errors
 from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from feature_server.batching import MicroBatcher
 from feature_server.extractor import ExtractOptions, Extractor, ExtractResult, Prepared
@@ -390,18 +389,13 @@ def start_server(config: ServerConfig, extractor: Extractor | None = None) -> Ru
     server = grpc.server(pool, options=options)
     servicer = FeatureServicer(extractor, batcher, config)
     features_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
-    reflection.enable_server_reflection(
-        (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+    health_servicer = add_health_and_reflection(server, service_name)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
     server.start()
-    for name in ("", service_name):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    mark_serving(health_servicer, service_name)
     log.info("feature server listening on %s:%d (provider %s, models %s, max batch %d)",
              config.host, port, extractor.execution_provider, sorted(extractor.registry),
              config.max_batch_size)
@@ -411,21 +405,7 @@ def start_server(config: ServerConfig, extractor: Extractor | None = None) -> Ru
 def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully; returns the exit code (0)."""
     running = start_server(config)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("received signal %d", signum)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while not stop.wait(0.5):
-            pass
-        running.stop()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return 0
+    return run_until_signal(running.stop)
 
 
 __all__ = ["FeatureServicer", "RunningServer", "ServerConfig", "serve", "start_server",

@@ -21,9 +21,8 @@ PROTO_DIR = HERE / "dff_protos" / "v1"
 
 
 def generate(out_root: Path) -> list[Path]:
-    from grpc_tools import protoc  # imported here: only needed to generate
-
     import grpc_tools
+    from grpc_tools import protoc  # imported here: only needed to generate
 
     protos = sorted(PROTO_DIR.glob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
