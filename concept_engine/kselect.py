@@ -14,11 +14,13 @@ Criteria (each a small class with ``curve`` and ``choose``):
   rows from one image are strongly correlated) are split at random into two halves; each half is
   fitted at every k; the bases of the two halves are matched one-to-one by the Hungarian
   algorithm on cosine similarity; the curve is the mean matched cosine, averaged over
-  ``n_splits`` random splits. Rule: the LARGEST k whose stability is within ``tolerance`` of the
-  best. Plain argmax is biased to small k in the same way as certainty (a coarse split into two
-  broad parts is nearly always reproducible), whereas the goal is the finest set of concepts
-  that is still reproducible: beyond the true k, extra components split noise or concepts
-  arbitrarily and their cosines drop well below the tolerance.
+  ``n_splits`` random splits. Each half is fitted from its own seeded random start (not the
+  caller's NNDSVD): from one deterministic start, two similar halves split an over-complete k
+  the same arbitrary way and look stable. Rule: the LARGEST k whose stability is within
+  ``tolerance`` of the best. Plain argmax is biased to small k in the same way as certainty
+  (a coarse split into two broad parts is nearly always reproducible), whereas the goal is the
+  finest set of concepts that is still reproducible: beyond the true k, extra components split
+  noise or concepts arbitrarily and their cosines drop well below the tolerance.
 * ``'elbow'`` - the knee of the reconstruction-error curve: after scaling k and the error to
   [0, 1], the k farthest below the chord joining the first and last points (Kneedle).
 """
@@ -176,6 +178,7 @@ class StabilityCriterion:
 
     n_splits: int = 2
     tolerance: float = 0.02
+    init: str = "random"
     name: str = "stability"
 
     def curve(self, sweep: Sweep) -> dict[int, float]:
@@ -188,8 +191,12 @@ class StabilityCriterion:
             halves = _split_images(sweep.n_images, sweep.seed + split)
             parts = [sweep.V[to_device(_rows(idx, off), xp)] for idx in halves]
             for k in sweep.ks:
-                Ha = nmf_fit(parts[0], k, **sweep.fit_kwargs).H
-                Hb = nmf_fit(parts[1], k, **sweep.fit_kwargs).H
+                # Each half starts from its OWN random point: from a deterministic (NNDSVD)
+                # start, two similar halves split an over-complete k the same arbitrary way
+                # and look stable; independent starts expose such splits.
+                kw = {**sweep.fit_kwargs, "init": self.init}
+                Ha = nmf_fit(parts[0], k, **{**kw, "seed": _half_seed(sweep.seed, split, 0)}).H
+                Hb = nmf_fit(parts[1], k, **{**kw, "seed": _half_seed(sweep.seed, split, 1)}).H
                 _, cos = match_bases(Ha, Hb)
                 scores[k].append(float(np.mean(cos)))
         return {k: float(np.mean(v)) for k, v in scores.items()}
@@ -215,6 +222,10 @@ def _is_host_sparse(V: Any) -> bool:
     import scipy.sparse as sp  # noqa: PLC0415
 
     return sp.issparse(V)
+
+
+def _half_seed(seed: int, split: int, half: int) -> int:
+    return int(np.random.SeedSequence([seed, split, half]).generate_state(1)[0])
 
 
 def _split_images(n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -300,19 +300,22 @@ def _solve(
     converged = False
     n_iter = 0
     for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is read after the loop
-        if update_H:
-            WtV = op.wt_v(Wt)
-            WtW = Wt @ Wt.T
-            if solver == "mu":
-                H = _mu_update_H(H, WtV, WtW, xp)
-            else:
-                H = _hals_update_rows(H, WtV, WtW, xp)
-            HHt = H @ H.T
-            HVt = op.h_vt(H)
         if solver == "mu":
+            # The seed's order: H, then W.
+            if update_H:
+                H = _mu_update_H(H, op.wt_v(Wt), Wt @ Wt.T, xp)
+                HHt = H @ H.T
+                HVt = op.h_vt(H)
             Wt = _mu_update_Wt(Wt, HVt, HHt, xp)
         else:
+            # HALS: W, then H (as scikit-learn's cd). From an NNDSVD start, W-first leaves the
+            # plateau that H-first crosses slowly: on real conv5_4 features of 243 photos at
+            # k=4 it reached the optimum in ~25 iterations instead of ~150. Same passes over V.
             Wt = _hals_update_rows(Wt, HVt, HHt, xp)
+            if update_H:
+                H = _hals_update_rows(H, op.wt_v(Wt), Wt @ Wt.T, xp)
+                HHt = H @ H.T
+                HVt = op.h_vt(H)
         # As in the seed and scikit-learn: every `check_every` iterations, stop when the error
         # fell by less than tol (relative to the initial error) since the last check. The error
         # costs no pass over V: HVt already holds V H^T for the current H.
