@@ -24,16 +24,14 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-from dff_protos import wire
+from dff_protos import serving, wire
 from dff_protos.errors import InvalidInput, NotFound, ResourceExhausted
-from dff_protos.serving import add_health_and_reflection, mark_serving, run_until_signal
 from dff_protos.status import map_errors
 from dff_protos.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from grpc_health.v1 import health
@@ -422,21 +420,12 @@ def start_server(config: EngineConfig, source: FeatureSource | None = None) -> R
     """Build and start the engine (port 0 picks a free port; see ``RunningEngine.port``)."""
     source = source if source is not None else make_source(config)
     store = ConceptSetStore(config.store_dir)
-    options = [("grpc.max_receive_message_length", config.max_message_bytes),
-               ("grpc.max_send_message_length", config.max_message_bytes),
-               ("grpc.so_reuseport", 0)]
-    pool = futures.ThreadPoolExecutor(max_workers=config.max_workers,
-                                      thread_name_prefix="engine")
-    server = grpc.server(pool, options=options)
+    server = serving.create_server(max_message_bytes=config.max_message_bytes,
+                                   max_workers=config.max_workers, thread_name_prefix="engine")
     servicer = ConceptEngineServicer(source, store, config)
     engine_pb2_grpc.add_ConceptEngineServicer_to_server(servicer, server)
     service_name = engine_pb2.DESCRIPTOR.services_by_name["ConceptEngine"].full_name
-    health_servicer = add_health_and_reflection(server, service_name)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
-    server.start()
-    mark_serving(health_servicer, service_name)
+    port, health_servicer = serving.start(server, service_name, config.host, config.port)
     log.info("concept engine listening on %s:%d (store %s, data root %s)", config.host, port,
              config.store_dir, config.data_root or "none")
     return RunningEngine(server, port, health_servicer, servicer, config)
@@ -445,7 +434,7 @@ def start_server(config: EngineConfig, source: FeatureSource | None = None) -> R
 def serve(config: EngineConfig) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully; returns the exit code (0)."""
     running = start_server(config)
-    return run_until_signal(running.stop)
+    return serving.run_until_signal(running.stop)
 
 
 __all__ = ["ConceptEngineServicer", "EngineConfig", "RunningEngine", "make_source",

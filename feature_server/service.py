@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from dff_protos import wire
+from dff_protos import serving, wire
 from dff_protos.errors import DFFError, ImageTooLarge, InvalidInput, ResourceExhausted
-from dff_protos.serving import add_health_and_reflection, mark_serving, run_until_signal
 from dff_protos.status import map_errors
 from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
 from grpc_health.v1 import health
@@ -378,24 +377,14 @@ def start_server(config: ServerConfig, extractor: Extractor | None = None) -> Ru
                                          batch_size=config.max_batch_size, limits=config.limits)
     batcher = MicroBatcher(extractor.run, max_batch_size=config.max_batch_size,
                            max_wait_s=config.max_wait_ms / 1000.0, max_queue=config.max_queue)
-    options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
     # room for every stream's RPC thread plus health/describe calls
-    pool = futures.ThreadPoolExecutor(max_workers=config.max_concurrent_streams + 8,
-                                      thread_name_prefix="grpc")
-    server = grpc.server(pool, options=options)
+    server = serving.create_server(max_message_bytes=config.max_message_bytes,
+                                   max_workers=config.max_concurrent_streams + 8,
+                                   thread_name_prefix="grpc")
     servicer = FeatureServicer(extractor, batcher, config)
     features_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, server)
     service_name = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
-    health_servicer = add_health_and_reflection(server, service_name)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
-    server.start()
-    mark_serving(health_servicer, service_name)
+    port, health_servicer = serving.start(server, service_name, config.host, config.port)
     log.info("feature server listening on %s:%d (provider %s, models %s, max batch %d)",
              config.host, port, extractor.execution_provider, sorted(extractor.registry),
              config.max_batch_size)
@@ -405,7 +394,7 @@ def start_server(config: ServerConfig, extractor: Extractor | None = None) -> Ru
 def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully; returns the exit code (0)."""
     running = start_server(config)
-    return run_until_signal(running.stop)
+    return serving.run_until_signal(running.stop)
 
 
 __all__ = ["FeatureServicer", "RunningServer", "ServerConfig", "serve", "start_server",

@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -14,6 +15,30 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
+
+
+def create_server(*, max_message_bytes: int, max_workers: int,
+                  thread_name_prefix: str) -> grpc.Server:
+    """A gRPC server with message limits from config (never INT32_MAX) and its thread pool."""
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.so_reuseport", 0)]  # a second server must not silently share a port
+    pool = futures.ThreadPoolExecutor(max_workers=max_workers,
+                                      thread_name_prefix=thread_name_prefix)
+    return grpc.server(pool, options=options)
+
+
+def start(server: grpc.Server, service_name: str, host: str, port: int
+          ) -> tuple[int, health.HealthServicer]:
+    """Add health + reflection, bind (port 0 = any free port), start, and go SERVING.
+    Returns the bound port and the health servicer (for the graceful stop)."""
+    health_servicer = add_health_and_reflection(server, service_name)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    server.start()
+    mark_serving(health_servicer, service_name)
+    return bound, health_servicer
 
 
 def add_health_and_reflection(server: grpc.Server, service_name: str) -> health.HealthServicer:
