@@ -438,7 +438,13 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
         ks = [c for c in range(options.k_min, options.k_max + 1) if c <= len(images)]
         if len(ks) < options.k_max - options.k_min + 1:
             run.notice(f"k sweep limited to {ks} ({len(images)} images)")
-        run.emit(Progress("k_sweep", 0, len(ks), f"{options.k_criterion} over k={ks}"))
+        run.emit(Progress("k_sweep", 0, 0, f"{options.k_criterion} over k={ks}"))
+        ticks = [0, 0]  # (done, total) of the sweep's NMF fits, for the closing event
+
+        def on_fit(done: int, total: int, msg: str) -> None:
+            ticks[:] = [done, total]
+            run.emit(Progress("k_sweep", done, total, msg))
+
         from concept_engine.kselect import select_k
 
         prior = {reuse[1]: reuse[2]} if reuse is not None and reuse[0] == ids else None
@@ -446,12 +452,13 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
                        criterion=options.k_criterion, seed=options.seed,
                        solver=options.solver, init=options.init,
                        max_iter=options.max_iter, tol=options.tol, fits=prior,
-                       input_sizes=[im.input_size for im in images])
+                       input_sizes=[im.input_size for im in images],
+                       progress=on_fit)
         k, k_reason, criterion = int(sel.k), sel.reason, options.k_criterion
         curves = {c: {int(a): float(b) for a, b in v.items()} for c, v in sel.curves.items()}
         if sel.fits and k in sel.fits:
             reuse = (ids, k, sel.fits[k])
-        run.emit(Progress("k_sweep", len(ks), len(ks), f"k={k}: {k_reason}"))
+        run.emit(Progress("k_sweep", ticks[1], ticks[1], f"k={k}: {k_reason}"))
     run.seconds["k_sweep"] = time.perf_counter() - t
     _check_enough(images, k, "for the final fit")
 

@@ -28,7 +28,7 @@ Criteria (each a small class with ``curve`` and ``choose``):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -90,6 +90,7 @@ class Sweep:
     fit_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     input_sizes: tuple[tuple[int, int], ...] | None = None  # network input (H, W) per image
+    tick: Callable[[str], None] = field(default=lambda _message: None)  # one call per NMF fit
 
     @property
     def offsets(self) -> np.ndarray:
@@ -199,6 +200,7 @@ class StabilityCriterion:
                 Hb = nmf_fit(parts[1], k, **{**kw, "seed": _half_seed(sweep.seed, split, 1)}).H
                 _, cos = match_bases(Ha, Hb)
                 scores[k].append(float(np.mean(cos)))
+                sweep.tick(f"stability split {split + 1}/{self.n_splits}, k={k}")
         return {k: float(np.mean(v)) for k, v in scores.items()}
 
     def choose(self, curve: dict[int, float]) -> tuple[int, str]:
@@ -278,6 +280,7 @@ def select_k(
     record: Sequence[str | KCriterion] | None = None,
     fits: dict[int, NMFResult] | None = None,
     input_sizes: Sequence[tuple[int, int]] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> KSelection:
     """Choose k for V (n_images * h * w, C) by ``criterion`` and return every curve and fit.
 
@@ -297,6 +300,8 @@ def select_k(
         fits: already computed fits on all of V, by k (reused, not refitted).
         input_sizes: network input (H, W) of each image; the certainty criterion upsamples
             each map to it (default: the seed's 224 x 224 for every image).
+        progress: called as ``progress(done, total, message)`` after every NMF fit of the
+            sweep (the full fits and the split-half fits), for progress bars.
 
     Returns:
         KSelection; ``result.fit`` is the fit on all of V for the chosen k.
@@ -322,14 +327,24 @@ def select_k(
         recorded.append(chosen)
     fit_kwargs = {"solver": solver, "init": init, "max_iter": max_iter, "tol": tol, "seed": seed}
     all_fits = dict(fits or {})
-    for k in ks_t:
-        if k not in all_fits:
-            all_fits[k] = nmf_fit(V, k, **fit_kwargs)
+    missing = [k for k in ks_t if k not in all_fits]
+    total = len(missing) + sum(getattr(c, "n_splits", 0) * len(ks_t) for c in recorded)
+    done = 0
+
+    def tick(message: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, message)
+
+    for k in missing:
+        all_fits[k] = nmf_fit(V, k, **fit_kwargs)
+        tick(f"fit k={k}")
     sweep = Sweep(
         V=V, n_images=n_images, sizes=sizes, ks=ks_t,
         input_sizes=(tuple((int(h), int(w)) for h, w in input_sizes)
                      if input_sizes is not None else None),
-        fits=all_fits, fit_kwargs=fit_kwargs, seed=seed,
+        fits=all_fits, fit_kwargs=fit_kwargs, seed=seed, tick=tick,
     )
     curves = {c.name: c.curve(sweep) for c in recorded}
     k, reason = chosen.choose(curves[chosen.name])

@@ -55,7 +55,12 @@ def test_extract_once_errors_and_filters_recorded(items):
 
 
 def test_k_estimated_and_used(items):
-    cs = discover(items, FakeSource(), DiscoveryOptions(name="ant", certainty_filter="off"))
+    events: list = []
+    cs = discover(items, FakeSource(), DiscoveryOptions(name="ant", certainty_filter="off"),
+                  progress=events.append)
+    sweep = [e for e in events if isinstance(e, Progress) and e.stage == "k_sweep"]
+    # start, one event per NMF fit of the sweep (5 full + 2 splits x 5 ks), end
+    assert len(sweep) == 1 + 15 + 1 and sweep[-2].done == sweep[-2].total == 15
     assert set(cs.k_curves) == {"stability", "certainty", "elbow"}
     assert sorted(cs.k_curves["stability"]) == [2, 3, 4, 5, 6]
     assert cs.k == 3  # three planted colour concepts

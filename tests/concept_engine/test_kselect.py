@@ -115,3 +115,12 @@ def test_mixed_sizes_rows_checked():
     assert sel.k == 2
     with pytest.raises(ValueError, match="sum of h\\*w"):
         select_k(V, 4, [(6, 6), (6, 6), (6, 6), (6, 7)], ks=(2,))
+
+
+def test_progress_once_per_fit(V4):
+    calls = []
+    select_k(V4, 40, (6, 6), ks=(2, 3), criterion="stability",
+             progress=lambda done, total, msg: calls.append((done, total, msg)))
+    # 2 full fits + 2 splits x 2 ks x (2 halves reported as one step)
+    assert [c[:2] for c in calls] == [(i, 6) for i in range(1, 7)]
+    assert calls[0][2] == "fit k=2" and "stability split" in calls[-1][2]
