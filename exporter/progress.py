@@ -24,7 +24,7 @@ class ProgressBar:
         self.interval = interval if not self.tty else 0.1
         self.enabled = enabled
         self._start = time.monotonic()
-        self._last = 0.0
+        self._last: float | None = None  # None: the first update always draws
         self._drawn = False
         self._drawn_done = -1
 
@@ -34,7 +34,8 @@ class ProgressBar:
         self.done = done
         now = time.monotonic()
         finished = self.total > 0 and done >= self.total
-        if not self.enabled or (now - self._last < self.interval and not finished):
+        if not self.enabled or (self._last is not None and now - self._last < self.interval
+                                 and not finished):
             return
         self._last = now
         self._draw(message)

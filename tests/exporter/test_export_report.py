@@ -88,7 +88,7 @@ def test_progress_redraws_one_line_on_a_tty():
     bar = ProgressBar("fit", 3, stream=buf)
     for i in range(1, 4):
         bar.update(i)
-        bar._last = 0.0  # no throttling in the test
+        bar._last = None  # no throttling in the test
     bar.close()
     text = buf.getvalue()
     assert text.count("\n") == 1 and text.endswith("\n") and "\r" in text
