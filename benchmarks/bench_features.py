@@ -21,8 +21,9 @@ import grpc
 import numpy as np
 from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
 
+from feature_server.convert import options_to_proto
 from feature_server.extractor import ExtractOptions, Extractor
-from feature_server.service import ServerConfig, options_to_proto, start_server
+from feature_server.service import ServerConfig, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "imagenet_sample"

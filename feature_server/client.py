@@ -21,10 +21,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
-from dff_protos import errors, wire
+from dff_protos import errors
 from dff_protos.status import error_from_rpc
 from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
 
+from feature_server.convert import describe_from_proto, options_to_proto, result_from_proto
 from feature_server.extractor import ExtractOptions, ExtractResult
 from feature_server.models.registry import DEFAULT_CLASSIFIER
 
@@ -34,12 +35,6 @@ DNS_STREAMS = 4
 _NOT_RETRYABLE = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED,
                             grpc.StatusCode.PERMISSION_DENIED,
                             grpc.StatusCode.UNAUTHENTICATED})
-_ITEM_ERRORS: dict[int, type[errors.DFFError]] = {
-    common_pb2.ItemError.INVALID_IMAGE: errors.InvalidInput,
-    common_pb2.ItemError.IMAGE_TOO_LARGE: errors.ImageTooLarge,
-    common_pb2.ItemError.INVALID_ARGUMENT: errors.InvalidInput,
-    common_pb2.ItemError.NOT_FOUND: errors.NotFound,
-}
 
 
 def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
@@ -50,21 +45,6 @@ def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
     if not out:
         raise errors.InvalidInput("no feature-server address given")
     return out
-
-
-def result_from_proto(resp: features_pb2.ExtractResponse, item_id: str | None = None
-                      ) -> ExtractResult:
-    """An ExtractResponse as an ExtractResult (activations (C, h, w) float32)."""
-    rid = resp.id if item_id is None else item_id
-    if resp.HasField("error"):
-        cls = _ITEM_ERRORS.get(resp.error.code, errors.DFFError)
-        return ExtractResult(rid, error=cls(resp.error.message))
-    acts = {a.layer: wire.from_tensor(a.tensor) for a in resp.activations}
-    probs = wire.from_tensor(resp.probabilities) if resp.HasField("probabilities") else None
-    top = [(s.index, s.name, float(s.probability)) for s in resp.top_k]
-    return ExtractResult(rid, acts, probs, top,
-                         (resp.info.original_height, resp.info.original_width),
-                         (resp.info.input_height, resp.info.input_width))
 
 
 @dataclass
@@ -178,7 +158,6 @@ class FeatureClient:
                 results: queue.Queue[tuple[int, ExtractResult] | None]
                 ) -> tuple[set[int], BaseException | None]:
         """One Extract stream; returns the indices answered and the error that ended it."""
-        from feature_server.service import options_to_proto
 
         def requests() -> Iterator[features_pb2.ExtractRequest]:
             yield features_pb2.ExtractRequest(options=options_to_proto(options))
@@ -222,43 +201,3 @@ class FeatureClient:
             if model["name"] == name:
                 return list(model["class_names"])
         raise errors.NotFound(f"the feature server has no classifier {name!r}")
-
-
-def _f32(values: Iterable[float]) -> list[float]:
-    # float32 on the wire: back to the short decimal the metadata holds (103.939, not ...03)
-    return [float(f"{v:.7g}") for v in values]
-
-
-def describe_from_proto(resp: features_pb2.DescribeModelResponse) -> dict:
-    """A DescribeModelResponse as the dict ``Extractor.describe()`` returns (plus server
-    version and limits)."""
-    models = []
-    for m in resp.models:
-        pre = m.preprocessing
-        if pre.default_resize.mode == common_pb2.KEEP_ASPECT:
-            mode = "keep_aspect"
-        elif pre.resize_shorter > 0:
-            mode = "shorter_crop"
-        else:
-            mode = "squash"
-        models.append({
-            "name": m.name, "kind": m.kind, "source": m.source,
-            "weights_sha256": m.weights_sha256, "onnx_sha256": m.onnx_sha256,
-            "layers": {layer.name: {"channels": layer.channels, "stride": layer.stride,
-                                    "shape_at_224": list(layer.shape_at_224)}
-                       for layer in m.layers},
-            "preprocessing": {"color_order": pre.color_order, "mean": _f32(pre.mean),
-                              "std": _f32(pre.std), "resize_mode": mode,
-                              "size": pre.default_resize.size,
-                              "resize_shorter": pre.resize_shorter,
-                              "description": pre.description},
-            "num_classes": m.num_classes, "class_names": list(m.class_names),
-            "class_wnids": list(m.class_wnids),
-        })
-    return {"models": models, "execution_provider": resp.execution_provider,
-            "available_providers": list(resp.available_providers),
-            "server_version": resp.server_version,
-            "limits": {"max_message_bytes": resp.limits.max_message_bytes,
-                       "max_pixels": resp.limits.max_pixels,
-                       "max_batch_size": resp.limits.max_batch_size,
-                       "max_concurrent_streams": resp.limits.max_concurrent_streams}}

@@ -20,26 +20,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from dff_protos import serving, wire
-from dff_protos.errors import DFFError, ImageTooLarge, InvalidInput, ResourceExhausted
+from dff_protos import serving
+from dff_protos.errors import DFFError, InvalidInput, ResourceExhausted
 from dff_protos.status import map_errors
-from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
+from dff_protos.v1 import features_pb2, features_pb2_grpc
 from grpc_health.v1 import health
 
 from feature_server.batching import MicroBatcher
-from feature_server.extractor import ExtractOptions, Extractor, ExtractResult, Prepared
+from feature_server.convert import (
+    describe_to_proto,
+    item_error,
+    options_from_proto,
+    result_to_proto,
+)
+from feature_server.extractor import ExtractOptions, Extractor, Prepared
 from feature_server.images import DEFAULT_FORMATS, DecodeLimits
-from feature_server.models.registry import DEFAULT_CLASSIFIER, DEFAULT_FEATURE_MODEL
 
 log = logging.getLogger(__name__)
 
 SERVER_VERSION = "0.1.0"
-_RESIZE_FROM_PROTO = {common_pb2.RESIZE_MODE_UNSPECIFIED: "squash",
-                      common_pb2.SQUASH: "squash", common_pb2.KEEP_ASPECT: "keep_aspect"}
-_DTYPE_FROM_PROTO = {common_pb2.DTYPE_UNSPECIFIED: "float32", common_pb2.FLOAT32: "float32",
-                     common_pb2.FLOAT16: "float16"}
-_RESIZE_TO_PROTO = {"squash": common_pb2.SQUASH, "keep_aspect": common_pb2.KEEP_ASPECT,
-                    "shorter_crop": common_pb2.RESIZE_MODE_UNSPECIFIED}
 
 
 @dataclass(frozen=True)
@@ -70,58 +69,6 @@ class ServerConfig:
     def limits(self) -> DecodeLimits:
         return DecodeLimits(max_pixels=self.max_pixels, max_bytes=self.max_message_bytes,
                             formats=self.formats)
-
-
-# ---------------------------------------------------------------------- proto <-> domain
-def options_from_proto(msg: features_pb2.ExtractOptions) -> ExtractOptions:
-    return ExtractOptions(
-        model=msg.model or DEFAULT_FEATURE_MODEL,
-        layers=tuple(msg.layers) or ("conv5_4",),
-        wire_dtype=_DTYPE_FROM_PROTO.get(msg.wire_dtype, "invalid"),
-        resize_mode=_RESIZE_FROM_PROTO.get(msg.resize.mode, "invalid"),
-        size=msg.resize.size or 224,
-        return_probabilities=msg.return_probabilities,
-        top_k=msg.top_k,
-        classifier=msg.classifier or DEFAULT_CLASSIFIER,
-    )
-
-
-def options_to_proto(options: ExtractOptions) -> features_pb2.ExtractOptions:
-    return features_pb2.ExtractOptions(
-        model=options.model, layers=list(options.layers),
-        wire_dtype=wire.dtype_from_name(options.wire_dtype),
-        resize=common_pb2.ResizePolicy(mode=_RESIZE_TO_PROTO[options.resize_mode],
-                                       size=options.size),
-        return_probabilities=options.return_probabilities, top_k=options.top_k,
-        classifier=options.classifier)
-
-
-def item_error(exc: BaseException, decoding: bool = False) -> common_pb2.ItemError:
-    """A per-item error; decode failures (not size limits) are INVALID_IMAGE."""
-    err = wire.item_error(exc)
-    if decoding and isinstance(exc, InvalidInput) and not isinstance(exc, ImageTooLarge):
-        err.code = common_pb2.ItemError.INVALID_IMAGE
-    if err.code == common_pb2.ItemError.INTERNAL:
-        log.error("internal error on an item", exc_info=exc)
-    return err
-
-
-def result_to_proto(result: ExtractResult, options: ExtractOptions
-                    ) -> features_pb2.ExtractResponse:
-    dtype = wire.dtype_from_name(options.wire_dtype)
-    resp = features_pb2.ExtractResponse(id=result.id)
-    for layer, act in result.activations.items():
-        resp.activations.append(features_pb2.Activation(layer=layer,
-                                                        tensor=wire.to_tensor(act, dtype)))
-    if result.probabilities is not None:
-        resp.probabilities.CopyFrom(wire.to_tensor(result.probabilities))
-    for index, name, p in result.top_k:
-        resp.top_k.append(features_pb2.ClassScore(index=index, name=name, probability=p))
-    h, w = result.original_size
-    ih, iw = result.input_size
-    resp.info.CopyFrom(common_pb2.ImageInfo(original_height=h, original_width=w,
-                                            input_height=ih, input_width=iw))
-    return resp
 
 
 # ---------------------------------------------------------------------- the servicer
@@ -181,7 +128,7 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
     @map_errors
     def DescribeModel(self, request: features_pb2.DescribeModelRequest,  # noqa: N802
                       context: grpc.ServicerContext) -> features_pb2.DescribeModelResponse:
-        return describe_to_proto(self.extractor.describe(), self.config)
+        return describe_to_proto(self.extractor.describe(), self.config, SERVER_VERSION)
 
     @map_errors
     def Extract(self, request_iterator: Iterator[features_pb2.ExtractRequest],  # noqa: N802
@@ -317,33 +264,6 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
             f.add_done_callback(done)
 
 
-def describe_to_proto(desc: dict, config: ServerConfig) -> features_pb2.DescribeModelResponse:
-    resp = features_pb2.DescribeModelResponse(
-        execution_provider=desc["execution_provider"],
-        available_providers=desc["available_providers"], server_version=SERVER_VERSION,
-        limits=features_pb2.ServerLimits(
-            max_message_bytes=config.max_message_bytes, max_pixels=config.max_pixels,
-            max_batch_size=config.max_batch_size,
-            max_concurrent_streams=config.max_concurrent_streams))
-    for m in desc["models"]:
-        pre = m["preprocessing"]
-        info = features_pb2.ModelInfo(
-            name=m["name"], kind=m["kind"], weights_sha256=m["weights_sha256"],
-            onnx_sha256=m["onnx_sha256"], source=m["source"], num_classes=m["num_classes"],
-            class_names=m["class_names"], class_wnids=m["class_wnids"],
-            preprocessing=features_pb2.Preprocessing(
-                color_order=pre["color_order"], mean=pre["mean"], std=pre["std"],
-                default_resize=common_pb2.ResizePolicy(
-                    mode=_RESIZE_TO_PROTO.get(pre["resize_mode"], 0), size=pre["size"]),
-                description=pre["description"], resize_shorter=pre["resize_shorter"]))
-        for name, layer in m["layers"].items():
-            info.layers.append(features_pb2.LayerInfo(
-                name=name, channels=layer["channels"], stride=layer["stride"],
-                shape_at_224=layer["shape_at_224"]))
-        resp.models.append(info)
-    return resp
-
-
 # ---------------------------------------------------------------------- the server
 @dataclass
 class RunningServer:
@@ -397,5 +317,4 @@ def serve(config: ServerConfig) -> int:
     return serving.run_until_signal(running.stop)
 
 
-__all__ = ["FeatureServicer", "RunningServer", "ServerConfig", "serve", "start_server",
-           "options_from_proto", "options_to_proto", "result_to_proto"]
+__all__ = ["FeatureServicer", "RunningServer", "ServerConfig", "serve", "start_server"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from concept_engine.convert import options_from_proto
 from concept_engine.discovery import DiscoveryOptions
-from concept_engine.service import options_from_proto
 from exporter.remote import options_message
 
 

@@ -20,7 +20,7 @@ from dff_protos.v1 import features_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from feature_server.__main__ import main
-from feature_server.client import result_from_proto
+from feature_server.convert import result_from_proto
 from tests.feature_server.test_server import image, opts
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,8 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from feature_server.client import FeatureClient
+from feature_server.convert import options_to_proto
 from feature_server.extractor import ExtractOptions
-from feature_server.service import ServerConfig, options_to_proto, start_server
+from feature_server.service import ServerConfig, start_server
 from tests.feature_server.test_images import png_claiming
 
 ItemError = common_pb2.ItemError

@@ -1,0 +1,109 @@
+"""dff.v1 ConceptEngine messages <-> domain objects, both directions, in one place.
+
+The servicer (:mod:`concept_engine.service`) and every client (:mod:`exporter.remote`) use these
+functions, so a field added to ``engine.proto`` is mapped once (round-trip tested).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from dff_protos import wire
+from dff_protos.errors import InvalidInput
+from dff_protos.v1 import common_pb2, engine_pb2
+
+from concept_engine.discovery import DiscoveryOptions, Explanation, Progress
+from concept_engine.finegrain import Decision
+from concept_engine.store import ConceptSet, ConceptSetSummary
+
+_FILTER_MODE = {engine_pb2.FILTER_MODE_UNSPECIFIED: "auto", engine_pb2.AUTO: "auto",
+                engine_pb2.ON: "on", engine_pb2.OFF: "off"}
+_RESIZE_MODE = {common_pb2.RESIZE_MODE_UNSPECIFIED: "squash", common_pb2.SQUASH: "squash",
+                common_pb2.KEEP_ASPECT: "keep_aspect"}
+
+
+def options_from_proto(msg: engine_pb2.DiscoverOptions, name: str = "") -> DiscoveryOptions:
+    """DiscoverOptions -> DiscoveryOptions; zero values take the documented defaults."""
+    d = DiscoveryOptions()
+    both = msg.min_images or 0
+
+    def mode(value: int) -> str:
+        if value not in _FILTER_MODE:
+            raise InvalidInput(f"unknown filter mode {value}")
+        return _FILTER_MODE[value]
+
+    if msg.resize.mode not in _RESIZE_MODE:
+        raise InvalidInput(f"unknown resize mode {msg.resize.mode}")
+    return DiscoveryOptions(
+        name=msg.name or name, target_class=msg.target_class, k=msg.k,
+        k_min=msg.k_min or d.k_min, k_max=msg.k_max or d.k_max,
+        k_criterion=msg.k_criterion or d.k_criterion,
+        prediction_filter=mode(msg.prediction_filter),
+        min_probability=msg.min_probability or d.min_probability,
+        prediction_min_images=both or d.prediction_min_images,
+        certainty_filter=mode(msg.certainty_filter),
+        certainty_quantile=msg.certainty_quantile or d.certainty_quantile,
+        certainty_min_images=both or d.certainty_min_images,
+        solver=msg.solver or d.solver, init=msg.init or d.init,
+        max_iter=msg.max_iter or d.max_iter, tol=msg.tol or d.tol, seed=int(msg.seed),
+        layer=msg.layer or d.layer, resize_mode=_RESIZE_MODE[msg.resize.mode],
+        size=msg.resize.size or d.size)
+
+
+def progress_to_proto(event: Progress | Decision) -> engine_pb2.DiscoverEvent:
+    if isinstance(event, Decision):
+        return engine_pb2.DiscoverEvent(decision=engine_pb2.ImageDecision(
+            id=event.id, kept=event.kept, stage=event.stage, reason=event.reason,
+            score=float(np.nan_to_num(event.score, nan=0.0))))
+    return engine_pb2.DiscoverEvent(progress=engine_pb2.Progress(
+        stage=event.stage, done=event.done, total=event.total, message=event.message))
+
+
+def summary_to_proto(cs: ConceptSet, n_images: int) -> engine_pb2.DiscoverSummary:
+    msg = engine_pb2.DiscoverSummary(
+        concept_set_id=cs.id, k=cs.k, k_reason=cs.k_reason, n_images=n_images,
+        n_kept=cs.n_images, reconstruction_error=float(cs.provenance.get(
+            "reconstruction_error", 0.0)), n_iter=int(cs.provenance.get("n_iter", 0)),
+        notices=list(cs.notices))
+    for criterion, curve in sorted(cs.k_curves.items()):
+        ks = sorted(curve)
+        msg.curves.append(engine_pb2.KCurve(criterion=criterion, k=ks,
+                                            value=[curve[k] for k in ks]))
+    for stage, seconds in cs.stage_seconds.items():
+        msg.stage_seconds[stage] = float(seconds)
+    return msg
+
+
+def info_to_proto(s: ConceptSetSummary) -> engine_pb2.ConceptSetInfo:
+    return engine_pb2.ConceptSetInfo(id=s.id, name=s.name, k=s.k, n_images=s.n_images,
+                                     model=s.model, layer=s.layer, created=s.created,
+                                     k_reason=s.k_reason)
+
+
+def concept_set_to_proto(cs: ConceptSet) -> engine_pb2.ConceptSet:
+    info = ConceptSetSummary(cs.id, cs.name, cs.k, cs.n_images,
+                             str(cs.provenance.get("model", "")),
+                             str(cs.provenance.get("layer", "")), cs.created, cs.k_reason)
+    return engine_pb2.ConceptSet(info=info_to_proto(info), bases=wire.to_tensor(cs.bases),
+                                 provenance_json=json.dumps(cs.provenance, sort_keys=True,
+                                                            default=str))
+
+
+def explanation_to_proto(e: Explanation, return_heatmaps: bool,
+                         overlay_png: bytes = b"") -> engine_pb2.ExplainResponse:
+    if e.error is not None:
+        return engine_pb2.ExplainResponse(id=e.id, error=wire.item_error(e.error))
+    resp = engine_pb2.ExplainResponse(id=e.id, certainties=[float(c) for c in e.certainties],
+                                      overlay_png=overlay_png)
+    if return_heatmaps:
+        resp.heatmaps.CopyFrom(wire.to_tensor(e.heatmaps))
+    for j, polys in enumerate(e.polygons):
+        regions = engine_pb2.ConceptRegions(concept=j, certainty=float(e.certainties[j]))
+        for p in polys:
+            regions.contours.append(engine_pb2.Polygon(xy=np.asarray(p).ravel().tolist()))
+        resp.regions.append(regions)
+    resp.info.CopyFrom(common_pb2.ImageInfo(
+        original_height=e.original_size[0], original_width=e.original_size[1],
+        input_height=e.input_size[0], input_width=e.input_size[1]))
+    return resp

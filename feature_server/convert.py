@@ -1,0 +1,170 @@
+"""dff.v1 FeatureService messages <-> domain objects, both directions, in one place.
+
+The servicer (:mod:`feature_server.service`) and the client (:mod:`feature_server.client`) use
+these functions, so a field added to ``features.proto`` is mapped once (round-trip tested).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from dff_protos import errors, wire
+from dff_protos.errors import ImageTooLarge, InvalidInput
+from dff_protos.v1 import common_pb2, features_pb2
+
+from feature_server.extractor import ExtractOptions, ExtractResult
+from feature_server.models.registry import DEFAULT_CLASSIFIER, DEFAULT_FEATURE_MODEL
+
+if TYPE_CHECKING:
+    from feature_server.service import ServerConfig
+
+log = logging.getLogger(__name__)
+
+_RESIZE_FROM_PROTO = {common_pb2.RESIZE_MODE_UNSPECIFIED: "squash",
+                      common_pb2.SQUASH: "squash", common_pb2.KEEP_ASPECT: "keep_aspect"}
+_DTYPE_FROM_PROTO = {common_pb2.DTYPE_UNSPECIFIED: "float32", common_pb2.FLOAT32: "float32",
+                     common_pb2.FLOAT16: "float16"}
+_RESIZE_TO_PROTO = {"squash": common_pb2.SQUASH, "keep_aspect": common_pb2.KEEP_ASPECT,
+                    "shorter_crop": common_pb2.RESIZE_MODE_UNSPECIFIED}
+_ITEM_ERRORS: dict[int, type[errors.DFFError]] = {
+    common_pb2.ItemError.INVALID_IMAGE: errors.InvalidInput,
+    common_pb2.ItemError.IMAGE_TOO_LARGE: errors.ImageTooLarge,
+    common_pb2.ItemError.INVALID_ARGUMENT: errors.InvalidInput,
+    common_pb2.ItemError.NOT_FOUND: errors.NotFound,
+}
+
+
+def options_from_proto(msg: features_pb2.ExtractOptions) -> ExtractOptions:
+    return ExtractOptions(
+        model=msg.model or DEFAULT_FEATURE_MODEL,
+        layers=tuple(msg.layers) or ("conv5_4",),
+        wire_dtype=_DTYPE_FROM_PROTO.get(msg.wire_dtype, "invalid"),
+        resize_mode=_RESIZE_FROM_PROTO.get(msg.resize.mode, "invalid"),
+        size=msg.resize.size or 224,
+        return_probabilities=msg.return_probabilities,
+        top_k=msg.top_k,
+        classifier=msg.classifier or DEFAULT_CLASSIFIER,
+    )
+
+
+def options_to_proto(options: ExtractOptions) -> features_pb2.ExtractOptions:
+    return features_pb2.ExtractOptions(
+        model=options.model, layers=list(options.layers),
+        wire_dtype=wire.dtype_from_name(options.wire_dtype),
+        resize=common_pb2.ResizePolicy(mode=_RESIZE_TO_PROTO[options.resize_mode],
+                                       size=options.size),
+        return_probabilities=options.return_probabilities, top_k=options.top_k,
+        classifier=options.classifier)
+
+
+def item_error(exc: BaseException, decoding: bool = False) -> common_pb2.ItemError:
+    """A per-item error; decode failures (not size limits) are INVALID_IMAGE."""
+    err = wire.item_error(exc)
+    if decoding and isinstance(exc, InvalidInput) and not isinstance(exc, ImageTooLarge):
+        err.code = common_pb2.ItemError.INVALID_IMAGE
+    if err.code == common_pb2.ItemError.INTERNAL:
+        log.error("internal error on an item", exc_info=exc)
+    return err
+
+
+def result_to_proto(result: ExtractResult, options: ExtractOptions
+                    ) -> features_pb2.ExtractResponse:
+    dtype = wire.dtype_from_name(options.wire_dtype)
+    resp = features_pb2.ExtractResponse(id=result.id)
+    for layer, act in result.activations.items():
+        resp.activations.append(features_pb2.Activation(layer=layer,
+                                                        tensor=wire.to_tensor(act, dtype)))
+    if result.probabilities is not None:
+        resp.probabilities.CopyFrom(wire.to_tensor(result.probabilities))
+    for index, name, p in result.top_k:
+        resp.top_k.append(features_pb2.ClassScore(index=index, name=name, probability=p))
+    h, w = result.original_size
+    ih, iw = result.input_size
+    resp.info.CopyFrom(common_pb2.ImageInfo(original_height=h, original_width=w,
+                                            input_height=ih, input_width=iw))
+    return resp
+
+
+def describe_to_proto(desc: dict, config: ServerConfig, server_version: str
+                      ) -> features_pb2.DescribeModelResponse:
+    resp = features_pb2.DescribeModelResponse(
+        execution_provider=desc["execution_provider"],
+        available_providers=desc["available_providers"], server_version=server_version,
+        limits=features_pb2.ServerLimits(
+            max_message_bytes=config.max_message_bytes, max_pixels=config.max_pixels,
+            max_batch_size=config.max_batch_size,
+            max_concurrent_streams=config.max_concurrent_streams))
+    for m in desc["models"]:
+        pre = m["preprocessing"]
+        info = features_pb2.ModelInfo(
+            name=m["name"], kind=m["kind"], weights_sha256=m["weights_sha256"],
+            onnx_sha256=m["onnx_sha256"], source=m["source"], num_classes=m["num_classes"],
+            class_names=m["class_names"], class_wnids=m["class_wnids"],
+            preprocessing=features_pb2.Preprocessing(
+                color_order=pre["color_order"], mean=pre["mean"], std=pre["std"],
+                default_resize=common_pb2.ResizePolicy(
+                    mode=_RESIZE_TO_PROTO.get(pre["resize_mode"], 0), size=pre["size"]),
+                description=pre["description"], resize_shorter=pre["resize_shorter"]))
+        for name, layer in m["layers"].items():
+            info.layers.append(features_pb2.LayerInfo(
+                name=name, channels=layer["channels"], stride=layer["stride"],
+                shape_at_224=layer["shape_at_224"]))
+        resp.models.append(info)
+    return resp
+
+
+def result_from_proto(resp: features_pb2.ExtractResponse, item_id: str | None = None
+                      ) -> ExtractResult:
+    """An ExtractResponse as an ExtractResult (activations (C, h, w) float32)."""
+    rid = resp.id if item_id is None else item_id
+    if resp.HasField("error"):
+        cls = _ITEM_ERRORS.get(resp.error.code, errors.DFFError)
+        return ExtractResult(rid, error=cls(resp.error.message))
+    acts = {a.layer: wire.from_tensor(a.tensor) for a in resp.activations}
+    probs = wire.from_tensor(resp.probabilities) if resp.HasField("probabilities") else None
+    top = [(s.index, s.name, float(s.probability)) for s in resp.top_k]
+    return ExtractResult(rid, acts, probs, top,
+                         (resp.info.original_height, resp.info.original_width),
+                         (resp.info.input_height, resp.info.input_width))
+
+
+def _f32(values: Iterable[float]) -> list[float]:
+    # float32 on the wire: back to the short decimal the metadata holds (103.939, not ...03)
+    return [float(f"{v:.7g}") for v in values]
+
+
+def describe_from_proto(resp: features_pb2.DescribeModelResponse) -> dict:
+    """A DescribeModelResponse as the dict ``Extractor.describe()`` returns (plus server
+    version and limits)."""
+    models = []
+    for m in resp.models:
+        pre = m.preprocessing
+        if pre.default_resize.mode == common_pb2.KEEP_ASPECT:
+            mode = "keep_aspect"
+        elif pre.resize_shorter > 0:
+            mode = "shorter_crop"
+        else:
+            mode = "squash"
+        models.append({
+            "name": m.name, "kind": m.kind, "source": m.source,
+            "weights_sha256": m.weights_sha256, "onnx_sha256": m.onnx_sha256,
+            "layers": {layer.name: {"channels": layer.channels, "stride": layer.stride,
+                                    "shape_at_224": list(layer.shape_at_224)}
+                       for layer in m.layers},
+            "preprocessing": {"color_order": pre.color_order, "mean": _f32(pre.mean),
+                              "std": _f32(pre.std), "resize_mode": mode,
+                              "size": pre.default_resize.size,
+                              "resize_shorter": pre.resize_shorter,
+                              "description": pre.description},
+            "num_classes": m.num_classes, "class_names": list(m.class_names),
+            "class_wnids": list(m.class_wnids),
+        })
+    return {"models": models, "execution_provider": resp.execution_provider,
+            "available_providers": list(resp.available_providers),
+            "server_version": resp.server_version,
+            "limits": {"max_message_bytes": resp.limits.max_message_bytes,
+                       "max_pixels": resp.limits.max_pixels,
+                       "max_batch_size": resp.limits.max_batch_size,
+                       "max_concurrent_streams": resp.limits.max_concurrent_streams}}
