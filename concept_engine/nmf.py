@@ -633,12 +633,23 @@ def prepare_v(
 # --------------------------------------------------------------------------------------------
 
 
+class NotFittedError(RuntimeError, ValueError, AttributeError):
+    """The estimator is used before ``fit`` (a RuntimeError, and a ValueError/AttributeError
+    like scikit-learn's NotFittedError, so code written for either catches it)."""
+
+
 class NMF:
-    """Estimator wrapper over :func:`nmf_fit` / :func:`nmf_transform` (scikit-learn style).
+    """Estimator wrapper over :func:`nmf_fit` / :func:`nmf_transform`, following the
+    scikit-learn estimator contract without importing scikit-learn: ``__init__`` stores its
+    arguments verbatim (validated in ``fit``), ``get_params``/``set_params`` (so
+    ``sklearn.base.clone`` and grid searches work), ``fit(X, y=None)``, ``transform``,
+    ``fit_transform``, ``n_features_in_`` and a repr listing the non-default parameters.
+
+    ``n_components=None`` keeps every feature (k = C), as scikit-learn's ``None`` does.
 
     Fitted attributes: ``components_`` (k, C) = H, ``reconstruction_err_`` (Frobenius norm),
-    ``n_iter_``, ``converged_``. A :class:`ConvergenceWarning` is issued when ``max_iter`` is
-    reached with ``tol > 0``.
+    ``n_iter_``, ``converged_``, ``n_features_in_``. A :class:`ConvergenceWarning` is issued
+    when ``max_iter`` is reached with ``tol > 0``.
 
     V goes through :func:`prepare_v` first: with ``sparse='auto'`` (default) host V with at most
     30% non-zeros is fitted as CSR (same result, faster on CPU); otherwise ``hold_dtype``
@@ -648,13 +659,13 @@ class NMF:
 
     def __init__(
         self,
-        n_components: int,
+        n_components: int | None = None,
         *,
         solver: Solver = "hals",
         init: Init = "nndsvda",
         max_iter: int = 200,
         tol: float = 1e-4,
-        random_state: int = 0,
+        random_state: int | None = 0,
         hold_dtype: str | None = None,
         sparse: bool | Literal["auto"] = "auto",
         check_every: int = 10,
@@ -669,6 +680,105 @@ class NMF:
         self.sparse = sparse
         self.check_every = check_every
 
+    # ------------------------------------------------------------------ the estimator contract
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        import inspect  # noqa: PLC0415 - only needed here
+
+        sig = inspect.signature(cls.__init__)
+        return sorted(n for n, p in sig.parameters.items()
+                      if n != "self" and p.kind != p.VAR_KEYWORD)
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor parameters, as given (``deep`` is accepted for compatibility:
+        there are no nested estimators)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> NMF:
+        """Set constructor parameters (unknown names raise ValueError); returns self."""
+        valid = self._param_names()
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(f"invalid parameter {name!r} for NMF; valid: {valid}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        import inspect  # noqa: PLC0415 - only needed here
+
+        defaults = {n: p.default for n, p in inspect.signature(type(self).__init__)
+                    .parameters.items() if n != "self"}
+        shown = []
+        for name in self._param_names():
+            value = getattr(self, name)
+            default = defaults.get(name, inspect.Parameter.empty)
+            same = value is default or (type(value) is type(default) and value == default)
+            if not same:
+                shown.append(f"{name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def __sklearn_tags__(self) -> Any:
+        # Only scikit-learn calls this, so importing it here adds no runtime dependency.
+        from sklearn.utils import InputTags, Tags, TargetTags, TransformerTags  # noqa: PLC0415
+
+        return Tags(estimator_type=None, target_tags=TargetTags(required=False),
+                    transformer_tags=TransformerTags(preserves_dtype=["float64", "float32"]),
+                    input_tags=InputTags(sparse=True, positive_only=True))
+
+    # ------------------------------------------------------------------ checks
+    def _check_input(self, V: Any, *, reset: bool) -> Any:
+        """V as a 2-D float array (NumPy, CuPy) or CSR matrix; errors worded as scikit-learn's
+        ``check_array`` words them, since callers and its estimator checks match on them."""
+        if is_sparse(V):
+            X = V.tocsr() if hasattr(V, "tocsr") else V
+            if X.dtype not in (np.float32, np.float64):
+                X = X.astype(np.float64)
+            values = X.data
+        elif get_namespace(V) is not np:
+            X = values = V
+        else:
+            X = np.asarray(V)
+            if X.dtype.kind == "c":
+                raise ValueError("Complex data not supported")
+            if X.dtype not in (np.float32, np.float64, np.float16):
+                X = X.astype(np.float64)  # objects that are not numbers raise TypeError
+            values = X
+        if X.ndim != 2:
+            raise ValueError(f"Expected a 2D array (n_samples, n_features), got shape "
+                             f"{X.shape}. Reshape your data either using X.reshape(-1, 1) if "
+                             "it has a single feature or X.reshape(1, -1) if it is one sample.")
+        if X.shape[0] < 1:
+            raise ValueError(f"Found array with 0 sample(s) (shape={X.shape}) while a minimum "
+                             "of 1 is required.")
+        if X.shape[1] < 1:
+            raise ValueError(f"Found array with 0 feature(s) (shape={X.shape}) while a minimum "
+                             "of 1 is required.")
+        xp = get_namespace(values)
+        if bool(xp.isnan(values).any()):
+            raise ValueError("Input X contains NaN.")
+        if bool(xp.isinf(values).any()):
+            raise ValueError("Input X contains infinity.")
+        if values.size and float(values.min()) < 0:
+            raise ValueError("Negative values in data passed to NMF (input X)")
+        if reset:
+            self.n_features_in_ = int(X.shape[1])
+        elif X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, but NMF is expecting "
+                             f"{self.n_features_in_} features as input")
+        return X
+
+    def _k(self, n_features: int) -> int:
+        k = n_features if self.n_components is None else self.n_components
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"n_components must be a positive int or None, got {k!r}")
+        return int(k)
+
+    def _seed(self) -> int:
+        seed = 0 if self.random_state is None else self.random_state
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"random_state must be a non-negative int or None, got {seed!r}")
+        return int(seed)
+
     def _hold(self, V: Any) -> Any:
         return prepare_v(V, hold_dtype=self.hold_dtype, sparse=self.sparse)
 
@@ -682,16 +792,19 @@ class NMF:
                 stacklevel=3,
             )
 
-    def fit_transform(self, V: Any) -> Any:
-        """Fit to V (n, C) and return W (n, k)."""
+    # ------------------------------------------------------------------ fit / transform
+    def fit_transform(self, V: Any, y: Any = None) -> Any:
+        """Fit to V (n, C) and return W (n, k). ``y`` is ignored."""
+        V = self._check_input(V, reset=True)
+        k = self._k(V.shape[1])
         result = nmf_fit(
             self._hold(V),
-            self.n_components,
+            k,
             solver=self.solver,
             init=self.init,
             max_iter=self.max_iter,
             tol=self.tol,
-            seed=self.random_state,
+            seed=self._seed(),
             check_every=self.check_every,
         )
         self.components_ = result.H
@@ -701,24 +814,25 @@ class NMF:
         self._warn_if_needed(result)
         return result.W
 
-    def fit(self, V: Any) -> NMF:
-        """Fit to V (n, C); returns self."""
+    def fit(self, V: Any, y: Any = None) -> NMF:
+        """Fit to V (n, C); returns self. ``y`` is ignored."""
         self.fit_transform(V)
         return self
 
     def transform(self, V: Any) -> Any:
         """W (n, k) for new data V (n, C) with the fitted bases held fixed."""
         if not hasattr(self, "components_"):
-            raise RuntimeError("NMF instance is not fitted yet; call fit first")
+            raise NotFittedError("NMF instance is not fitted yet; call fit first")
+        V = self._check_input(V, reset=False)
         result = nmf_fit(
             self._hold(V),
-            self.n_components,
+            int(self.components_.shape[0]),
             solver=self.solver,
             # The seed's inference starts from its random W; other inits start from least squares.
             init=self.init if self.init in ("random", "seed") else "ls",
             max_iter=self.max_iter,
             tol=self.tol,
-            seed=self.random_state,
+            seed=self._seed(),
             H=self.components_,
             update_H=False,
             check_every=self.check_every,
