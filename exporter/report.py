@@ -159,10 +159,15 @@ _CURVE_TITLES = {
 
 def plot_k_curves(curves: dict[str, dict[int, float]], chosen_k: int, path: Path,
                   reason: str = "") -> None:
-    """The k sweep: one panel per criterion, the chosen k marked. matplotlib Agg only."""
-    import matplotlib
+    """The k sweep (see :func:`k_curves_figure`) written to ``path``."""
+    fig = k_curves_figure(curves, chosen_k, reason)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
 
-    matplotlib.use("Agg", force=False)
+
+def k_curves_figure(curves: dict[str, dict[int, float]], chosen_k: int, reason: str = ""):
+    """The k sweep as a matplotlib Figure (no pyplot state): one panel per criterion, the
+    chosen k marked."""
     from matplotlib.figure import Figure
 
     names = [n for n, c in curves.items() if c] or ["(no k sweep)"]
@@ -188,8 +193,7 @@ def plot_k_curves(curves: dict[str, dict[int, float]], chosen_k: int, path: Path
     if reason:
         fig.suptitle(f"chosen k = {chosen_k}: {reason}"[:120], fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    return fig
 
 
 # ---------------------------------------------------------------------------- the whole class
