@@ -495,6 +495,7 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
         "model": options.model,
         "weights_sha256": model.get("weights_sha256", ""),
         "onnx_sha256": model.get("onnx_sha256", ""),
+        "model_source": model.get("source", ""),  # imported models: file + negative policy
         "layer": options.layer,
         "preprocessing": model.get("preprocessing", {}),
         "resize_mode": options.resize_mode,

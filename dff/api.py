@@ -31,6 +31,7 @@ ImagesArg = PathLike | Sequence[PathLike] | Sequence[tuple[str, bytes]]
 #: one sets (the CLI's names).
 _ALIASES = {"resize": "resize_mode", "min_images": "prediction_min_images"}
 _DATA_DIR_KEY = "data_dir"
+DEFAULT_MODEL, DEFAULT_CLASSIFIER = "vgg19", "efficientnet_lite0"
 
 _sources: dict[tuple[str, ...], Any] = {}  # in-process Extractor / FeatureClients, reused
 
@@ -103,14 +104,20 @@ def _feature_source(feature_server: str | Sequence[str] | None, timeout: float) 
     if feature_server:
         from feature_server.client import parse_addresses
 
-        key = tuple(parse_addresses(feature_server))
+        addresses = parse_addresses(feature_server)
+        key = tuple(addresses)
     else:
-        key = ()
+        from feature_server.models.registry import models_dir
+
+        addresses = []
+        folder = models_dir()  # a model imported since the last call means a new Extractor
+        key = ("in-process", str(folder), *sorted(
+            f"{p.name}:{p.stat().st_mtime_ns}" for p in folder.glob("*.json")))
     source = _sources.get(key)
     if source is None:
         from exporter.export import make_source
 
-        source = make_source(list(key), timeout)
+        source = make_source(addresses, timeout)
         _sources[key] = source
     return source
 
@@ -187,6 +194,9 @@ def discover(images: ImagesArg, k: int | str = "auto", *, name: str | None = Non
     if name is None:
         name = Path(images).name if isinstance(images, str | os.PathLike) else ""
     opts = discovery_options(name, k, **options)
+    if engine and (opts.model, opts.classifier) != (DEFAULT_MODEL, DEFAULT_CLASSIFIER):
+        raise ValueError("the engine protocol does not carry the model or classifier yet: "
+                         "use feature_server= (or in-process) with model=/classifier=")
     items, paths = _read_images(images)
     bars = _Bars(progress, f"{name}: " if name else "")
     try:

@@ -128,7 +128,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tol", type=float, metavar="TOL")
     g.add_argument("--seed", type=int, default=0,
                    help="random seed: same images + same seed = same concepts (default 0)")
-    g.add_argument("--layer", metavar="NAME", help="VGG-19 layer (default conv5_4)")
+    g.add_argument("--model", metavar="NAME",
+                   help="feature model: vgg19 (default) or one added with `dff models import` "
+                        "/ `dff models export-torch` (see `dff models list`)")
+    g.add_argument("--layer", metavar="NAME", help="layer of the model (default conv5_4)")
+    g.add_argument("--classifier", metavar="NAME",
+                   help="classifier of the prediction filter (default efficientnet_lite0)")
     g.add_argument("--resize", choices=["squash", "keep_aspect"],
                    help="squash to 224x224 like the paper (default) or keep the aspect ratio")
     g = d.add_argument_group("fine-graining (which images are used)")
@@ -194,7 +199,8 @@ def discovery_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "k": args.k, "k_criterion": args.k_criterion, "solver": args.solver,
         "init": args.init, "max_iter": args.max_iter, "tol": args.tol, "seed": args.seed,
-        "layer": args.layer, "resize_mode": args.resize, "target_class": args.target_class,
+        "layer": args.layer, "model": args.model, "classifier": args.classifier,
+        "resize_mode": args.resize, "target_class": args.target_class,
         "min_probability": args.min_probability, "certainty_quantile": args.certainty_quantile,
         "prediction_min_images": args.min_images,
         "certainty_min_images": args.certainty_min_images,

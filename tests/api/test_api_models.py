@@ -1,0 +1,199 @@
+"""Bring your own model: `dff models import` / `export-torch` register ONNX / torch CNNs, the
+negative-value policy is applied in the graph and recorded, and discovery, extraction, the
+feature server, the API, explain and the report run on them (issue 10 part 3)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import dff
+from exporter.cli import main
+from feature_server.models.importer import torch_to_onnx
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+NETS = Path(__file__).parent / "nets"
+
+
+@pytest.fixture(scope="module")
+def nets():
+    import sys
+
+    sys.path.insert(0, str(NETS))
+    import dff_test_nets
+
+    yield dff_test_nets
+    sys.path.remove(str(NETS))
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A DFF_HOME with the built-in models linked in (so nothing is rebuilt) and room for
+    imported ones."""
+    from feature_server.models.registry import load_registry
+
+    registry = load_registry()
+    if not {"vgg19", "efficientnet_lite0"} <= set(registry):
+        pytest.skip("models not built (run `dff models build`)")
+    root = tmp_path_factory.mktemp("dff_home")
+    (root / "models").mkdir()
+    for spec in registry.values():
+        if spec.name in ("vgg19", "efficientnet_lite0"):
+            (root / "models" / spec.onnx_path.name).symlink_to(spec.onnx_path)
+            shutil.copy(spec.onnx_path.with_suffix(".json"), root / "models")
+    return root
+
+
+@pytest.fixture()
+def dff_home(home, monkeypatch):
+    monkeypatch.setenv("DFF_HOME", str(home))
+    return home
+
+
+def _export_small(nets, path: Path) -> str:
+    """The test's own small CNN as ONNX (input 'image', output 'logits'); returns the name of
+    its last conv's output tensor (no ReLU after it)."""
+    torch_to_onnx(nets.small_cnn(), path, 64, input_names=["image"], output_names=["logits"],
+                  dynamic_axes={"image": {0: "b", 2: "h", 3: "w"}, "logits": {0: "b"}})
+    graph = onnx.load(str(path)).graph
+    return [n for n in graph.node if n.op_type == "Conv"][-1].output[0]
+
+
+def _photo(shared_data) -> Path:
+    return sorted((shared_data / "gymnast").glob("*.jpg"))[0]
+
+
+def _torch_input(photo: Path, spec) -> np.ndarray:
+    from feature_server.images import decode_image, preprocess
+
+    return preprocess(decode_image(photo.read_bytes()), spec.preprocessing, "squash", 224)
+
+
+def test_import_onnx_known_answers(nets, home, shared_data, tmp_path, capsys):
+    from feature_server.extractor import ExtractOptions, Extractor
+    from feature_server.models.registry import load_registry, sha256_file, verify
+
+    path = tmp_path / "small.onnx"
+    conv = _export_small(nets, path)
+    common = ["--layers", f"feat={conv}", "--preprocessing", "raw", "--home", str(home)]
+    assert main(["models", "import", str(path), "--name", "small", *common,
+                 "--classifier-output", "logits"]) == 0
+    assert main(["models", "import", str(path), "--name", "small_shift", *common,
+                 "--negative", "shift"]) == 0
+    out = capsys.readouterr().out
+    assert "feat=clamp" in out and "feat=shift" in out
+    reg = load_registry(home)
+    spec, shift, cls = reg["small"], reg["small_shift"], reg["small_classifier"]
+    assert spec.kind == "features" and cls.kind == "classifier"
+    assert spec.weights_sha256 == sha256_file(path) and verify(spec) and verify(shift)
+    assert spec.layers == {"feat": (16, 2)} and spec.input_name == "image"
+    assert spec.extra["negative"] == {"feat": "clamp"}
+    assert shift.extra["negative"] == {"feat": "shift"}
+    assert "feat=clamp" in spec.source
+
+    photo = _photo(shared_data)
+    x = _torch_input(photo, spec)
+    net = nets.small_cnn()
+    with torch.no_grad():
+        y = net.features(torch.from_numpy(x[None]))[0].numpy()
+        probs = torch.softmax(net(torch.from_numpy(x[None])), 1)[0].numpy()
+    assert y.min() < 0  # the layer really has negative values
+    ext = Extractor({n: reg[n] for n in ("small", "small_shift", "small_classifier")})
+    (res,) = ext.extract([("p", photo.read_bytes())],
+                         ExtractOptions(model="small", layers=("feat",), classifier="small_"
+                                        "classifier", return_probabilities=True))
+    np.testing.assert_allclose(res.activations["feat"], np.maximum(y, 0), atol=1e-4)
+    np.testing.assert_allclose(res.probabilities, probs, atol=1e-5)
+    (res,) = ext.extract([("p", photo.read_bytes())],
+                         ExtractOptions(model="small_shift", layers=("feat",)))
+    np.testing.assert_allclose(res.activations["feat"],
+                               y - y.min(axis=(1, 2), keepdims=True), atol=1e-4)
+
+
+def test_import_refuses_what_it_cannot_use(nets, home, tmp_path, capsys):
+    path = tmp_path / "small.onnx"
+    conv = _export_small(nets, path)
+    base = ["models", "import", str(path), "--home", str(home)]
+    assert main([*base, "--name", "x1", "--layers", "nope"]) == 2
+    assert "candidates" in capsys.readouterr().err
+    assert main([*base, "--name", "vgg19", "--layers", conv]) == 2
+    assert "built-in" in capsys.readouterr().err
+    assert main([*base, "--name", "x2", "--layers", conv, "--preprocessing", "{bad"]) == 2
+    assert main([*base, "--name", "x3", "--layers", conv]) == 0
+    assert main([*base, "--name", "x3", "--layers", conv]) == 2
+    assert "already registered" in capsys.readouterr().err
+    fixed = tmp_path / "fixed.onnx"
+    torch_to_onnx(nets.small_cnn(), fixed, 64, input_names=["image"])
+    assert main(["models", "import", str(fixed), "--home", str(home), "--name", "x4",
+                 "--layers", conv]) == 2
+    assert "fixed batch size" in capsys.readouterr().err
+    pre = tmp_path / "pre.json"
+    pre.write_text(json.dumps({"color_order": "BGR", "mean": [1, 2, 3], "std": [4, 5, 6]}))
+    assert main([*base, "--name", "x5", "--layers", conv, "--preprocessing", str(pre)]) == 0
+
+
+@pytest.mark.slow
+def test_resnet_block_end_to_end(nets, dff_home, shared_data, tmp_path, monkeypatch, capsys):
+    """A ResNet-style network converted from torch, a non-VGG layer name, discovered with the
+    API and the CLI, served by a feature server, explained, and recorded in provenance."""
+    from feature_server.models.importer import state_dict_sha256
+    from feature_server.models.registry import load_registry
+
+    monkeypatch.syspath_prepend(str(NETS))
+    assert main(["models", "export-torch", "dff_test_nets:tiny_resnet", "--name",
+                 "tiny_resnet", "--layers", "stage2,stage2.bn2", "--classifier-output",
+                 "logits"]) == 0
+    spec = load_registry(dff_home)["tiny_resnet"]
+    assert spec.extra["negative"] == {"stage2": "none", "stage2.bn2": "clamp"}
+    assert spec.weights_sha256 == state_dict_sha256(nets.tiny_resnet())
+    assert spec.layers["stage2"] == (32, 8)
+
+    gymnast = shared_data / "gymnast"
+    cs = dff.discover(gymnast, k=2, model="tiny_resnet", layer="stage2.bn2",
+                      prediction_filter=False, progress=False)
+    assert cs.k == 2 and cs.n_images == 6 and cs.bases.shape == (2, 32)
+    prov = cs.provenance
+    assert (prov["model"], prov["layer"]) == ("tiny_resnet", "stage2.bn2")
+    assert prov["weights_sha256"] == spec.weights_sha256
+    assert "stage2.bn2=clamp" in prov["model_source"]
+    assert cs.heatmaps[0].shape == (2, 28, 28)
+    ex = cs.explain(gymnast / cs.image_ids[0], progress=False)
+    assert ex[0].error is None and ex[0].heatmaps.shape == (2, 28, 28)
+
+    from feature_server.extractor import Extractor
+    from feature_server.service import ServerConfig, start_server
+
+    server = start_server(ServerConfig(host="127.0.0.1", port=0), Extractor.from_cache())
+    try:
+        remote = dff.discover(gymnast, k=2, model="tiny_resnet", layer="stage2.bn2",
+                              prediction_filter=False, progress=False,
+                              feature_server=f"127.0.0.1:{server.port}")
+    finally:
+        server.stop(0)
+    np.testing.assert_allclose(remote.bases, cs.bases, rtol=1e-4, atol=1e-6)
+    assert remote.provenance["model_source"] == prov["model_source"]
+
+    out = tmp_path / "out"
+    assert main(["discover", str(gymnast), "--out", str(out), "--model", "tiny_resnet",
+                 "--layer", "stage2", "--k", "2", "--no-prediction-filter",
+                 "--no-progress"]) == 0
+    with h5py.File(out / "gymnast" / "concepts.h5") as f:
+        stored = json.loads(f.attrs["provenance_json"])
+    assert (stored["model"], stored["layer"]) == ("tiny_resnet", "stage2")
+    assert "stage2=none" in stored["model_source"]
+    assert "tiny_resnet" in (out / "gymnast" / "index.html").read_text()
+    h5 = tmp_path / "features.h5"
+    assert main(["extract", str(gymnast / cs.image_ids[0]), "--out", str(h5), "--model",
+                 "tiny_resnet", "--layers", "stage2,stage2.bn2"]) == 0
+    assert "1 of 1 images" in capsys.readouterr().out
+    with h5py.File(h5) as f:
+        names = []
+        f.visit(names.append)
+    assert any("stage2.bn2" in n for n in names), names
