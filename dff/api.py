@@ -93,7 +93,7 @@ def _read_images(images: ImagesArg) -> tuple[list[tuple[str, bytes]], dict[str, 
     else:
         seq = list(images)
         if seq and isinstance(seq[0], tuple):
-            items = [(str(i), bytes(b)) for i, b in seq]  # type: ignore[misc]
+            items = [(str(i), bytes(b)) for i, b in seq]  # type: ignore[misc,str-unpack,arg-type]
             return items, {}
         pairs = read_items(seq)  # type: ignore[arg-type]
     return [(i, p.read_bytes()) for i, p in pairs], dict(pairs)

@@ -384,9 +384,9 @@ def import_onnx(path: str | os.PathLike[str], name: str, layers: str | Sequence[
         # <name>.json next to the graph; the classifier shares the graph file, so its metadata
         # goes to <name>_classifier.json (ModelSpec.write_metadata derives from the .onnx name)
         meta = directory / f"{s.name}.json"
-        tmp = meta.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(s.to_json(), indent=1))
-        tmp.replace(meta)
+        partial = meta.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(s.to_json(), indent=1))
+        partial.replace(meta)
         log.info("registered %s (%s): %s", s.name, s.kind, s.source)
     return specs
 
@@ -402,7 +402,7 @@ def _load_factory(target: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise NotFound(f"cannot import {module_name!r}: {exc}") from None
-    factory = module
+    factory: Any = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:

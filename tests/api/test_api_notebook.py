@@ -43,7 +43,7 @@ def test_notebook_runs_and_draws(tmp_path, shared_data, monkeypatch):
     monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter"))
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name="dff-test", timeout=600,
+    client = nbclient.NotebookClient(nb, kernel_name="dff-test", timeout=600, startup_timeout=300,
                                      resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     client.execute()  # raises CellExecutionError on the first failing cell
 
