@@ -90,3 +90,22 @@ def test_runtime_does_not_import_sklearn():
             "m = NMF(2, max_iter=50).fit(np.random.default_rng(0).random((20, 5))); "
             "repr(m); m.get_params(); assert 'sklearn' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+def test_estimator_on_cupy_arrays():
+    import cupy
+
+    rng = np.random.default_rng(0)
+    V = (rng.random((200, 4)) @ rng.random((4, 30))).astype(np.float32)
+    host = NMF(4, max_iter=100).fit(V)
+    dev = NMF(4, max_iter=100).fit(cupy.asarray(V))
+    assert isinstance(dev.components_, cupy.ndarray) and dev.n_features_in_ == 30
+    np.testing.assert_allclose(cupy.asnumpy(dev.components_), host.components_, rtol=1e-3,
+                               atol=1e-5)
+    W = dev.transform(cupy.asarray(V[:10]))
+    assert isinstance(W, cupy.ndarray) and W.shape == (10, 4)
+    bad = cupy.asarray(V)
+    bad[0, 0] = cupy.nan
+    with pytest.raises(ValueError, match="NaN"):
+        NMF(4).fit(bad)
