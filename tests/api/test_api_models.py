@@ -197,3 +197,45 @@ def test_resnet_block_end_to_end(nets, dff_home, shared_data, tmp_path, monkeypa
         names = []
         f.visit(names.append)
     assert any("stage2.bn2" in n for n in names), names
+
+
+def _conv_graph(path: Path, opset: int, relu: bool) -> None:
+    """input x (N, 3, H, W) -> 1x1 conv to 2 channels: [R, 0.5 - R] (-> ReLU when relu)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.zeros((2, 3, 1, 1), np.float32)
+    w[0, 0], w[1, 0] = 1.0, -1.0
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["conv"])]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["conv"], ["act"]))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                    ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("act" if relu else "conv", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(w, "w"),
+                     numpy_helper.from_array(np.array([0.0, 0.5], np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("policy", ["clamp", "shift", "relu"])
+def test_negative_policy_known_answers(tmp_path, opset, policy):
+    import onnxruntime as ort
+
+    from feature_server.models.importer import import_onnx
+
+    src = tmp_path / "g.onnx"
+    _conv_graph(src, opset, relu=policy == "relu")
+    layer = "act" if policy == "relu" else "conv"
+    (spec,) = import_onnx(src, "g", f"feat={layer}", preprocessing="raw", home=tmp_path,
+                          negative="shift" if policy == "shift" else "clamp")
+    assert spec.extra["negative"] == {"feat": "none" if policy == "relu" else policy}
+    x = np.random.default_rng(3).normal(size=(2, 3, 5, 7)).astype(np.float32)
+    (got,) = ort.InferenceSession(str(spec.onnx_path)).run(["feat"], {"x": x})
+    y = np.stack([x[:, 0], 0.5 - x[:, 0]], axis=1)
+    want = {"clamp": np.maximum(y, 0), "relu": np.maximum(y, 0),
+            "shift": y - y.min(axis=(2, 3), keepdims=True)}[policy]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert spec.layers == {"feat": (2, 1)}
