@@ -189,6 +189,12 @@ def test_resnet_block_end_to_end(nets, dff_home, shared_data, tmp_path, monkeypa
     assert (stored["model"], stored["layer"]) == ("tiny_resnet", "stage2")
     assert "stage2=none" in stored["model_source"]
     assert "tiny_resnet" in (out / "gymnast" / "index.html").read_text()
+    explained = tmp_path / "explained"
+    assert main(["explain", str(gymnast / cs.image_ids[1]), "--concepts",
+                 str(out / "gymnast" / "concepts.h5"), "--out", str(explained),
+                 "--no-progress"]) == 0
+    record = json.loads((explained / "explanations.json").read_text())
+    assert record["k"] == 2 and len(record["images"]) == 1 and not record["errors"]
     h5 = tmp_path / "features.h5"
     assert main(["extract", str(gymnast / cs.image_ids[0]), "--out", str(h5), "--model",
                  "tiny_resnet", "--layers", "stage2,stage2.bn2"]) == 0
