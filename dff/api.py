@@ -203,8 +203,11 @@ def discover(images: ImagesArg, k: int | str = "auto", *, name: str | None = Non
         if engine:
             from exporter.remote import EngineDiscoverer
 
+            # only what differs from the defaults (as the CLI sends): the engine's own
+            # defaults apply otherwise, and nothing the protocol lacks is sent
+            defaults = type(opts)()
             wire = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)
-                    if f.name != "name"}
+                    if f.name != "name" and getattr(opts, f.name) != getattr(defaults, f.name)}
             client = EngineDiscoverer(engine, timeout=timeout)
             try:
                 data = client.discover(name, items, wire, progress=bars)
