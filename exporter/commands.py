@@ -154,7 +154,8 @@ def shard_from_env(env: Any = None) -> tuple[int, int] | None:
 def _add_common_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-server", metavar="ADDR[,ADDR...]", type=_addresses, default=[],
                    help="use running feature servers (host:port, comma-separated; requests "
-                        "are balanced over them) instead of running the model in-process")
+                        "are balanced over them) instead of running the model in-process "
+                        "(default: in-process)")
     p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="deadline of each service call (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true",

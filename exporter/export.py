@@ -120,8 +120,11 @@ class ClassReport:
 # ---------------------------------------------------------------------------- inputs
 
 def _is_image_file(p: Path) -> bool:
+    """An image file name (not hidden) that is not a folder: regular files, links (even
+    dangling ones) and special files are listed, so that a bad one becomes a per-image error
+    instead of vanishing."""
     return (not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-            and (p.is_file() or p.is_symlink()))
+            and not p.is_dir())
 
 
 def _inside(path: Path, folder: Path) -> bool:
