@@ -73,7 +73,8 @@ class ProgressBar:
     """Progress of one stage: ``update(done, total)``; ``close()`` ends it."""
 
     def __init__(self, label: str, total: int = 0, *, stream: TextIO | None = None,
-                 interval: float = 5.0, enabled: bool = True, unit: str = "it") -> None:
+                 interval: float = 5.0, enabled: bool = True, unit: str = "it",
+                 delay: float = 0.5) -> None:
         self.label = label
         self.total = total
         self.done = 0
@@ -81,6 +82,7 @@ class ProgressBar:
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.interval = interval
+        self.delay = delay  # bar mode: stages shorter than this never draw a bar
         self._start = time.monotonic()
         self._last: float | None = None
         self._printed_done = 0  # plain mode: what the last line showed
@@ -96,6 +98,7 @@ class ProgressBar:
         else:
             from tqdm import tqdm
         return tqdm(total=self.total or None, desc=self.label, unit=self.unit,
+                    initial=self.done, delay=self.delay,
                     file=None if self.mode == "notebook" else self.stream, leave=False,
                     smoothing=0.0, dynamic_ncols=True, mininterval=0.2,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
@@ -110,9 +113,9 @@ class ProgressBar:
         if self.mode in ("bar", "notebook"):
             with _LOCK:
                 if self._bar is None:
-                    if done <= 0 and not self.total:
+                    if done <= 0:
                         return  # nothing to show yet (no "0 (0%)" start)
-                    self._bar = self._make_bar()
+                    self._bar = self._make_bar()  # starts at done (rate counts from here)
                 if self.total and self._bar.total != self.total:
                     self._bar.total = self.total
                     self._bar.refresh()
