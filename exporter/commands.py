@@ -302,7 +302,8 @@ def options_from_args(args: argparse.Namespace) -> Any:
         resize_mode=args.resize, threshold=args.threshold, min_area=args.min_area)
 
 
-_STAGE_ORDER = ("read", "features", "prediction_filter", "certainty_filter", "k_sweep", "fit",
+_STAGE_ORDER = ("read", "features_wait", "features", "prediction_filter", "certainty_filter",
+                "k_sweep", "fit",
                 "regions", "explain", "total", "save", "render")
 
 

@@ -357,9 +357,12 @@ class _GatedSource:
     def __init__(self, source: Any) -> None:
         self.source = source
         self.gate = threading.Lock()
+        self.local = threading.local()  # .waited: seconds this thread waited for the gate
 
     def extract(self, items: Any, options: Any) -> Iterator[Any]:
+        t0 = time.perf_counter()
         with self.gate:
+            self.local.waited = getattr(self.local, "waited", 0.0) + time.perf_counter() - t0
             yield from self.source.extract(items, options)
 
     def describe(self) -> dict:
@@ -389,8 +392,15 @@ class LocalDiscoverer:
                  progress: Progress | None = None) -> Any:
         from concept_engine.discovery import discover
 
-        return discover(items, self._gated, discovery_options(name, options),
-                        progress=engine_progress(progress))
+        self._gated.local.waited = 0.0
+        cs = discover(items, self._gated, discovery_options(name, options),
+                      progress=engine_progress(progress))
+        waited = self._gated.local.waited
+        if waited > 0.0005 and "features" in cs.stage_seconds:
+            # the features stage includes the wait for the previous class's extraction
+            cs.stage_seconds["features"] = max(0.0, cs.stage_seconds["features"] - waited)
+            cs.stage_seconds["features_wait"] = waited
+        return cs
 
     def close(self) -> None:
         close = getattr(self.source, "close", None)
