@@ -17,10 +17,12 @@ from concept_engine.discovery import DiscoveryOptions, Explanation, Progress
 from concept_engine.finegrain import Decision
 from concept_engine.store import ConceptSet, ConceptSetSummary
 
-_FILTER_MODE = {engine_pb2.FILTER_MODE_UNSPECIFIED: "auto", engine_pb2.AUTO: "auto",
-                engine_pb2.ON: "on", engine_pb2.OFF: "off"}
-_RESIZE_MODE = {common_pb2.RESIZE_MODE_UNSPECIFIED: "squash", common_pb2.SQUASH: "squash",
-                common_pb2.KEEP_ASPECT: "keep_aspect"}
+_FILTER_MODE: dict[int, str] = {
+    engine_pb2.FILTER_MODE_UNSPECIFIED: "auto", engine_pb2.AUTO: "auto", engine_pb2.ON: "on",
+    engine_pb2.OFF: "off"}
+_RESIZE_MODE: dict[int, str] = {
+    common_pb2.RESIZE_MODE_UNSPECIFIED: "squash", common_pb2.SQUASH: "squash",
+    common_pb2.KEEP_ASPECT: "keep_aspect"}
 
 
 def _f32(value: float) -> float:

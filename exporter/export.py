@@ -424,7 +424,8 @@ def _rmtree(path: Path) -> None:
 def _decision_dicts(decisions: Sequence[Any]) -> list[dict[str, Any]]:
     out = []
     for d in decisions:
-        row = dataclasses.asdict(d) if dataclasses.is_dataclass(d) else dict(d)
+        row = (dataclasses.asdict(d) if dataclasses.is_dataclass(d) and not isinstance(d, type)
+               else dict(d))
         for key in ("score", "probability"):
             v = row.get(key)
             if isinstance(v, float) and v != v:
@@ -704,9 +705,8 @@ def export(classes: Sequence[tuple[str, Path]], settings: ExportSettings,
     def one(name: str, folder: Path) -> ClassReport:
         progress = progress_for(name) if progress_for else None
         try:
-            return export_class(name, folder, settings,
-                                discoverer,  # type: ignore[arg-type] - None only if all done
-                                progress)
+            assert discoverer is not None  # None only when nothing is pending
+            return export_class(name, folder, settings, discoverer, progress)
         finally:
             close = getattr(progress, "close", None)
             if callable(close):

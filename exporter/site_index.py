@@ -56,7 +56,7 @@ def finished_classes(out: Path) -> list[ClassEntry]:
     ones are left out."""
     from exporter.export import CONCEPTS_FILE, DONE_MARKER, THUMBNAIL_FILE
 
-    entries = []
+    entries: list[ClassEntry] = []
     if not out.is_dir():
         return entries
     for d in sorted(out.iterdir()):
