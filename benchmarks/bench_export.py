@@ -67,6 +67,14 @@ def run(data: Path, out: Path, extra: list[str]) -> dict:
     return {"wall": wall, "stages": stages}
 
 
+def _bases(class_dir: Path) -> bytes:
+    import h5py
+    import numpy as np
+
+    with h5py.File(class_dir / "concepts.h5") as f:
+        return np.asarray(f["bases"]).tobytes()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +93,8 @@ def main() -> None:
         for label, extra in (("sequential", ["--no-pipeline"]), ("pipelined", [])):
             r = run(data, Path(tmp) / label, [*extra, *a.args.split()])
             rows.append((label, r))
+        same = all(_bases(Path(tmp) / "sequential" / c) == _bases(Path(tmp) / "pipelined" / c)
+                   for c in classes)
     print(f"CPU: {cpu()}")
     print(f"classes: {counts}")
     print(f"{'mode':<11} {'wall s':>7} {'features s':>10} {'wall/feat':>9}  other stages (s)")
@@ -95,7 +105,8 @@ def main() -> None:
                           if k not in ("features", "total") and v >= 0.05)
         print(f"{label:<11} {r['wall']:7.1f} {feats:10.1f} {r['wall'] / feats:9.2f}  {other}")
     seq, pipe = rows[0][1]["wall"], rows[1][1]["wall"]
-    print(f"pipelined / sequential wall: {pipe / seq:.2f}")
+    print(f"pipelined / sequential wall: {pipe / seq:.2f}; same concept bases in both modes: "
+          f"{'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":

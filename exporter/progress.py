@@ -30,11 +30,10 @@ _LOCK = threading.RLock()
 
 
 def _in_notebook() -> bool:
-    try:
-        from IPython import get_ipython  # type: ignore[import-not-found]
-    except ImportError:
+    ipython = sys.modules.get("IPython")  # never imported here: a notebook has it loaded
+    if ipython is None:
         return False
-    shell = get_ipython()
+    shell = ipython.get_ipython()
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
