@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 from dff_protos.errors import DFFError, InvalidInput, NotFound, TooFewImages
@@ -705,8 +705,8 @@ def export(classes: Sequence[tuple[str, Path]], settings: ExportSettings,
     def one(name: str, folder: Path) -> ClassReport:
         progress = progress_for(name) if progress_for else None
         try:
-            assert discoverer is not None  # None only when nothing is pending
-            return export_class(name, folder, settings, discoverer, progress)
+            # None only when nothing is pending: every class is then skipped unused
+            return export_class(name, folder, settings, cast(Discoverer, discoverer), progress)
         finally:
             close = getattr(progress, "close", None)
             if callable(close):

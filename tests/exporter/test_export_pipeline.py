@@ -173,3 +173,17 @@ def test_site_index_lists_finished_classes_only(tmp_path, fake_source, capsys):
         thumb = (out / name / "thumbnail.jpg").read_bytes()
         assert thumb[:3] == b"\xff\xd8\xff"
     assert not list(out.glob(".index-*"))  # no temporary file left
+
+
+def test_a_rerun_with_every_class_done_skips_without_loading_anything(tmp_path, fake_source,
+                                                                      capsys, monkeypatch):
+    data = _data(tmp_path)
+    args = _parse(["discover", data, "--out", tmp_path / "out", *FAST])
+    assert args.func(args) == 0
+
+    def no_source(*a, **k):
+        raise AssertionError("nothing to do: no feature source may be made")
+
+    monkeypatch.setattr(export, "make_source", no_source)
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.count("skipped (already done") == 3
