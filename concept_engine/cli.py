@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
                    help="largest gRPC message (default %(default)s MiB)")
     p.add_argument("--max-images", type=int, default=d.max_images,
                    help="most images in one Discover/Explain call")
-    p.add_argument("--max-concurrent-discover", type=int, default=d.max_concurrent_discover)
+    p.add_argument("--max-concurrent-discover", type=int, default=d.max_concurrent_discover,
+                   help="Discover calls run at once (others wait)")
     p.add_argument("--grace", type=float, default=d.grace_s, metavar="SECONDS",
                    help="shutdown grace period on SIGTERM")
     p.set_defaults(func=run)

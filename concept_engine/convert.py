@@ -17,14 +17,24 @@ from concept_engine.discovery import DiscoveryOptions, Explanation, Progress
 from concept_engine.finegrain import Decision
 from concept_engine.store import ConceptSet, ConceptSetSummary
 
-_FILTER_MODE = {engine_pb2.FILTER_MODE_UNSPECIFIED: "auto", engine_pb2.AUTO: "auto",
-                engine_pb2.ON: "on", engine_pb2.OFF: "off"}
-_RESIZE_MODE = {common_pb2.RESIZE_MODE_UNSPECIFIED: "squash", common_pb2.SQUASH: "squash",
-                common_pb2.KEEP_ASPECT: "keep_aspect"}
+_FILTER_MODE: dict[int, str] = {
+    engine_pb2.FILTER_MODE_UNSPECIFIED: "auto", engine_pb2.AUTO: "auto", engine_pb2.ON: "on",
+    engine_pb2.OFF: "off"}
+_RESIZE_MODE: dict[int, str] = {
+    common_pb2.RESIZE_MODE_UNSPECIFIED: "squash", common_pb2.SQUASH: "squash",
+    common_pb2.KEEP_ASPECT: "keep_aspect"}
+
+
+def _f32(value: float) -> float:
+    """A proto ``float`` (float32) as the double the sender most likely meant: the shortest
+    decimal that gives the same float32 (0.95 arrives as 0.949999988 and leaves as 0.95)."""
+    return float(str(np.float32(value)))
 
 
 def options_from_proto(msg: engine_pb2.DiscoverOptions, name: str = "") -> DiscoveryOptions:
-    """DiscoverOptions -> DiscoveryOptions; zero values take the documented defaults."""
+    """DiscoverOptions -> DiscoveryOptions; zero values take the documented defaults
+    (threshold and min_area are proto3 ``optional``: unset takes the default, 0 is 0).
+    The legacy ``min_images`` sets both filters' minimum unless 42/43 are set."""
     d = DiscoveryOptions()
     both = msg.min_images or 0
 
@@ -40,15 +50,51 @@ def options_from_proto(msg: engine_pb2.DiscoverOptions, name: str = "") -> Disco
         k_min=msg.k_min or d.k_min, k_max=msg.k_max or d.k_max,
         k_criterion=msg.k_criterion or d.k_criterion,
         prediction_filter=mode(msg.prediction_filter),
-        min_probability=msg.min_probability or d.min_probability,
-        prediction_min_images=both or d.prediction_min_images,
+        min_probability=_f32(msg.min_probability) or d.min_probability,
+        prediction_min_images=msg.prediction_min_images or both or d.prediction_min_images,
         certainty_filter=mode(msg.certainty_filter),
-        certainty_quantile=msg.certainty_quantile or d.certainty_quantile,
-        certainty_min_images=both or d.certainty_min_images,
+        certainty_quantile=_f32(msg.certainty_quantile) or d.certainty_quantile,
+        certainty_min_images=msg.certainty_min_images or both or d.certainty_min_images,
         solver=msg.solver or d.solver, init=msg.init or d.init,
-        max_iter=msg.max_iter or d.max_iter, tol=msg.tol or d.tol, seed=int(msg.seed),
+        max_iter=msg.max_iter or d.max_iter, tol=_f32(msg.tol) or d.tol, seed=int(msg.seed),
         layer=msg.layer or d.layer, resize_mode=_RESIZE_MODE[msg.resize.mode],
-        size=msg.resize.size or d.size)
+        size=msg.resize.size or d.size, model=msg.model or d.model,
+        classifier=msg.classifier or d.classifier, wire_dtype=msg.wire_dtype or d.wire_dtype,
+        threshold=msg.threshold if msg.HasField("threshold") else d.threshold,
+        min_area=msg.min_area if msg.HasField("min_area") else d.min_area)
+
+
+_FILTER_MODE_TO_PROTO = {"auto": engine_pb2.AUTO, "on": engine_pb2.ON, "off": engine_pb2.OFF}
+_RESIZE_MODE_TO_PROTO = {"squash": common_pb2.SQUASH, "keep_aspect": common_pb2.KEEP_ASPECT}
+
+
+def options_to_proto(options: DiscoveryOptions) -> engine_pb2.DiscoverOptions:
+    """DiscoveryOptions -> DiscoverOptions, every field (the inverse of options_from_proto).
+    Raises InvalidInput for a filter or resize mode the protocol cannot carry."""
+    o = options
+    for label, value in (("prediction_filter", o.prediction_filter),
+                         ("certainty_filter", o.certainty_filter)):
+        if value not in _FILTER_MODE_TO_PROTO:
+            raise InvalidInput(f"{label} {value!r} not in {sorted(_FILTER_MODE_TO_PROTO)}")
+    if o.resize_mode not in _RESIZE_MODE_TO_PROTO:
+        raise InvalidInput(f"resize_mode {o.resize_mode!r} not in "
+                           f"{sorted(_RESIZE_MODE_TO_PROTO)}")
+    same = o.prediction_min_images == o.certainty_min_images
+    return engine_pb2.DiscoverOptions(
+        name=o.name, target_class=o.target_class, k=o.k, k_min=o.k_min, k_max=o.k_max,
+        k_criterion=o.k_criterion,
+        prediction_filter=_FILTER_MODE_TO_PROTO[o.prediction_filter],
+        min_probability=o.min_probability,
+        certainty_filter=_FILTER_MODE_TO_PROTO[o.certainty_filter],
+        certainty_quantile=o.certainty_quantile,
+        # an engine that predates fields 42/43 still gets the minimum when both agree
+        min_images=o.prediction_min_images if same else 0,
+        solver=o.solver, max_iter=o.max_iter, tol=o.tol, seed=o.seed,
+        resize=common_pb2.ResizePolicy(mode=_RESIZE_MODE_TO_PROTO[o.resize_mode], size=o.size),
+        layer=o.layer, init=o.init, threshold=o.threshold, min_area=o.min_area,
+        prediction_min_images=o.prediction_min_images,
+        certainty_min_images=o.certainty_min_images, model=o.model, classifier=o.classifier,
+        wire_dtype=o.wire_dtype)
 
 
 def progress_to_proto(event: Progress | Decision) -> engine_pb2.DiscoverEvent:

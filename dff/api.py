@@ -194,23 +194,15 @@ def discover(images: ImagesArg, k: int | str = "auto", *, name: str | None = Non
     if name is None:
         name = Path(images).name if isinstance(images, str | os.PathLike) else ""
     opts = discovery_options(name, k, **options)
-    if engine and (opts.model, opts.classifier) != (DEFAULT_MODEL, DEFAULT_CLASSIFIER):
-        raise ValueError("the engine protocol does not carry the model or classifier yet: "
-                         "use feature_server= (or in-process) with model=/classifier=")
     items, paths = _read_images(images)
     bars = _Bars(progress, f"{name}: " if name else "")
     try:
         if engine:
             from exporter.remote import EngineDiscoverer
 
-            # only what differs from the defaults (as the CLI sends): the engine's own
-            # defaults apply otherwise, and nothing the protocol lacks is sent
-            defaults = type(opts)()
-            wire = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)
-                    if f.name != "name" and getattr(opts, f.name) != getattr(defaults, f.name)}
             client = EngineDiscoverer(engine, timeout=timeout)
             try:
-                data = client.discover(name, items, wire, progress=bars)
+                data = client.discover(name, items, opts, progress=bars)
             finally:
                 client.close()
         else:

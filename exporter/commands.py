@@ -1,8 +1,11 @@
 """`dff discover` and `dff explain`: the user-facing commands of the exporter.
 
 Exit codes: 0 everything done (or already done), 2 usage error (bad arguments, missing
-folder), 3 partial failure (a class had too few usable images, or some images could not be
-explained), 1 internal error (a bug: the traceback is logged).
+folder, and the ordinary mistakes checked before any feature is extracted: OUT a file or
+read-only, --concepts not a concept set, --engine pointed at a feature server, unknown
+--layer, --k above a class's number of images, a class folder with sub-folders of images),
+3 partial failure (a class failed, or some images could not be read, decoded or explained),
+1 internal error (a bug: the traceback is logged).
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,9 +54,18 @@ examples:
   dff discover data/ --out out/ --feature-server fs1:50051,fs2:50051
   dff discover data/ --out out/ --engine engine:50052
 
+  dff discover data/ --out out/ --shard 0/4                 # a quarter of the classes
+
 A run can be interrupted and started again: finished classes are skipped (use --force to
-redo them), unfinished ones are redone from scratch. Exit codes: 0 ok, 2 usage error,
-3 some class failed (e.g. too few images), 1 internal error.
+redo them), unfinished ones are redone from scratch. Sharding: N runs with --shard 0/N ..
+N-1/N (or a Kubernetes Indexed Job: JOB_COMPLETION_INDEX/JOB_COMPLETIONS) writing to one OUT
+give exactly what one run gives; each rebuilds OUT/index.html over all finished classes.
+
+Layout: a folder with image files is one class; its sub-folders must not hold images (such a
+folder is refused, never merged). Hidden files and OUT (when inside DATA_DIR) are not read.
+
+Exit codes: 0 ok, 2 usage error (reported before any feature is extracted), 3 some class
+failed or some image could not be read or decoded, 1 internal error.
 """
 
 _EXPLAIN_HELP = """\
@@ -90,10 +104,58 @@ def _addresses(text: str) -> list[str]:
     return [a.strip() for a in text.split(",") if a.strip()]
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
+               "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+
+
+def _byte_size(text: str) -> int:
+    """'64M', '1G', '500k', '1048576' -> bytes (binary units)."""
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in _SIZE_UNITS or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 64M, 1G or 500000, "
+                                         f"got {text!r}")
+    return int(value * _SIZE_UNITS[unit])
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N (I is 0-based, like JOB_COMPLETION_INDEX)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"need 0 <= I < N (I counts from 0), got {text!r}")
+    return i, n
+
+
+def shard_from_env(env: Any = None) -> tuple[int, int] | None:
+    """(index, count) from Kubernetes' JOB_COMPLETION_INDEX + JOB_COMPLETIONS (Indexed Job),
+    or None when unset. Raises ValueError with a message when they are malformed."""
+    env = os.environ if env is None else env
+    index, count = env.get("JOB_COMPLETION_INDEX"), env.get("JOB_COMPLETIONS")
+    if index is None or index == "":
+        return None
+    if not count:
+        raise ValueError("JOB_COMPLETION_INDEX is set but JOB_COMPLETIONS is not; set both "
+                         "(an Indexed Job with completions N) or give --shard I/N")
+    try:
+        return parse_shard(f"{index}/{count}")
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"JOB_COMPLETION_INDEX={index} JOB_COMPLETIONS={count}: {exc}"
+                         ) from None
+
+
 def _add_common_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-server", metavar="ADDR[,ADDR...]", type=_addresses, default=[],
                    help="use running feature servers (host:port, comma-separated; requests "
-                        "are balanced over them) instead of running the model in-process")
+                        "are balanced over them) instead of running the model in-process "
+                        "(default: in-process)")
     p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="deadline of each service call (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true",
@@ -102,6 +164,10 @@ def _add_common_source(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `discover` and `explain` to the `dff` command's subparsers."""
+    from concept_engine.discovery import DiscoveryOptions
+    from exporter.export import DEFAULT_MAX_FILE_BYTES
+
+    D = DiscoveryOptions()  # the defaults shown are the library's own
     fmt = argparse.RawDescriptionHelpFormatter
     d = sub.add_parser("discover", help="discover concepts of a class folder (or of every "
                                         "class folder) and export pictures + HTML",
@@ -109,68 +175,87 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("data_dir", metavar="DATA_DIR", type=Path,
                    help="a class folder of images, or a folder of class folders")
     d.add_argument("--out", "-o", required=True, type=Path, metavar="OUT",
-                   help="output folder; one sub-folder per class")
+                   help="output folder; one sub-folder per class, and index.html over all")
     g = d.add_argument_group("number of concepts")
     g.add_argument("--k", type=_positive_int, metavar="N",
-                   help="use exactly N concepts (default: estimate k)")
+                   help="use exactly N concepts (default: estimate k over --k-range)")
     g.add_argument("--k-range", type=_k_range, metavar="MIN-MAX",
-                   help="values of k tried when estimating (default: 2-6)")
+                   help=f"values of k tried when estimating (default: {D.k_min}-{D.k_max})")
     g.add_argument("--k-criterion", choices=["stability", "certainty", "elbow"],
-                   help="how k is estimated: split-half stability of the concepts (default), "
-                        "the seed's mean certainty (biased towards small k), or the elbow of "
-                        "the reconstruction error")
+                   default=D.k_criterion,
+                   help="how k is estimated: split-half stability of the concepts, the seed's "
+                        "mean certainty (biased towards small k), or the elbow of the "
+                        "reconstruction error")
     g = d.add_argument_group("factorisation")
-    g.add_argument("--solver", choices=["hals", "mu"],
-                   help="NMF solver: hals (fast, default) or mu (Lee-Seung, as in the paper)")
-    g.add_argument("--init", choices=["nndsvd", "random", "seed"],
-                   help="NMF initialisation (default nndsvd, deterministic)")
-    g.add_argument("--max-iter", type=_positive_int, metavar="N")
-    g.add_argument("--tol", type=float, metavar="TOL")
-    g.add_argument("--seed", type=int, default=0,
-                   help="random seed: same images + same seed = same concepts (default 0)")
-    g.add_argument("--model", metavar="NAME",
-                   help="feature model: vgg19 (default) or one added with `dff models import` "
+    g.add_argument("--solver", choices=["hals", "mu"], default=D.solver,
+                   help="NMF solver: hals (fast) or mu (Lee-Seung, as in the paper)")
+    g.add_argument("--init", choices=["nndsvd", "nndsvda", "nndsvdar", "random", "seed"],
+                   default=D.init, help="NMF initialisation (nndsvd is deterministic)")
+    g.add_argument("--max-iter", type=_positive_int, metavar="N", default=D.max_iter,
+                   help="most NMF iterations per fit")
+    g.add_argument("--tol", type=float, metavar="TOL", default=D.tol,
+                   help="NMF stops when the relative error changes by less than this")
+    g.add_argument("--seed", type=int, default=D.seed,
+                   help="random seed: same images + same seed = same concepts")
+    g.add_argument("--model", metavar="NAME", default=D.model,
+                   help="feature model: vgg19 or one added with `dff models import` "
                         "/ `dff models export-torch` (see `dff models list`)")
-    g.add_argument("--layer", metavar="NAME", help="layer of the model (default conv5_4)")
-    g.add_argument("--classifier", metavar="NAME",
-                   help="classifier of the prediction filter (default efficientnet_lite0)")
-    g.add_argument("--resize", choices=["squash", "keep_aspect"],
-                   help="squash to 224x224 like the paper (default) or keep the aspect ratio")
+    g.add_argument("--layer", metavar="NAME", default=D.layer,
+                   help="network layer whose activations are factorised")
+    g.add_argument("--classifier", metavar="NAME", default=D.classifier,
+                   help="classifier of the prediction filter")
+    g.add_argument("--resize", choices=["squash", "keep_aspect"], default=D.resize_mode,
+                   help="squash to 224x224 like the paper, or keep the aspect ratio")
     g = d.add_argument_group("fine-graining (which images are used)")
     g.add_argument("--target-class", metavar="NAME",
-                   help="classifier class for the prediction filter (default: folder name)")
+                   help="classifier class for the prediction filter (default: the folder "
+                        "name)")
     g.add_argument("--no-prediction-filter", action="store_true",
                    help="use every image, whatever the classifier thinks it shows")
     g.add_argument("--require-prediction-filter", action="store_true",
                    help="fail (instead of skipping the filter with a notice) when the class "
                         "name is not a classifier class")
     g.add_argument("--min-probability", type=_fraction, metavar="P",
-                   help="prediction filter: keep images with class probability >= P "
-                        "(default 0.95)")
+                   default=D.min_probability,
+                   help="prediction filter: keep images with class probability >= P")
     g.add_argument("--no-certainty-filter", action="store_true",
                    help="do not drop the least certain images")
     g.add_argument("--certainty-quantile", type=_fraction, metavar="Q",
-                   help="certainty filter: drop images below this quantile (default 0.25)")
+                   default=D.certainty_quantile,
+                   help="certainty filter: drop images below this quantile of certainty")
     g.add_argument("--min-images", type=_positive_int, metavar="N",
+                   default=D.prediction_min_images,
                    help="prediction filter: if fewer than N images pass, keep them all, with "
-                        "a notice (default 10)")
+                        "a notice")
     g.add_argument("--certainty-min-images", type=_positive_int, metavar="N",
-                   help="certainty filter: skip it when fewer than N images would remain "
-                        "(default 15)")
+                   default=D.certainty_min_images,
+                   help="certainty filter: skip it when fewer than N images would remain")
     g = d.add_argument_group("pictures")
-    g.add_argument("--threshold", type=_fraction, metavar="T",
-                   help="a concept's region is where its normalised heatmap >= T (0.75)")
-    g.add_argument("--min-area", type=_fraction, metavar="A",
-                   help="ignore regions smaller than this fraction of the image (0.01)")
+    g.add_argument("--threshold", type=_fraction, metavar="T", default=D.threshold,
+                   help="a concept's region is where its max-normalised heatmap >= T")
+    g.add_argument("--min-area", type=_fraction, metavar="A", default=D.min_area,
+                   help="ignore regions smaller than this fraction of the image")
     g.add_argument("--top", type=_positive_int, default=8, metavar="N",
-                   help="images in each concept's 'top by certainty' grid (default 8)")
+                   help="images in each concept's 'top by certainty' grid")
     g = d.add_argument_group("where it runs")
     g.add_argument("--engine", metavar="ADDR",
                    help="run discovery on a concept engine service (host:port); it uses its "
-                        "own feature servers")
+                        "own feature servers (default: in this process)")
     _add_common_source(g)
     g.add_argument("--force", action="store_true",
                    help="redo classes that are already finished in OUT")
+    g.add_argument("--shard", type=parse_shard, metavar="I/N",
+                   help="do only shard I of N (0 <= I < N) of the classes: sorted by name, "
+                        "class j goes to shard j mod N (default: every class; or "
+                        "JOB_COMPLETION_INDEX/JOB_COMPLETIONS when set)")
+    g.add_argument("--max-file-size", type=_byte_size, metavar="SIZE",
+                   default=DEFAULT_MAX_FILE_BYTES,
+                   help="image files larger than this are refused (an error for that image "
+                        "only) from their size, before being read; e.g. 64M, 1G "
+                        f"(default: {DEFAULT_MAX_FILE_BYTES >> 20}M)")
+    g.add_argument("--no-pipeline", action="store_true",
+                   help="export the classes strictly one after another (default: class i's "
+                        "fit and pictures overlap class i+1's feature extraction)")
     d.set_defaults(func=run_discover)
 
     e = sub.add_parser("explain", help="heatmaps, certainties and contoured overlays of new "
@@ -182,60 +267,49 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="image files and/or folders of images")
     e.add_argument("--concepts", required=True, type=Path, metavar="CONCEPTS_H5",
                    help="a concept set written by `dff discover` (OUT/<class>/concepts.h5)")
-    e.add_argument("--out", "-o", required=True, type=Path, metavar="DIR")
+    e.add_argument("--out", "-o", required=True, type=Path, metavar="DIR",
+                   help="output folder (index.html, explanations.json, pictures)")
     e.add_argument("--threshold", type=_fraction, default=None, metavar="T",
                    help="region threshold (default: the concept set's)")
     e.add_argument("--min-area", type=_fraction, default=None, metavar="A",
                    help="minimum region area fraction (default: the concept set's)")
-    e.add_argument("--top", type=_positive_int, default=8, metavar="N")
+    e.add_argument("--top", type=_positive_int, default=8, metavar="N",
+                   help="images in each concept's 'top by certainty' grid")
+    e.add_argument("--max-file-size", type=_byte_size, metavar="SIZE",
+                   default=DEFAULT_MAX_FILE_BYTES,
+                   help="image files larger than this are refused (an error for that image "
+                        f"only) before being read (default: {DEFAULT_MAX_FILE_BYTES >> 20}M)")
     _add_common_source(e)
     e.set_defaults(func=run_explain)
 
 
 # ---------------------------------------------------------------------------- discover
 
-def discovery_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """DiscoveryOptions keyword arguments from the command line (None = engine default)."""
-    kw: dict[str, Any] = {
-        "k": args.k, "k_criterion": args.k_criterion, "solver": args.solver,
-        "init": args.init, "max_iter": args.max_iter, "tol": args.tol, "seed": args.seed,
-        "layer": args.layer, "model": args.model, "classifier": args.classifier,
-        "resize_mode": args.resize, "target_class": args.target_class,
-        "min_probability": args.min_probability, "certainty_quantile": args.certainty_quantile,
-        "prediction_min_images": args.min_images,
-        "certainty_min_images": args.certainty_min_images,
-        "threshold": args.threshold, "min_area": args.min_area,
-    }
-    if args.k_range:
-        kw["k_min"], kw["k_max"] = args.k_range
+def options_from_args(args: argparse.Namespace) -> Any:
+    """The typed DiscoveryOptions of the command line (the class name is set per class)."""
+    from concept_engine.discovery import DiscoveryOptions
+
+    D = DiscoveryOptions()
+    k_min, k_max = args.k_range or (D.k_min, D.k_max)
+    prediction = "auto"
     if args.no_prediction_filter:
-        kw["prediction_filter"] = "off"
+        prediction = "off"
     elif args.require_prediction_filter:
-        kw["prediction_filter"] = "on"
-    if args.no_certainty_filter:
-        kw["certainty_filter"] = "off"
-    return {k: v for k, v in kw.items() if v is not None}
+        prediction = "on"
+    return DiscoveryOptions(
+        target_class=args.target_class or "", k=args.k or 0, k_min=k_min, k_max=k_max,
+        k_criterion=args.k_criterion, prediction_filter=prediction,
+        min_probability=args.min_probability, prediction_min_images=args.min_images,
+        certainty_filter="off" if args.no_certainty_filter else "auto",
+        certainty_quantile=args.certainty_quantile,
+        certainty_min_images=args.certainty_min_images, solver=args.solver, init=args.init,
+        max_iter=args.max_iter, tol=args.tol, seed=args.seed, layer=args.layer,
+        model=args.model, classifier=args.classifier,
+        resize_mode=args.resize, threshold=args.threshold, min_area=args.min_area)
 
 
-def _adapt_options(kw: dict[str, Any]) -> dict[str, Any]:
-    """Drop options the installed DiscoveryOptions does not know, with a warning."""
-    import dataclasses
-
-    try:
-        from concept_engine.discovery import DiscoveryOptions
-    except ImportError:
-        return kw
-    fields = {f.name: f for f in dataclasses.fields(DiscoveryOptions)}
-    out = {}
-    for key, value in kw.items():
-        if key not in fields:
-            log.warning("option %s is not supported by this engine version; ignored", key)
-            continue
-        out[key] = value
-    return out
-
-
-_STAGE_ORDER = ("read", "features", "prediction_filter", "certainty_filter", "k_sweep", "fit",
+_STAGE_ORDER = ("read", "features_wait", "features", "prediction_filter", "certainty_filter",
+                "k_sweep", "fit",
                 "regions", "explain", "total", "save", "render")
 
 
@@ -248,54 +322,185 @@ def _fmt_seconds(stages: dict[str, float]) -> str:
 
 
 def print_report(report: Any, stream: Any = None) -> None:
-    stream = stream or sys.stdout
+    from exporter.progress import write_line
+
     r = report
+    lines = []
     if r.status == "failed":
-        print(f"[FAILED] {r.name}: {r.error}", file=stream)
-        return
-    tag = "done" if r.status == "done" else "skipped (already done; --force redoes it)"
-    print(f"[{tag}] {r.name} -> {Path(r.out_dir) / 'index.html'}", file=stream)
-    print(f"    images: {r.n_images} found, {r.n_kept} used for the concepts", file=stream)
-    for why, count in r.dropped.items():
-        print(f"    dropped {count:4d}: {why}", file=stream)
-    print(f"    k = {r.k}: {r.k_reason}", file=stream)
-    for notice in r.notices:
-        print(f"    notice: {notice}", file=stream)
-    if r.stage_seconds:
-        print(f"    time: {_fmt_seconds(r.stage_seconds)} (total {r.seconds:.1f}s)",
-              file=stream)
+        lines.append(f"[FAILED] {r.name}: {r.error}")
+    else:
+        tag = "done" if r.status == "done" else "skipped (already done; --force redoes it)"
+        lines.append(f"[{tag}] {r.name} -> {Path(r.out_dir) / 'index.html'}")
+        lines.append(f"    images: {r.n_images} found, {r.n_kept} used for the concepts")
+        for why, count in r.dropped.items():
+            lines.append(f"    dropped {count:4d}: {why}")
+        lines.append(f"    k = {r.k}: {r.k_reason}")
+        for notice in r.notices:
+            lines.append(f"    notice: {notice}")
+        if r.stage_seconds:
+            lines.append(f"    time: {_fmt_seconds(r.stage_seconds)} (total {r.seconds:.1f}s)")
+    write_line("\n".join(lines), file=stream or sys.stdout)
+
+
+class UsageError(Exception):
+    """An ordinary mistake found before any work: exit 2 with this one-line message."""
+
+
+def check_out_dir(out: Path) -> None:
+    """OUT must be a folder this process can create and write (UsageError otherwise)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (it is created if missing)")
+    probe = out
+    while not probe.exists():  # the nearest existing ancestor is where it would be created
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"--out {out}: {probe} is a file; give a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".dff-write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out {out} is not writable ({probe}: {exc.strerror}); give a "
+                         "folder you can write to, or fix its permissions") from None
+
+
+def probe_service(address: str, want: str, other: str, other_flag: str,
+                  timeout: float = 5.0) -> None:
+    """UsageError when the server at ``address`` answers but does not serve ``want`` and does
+    serve ``other`` (e.g. a feature server given to --engine). Checked with grpc.health.v1
+    (reachable even with reflection off). A server that cannot be reached or does not answer
+    health is left to the real call (it reports its own error)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    def status(stub: Any, service: str) -> str:
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as exc:
+            return exc.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        mine = status(stub, want)
+        if mine != "NOT_FOUND":
+            return
+        if status(stub, other) in ("SERVING", "NOT_SERVING"):
+            raise UsageError(f"{address} is a {_SERVICE_WORDS.get(other, other)}, not a "
+                             f"{_SERVICE_WORDS.get(want, want)}: use {other_flag} {address}")
+
+
+_ENGINE_SERVICE = "dff.v1.ConceptEngine"
+_FEATURE_SERVICE = "dff.v1.FeatureService"
+_SERVICE_WORDS = {_ENGINE_SERVICE: "concept engine", _FEATURE_SERVICE: "feature server"}
+
+
+def _known_layers(args: argparse.Namespace, model: str) -> list[str] | None:
+    """The layers the feature source offers for ``model``; None when unknown here (engine
+    mode, models not built yet, a server that does not say)."""
+    from exporter import export
+
+    if args.engine:
+        return None
+    if not args.feature_server:
+        from feature_server.models.registry import load_registry
+
+        try:
+            spec = load_registry().get(model)
+        except Exception:  # noqa: BLE001 - no usable cache: the models get built later
+            return None
+        return None if spec is None else list(spec.layers)
+    source = export.make_source(args.feature_server, min(args.timeout, 30.0))
+    try:
+        describe = source.describe()
+    except Exception:  # noqa: BLE001 - unreachable now: the real call reports it
+        log.debug("describe failed", exc_info=True)
+        return None
+    finally:
+        close = getattr(source, "close", None)
+        if callable(close):
+            close()
+    for m in describe.get("models", []) or []:
+        if isinstance(m, dict) and m.get("name") == model and m.get("layers"):
+            return list(m["layers"])
+    return None
+
+
+def preflight_discover(args: argparse.Namespace) -> tuple[list[tuple[str, Path]], Any]:
+    """Every check that needs no feature: (the classes of this shard, the DiscoveryOptions),
+    or UsageError naming the item and the fix."""
+    from dff_protos.errors import DFFError
+
+    from exporter import export
+
+    if args.engine and args.feature_server:
+        raise UsageError("--engine and --feature-server exclude each other (the engine has "
+                         "its own feature servers)")
+    shard = args.shard
+    if shard is None:
+        try:
+            shard = shard_from_env()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    check_out_dir(args.out)
+    try:
+        classes = export.find_classes(args.data_dir, out=args.out)
+    except DFFError as exc:
+        raise UsageError(str(exc)) from None
+    options = options_from_args(args)
+    try:
+        options.validate()
+    except DFFError as exc:
+        raise UsageError(str(exc)) from None
+    if shard is not None:
+        classes = export.shard_classes(classes, *shard)
+    if options.k:
+        for name, folder in classes:
+            n = len(export.list_images(folder))
+            if options.k > n:
+                raise UsageError(f"--k {options.k} is larger than the number of images of "
+                                 f"class {name} ({n} in {folder}); lower --k (or let it be "
+                                 "estimated) or add images")
+    if args.engine:
+        probe_service(args.engine, _ENGINE_SERVICE, _FEATURE_SERVICE, "--feature-server")
+    for address in args.feature_server:
+        probe_service(address, _FEATURE_SERVICE, _ENGINE_SERVICE, "--engine")
+    layers = _known_layers(args, options.model) if classes else None
+    if layers is not None and options.layer not in layers:
+        raise UsageError(f"--layer {options.layer}: {options.model} has no such layer; "
+                         f"choose one of {', '.join(layers)}")
+    return classes, options
 
 
 def run_discover(args: argparse.Namespace) -> int:
     from dff_protos.errors import DFFError
 
-    from exporter.export import ExportSettings, export, find_classes
-    from exporter.progress import StageProgress
+    from exporter.export import ExportSettings, export
+    from exporter.progress import StageProgress, write_line
 
     try:
-        classes = find_classes(args.data_dir)
-    except DFFError as exc:
+        classes, options = preflight_discover(args)
+    except UsageError as exc:
         print(f"dff discover: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.engine and args.feature_server:
-        print("dff discover: error: --engine and --feature-server exclude each other (the "
-              "engine has its own feature servers)", file=sys.stderr)
-        return EXIT_USAGE
     settings = ExportSettings(
-        out=args.out, discovery=_adapt_options(discovery_kwargs(args)),
+        out=args.out, discovery=options,
         feature_servers=tuple(args.feature_server), engine=args.engine or "",
         force=args.force, top_n=args.top, timeout=args.timeout,
-        show_progress=not args.no_progress)
+        show_progress=not args.no_progress, max_file_bytes=args.max_file_size,
+        pipeline=not args.no_pipeline)
     names = ", ".join(n for n, _ in classes[:8]) + (" ..." if len(classes) > 8 else "")
-    print(f"dff discover: {len(classes)} class(es) from {args.data_dir}: {names}",
-          file=sys.stderr)
+    shard = f" (shard {args.shard[0]}/{args.shard[1]})" if args.shard else ""
+    write_line(f"dff discover: {len(classes)} class(es) from {args.data_dir}{shard}: {names}",
+               file=sys.stderr)
     start = time.perf_counter()
     try:
         reports = export(classes, settings,
                          progress_for=lambda n: StageProgress(f"{n}: ",
                                                               enabled=settings.show_progress),
-                         on_class=print_report)
-    except DFFError as exc:
+                         on_class=lambda r: print_report(r))
+    except DFFError as exc:  # e.g. the feature servers or the engine could not be used
         log.debug("discover failed", exc_info=True)
         print(f"dff discover: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_PARTIAL
@@ -305,16 +510,70 @@ def run_discover(args: argparse.Namespace) -> int:
     done = sum(r.status == "done" for r in reports)
     skipped = sum(r.status == "skipped" for r in reports)
     failed = [r for r in reports if r.status == "failed"]
-    print(f"summary: {done} done, {skipped} skipped, {len(failed)} failed of {len(reports)} "
-          f"class(es) in {time.perf_counter() - start:.1f}s; output in {args.out}")
-    return EXIT_PARTIAL if failed else EXIT_OK
+    errors = sum(r.n_errors for r in reports if r.status != "skipped")
+    bad = f"; {errors} image(s) could not be used" if errors else ""
+    write_line(f"summary: {done} done, {skipped} skipped, {len(failed)} failed of "
+               f"{len(reports)} class(es) in {time.perf_counter() - start:.1f}s{bad}; "
+               f"output in {args.out} (index: {args.out / 'index.html'})")
+    return EXIT_PARTIAL if failed or errors else EXIT_OK
 
 
 # ---------------------------------------------------------------------------- explain
 
+def check_concept_set(path: Path) -> None:
+    """UsageError unless ``path`` is a concept set written by dff (HDF5, format attribute)."""
+    import h5py
+
+    hint = "give OUT/<class>/concepts.h5 written by `dff discover`"
+    if not path.exists():
+        raise UsageError(f"--concepts {path}: no such file; {hint}")
+    if not path.is_file():
+        raise UsageError(f"--concepts {path} is not a file; {hint}")
+    try:
+        if not h5py.is_hdf5(str(path)):
+            raise UsageError(f"--concepts {path} is not an HDF5 file, so not a concept set; "
+                             f"{hint}")
+        with h5py.File(path, "r") as f:
+            fmt = f.attrs.get("format")
+    except OSError as exc:
+        raise UsageError(f"--concepts {path} cannot be read ({exc}); {hint}") from None
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode("utf-8", "replace")
+    if fmt != "dff-concept-set":
+        raise UsageError(f"--concepts {path} is an HDF5 file but not a dff concept set "
+                         f"(format {fmt!r}); {hint}")
+
+
+def preflight_explain(args: argparse.Namespace) -> None:
+    """The explain checks that need no feature (UsageError naming the item and the fix)."""
+    check_concept_set(args.concepts)
+    check_out_dir(args.out)
+    from exporter.export import list_images
+
+    seen: dict[str, Path] = {}
+    for entry in args.images:
+        if entry.is_file():
+            found = [(entry.name, entry)]
+        elif entry.is_dir():
+            found = list_images(entry)
+        else:
+            raise UsageError(f"no such file or folder: {entry}")
+        for image_id, path in found:
+            if image_id in seen and seen[image_id] != path:
+                raise UsageError(f"{path} and {seen[image_id]} have the same file name "
+                                 f"{image_id!r} (an image's id); explain them in two runs "
+                                 "or rename one")
+            seen[image_id] = path
+
+
 def run_explain(args: argparse.Namespace) -> int:
     from dff_protos.errors import DFFError, InvalidInput, NotFound
 
+    try:
+        preflight_explain(args)
+    except UsageError as exc:
+        print(f"dff explain: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return _explain(args)
     except DFFError as exc:
@@ -327,9 +586,11 @@ def run_explain(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     import numpy as np
+    from dff_protos.errors import InvalidInput
 
+    from concept_engine.discovery import Explanation
     from concept_engine.store import load_concept_set
-    from exporter.export import explain_items, list_images, read_bytes
+    from exporter.export import explain_items, list_images, output_stems, read_files
     from exporter.progress import ProgressBar
     from exporter.report import ImageResult, ReportData, decode_image, write_report
 
@@ -346,14 +607,16 @@ def _explain(args: argparse.Namespace) -> int:
     if not items:
         print("dff explain: error: no images given", file=sys.stderr)
         return EXIT_USAGE
-    paths = dict(items)
     threshold = cs.threshold if args.threshold is None else args.threshold
     min_area = cs.min_area if args.min_area is None else args.min_area
-    bar = ProgressBar("explain", len(items), enabled=not args.no_progress)
-    explanations = explain_items(cs, read_bytes(items), feature_servers=args.feature_server,
+    bar = ProgressBar("explain", len(items), enabled=not args.no_progress, unit="img")
+    blobs, read_errors = read_files(items, args.max_file_size)
+    explanations = explain_items(cs, blobs, feature_servers=args.feature_server,
                                  timeout=args.timeout, threshold=threshold, min_area=min_area,
                                  progress=lambda d, t: bar.update(d, t))
     bar.close()
+    explanations += [Explanation(d.id, error=InvalidInput(d.reason)) for d in read_errors]
+    by_id = dict(blobs)
     ok = [x for x in explanations if x.error is None]
     failed = [x for x in explanations if x.error is not None]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -371,7 +634,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     def results():
         for x in ok:
-            yield ImageResult(id=x.id, image=decode_image(paths[x.id].read_bytes()),
+            yield ImageResult(id=x.id, image=decode_image(by_id[x.id]),
                               polygons=x.polygons, certainties=np.asarray(x.certainties))
 
     data = ReportData(name=f"{cs.name} (explained)", k=cs.k,
@@ -380,7 +643,8 @@ def _explain(args: argparse.Namespace) -> int:
                                   "reason": str(x.error)} for x in failed],
                       summary={"images": len(items), "explained": len(ok),
                                "failed": len(failed), "concept set": str(args.concepts)})
-    write_report(args.out, results(), data, top_n=args.top, total=len(ok), concepts_file="")
+    write_report(args.out, results(), data, top_n=args.top, total=len(ok), concepts_file="",
+                 stems=output_stems(x.id for x in ok))
     for x in failed:
         print(f"    could not explain {x.id}: {x.error}", file=sys.stderr)
     print(f"explained {len(ok)} of {len(items)} image(s) -> {args.out / 'index.html'}")

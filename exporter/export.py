@@ -6,36 +6,59 @@
 Resumable and atomic: a class is built in ``OUT/.<class>.partial/`` and renamed to
 ``OUT/<class>/`` only when complete, with ``summary.json`` written last inside it (the done
 marker). A killed run leaves at most a ``.partial`` folder, which the next run deletes and
-redoes; finished classes are skipped unless ``force``. An advisory lock (``OUT/.<class>.lock``)
-keeps two runs from writing the same class at once. Discovery itself runs in-process
-(``concept_engine.discovery.discover`` over a FeatureSource: the embedded ONNX Runtime extractor
-or feature servers) or on a concept engine service (``EngineDiscoverer``).
+redoes; finished classes are skipped unless ``force``. A portable file lock
+(``OUT/.<class>.lock``, filelock) keeps two runs from writing the same class at once. Discovery
+itself runs in-process (``concept_engine.discovery.discover`` over a FeatureSource: the embedded
+ONNX Runtime extractor or feature servers) or on a concept engine service (``EngineDiscoverer``).
+
+Input layout (one documented rule, :func:`find_classes`): DATA_DIR holding image files is ONE
+class; DATA_DIR holding only sub-folders is a folder of classes (each sub-folder with image files
+is a class). A class folder must hold image files and no sub-folders with images: a folder with
+both is refused with an error naming it (never silently merged). Hidden entries (``.name``) are
+ignored, and so is the output folder when it lies inside DATA_DIR (with a notice).
+
+Per-file problems (unreadable, larger than ``max_file_bytes`` - checked from the size before
+reading -, undecodable) are per-image errors recorded as decisions; the rest of the class and
+every other class go on. Output file names come from :func:`output_stems` (collision-free).
+
+Several classes are pipelined (``pipeline=True``): while class i is fitted, rendered and
+written, class i+1's features are extracted (at most two classes in flight; extractions one at
+a time, in class order). Each class's result does not depend on it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
-import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 from dff_protos.errors import DFFError, InvalidInput, NotFound, TooFewImages
+
+if TYPE_CHECKING:
+    from concept_engine.discovery import DiscoveryOptions
+    from concept_engine.finegrain import Decision
 
 log = logging.getLogger(__name__)
 
 DONE_MARKER = "summary.json"
 CONCEPTS_FILE = "concepts.h5"
+THUMBNAIL_FILE = "thumbnail.jpg"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024  # the feature server's own default limit
 
 Progress = Callable[..., None]  # progress(stage, done, total, message="")
 
@@ -46,19 +69,28 @@ Progress = Callable[..., None]  # progress(stage, done, total, message="")
 class ExportSettings:
     """Everything a batch export needs, built once at the entry point.
 
-    ``discovery`` holds keyword arguments of ``concept_engine.discovery.DiscoveryOptions``
-    (k, k_min, k_max, k_criterion, solver, seed, filter modes and thresholds, ...); the class
-    name is filled in per class.
+    ``discovery`` is the typed ``DiscoveryOptions`` of every class (its ``name`` is replaced
+    by the class name per class). ``max_file_bytes``: larger files are per-image errors,
+    refused from their size before being read. ``pipeline``: overlap class i's fit/render/write
+    with class i+1's feature extraction.
     """
 
     out: Path
-    discovery: dict[str, Any] = field(default_factory=dict)
+    discovery: DiscoveryOptions = field(default_factory=lambda: _default_options())
     feature_servers: tuple[str, ...] = ()
     engine: str = ""
     force: bool = False
     top_n: int = 8
     timeout: float = 3600.0
     show_progress: bool = True
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    pipeline: bool = True
+
+
+def _default_options() -> DiscoveryOptions:
+    from concept_engine.discovery import DiscoveryOptions
+
+    return DiscoveryOptions()
 
 
 @dataclass
@@ -79,6 +111,7 @@ class ClassReport:
     error: str = ""
     seconds: float = 0.0
     concept_set_id: str = ""
+    n_errors: int = 0  # images that could not be used (unreadable, too large, undecodable)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,20 +119,84 @@ class ClassReport:
 
 # ---------------------------------------------------------------------------- inputs
 
-def _has_images(folder: Path) -> bool:
-    return any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+def _is_image_file(p: Path) -> bool:
+    """An image file name (not hidden) that is not a folder: regular files, links (even
+    dangling ones) and special files are listed, so that a bad one becomes a per-image error
+    instead of vanishing."""
+    return (not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+            and not p.is_dir())
 
 
-def find_classes(data_dir: Path) -> list[tuple[str, Path]]:
-    """(class name, folder) pairs: data_dir itself when it holds images, else each sub-folder
-    that holds images (sorted). Raises NotFound / InvalidInput with a helpful message."""
+def _inside(path: Path, folder: Path) -> bool:
+    """path is folder or lies below it (both resolved)."""
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _entries(folder: Path, out: Path | None) -> tuple[list[Path], list[Path]]:
+    """(image files, sub-folders) directly in folder: hidden entries and the output folder
+    (when it lies inside) are left out."""
+    files, dirs = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            if out is not None and _inside(p, out):
+                log.warning("not reading %s: it is the output folder (or inside it)", p)
+                continue
+            dirs.append(p)
+        elif _is_image_file(p):
+            files.append(p)
+    return files, dirs
+
+
+def _holds_images(folder: Path, out: Path | None) -> bool:
+    files, dirs = _entries(folder, out)
+    return bool(files) or any(_holds_images(d, out) for d in dirs)
+
+
+def _check_class_folder(folder: Path, files: list[Path], dirs: list[Path],
+                        out: Path | None) -> None:
+    nested = [d for d in dirs if _holds_images(d, out)]
+    if files and nested:
+        raise InvalidInput(
+            f"{folder} holds image files AND sub-folders with images "
+            f"({', '.join(d.name for d in nested[:3])}{' ...' if len(nested) > 3 else ''}); "
+            "a class folder may not have sub-folders with images: move the images of the "
+            "sub-folders into it, or move its own images into a sub-folder (then each "
+            "sub-folder is a class)")
+
+
+def find_classes(data_dir: Path, out: Path | None = None) -> list[tuple[str, Path]]:
+    """(class name, folder) pairs, sorted (the input layout rule: see the module docstring).
+    ``out`` (the output folder) is never read as input. Raises NotFound / InvalidInput with a
+    message that names the folder and the fix."""
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
+    if not data_dir.exists():
         raise NotFound(f"no such folder: {data_dir}")
-    if _has_images(data_dir):
+    if not data_dir.is_dir():
+        raise InvalidInput(f"DATA_DIR {data_dir} is a file; give the folder that holds the "
+                           "images (or a folder of class folders)")
+    if out is not None and _inside(data_dir, out):
+        raise InvalidInput(f"DATA_DIR {data_dir} lies inside the output folder {out}; choose "
+                           "another --out")
+    files, dirs = _entries(data_dir, out)
+    if files:
+        _check_class_folder(data_dir, files, dirs, out)
         return [(data_dir.resolve().name, data_dir)]
-    classes = sorted((p.name, p) for p in data_dir.iterdir()
-                     if p.is_dir() and not p.name.startswith(".") and _has_images(p))
+    classes = []
+    for d in dirs:
+        files, sub = _entries(d, out)
+        if files:
+            _check_class_folder(d, files, sub, out)
+            classes.append((d.name, d))
+        elif any(_holds_images(x, out) for x in sub):
+            log.warning("%s holds no images itself, only sub-folders: skipped (folders of "
+                        "classes are not searched below DATA_DIR's sub-folders; give %s as "
+                        "DATA_DIR to export them)", d, d)
     if not classes:
         raise InvalidInput(f"{data_dir} holds no images and no sub-folders with images "
                            f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -107,13 +204,74 @@ def find_classes(data_dir: Path) -> list[tuple[str, Path]]:
 
 
 def list_images(folder: Path) -> list[tuple[str, Path]]:
-    """(id, path) of a class folder's image files, sorted; id = path relative to the folder."""
-    from feature_server.images import read_items
+    """(id, path) of a class folder's image files (not of its sub-folders), sorted; id = the
+    file name. Hidden files (``.name``) are left out."""
+    return [(p.name, p) for p in sorted(Path(folder).iterdir()) if _is_image_file(p)]
 
-    return read_items(folder)
+
+def output_stems(ids: Iterable[str]) -> dict[str, str]:
+    """A file-name stem (no extension) per image id, collision-free and deterministic: the id
+    with its extension dropped and characters outside ``[A-Za-z0-9._-]`` replaced by ``_``
+    (``/`` by ``__``); ids whose stems would collide (case-insensitively: ``a.jpg`` and
+    ``a.png``, ``photo 1.jpg`` and ``photo_1.jpg``) get ``-`` and 10 hex digits of the id's
+    SHA-256 appended. Depends only on the SET of ids (not their order)."""
+    ids = sorted(set(ids))
+
+    def plain(image_id: str) -> str:
+        stem = os.path.splitext(image_id.replace("\\", "/"))[0].replace("/", "__")
+        return "".join(c if c.isalnum() or c in "._-" else "_" for c in stem) or "image"
+
+    def hashed(image_id: str, n: int) -> str:
+        return f"{plain(image_id)}-{hashlib.sha256(image_id.encode()).hexdigest()[:n]}"
+
+    base = {i: plain(i) for i in ids}
+    counts = Counter(v.lower() for v in base.values())
+    out = {i: (v if counts[v.lower()] == 1 else hashed(i, 10)) for i, v in base.items()}
+    if len({v.lower() for v in out.values()}) != len(out):  # astronomically rare: full hash
+        counts = Counter(v.lower() for v in out.values())
+        out = {i: (v if counts[v.lower()] == 1 else hashed(i, 64)) for i, v in out.items()}
+    return out
+
+
+def _file_error(image_id: str, reason: str) -> Decision:
+    from concept_engine.finegrain import ERROR, Decision
+
+    return Decision(image_id, False, ERROR, reason)
+
+
+def read_files(items: Sequence[tuple[str, Path]], max_bytes: int = DEFAULT_MAX_FILE_BYTES
+               ) -> tuple[list[tuple[str, bytes]], list[Decision]]:
+    """(readable (id, bytes), per-file error decisions). A file larger than ``max_bytes`` is
+    refused from its size, before reading; unreadable files (permissions, dangling links, not a
+    regular file) are errors too. Nothing here raises for one file."""
+    data: list[tuple[str, bytes]] = []
+    errors: list[Decision] = []
+    for image_id, path in items:
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(0, "not a regular file")
+            if st.st_size > max_bytes:
+                errors.append(_file_error(image_id, f"file of {st.st_size} bytes is above the "
+                                          f"limit of {max_bytes} bytes (--max-file-size)"))
+                continue
+            with open(path, "rb") as fh:
+                blob = fh.read(max_bytes + 1)
+            if len(blob) > max_bytes:  # grew since stat
+                errors.append(_file_error(image_id, f"file is above the limit of {max_bytes} "
+                                          "bytes (--max-file-size)"))
+                continue
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            errors.append(_file_error(image_id, f"cannot read the file: {why}"))
+            log.warning("cannot read %s: %s", path, why)
+            continue
+        data.append((image_id, blob))
+    return data, errors
 
 
 def read_bytes(items: Sequence[tuple[str, Path]]) -> list[tuple[str, bytes]]:
+    """The bytes of every item (raises OSError); see :func:`read_files` for the tolerant one."""
     return [(i, Path(p).read_bytes()) for i, p in items]
 
 
@@ -122,23 +280,17 @@ def read_bytes(items: Sequence[tuple[str, Path]]) -> list[tuple[str, bytes]]:
 class Discoverer(Protocol):
     """Runs discovery for one class: images in, a concept_engine.store.ConceptSet out."""
 
-    def discover(self, name: str, items: list[tuple[str, bytes]], options: dict[str, Any],
+    def discover(self, name: str, items: list[tuple[str, bytes]], options: DiscoveryOptions,
                  progress: Progress | None = None) -> Any: ...
 
     def close(self) -> None: ...
 
 
-def discovery_options(name: str, options: dict[str, Any]) -> Any:
-    """A DiscoveryOptions for one class from the settings' keyword arguments."""
-    from concept_engine.discovery import DiscoveryOptions
-
-    known = {f.name for f in dataclasses.fields(DiscoveryOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise InvalidInput(f"unknown discovery options {unknown}")
-    kwargs = dict(options)
-    kwargs["name"] = name
-    return DiscoveryOptions(**kwargs)
+def discovery_options(name: str, options: DiscoveryOptions) -> DiscoveryOptions:
+    """The options of one class: ``options`` with its name (validated: InvalidInput)."""
+    opts = dataclasses.replace(options, name=name)
+    opts.validate()
+    return opts
 
 
 def engine_progress(progress: Progress | None) -> Callable[[Any], None] | None:
@@ -198,11 +350,35 @@ def explain_items(cs: Any, items: list[tuple[str, bytes]], *,
     return [out[i] for i, _ in items if i in out]
 
 
-class LocalDiscoverer:
-    """discover() in this process over a FeatureSource (embedded extractor or feature servers)."""
+class _GatedSource:
+    """A FeatureSource whose extractions run one at a time (the pipeline's gate): a class's
+    extraction waits for the previous class's, while that class's fit and rendering go on."""
 
     def __init__(self, source: Any) -> None:
         self.source = source
+        self.gate = threading.Lock()
+        self.local = threading.local()  # .waited: seconds this thread waited for the gate
+
+    def extract(self, items: Any, options: Any) -> Iterator[Any]:
+        t0 = time.perf_counter()
+        with self.gate:
+            self.local.waited = getattr(self.local, "waited", 0.0) + time.perf_counter() - t0
+            yield from self.source.extract(items, options)
+
+    def describe(self) -> dict:
+        return self.source.describe()
+
+    def class_names(self, classifier: str | None = None) -> list[str]:
+        return self.source.class_names(classifier)
+
+
+class LocalDiscoverer:
+    """discover() in this process over a FeatureSource (embedded extractor or feature servers).
+    Safe to call from two threads at once: extractions are serialised, fits run in parallel."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self._gated = _GatedSource(source)
 
     @classmethod
     def embedded(cls) -> LocalDiscoverer:
@@ -212,12 +388,19 @@ class LocalDiscoverer:
     def remote_features(cls, addresses: Sequence[str], timeout: float) -> LocalDiscoverer:
         return cls(make_source(addresses, timeout))
 
-    def discover(self, name: str, items: list[tuple[str, bytes]], options: dict[str, Any],
+    def discover(self, name: str, items: list[tuple[str, bytes]], options: DiscoveryOptions,
                  progress: Progress | None = None) -> Any:
         from concept_engine.discovery import discover
 
-        return discover(items, self.source, discovery_options(name, options),
-                        progress=engine_progress(progress))
+        self._gated.local.waited = 0.0
+        cs = discover(items, self._gated, discovery_options(name, options),
+                      progress=engine_progress(progress))
+        waited = self._gated.local.waited
+        if waited > 0.0005 and "features" in cs.stage_seconds:
+            # the features stage includes the wait for the previous class's extraction
+            cs.stage_seconds["features"] = max(0.0, cs.stage_seconds["features"] - waited)
+            cs.stage_seconds["features_wait"] = waited
+        return cs
 
     def close(self) -> None:
         close = getattr(self.source, "close", None)
@@ -241,7 +424,8 @@ def _rmtree(path: Path) -> None:
 def _decision_dicts(decisions: Sequence[Any]) -> list[dict[str, Any]]:
     out = []
     for d in decisions:
-        row = dataclasses.asdict(d) if dataclasses.is_dataclass(d) else dict(d)
+        row = (dataclasses.asdict(d) if dataclasses.is_dataclass(d) and not isinstance(d, type)
+               else dict(d))
         for key in ("score", "probability"):
             v = row.get(key)
             if isinstance(v, float) and v != v:
@@ -269,18 +453,44 @@ def dropped_counts(decisions: Sequence[Any]) -> dict[str, int]:
             for k, n in sorted(counts.items())}
 
 
-def _image_results(cs: Any, paths: dict[str, Path]) -> Iterator[Any]:
+def _image_results(cs: Any, data: dict[str, bytes]) -> Iterator[Any]:
     from exporter.report import ImageResult, decode_image
 
     for i, image_id in enumerate(cs.image_ids):
-        image = decode_image(paths[image_id].read_bytes())
+        image = decode_image(data[image_id])
         yield ImageResult(id=image_id, image=image, polygons=cs.polygons[i],
                           certainties=np.asarray(cs.certainties[i]))
 
 
-def write_class_outputs(class_dir: Path, cs: Any, paths: dict[str, Path], report: ClassReport,
+def write_thumbnail(class_dir: Path, cs: Any, rendered: Any, size: int = 240) -> None:
+    """class_dir/thumbnail.jpg: the combined overlay of the image with the highest mean
+    concept certainty (ties: the first), at most ``size`` pixels on its long side."""
+    import cv2
+
+    combined = getattr(rendered, "combined", None) or {}
+    if not combined or not len(cs.image_ids):
+        return
+    means = np.asarray(cs.certainties, np.float64).reshape(len(cs.image_ids), -1).mean(axis=1)
+    order = [cs.image_ids[i] for i in np.argsort(-means, kind="stable")]
+    best = next((i for i in order if i in combined), None)
+    if best is None:
+        return
+    img = cv2.imread(str(class_dir / combined[best]), cv2.IMREAD_COLOR)
+    if img is None:
+        return
+    h, w = img.shape[:2]
+    s = min(1.0, size / max(h, w))
+    small = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))),
+                       interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if ok:
+        (class_dir / THUMBNAIL_FILE).write_bytes(buf.tobytes())
+
+
+def write_class_outputs(class_dir: Path, cs: Any, data: dict[str, bytes], report: ClassReport,
                         *, top_n: int = 8, progress: Progress | None = None) -> None:
-    """concepts.h5, pictures and index.html of one concept set into class_dir (not summary)."""
+    """concepts.h5, pictures, thumbnail and index.html of one concept set into class_dir (not
+    summary). ``data``: the encoded bytes of (at least) the kept images, by id."""
     from concept_engine.store import safe_id, save_concept_set
     from exporter.report import ReportData, write_report
 
@@ -295,14 +505,16 @@ def write_class_outputs(class_dir: Path, cs: Any, paths: dict[str, Path], report
         save_concept_set(class_dir / CONCEPTS_FILE, cs)
     report.stage_seconds["save"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
-    data = ReportData(name=cs.name, k=cs.k, k_reason=cs.k_reason,
-                      curves={c: {int(k): float(v) for k, v in curve.items()}
-                              for c, curve in cs.k_curves.items()},
-                      decisions=_decision_dicts(cs.decisions),
-                      summary=_summary_table(report, cs), notices=list(cs.notices))
-    write_report(class_dir, _image_results(cs, paths), data, top_n=top_n,
-                 total=cs.n_images,
-                 progress=(lambda d, t: progress("render", d, t)) if progress else None)
+    report_data = ReportData(name=cs.name, k=cs.k, k_reason=cs.k_reason,
+                             curves={c: {int(k): float(v) for k, v in curve.items()}
+                                     for c, curve in cs.k_curves.items()},
+                             decisions=_decision_dicts(cs.decisions),
+                             summary=_summary_table(report, cs), notices=list(cs.notices))
+    rendered = write_report(
+        class_dir, _image_results(cs, data), report_data, top_n=top_n, total=cs.n_images,
+        progress=(lambda d, t: progress("render", d, t)) if progress else None,
+        stems=output_stems(cs.image_ids))
+    write_thumbnail(class_dir, cs, rendered)
     report.stage_seconds["render"] = round(time.perf_counter() - t0, 3)
 
 
@@ -325,19 +537,21 @@ def _summary_table(report: ClassReport, cs: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _class_lock(out: Path, name: str) -> Iterator[bool]:
-    """An advisory lock on OUT/.<class>.lock: False when another run holds it (e.g. a retried
-    Kubernetes Job pod while the old one still runs)."""
+    """A portable advisory lock (filelock) on OUT/.<class>.lock: False when another run holds
+    it (e.g. a retried Kubernetes Job pod while the old one still runs, or another shard)."""
+    from filelock import FileLock, Timeout
+
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / f".{name}.lock", "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    lock = FileLock(str(out / f".{name}.lock"), thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def export_class(name: str, folder: Path, settings: ExportSettings, discoverer: Discoverer,
@@ -379,32 +593,40 @@ def _export_class_locked(name: str, folder: Path, settings: ExportSettings,
     partial = out / f".{name}.partial"
     _rmtree(partial)  # a previous run was killed here: redo the class from scratch
     out.mkdir(parents=True, exist_ok=True)
+    read_errors: list[Any] = []
     try:
         items = list_images(folder)
         report.n_images = len(items)
         t0 = time.perf_counter()
-        data = read_bytes(items)
+        data, read_errors = read_files(items, settings.max_file_bytes)
         read_s = time.perf_counter() - t0
         cs = discoverer.discover(name, data, settings.discovery, progress)
+        if read_errors:  # the files that never reached discovery are decisions too
+            cs.decisions = list(read_errors) + list(cs.decisions)
         report.stage_seconds = {"read": round(read_s, 3)}
         report.stage_seconds.update({k: round(float(v), 3) for k, v in cs.stage_seconds.items()})
         report.n_kept = cs.n_images
         report.dropped = dropped_counts(cs.decisions)
+        report.n_errors = sum(1 for d in _decision_dicts(cs.decisions)
+                              if d.get("stage") == "error" and not d.get("kept", True))
         report.k, report.k_reason, report.k_criterion = cs.k, cs.k_reason, cs.k_criterion
         report.notices = list(cs.notices)
         report.concept_set_id = cs.id
         partial.mkdir(parents=True)
-        write_class_outputs(partial, cs, dict(items), report, top_n=settings.top_n,
+        write_class_outputs(partial, cs, dict(data), report, top_n=settings.top_n,
                             progress=progress)
         report.seconds = round(time.perf_counter() - start, 3)
         _write_json(partial / DONE_MARKER, report.to_json())
         _publish(partial, final)
-    except TooFewImages as exc:
-        _rmtree(partial)
-        report.status, report.error = "failed", str(exc)
     except DFFError as exc:
         _rmtree(partial)
-        report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
+        report.status = "failed"
+        report.error = str(exc) if isinstance(exc, TooFewImages) else \
+            f"{type(exc).__name__}: {exc}"
+        if read_errors:
+            why = sorted({d.reason for d in read_errors})[:2]
+            report.error += f" ({len(read_errors)} file(s) unreadable: {'; '.join(why)})"
+            report.n_errors = len(read_errors)
     report.seconds = round(time.perf_counter() - start, 3)
     return report
 
@@ -455,29 +677,89 @@ def make_discoverer(settings: ExportSettings) -> Discoverer:
     return LocalDiscoverer.embedded()
 
 
+def shard_classes(classes: Sequence[tuple[str, Path]], index: int, count: int
+                  ) -> list[tuple[str, Path]]:
+    """Shard ``index`` of ``count`` (0-based): the classes sorted by name, taken round-robin
+    (class j goes to shard j mod count). Every class is in exactly one shard; the share
+    depends only on the class names."""
+    if count < 1 or not 0 <= index < count:
+        raise InvalidInput(f"shard {index}/{count}: need 0 <= I < N")
+    ordered = sorted(classes, key=lambda c: c[0])
+    return [c for j, c in enumerate(ordered) if j % count == index]
+
+
 def export(classes: Sequence[tuple[str, Path]], settings: ExportSettings,
            discoverer: Discoverer | None = None,
            progress_for: Callable[[str], Progress | None] | None = None,
-           on_class: Callable[[ClassReport], None] | None = None) -> list[ClassReport]:
-    """Export every class; returns one report per class (done, skipped or failed)."""
+           on_class: Callable[[ClassReport], None] | None = None,
+           site_index: bool = True) -> list[ClassReport]:
+    """Export every class; returns one report per class (done, skipped or failed), in the
+    order of ``classes``; ``on_class`` is called in that order too. With ``settings.pipeline``
+    and several classes to do, class i's fit/render/write overlaps class i+1's extraction.
+    Finally OUT/index.html (every finished class in OUT) is rebuilt when ``site_index``."""
     pending = [n for n, _ in classes if settings.force or not is_done(Path(settings.out) / n)]
-    reports: list[ClassReport] = []
     own = discoverer is None and bool(pending)
     if own:  # models are loaded (or servers connected) only when there is work to do
         discoverer = make_discoverer(settings)
-    try:
-        for name, folder in classes:
-            progress = progress_for(name) if progress_for else None
-            report = export_class(name, folder, settings,
-                                  discoverer,  # type: ignore[arg-type] - None only when all done
-                                  progress)
+
+    def one(name: str, folder: Path) -> ClassReport:
+        progress = progress_for(name) if progress_for else None
+        try:
+            # None only when nothing is pending: every class is then skipped unused
+            return export_class(name, folder, settings, cast(Discoverer, discoverer), progress)
+        finally:
             close = getattr(progress, "close", None)
             if callable(close):
                 close()
-            reports.append(report)
-            if on_class:
-                on_class(report)
+
+    try:
+        if settings.pipeline and len(pending) > 1:
+            reports = _pipelined(classes, one, on_class)
+        else:
+            reports = []
+            for name, folder in classes:
+                reports.append(one(name, folder))
+                if on_class:
+                    on_class(reports[-1])
     finally:
         if own and discoverer is not None:
             discoverer.close()
+    if site_index:
+        from exporter.site_index import write_site_index
+
+        write_site_index(Path(settings.out))
+    return reports
+
+
+def _pipelined(classes: Sequence[tuple[str, Path]], one: Callable[[str, Path], ClassReport],
+               on_class: Callable[[ClassReport], None] | None,
+               in_flight: int = 2) -> list[ClassReport]:
+    """Run ``one`` for every class with at most ``in_flight`` classes at once (daemon threads,
+    so an interrupted run does not wait for them), reporting in class order."""
+    slots = threading.Semaphore(in_flight)
+    futures: list[concurrent.futures.Future[ClassReport]] = []
+    reports: list[ClassReport] = []
+
+    def run(fut: concurrent.futures.Future[ClassReport], name: str, folder: Path) -> None:
+        try:
+            fut.set_result(one(name, folder))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            fut.set_exception(exc)
+        finally:
+            slots.release()
+
+    def flush(block: bool) -> None:
+        while len(reports) < len(futures) and (block or futures[len(reports)].done()):
+            reports.append(futures[len(reports)].result())  # re-raises a worker's exception
+            if on_class:
+                on_class(reports[-1])
+
+    for name, folder in classes:
+        slots.acquire()
+        flush(block=False)
+        fut: concurrent.futures.Future[ClassReport] = concurrent.futures.Future()
+        futures.append(fut)
+        threading.Thread(target=run, args=(fut, name, folder), daemon=True,
+                         name=f"dff-class-{name}").start()
+    flush(block=True)
     return reports

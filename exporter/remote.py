@@ -26,63 +26,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from dff_protos.errors import InvalidInput, TooFewImages
 
 from concept_engine.store import ConceptSet
 
+if TYPE_CHECKING:
+    from concept_engine.discovery import DiscoveryOptions
+
 log = logging.getLogger(__name__)
-
-_FILTER = {"auto": 1, "on": 2, "off": 3}
-# DiscoveryOptions fields that DiscoverOptions carries (threshold/min_area go to Explain)
-_ON_THE_WIRE = frozenset({
-    "target_class", "k", "k_min", "k_max", "k_criterion", "prediction_filter",
-    "min_probability", "prediction_min_images", "certainty_min_images", "certainty_filter",
-    "certainty_quantile", "solver", "max_iter", "tol", "seed", "layer", "init", "resize_mode",
-    "size", "threshold", "min_area"})
-
-
-def options_message(name: str, options: dict[str, Any]) -> Any:
-    """engine_pb2.DiscoverOptions from the exporter's discovery keyword arguments."""
-    from dff_protos.v1 import common_pb2, engine_pb2
-
-    o = dict(options)
-    unsupported = sorted(set(o) - _ON_THE_WIRE)
-    if unsupported:
-        log.warning("the engine protocol cannot carry %s; the engine uses its defaults",
-                    ", ".join(unsupported))
-    if o.get("certainty_min_images") is not None and o.get("prediction_min_images") is None:
-        log.warning("the engine protocol has one min_images for both filters; "
-                    "using certainty_min_images for both")
-        o["prediction_min_images"] = o["certainty_min_images"]
-    msg = engine_pb2.DiscoverOptions(name=name)
-    for key in ("target_class", "k_criterion", "solver", "layer", "init"):
-        if o.get(key):
-            setattr(msg, key, str(o[key]))
-    if o.get("prediction_min_images") is not None:
-        msg.min_images = int(o["prediction_min_images"])
-    for key in ("k", "k_min", "k_max", "max_iter"):
-        if o.get(key) is not None:
-            setattr(msg, key, int(o[key]))
-    for key in ("min_probability", "certainty_quantile", "tol"):
-        if o.get(key) is not None:
-            setattr(msg, key, float(o[key]))
-    if o.get("seed") is not None:
-        msg.seed = int(o["seed"])
-    for key in ("prediction_filter", "certainty_filter"):
-        mode = o.get(key)
-        if mode is not None:
-            msg.__setattr__(key, _FILTER[str(getattr(mode, "value", mode)).lower()])
-    resize_mode = o.get("resize_mode")
-    size = o.get("size")
-    if resize_mode or size:
-        mode = {"squash": common_pb2.SQUASH, "keep_aspect": common_pb2.KEEP_ASPECT}.get(
-            str(resize_mode or ""), common_pb2.RESIZE_MODE_UNSPECIFIED)
-        msg.resize.CopyFrom(common_pb2.ResizePolicy(mode=mode, size=int(size or 0)))
-    return msg
-
 
 @dataclass
 class EngineConceptSet(ConceptSet):
@@ -119,14 +73,17 @@ class EngineDiscoverer:
         for image_id, data in items:
             yield engine_pb2.DiscoverRequest(image=common_pb2.ImageInput(id=image_id, data=data))
 
-    def discover(self, name: str, items: list[tuple[str, bytes]], options: dict[str, Any],
+    def discover(self, name: str, items: list[tuple[str, bytes]], options: DiscoveryOptions,
                  progress: Any = None) -> Any:
         import grpc
         from dff_protos.status import error_from_rpc
 
+        from concept_engine.convert import options_to_proto
         from concept_engine.finegrain import Decision
+        from exporter.export import discovery_options
 
-        msg = options_message(name, options)
+        options = discovery_options(name, options)
+        msg = options_to_proto(options)
         decisions: list[Decision] = []
         summary = None
         try:
@@ -178,9 +135,11 @@ class EngineDiscoverer:
                         "approximate the fit's)", self.address)
         return cs_msg
 
-    def _from_file(self, data: bytes, summary: Any, options: dict[str, Any]) -> EngineConceptSet:
-        """The concept set in the engine's file; kept byte for byte unless other region
-        options (threshold/min_area, which DiscoverOptions does not carry) were asked for."""
+    def _from_file(self, data: bytes, summary: Any, options: DiscoveryOptions
+                   ) -> EngineConceptSet:
+        """The concept set in the engine's file; kept byte for byte unless it was made with
+        other region options (threshold/min_area: an engine that predates DiscoverOptions
+        fields 40/41 ignores them) - then the regions are redrawn here."""
         from concept_engine import heatmaps as hm
         from concept_engine.store import load_concept_set
 
@@ -195,9 +154,7 @@ class EngineDiscoverer:
             raise InvalidInput(f"engine at {self.address} sent concept set {cs.id!r} for "
                                f"{summary.concept_set_id!r}")
         exact = True
-        threshold = float(cs.threshold if options.get("threshold") is None
-                          else options["threshold"])
-        min_area = float(cs.min_area if options.get("min_area") is None else options["min_area"])
+        threshold, min_area = float(options.threshold), float(options.min_area)
         if (threshold, min_area) != (cs.threshold, cs.min_area):
             # regions are a function of the stored heatmaps: redraw them here, as an
             # in-process run with these options would
@@ -214,7 +171,7 @@ class EngineDiscoverer:
         out.stage_seconds = dict(summary.stage_seconds)
         return out
 
-    def _from_explain(self, name: str, items: list[tuple[str, bytes]], options: dict[str, Any],
+    def _from_explain(self, name: str, items: list[tuple[str, bytes]], options: DiscoveryOptions,
                       decisions: list[Any], summary: Any, cs_msg: Any,
                       progress: Any) -> EngineConceptSet:
         """The concept set rebuilt from the bases and Explain of the kept images (fallback)."""
@@ -223,11 +180,7 @@ class EngineDiscoverer:
         bases = from_tensor(cs_msg.bases)
         provenance = json.loads(cs_msg.provenance_json or "{}")
         kept_ids = _kept_ids(items, decisions, provenance)
-        used = provenance.get("options", {}) if isinstance(provenance.get("options"),
-                                                            dict) else {}
-        # the proto's DiscoverOptions has no threshold/min_area: apply them at Explain
-        threshold = float(options.get("threshold", used.get("threshold", 0.75)))
-        min_area = float(options.get("min_area", used.get("min_area", 0.01)))
+        threshold, min_area = float(options.threshold), float(options.min_area)
         t0 = time.perf_counter()
         kept = set(kept_ids)
         explained = self._explain(summary.concept_set_id,
@@ -258,7 +211,7 @@ class EngineDiscoverer:
             original_sizes=np.asarray(orig, dtype=np.int32).reshape(-1, 2),
             input_sizes=np.asarray(inp, dtype=np.int32).reshape(-1, 2),
             polygons=polys, decisions=decisions, k_curves=curves,
-            k_criterion=str(provenance.get("k_criterion", options.get("k_criterion", ""))),
+            k_criterion=str(provenance.get("k_criterion", options.k_criterion)),
             k_reason=summary.k_reason, threshold=threshold, min_area=min_area,
             provenance={**provenance, "engine": self.address,
                         "reconstruction_error": summary.reconstruction_error,

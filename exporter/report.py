@@ -12,7 +12,7 @@ import html
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,17 +212,19 @@ class Rendered:
 
 def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_n: int = 8,
                   total: int = 0,
-                  progress: Callable[[int, int], None] | None = None) -> Rendered:
+                  progress: Callable[[int, int], None] | None = None,
+                  stems: Mapping[str, str] | None = None) -> Rendered:
     """Overlays per concept and image, a combined overlay per image, and the two grids per
-    concept, under out_dir/{overlays,combined,grids}/. Returns the relative paths."""
+    concept, under out_dir/{overlays,combined,grids}/. Returns the relative paths.
+    ``stems``: the file name (no extension) of each image id (exporter.export.output_stems,
+    collision-free); default: the id made safe."""
     rendered = Rendered(overlays=[{} for _ in range(k)])
     # the grids need every overlay again: keep small copies only
     grid_tiles: list[list[tuple[np.ndarray, str, float]]] = [[] for _ in range(k)]
     for n, res in enumerate(results):
         h, w = res.image.shape[:2]
         conts = res.polygons
-        name = safe_name(res.id)
-        stem = os.path.splitext(name)[0]
+        stem = stems[res.id] if stems is not None else os.path.splitext(safe_name(res.id))[0]
         for j in range(k):
             ov = concept_overlay(res.image, conts[j])
             rel = f"overlays/concept_{j:02d}/{stem}.jpg"
@@ -351,11 +353,12 @@ def write_index(out_dir: Path, data: ReportData, rendered: Rendered, *,
 
 def write_report(out_dir: Path, results: Iterable[ImageResult], data: ReportData, *,
                  top_n: int = 8, total: int = 0, concepts_file: str = "concepts.h5",
-                 progress: Callable[[int, int], None] | None = None) -> Rendered:
+                 progress: Callable[[int, int], None] | None = None,
+                 stems: Mapping[str, str] | None = None) -> Rendered:
     """All pictures, the k plot and index.html of one concept set, under out_dir.
     results may be a generator (images are decoded one at a time)."""
     rendered = render_images(results, data.k, out_dir, top_n=top_n, total=total,
-                             progress=progress)
+                             progress=progress, stems=stems)
     if data.curves:
         plot_k_curves(data.curves, data.k, out_dir / "k_sweep.png", data.k_reason)
         rendered.k_plot = "k_sweep.png"

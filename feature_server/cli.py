@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
     build.set_defaults(func=cmd_models_build)
     listing = models_sub.add_parser("list", help="list built models, sha256s and layers")
-    listing.add_argument("--home")
+    listing.add_argument("--home", help="cache root of the models (default: $DFF_HOME or "
+                         "~/.cache/dff)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.add_argument("--verify", action="store_true",
                          help="also check each ONNX file against its recorded sha256")
@@ -49,16 +50,22 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
     register_commands(models_sub)  # dff models import / export-torch
 
     serve = serve_sub.add_parser("features", help="run the gRPC feature server")
-    serve.add_argument("--host", default="[::]")
+    serve.add_argument("--host", default="[::]", help="address to bind")
     serve.add_argument("--port", type=int, default=50051, help="0 = any free port")
-    serve.add_argument("--home")
-    serve.add_argument("--max-batch-size", type=int, default=8)
+    serve.add_argument("--home", help="cache root of the models (default: $DFF_HOME or "
+                       "~/.cache/dff)")
+    serve.add_argument("--max-batch-size", type=int, default=8,
+                       help="most images per network run (micro-batch)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0,
                        help="how long a batch waits to fill")
-    serve.add_argument("--max-pixels", type=int, default=50_000_000)
-    serve.add_argument("--max-message-mb", type=int, default=64)
-    serve.add_argument("--max-concurrent-streams", type=int, default=16)
-    serve.add_argument("--max-inflight-per-stream", type=int, default=16)
+    serve.add_argument("--max-pixels", type=int, default=50_000_000,
+                       help="largest image accepted, in pixels (read from the header)")
+    serve.add_argument("--max-message-mb", type=int, default=64,
+                       help="largest gRPC message, MiB")
+    serve.add_argument("--max-concurrent-streams", type=int, default=16,
+                       help="Extract streams served at once")
+    serve.add_argument("--max-inflight-per-stream", type=int, default=16,
+                       help="images of one stream being processed at once")
     serve.add_argument("--providers", default="",
                        help="comma-separated ONNX Runtime providers (default: CUDA if "
                             "available, else CPU)")
@@ -77,18 +84,23 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
     extract.add_argument("--out", required=True, help="output .h5 file")
     extract.add_argument("--feature-server", default="",
                          help="ADDR[,ADDR...]; in-process ONNX Runtime when empty")
-    extract.add_argument("--home")
-    extract.add_argument("--model", default="vgg19")
+    extract.add_argument("--home", help="cache root of the models (default: $DFF_HOME or "
+                         "~/.cache/dff)")
+    extract.add_argument("--model", default="vgg19", help="feature model")
     extract.add_argument("--layers", default="conv5_4", help="comma-separated layer names")
     extract.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                          help="wire and storage dtype of activations")
-    extract.add_argument("--resize", choices=("squash", "keep_aspect"), default="squash")
-    extract.add_argument("--size", type=int, default=224)
+    extract.add_argument("--resize", choices=("squash", "keep_aspect"), default="squash",
+                         help="squash to SIZE x SIZE, or keep the aspect ratio")
+    extract.add_argument("--size", type=int, default=224, help="network input size, pixels")
     extract.add_argument("--probabilities", action="store_true",
                          help="also store the classifier's probabilities")
-    extract.add_argument("--top-k", type=int, default=0)
-    extract.add_argument("--batch-size", type=int, default=8)
-    extract.add_argument("--timeout", type=float, default=60.0)
+    extract.add_argument("--top-k", type=int, default=0,
+                         help="also store the K most probable classes (0 = none)")
+    extract.add_argument("--batch-size", type=int, default=8,
+                         help="images per network run (in-process)")
+    extract.add_argument("--timeout", type=float, default=60.0,
+                         help="deadline of each feature-server call, seconds")
     extract.set_defaults(func=cmd_extract)
 
 

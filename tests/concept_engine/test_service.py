@@ -21,6 +21,7 @@ from dff_protos.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from fake_source import FakeSource, make_items
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from concept_engine.discovery import DiscoveryOptions
 from concept_engine.service import EngineConfig, RunningEngine, start_server
 from concept_engine.store import load_concept_set
 
@@ -200,17 +201,18 @@ def test_concept_set_file_over_the_message_limit(tmp_path, caplog):
         address = f"127.0.0.1:{running.port}"
         discoverer = EngineDiscoverer(address, timeout=TIMEOUT)
         try:  # within the limit: the engine's file itself, no Explain
-            cs = discoverer.discover("ant", make_items(10), {"k": 3})
+            cs = discoverer.discover("ant", make_items(10), DiscoveryOptions(k=3))
         finally:
             discoverer.close()
         assert cs.hdf5 == running.servicer.store.path(cs.id).read_bytes()
         assert "explain" not in cs.stage_seconds and cs.provenance["engine"] == address
         discoverer = EngineDiscoverer(address, timeout=TIMEOUT)
-        try:  # region options DiscoverOptions cannot carry: redrawn here from the file's maps
-            other = discoverer.discover("ant", make_items(10), {"k": 3, "threshold": 0.5})
+        try:  # region options travel in DiscoverOptions (40/41): the engine's file is exact
+            other = discoverer.discover("ant", make_items(10),
+                                        DiscoveryOptions(k=3, threshold=0.5))
         finally:
             discoverer.close()
-        assert other.hdf5 == b"" and "explain" not in other.stage_seconds
+        assert other.hdf5 != b"" and "explain" not in other.stage_seconds
         from concept_engine.heatmaps import concept_polygons
 
         def lists(per_concept):
@@ -235,7 +237,7 @@ def test_concept_set_file_over_the_message_limit(tmp_path, caplog):
         discoverer = EngineDiscoverer(address, timeout=TIMEOUT)
         try:
             with caplog.at_level("WARNING", logger="exporter.remote"):
-                cs = discoverer.discover("ant", make_items(10), {"k": 3})
+                cs = discoverer.discover("ant", make_items(10), DiscoveryOptions(k=3))
         finally:
             discoverer.close()
         assert "cannot send concept set" in caplog.text and str(size) in caplog.text

@@ -16,6 +16,12 @@ from exporter.export import ExportSettings, LocalDiscoverer
 FAST = {"k": 3, "certainty_filter": "off", "max_iter": 100}
 
 
+def _opts(**kw):
+    from concept_engine.discovery import DiscoveryOptions
+
+    return DiscoveryOptions(**kw)
+
+
 @pytest.fixture
 def fake_source(monkeypatch):
     """Every exporter entry point uses the fake feature source instead of ONNX Runtime."""
@@ -25,7 +31,8 @@ def fake_source(monkeypatch):
 
 
 def _settings(out: Path, **discovery) -> ExportSettings:
-    return ExportSettings(out=out, discovery={**FAST, **discovery}, show_progress=False)
+    return ExportSettings(out=out, discovery=_opts(**{**FAST, **discovery}),
+                          show_progress=False)
 
 
 def test_find_classes_single_and_many(tmp_path):
@@ -64,8 +71,8 @@ def test_export_class_writes_everything(tmp_path, fake_source):
 def test_k_sweep_plot_and_resume_skip_force(tmp_path, fake_source):
     folder = make_class_folder(tmp_path / "data", "ant", 8)
     settings = ExportSettings(out=tmp_path / "out", show_progress=False,
-                              discovery={"k": 0, "k_min": 2, "k_max": 4,
-                                         "certainty_filter": "off", "max_iter": 100})
+                              discovery=_opts(k=0, k_min=2, k_max=4,
+                                              certainty_filter="off", max_iter=100))
     disc = LocalDiscoverer(fake_source)
     first = export.export(export.find_classes(folder), settings, disc)
     assert first[0].status == "done", first[0].error
@@ -123,7 +130,8 @@ def _parse(argv):
 def test_cli_discover_exit_codes_and_summary(tmp_path, fake_source, capsys):
     data = tmp_path / "data"
     make_class_folder(data, "ant", 8)
-    make_class_folder(data, "bee", 2)  # too few images: partial failure
+    bee = make_class_folder(data, "bee", 2)  # too few usable images: partial failure
+    (bee / "broken.png").write_bytes(b"not an image")
     args = _parse(["discover", str(data), "--out", str(tmp_path / "out"), "--k", "3",
                    "--no-certainty-filter", "--no-progress"])
     assert args.func(args) == commands.EXIT_PARTIAL
@@ -144,9 +152,7 @@ def test_cli_kwargs_map_to_discovery_options(tmp_path):
     args = _parse(["discover", "d", "--out", "o", "--k-range", "3-5", "--k-criterion",
                    "certainty", "--solver", "mu", "--seed", "7", "--no-prediction-filter",
                    "--min-images", "4", "--threshold", "0.6"])
-    kw = commands.discovery_kwargs(args)
-    opts = export.discovery_options("ant", kw)
-    opts.validate()
+    opts = export.discovery_options("ant", commands.options_from_args(args))
     assert opts == DiscoveryOptions(name="ant", k_min=3, k_max=5, k_criterion="certainty",
                                     solver="mu", seed=7, prediction_filter="off",
                                     prediction_min_images=4, threshold=0.6)

@@ -46,9 +46,11 @@ def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def class_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("browser")
     folder = make_class_folder(root / "data", "ant", 8)
+    from concept_engine.discovery import DiscoveryOptions
+
     settings = ExportSettings(out=root / "out", show_progress=False,
-                              discovery={"k": 0, "k_min": 2, "k_max": 3,
-                                         "certainty_filter": "off", "max_iter": 100})
+                              discovery=DiscoveryOptions(k=0, k_min=2, k_max=3,
+                                                         certainty_filter="off", max_iter=100))
     report = export.export_class("ant", folder, settings,
                                  LocalDiscoverer(fake_module().FakeSource()))
     assert report.status == "done", report.error

@@ -1,14 +1,12 @@
-"""Report pieces on tiny hand-made inputs: overlays, grids, k plot, index.html, progress."""
+"""Report pieces on tiny hand-made inputs: overlays, grids, k plot, index.html (progress:
+test_export_cli.py)."""
 
 from __future__ import annotations
-
-import io
 
 import cv2
 import numpy as np
 
 from exporter import report
-from exporter.progress import ProgressBar, StageProgress
 
 
 def _square(x0: int, y0: int, s: int) -> np.ndarray:
@@ -61,35 +59,3 @@ def test_k_plot_and_index(tmp_path):
         assert (tmp_path / rel).is_file() and f'src="{rel}"' in html
     assert rendered.overlays[0] == {"x/one.png": "overlays/concept_00/x__one.jpg"}
     assert rendered.top_ids == [["x/one.png"], ["x/one.png"]]
-
-
-def test_progress_plain_lines_when_not_a_tty():
-    buf = io.StringIO()
-    bar = ProgressBar("features", 10, stream=buf, interval=1000)
-    for i in range(1, 11):
-        bar.update(i)
-    bar.close()
-    lines = buf.getvalue().splitlines()
-    assert "\r" not in buf.getvalue()
-    assert lines[0].startswith("features: 1/10") and lines[-1].startswith("features: 10/10")
-    assert len(lines) == 2  # first, then throttled until the end
-    stages = StageProgress("ant: ", stream=buf, enabled=False)
-    stages("fit", 0, 1)
-    stages.close()
-
-
-class _Tty(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_redraws_one_line_on_a_tty():
-    buf = _Tty()
-    bar = ProgressBar("fit", 3, stream=buf)
-    for i in range(1, 4):
-        bar.update(i)
-        bar._last = None  # no throttling in the test
-    bar.close()
-    text = buf.getvalue()
-    assert text.count("\n") == 1 and text.endswith("\n") and "\r" in text
-    assert "3/3" in text and "[" in text

@@ -21,6 +21,12 @@ N_PHOTOS = 12
 DISCOVERY = {"k": 3, "seed": 0}
 
 
+def _options():
+    from concept_engine.discovery import DiscoveryOptions
+
+    return DiscoveryOptions(**DISCOVERY)
+
+
 def _models_or_skip() -> None:
     from feature_server.models.registry import load_registry
 
@@ -61,7 +67,7 @@ def services(tmp_path_factory):
 
 
 def _run(folder: Path, out: Path, discoverer) -> Path:
-    settings = ExportSettings(out=out, discovery=DISCOVERY, show_progress=False)
+    settings = ExportSettings(out=out, discovery=_options(), show_progress=False)
     try:
         report = export.export_class("ant", folder, settings, discoverer)
     finally:
