@@ -31,7 +31,6 @@ ImagesArg = PathLike | Sequence[PathLike] | Sequence[tuple[str, bytes]]
 #: one sets (the CLI's names).
 _ALIASES = {"resize": "resize_mode", "min_images": "prediction_min_images"}
 _DATA_DIR_KEY = "data_dir"
-DEFAULT_MODEL, DEFAULT_CLASSIFIER = "vgg19", "efficientnet_lite0"
 
 _sources: dict[tuple[str, ...], Any] = {}  # in-process Extractor / FeatureClients, reused
 
