@@ -49,16 +49,7 @@ def from_tensor(tensor: common_pb2.Tensor, *, as_float32: bool = True) -> np.nda
 
 
 def item_error(exc: BaseException) -> common_pb2.ItemError:
-    """A per-item error for a stream: the item failed, the stream goes on."""
-    from dff_protos import errors
+    """A per-item error for a stream (see :func:`dff_protos.status.item_error`)."""
+    from dff_protos.status import item_error as _item_error
 
-    if isinstance(exc, errors.ImageTooLarge):
-        code = common_pb2.ItemError.IMAGE_TOO_LARGE
-    elif isinstance(exc, errors.InvalidInput):
-        code = common_pb2.ItemError.INVALID_ARGUMENT
-    elif isinstance(exc, errors.NotFound):
-        code = common_pb2.ItemError.NOT_FOUND
-    else:
-        return common_pb2.ItemError(code=common_pb2.ItemError.INTERNAL,
-                                    message="internal error (see server log)")
-    return common_pb2.ItemError(code=code, message=str(exc))
+    return _item_error(exc)
