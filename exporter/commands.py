@@ -98,6 +98,9 @@ def _add_common_source(p: argparse.ArgumentParser) -> None:
                    help="deadline of each service call (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars on stderr (they are plain lines when not a terminal)")
+    from dff_protos.security import add_client_security_args
+
+    add_client_security_args(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -262,6 +265,13 @@ def print_report(report: Any, stream: Any = None) -> None:
 
 def run_discover(args: argparse.Namespace) -> int:
     from dff_protos.errors import DFFError
+    from dff_protos.security import client_security_from_args, set_default_client_security
+
+    try:
+        set_default_client_security(client_security_from_args(args))
+    except DFFError as exc:
+        print(f"dff discover: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
     from exporter.export import ExportSettings, export, find_classes
     from exporter.progress import StageProgress
@@ -308,8 +318,10 @@ def run_discover(args: argparse.Namespace) -> int:
 
 def run_explain(args: argparse.Namespace) -> int:
     from dff_protos.errors import DFFError, InvalidInput, NotFound
+    from dff_protos.security import client_security_from_args, set_default_client_security
 
     try:
+        set_default_client_security(client_security_from_args(args))
         return _explain(args)
     except DFFError as exc:
         print(f"dff explain: error: {type(exc).__name__}: {exc}", file=sys.stderr)

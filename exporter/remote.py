@@ -98,15 +98,20 @@ class EngineDiscoverer:
     """A Discoverer that runs discovery on a ConceptEngine service."""
 
     def __init__(self, address: str, timeout: float = 3600.0,
-                 max_message_bytes: int = 256 * 1024 * 1024) -> None:
-        import grpc
+                 max_message_bytes: int = 256 * 1024 * 1024,
+                 security: Any = None) -> None:
+        """``security``: a :class:`dff_protos.security.ClientSecurity` (TLS, client
+        certificate, token); None = the process default (the CLI flags, else the env)."""
+        from dff_protos.security import default_client_security
         from dff_protos.v1 import engine_pb2_grpc
 
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=[
+        security = security if security is not None else default_client_security()
+        self.channel = security.channel(address, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)])
         self.stub = engine_pb2_grpc.ConceptEngineStub(self.channel)
 
     def close(self) -> None:

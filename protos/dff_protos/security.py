@@ -401,9 +401,10 @@ def add_client_security_args(p: argparse.ArgumentParser | Any, prefix: str = "")
     DFF_FEATURE_* for prefix 'feature-')."""
     env = "DFF_FEATURE_" if prefix else "DFF_CLIENT_"
     token_env = "DFF_FEATURE_TOKEN_FILE" if prefix else "DFF_TOKEN_FILE"
-    g = p.add_argument_group(f"{'feature-server ' if prefix else ''}client security "
-                             f"(env {env}TLS_CA, {env}TLS_CERT, {env}TLS_KEY, {token_env}"
-                             f"{'' if prefix else ', DFF_TOKEN'})")
+    title = (f"{'feature-server ' if prefix else ''}client security (env {env}TLS_CA, "
+             f"{env}TLS_CERT, {env}TLS_KEY, {token_env}{'' if prefix else ', DFF_TOKEN'})")
+    # an argument group (not a parser) takes the flags itself: nested groups are deprecated
+    g = p.add_argument_group(title) if isinstance(p, argparse.ArgumentParser) else p
     g.add_argument(f"--{prefix}tls-ca", metavar="FILE", default=_env(f"{env}TLS_CA"),
                    help="PEM CA of the server(s): connect with TLS")
     g.add_argument(f"--{prefix}tls-cert", metavar="FILE", default=_env(f"{env}TLS_CERT"),
