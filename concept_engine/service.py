@@ -399,7 +399,8 @@ def _overlay_png(data: bytes, e: Explanation) -> bytes:
     except InvalidInput as exc:  # decodable by the feature server but not here: no overlay
         log.warning("no overlay for %s: %s", e.id, exc)
         return b""
-    return drawing.encode_png(drawing.overlay(img, e.polygons, e.certainties))
+    certainties = None if e.certainties is None else [float(c) for c in e.certainties]
+    return drawing.encode_png(drawing.overlay(img, e.polygons, certainties))
 
 
 # ---------------------------------------------------------------------- the server

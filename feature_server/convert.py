@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 
 _RESIZE_FROM_PROTO = {common_pb2.RESIZE_MODE_UNSPECIFIED: "squash",
                       common_pb2.SQUASH: "squash", common_pb2.KEEP_ASPECT: "keep_aspect"}
-_DTYPE_FROM_PROTO = {common_pb2.DTYPE_UNSPECIFIED: "float32", common_pb2.FLOAT32: "float32",
+_DTYPE_FROM_PROTO: dict[int, str] = {common_pb2.DTYPE_UNSPECIFIED: "float32", common_pb2.FLOAT32: "float32",
                      common_pb2.FLOAT16: "float16"}
-_RESIZE_TO_PROTO = {"squash": common_pb2.SQUASH, "keep_aspect": common_pb2.KEEP_ASPECT,
+_RESIZE_TO_PROTO: dict[str, common_pb2.ResizeMode] = {"squash": common_pb2.SQUASH, "keep_aspect": common_pb2.KEEP_ASPECT,
                     "shorter_crop": common_pb2.RESIZE_MODE_UNSPECIFIED}
 
 
@@ -93,7 +93,8 @@ def describe_to_proto(desc: dict, config: ServerConfig, server_version: str
             preprocessing=features_pb2.Preprocessing(
                 color_order=pre["color_order"], mean=pre["mean"], std=pre["std"],
                 default_resize=common_pb2.ResizePolicy(
-                    mode=_RESIZE_TO_PROTO.get(pre["resize_mode"], 0), size=pre["size"]),
+                    mode=_RESIZE_TO_PROTO.get(pre["resize_mode"],
+                                              common_pb2.RESIZE_MODE_UNSPECIFIED), size=pre["size"]),
                 description=pre["description"], resize_shorter=pre["resize_shorter"]))
         for name, layer in m["layers"].items():
             info.layers.append(features_pb2.LayerInfo(

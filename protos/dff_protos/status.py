@@ -31,7 +31,7 @@ _ITEM = common_pb2.ItemError
 class Entry(NamedTuple):
     cls: type[errors.DFFError]
     code: grpc.StatusCode
-    item_code: int
+    item_code: common_pb2.ItemError.Code
 
 
 # most specific first: status_for walks the MRO of the raised error, so order does not decide
@@ -72,7 +72,7 @@ DEFAULT_FOR_CODE: dict[grpc.StatusCode, type[errors.DFFError]] = {
     grpc.StatusCode.UNKNOWN: errors.Internal,
 }
 # per-item codes with no kind attached (older servers)
-DEFAULT_FOR_ITEM_CODE: dict[int, type[errors.DFFError]] = {
+DEFAULT_FOR_ITEM_CODE: dict[common_pb2.ItemError.Code, type[errors.DFFError]] = {
     _ITEM.INVALID_IMAGE: errors.InvalidInput,
     _ITEM.IMAGE_TOO_LARGE: errors.ImageTooLarge,
     _ITEM.INVALID_ARGUMENT: errors.InvalidInput,

@@ -7,14 +7,14 @@ import numpy as np
 from dff_protos.errors import InvalidInput
 from dff_protos.v1 import common_pb2
 
-_TO_NUMPY = {
+_TO_NUMPY: dict[int, np.dtype] = {
     common_pb2.DTYPE_UNSPECIFIED: np.dtype("<f4"),
     common_pb2.FLOAT32: np.dtype("<f4"),
     common_pb2.FLOAT16: np.dtype("<f2"),
 }
 
 
-def dtype_from_name(name: str) -> int:
+def dtype_from_name(name: str) -> common_pb2.DType:
     """'float16'/'float32' -> the DType enum value."""
     try:
         return {"float32": common_pb2.FLOAT32, "float16": common_pb2.FLOAT16}[name]
@@ -22,7 +22,8 @@ def dtype_from_name(name: str) -> int:
         raise InvalidInput(f"unknown wire dtype {name!r} (float32 or float16)") from None
 
 
-def to_tensor(array: np.ndarray, dtype: int = common_pb2.FLOAT32) -> common_pb2.Tensor:
+def to_tensor(array: np.ndarray, dtype: common_pb2.DType = common_pb2.FLOAT32
+              ) -> common_pb2.Tensor:
     """Encode an array (any float dtype) as a Tensor of the given wire dtype."""
     np_dtype = _TO_NUMPY[dtype]
     data = np.ascontiguousarray(array, dtype=np_dtype).tobytes()
