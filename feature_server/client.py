@@ -11,8 +11,9 @@ in-process Extractor, over one or several feature-server addresses.
   flight is cancelled: its items move to another replica (a frozen replica costs seconds, not
   the stream deadline).
 - No query of death: an item whose stream died (replica gone, reset, frozen) is re-sent once,
-  to another replica; an item that was in flight on two replicas that both failed is answered
-  with a QueryOfDeath error and never sent to a third.
+  to another replica, one item at a time (so that a second death names the one item that was
+  in flight, and the items after it are not blamed); an item that was in flight on two
+  replicas that both failed is answered with a QueryOfDeath error and never sent to a third.
 - A stream refused before any item was delivered (RESOURCE_EXHAUSTED, UNAVAILABLE on connect)
   is retried with exponential backoff + jitter within ``retry_budget`` seconds, rotating the
   addresses; the final error says what was tried.
@@ -189,8 +190,9 @@ class FeatureClient:
             backoff = 0.1
             while pending:
                 address = self.addresses[address_index]
+                careful = any(i in failed_on for i in pending)
                 answered, sent, exc = self._stream(self._stubs[address_index], pending, items,
-                                                   options, results)
+                                                   options, results, one_at_a_time=careful)
                 pending = [i for i in pending if i not in answered]
                 if exc is None or not pending:
                     break
@@ -235,19 +237,26 @@ class FeatureClient:
 
     def _stream(self, stub: features_pb2_grpc.FeatureServiceStub, indices: list[int],
                 items: list[tuple[str, bytes]], options: ExtractOptions,
-                results: queue.Queue[tuple[int, ExtractResult] | None]
+                results: queue.Queue[tuple[int, ExtractResult] | None],
+                one_at_a_time: bool = False
                 ) -> tuple[set[int], set[int], BaseException | None]:
         """One Extract stream; returns the indices answered, the indices handed to gRPC
-        (sent), and the error that ended the stream."""
+        (sent), and the error that ended the stream. ``one_at_a_time``: send an item only
+        once the previous one is answered."""
         sent: set[int] = set()
         answered: set[int] = set()
         last = [time.monotonic()]
         done = threading.Event()
+        progressed = threading.Semaphore(0)
         stuck: list[bool] = []
 
         def requests() -> Iterator[features_pb2.ExtractRequest]:
             yield features_pb2.ExtractRequest(options=options_to_proto(options))
-            for i in indices:
+            for n, i in enumerate(indices):
+                if one_at_a_time and n > 0:
+                    while not progressed.acquire(timeout=0.5):
+                        if done.is_set():
+                            return
                 if done.is_set():
                     return
                 sent.add(i)
@@ -275,6 +284,7 @@ class FeatureClient:
                 i = int(resp.id)
                 answered.add(i)
                 results.put((i, result_from_proto(resp, items[i][0])))
+                progressed.release()
         except grpc.RpcError as exc:
             if stuck:
                 return answered, sent, errors.DeadlineExceeded(
