@@ -23,10 +23,12 @@ log = logging.getLogger(__name__)
 
 _RESIZE_FROM_PROTO = {common_pb2.RESIZE_MODE_UNSPECIFIED: "squash",
                       common_pb2.SQUASH: "squash", common_pb2.KEEP_ASPECT: "keep_aspect"}
-_DTYPE_FROM_PROTO: dict[int, str] = {common_pb2.DTYPE_UNSPECIFIED: "float32", common_pb2.FLOAT32: "float32",
-                     common_pb2.FLOAT16: "float16"}
-_RESIZE_TO_PROTO: dict[str, common_pb2.ResizeMode] = {"squash": common_pb2.SQUASH, "keep_aspect": common_pb2.KEEP_ASPECT,
-                    "shorter_crop": common_pb2.RESIZE_MODE_UNSPECIFIED}
+_DTYPE_FROM_PROTO: dict[int, str] = {
+    common_pb2.DTYPE_UNSPECIFIED: "float32", common_pb2.FLOAT32: "float32",
+    common_pb2.FLOAT16: "float16"}
+_RESIZE_TO_PROTO: dict[str, common_pb2.ResizeMode] = {
+    "squash": common_pb2.SQUASH, "keep_aspect": common_pb2.KEEP_ASPECT,
+    "shorter_crop": common_pb2.RESIZE_MODE_UNSPECIFIED}
 
 
 def options_from_proto(msg: features_pb2.ExtractOptions) -> ExtractOptions:
@@ -94,7 +96,8 @@ def describe_to_proto(desc: dict, config: ServerConfig, server_version: str
                 color_order=pre["color_order"], mean=pre["mean"], std=pre["std"],
                 default_resize=common_pb2.ResizePolicy(
                     mode=_RESIZE_TO_PROTO.get(pre["resize_mode"],
-                                              common_pb2.RESIZE_MODE_UNSPECIFIED), size=pre["size"]),
+                                              common_pb2.RESIZE_MODE_UNSPECIFIED),
+                    size=pre["size"]),
                 description=pre["description"], resize_shorter=pre["resize_shorter"]))
         for name, layer in m["layers"].items():
             info.layers.append(features_pb2.LayerInfo(

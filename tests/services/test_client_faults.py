@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
-import pytest
 from dff_protos import errors
 from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
 
