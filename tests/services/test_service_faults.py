@@ -21,8 +21,8 @@ from collections.abc import Iterator
 
 import grpc
 import numpy as np
-import pytest
 import procs
+import pytest
 from dff_protos import errors
 from dff_protos.v1 import features_pb2, features_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
