@@ -206,8 +206,8 @@ class ConceptEngineServicer(engine_pb2_grpc.ConceptEngineServicer):
                 raise ResourceExhausted(f"more than {self.config.max_images} images in one call")
             if taken is not None:
                 size = len(req.image.data)
-                taken[0] += size
-                self._take_bytes(size, taken[0])
+                self._take_bytes(size, taken[0] + size)
+                taken[0] += size  # only what was taken is given back
             yield req.image.id or f"image-{n:06d}", req.image.data
 
     def _check_features(self) -> None:
