@@ -4,6 +4,7 @@ TLS + token through FeatureClient (certificates made in the test)."""
 from __future__ import annotations
 
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -27,15 +28,28 @@ def _photo(shared_data) -> tuple[str, bytes]:
     return p.name, p.read_bytes()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_size_option_and_memory_budget_fail_only_the_item(extractor, shared_data):
     running = start_server(ServerConfig(host="127.0.0.1", port=0, max_input_size=256,
-                                        memory_budget_mb=1), extractor)
+                                        memory_budget_mb=1,
+                                        network=NetworkConfig(metrics_port=_free_port())),
+                           extractor)
     name, data = _photo(shared_data)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = features_pb2_grpc.FeatureServiceStub(channel)
             big = list(stub.Extract(iter([opts(size=2048), image(name, data)]), timeout=60))
             over = list(stub.Extract(iter([opts(size=224), image(name, data)]), timeout=60))
+        url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            metrics = resp.read().decode()
     finally:
         running.stop(grace=1)
     assert big[0].error.code == common_pb2.ItemError.INVALID_ARGUMENT
@@ -43,6 +57,9 @@ def test_size_option_and_memory_budget_fail_only_the_item(extractor, shared_data
     # a 500x375 JPEG costs ~3 MiB to decode and run: above a 1 MiB budget
     assert over[0].error.code == common_pb2.ItemError.IMAGE_TOO_LARGE
     assert "memory budget" in over[0].error.message
+    assert 'dff_item_errors_total{code="ImageTooLarge",server="features"} 1.0' in metrics
+    assert 'dff_item_errors_total{code="InvalidInput",server="features"} 1.0' in metrics
+    assert 'dff_requests_total{code="OK",method="Extract",server="features"} 2.0' in metrics
 
 
 @pytest.mark.slow
