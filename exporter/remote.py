@@ -99,7 +99,7 @@ class EngineDiscoverer:
 
     def __init__(self, address: str, timeout: float = 3600.0,
                  max_message_bytes: int = 256 * 1024 * 1024,
-                 security: Any = None) -> None:
+                 security: Any = None, max_image_bytes: int = (64 << 20) - 4096) -> None:
         """``security``: a :class:`dff_protos.security.ClientSecurity` (TLS, client
         certificate, token); None = the process default (the CLI flags, else the env)."""
         from dff_protos.security import default_client_security
@@ -107,6 +107,9 @@ class EngineDiscoverer:
 
         self.address = address
         self.timeout = timeout
+        # an image above the engine's message limit (default 64 MiB) would fail the whole
+        # Discover stream: it fails alone, here, and is never sent
+        self.max_image_bytes = max_image_bytes
         security = security if security is not None else default_client_security()
         self.channel = security.channel(address, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -126,13 +129,30 @@ class EngineDiscoverer:
 
     def discover(self, name: str, items: list[tuple[str, bytes]], options: dict[str, Any],
                  progress: Any = None) -> Any:
+        from concept_engine.finegrain import Decision
+
+        msg = options_message(name, options)
+        decisions: list[Decision] = []
+        too_big = [Decision(id=i, kept=False, stage="error",
+                            reason=f"file of {len(d)} bytes is above the engine's message limit "
+                                   f"({self.max_image_bytes} bytes); not sent")
+                   for i, d in items if len(d) > self.max_image_bytes]
+        if too_big:
+            log.warning("%d image(s) of %r too large to send to the engine: %s", len(too_big),
+                        name, ", ".join(d.id for d in too_big[:5]))
+            refused = {d.id for d in too_big}
+            items = [(i, d) for i, d in items if i not in refused]
+        cs = self._discover(name, items, options, progress, msg, decisions)
+        cs.decisions = list(cs.decisions) + too_big
+        return cs
+
+    def _discover(self, name: str, items: list[tuple[str, bytes]], options: dict[str, Any],
+                  progress: Any, msg: Any, decisions: list[Any]) -> Any:
         import grpc
         from dff_protos.status import error_from_rpc
 
         from concept_engine.finegrain import Decision
 
-        msg = options_message(name, options)
-        decisions: list[Decision] = []
         summary = None
         try:
             for event in self.stub.Discover(self._requests(msg, items), timeout=self.timeout):

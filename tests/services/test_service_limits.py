@@ -219,3 +219,24 @@ def test_engine_closes_an_idle_discover_stream_and_stays_responsive(tmp_path):
     assert list(listed.concept_sets) == []
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "idle" in err.value.details()
+
+
+def test_engine_mode_oversized_file_fails_alone(tmp_path):
+    from exporter.remote import EngineDiscoverer
+
+    running = _engine(tmp_path)
+    items = make_items(6) + [("huge.png", b"\x89PNG" + b"\x00" * 5000)]
+    try:
+        client = EngineDiscoverer(f"127.0.0.1:{running.port}", timeout=60,
+                                  max_image_bytes=4096)
+        try:
+            cs = client.discover("ant", items, {"k": 2, "prediction_filter": "off",
+                                                "certainty_filter": "off",
+                                                "prediction_min_images": 2})
+        finally:
+            client.close()
+    finally:
+        running.stop(grace=1)
+    assert cs.k == 2 and "huge.png" not in cs.image_ids
+    [huge] = [d for d in cs.decisions if d.id == "huge.png"]
+    assert not huge.kept and huge.stage == "error" and "message limit" in huge.reason
