@@ -240,3 +240,48 @@ def test_engine_mode_oversized_file_fails_alone(tmp_path):
     assert cs.k == 2 and "huge.png" not in cs.image_ids
     [huge] = [d for d in cs.decisions if d.id == "huge.png"]
     assert not huge.kept and huge.stage == "error" and "message limit" in huge.reason
+
+
+def test_sixteen_idle_discover_streams_do_not_starve_health_and_list(tmp_path):
+    running = _engine(tmp_path, idle_timeout_s=30.0, stream_wait_s=20.0)
+    release = threading.Event()
+
+    def idle():
+        yield engine_pb2.DiscoverRequest(options=engine_pb2.DiscoverOptions(name="x"))
+        release.wait(30)
+
+    outcomes: list[str] = []
+
+    def drain(call) -> None:
+        try:
+            list(call)
+            outcomes.append("OK")
+        except grpc.RpcError as exc:
+            outcomes.append(exc.code().name)
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        stub = engine_pb2_grpc.ConceptEngineStub(channel)
+        calls = [stub.Discover(idle(), timeout=60) for _ in range(16)]
+        threads = [threading.Thread(target=drain, args=(c,), daemon=True) for c in calls]
+        for t in threads:
+            t.start()
+        # the streams hold every Discover slot and waiting place; the rest are refused
+        deadline = time.monotonic() + 20
+        while outcomes.count("RESOURCE_EXHAUSTED") < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        for _ in range(5):
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=3)
+            listed = stub.ListConceptSets(engine_pb2.ListConceptSetsRequest(), timeout=3)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            assert list(listed.concept_sets) == []
+    finally:
+        release.set()
+        for c in calls:
+            c.cancel()
+        channel.close()
+        running.stop(grace=1)
+    assert outcomes.count("RESOURCE_EXHAUSTED") >= 6  # 16 - 2 running - 8 waiting
