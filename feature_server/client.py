@@ -190,11 +190,20 @@ class FeatureClient:
             backoff = 0.1
             while pending:
                 address = self.addresses[address_index]
-                careful = any(i in failed_on for i in pending)
-                answered, sent, exc = self._stream(self._stubs[address_index], pending, items,
-                                                   options, results, one_at_a_time=careful)
+                # items that were in flight on a failed replica go first, one at a time; the
+                # others (never in flight on a failure) follow in a normal stream
+                struck = [i for i in pending if i in failed_on]
+                batch = struck or pending
+                answered, sent, exc = self._stream(self._stubs[address_index], batch, items,
+                                                   options, results, one_at_a_time=bool(struck))
                 pending = [i for i in pending if i not in answered]
-                if exc is None or not pending:
+                if not pending:
+                    break
+                if exc is None and struck and not set(struck) & set(pending):
+                    continue  # the struck items are done: the rest, normally, same replica
+                if exc is None:  # a stream that ended cleanly without answering them all
+                    fail(pending, errors.Internal(
+                        f"{address} ended the stream without answering {len(pending)} item(s)"))
                     break
                 code = exc.code() if isinstance(exc, grpc.RpcError) else None
                 name = code.name if code is not None else type(exc).__name__

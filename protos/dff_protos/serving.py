@@ -43,7 +43,7 @@ class NetworkConfig:
     keepalive_s: float = 60.0  # server pings idle connections this often
     keepalive_timeout_s: float = 20.0
     max_connection_age_s: float = 1800.0  # then GOAWAY (clients reconnect / rebalance)
-    max_connection_age_grace_s: float = 600.0  # streams still running get this long
+    max_connection_age_grace_s: float = 7200.0  # streams still running get this long
     max_connection_idle_s: float = 300.0
 
 
@@ -71,7 +71,8 @@ def add_network_args(p: argparse.ArgumentParser, *, port: int, health_port: int,
     p.add_argument("--max-connection-age-s", type=float, default=1800.0,
                    help="close connections after this long (GOAWAY; running streams get "
                         "--max-connection-age-grace-s more)")
-    p.add_argument("--max-connection-age-grace-s", type=float, default=600.0)
+    p.add_argument("--max-connection-age-grace-s", type=float, default=7200.0,
+                   help="how long streams running at the connection's max age may go on")
     add_server_security_args(p)
 
 

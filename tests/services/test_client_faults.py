@@ -35,6 +35,8 @@ class Scripted(features_pb2_grpc.FeatureServiceServicer):
             if self.mode == "frozen":
                 self.release.wait(30)
                 return
+            if self.mode == "mute":
+                continue  # reads everything, answers nothing, ends the stream cleanly
             if req.image.data == b"poison":
                 raise RuntimeError("the replica died on this item")
             yield features_pb2.ExtractResponse(
@@ -111,3 +113,14 @@ def test_a_replica_that_is_down_does_not_count_as_a_death():
     finally:
         server.stop(0)
     assert all(r.error is None for r in results.values()) and len(results) == 4
+
+
+def test_a_stream_ended_without_answers_fails_its_items_instead_of_looping():
+    mute = Scripted("mute")
+    server, address = _serve(mute)
+    try:
+        results = _run([address], [("a", b"fine"), ("b", b"fine")])
+    finally:
+        server.stop(0)
+    assert all(isinstance(r.error, errors.Internal) for r in results.values())
+    assert "without answering" in str(results["a"].error)
