@@ -194,6 +194,10 @@ def start(server: grpc.Server, service_name: str, host: str, port: int,
              else server.add_insecure_port(address))
     if bound == 0:
         raise OSError(f"could not bind {address}")
+    if net.security.tokens and not net.security.tls and host not in ("127.0.0.1", "localhost",
+                                                                      "::1", "[::1]"):
+        log.warning("bearer tokens without TLS on %s: tokens cross the network in clear text "
+                    "(give --tls-cert/--tls-key)", host)
     started = Started(bound, health_servicer)
     if net.health_port:
         hs = grpc.server(futures.ThreadPoolExecutor(max_workers=4,

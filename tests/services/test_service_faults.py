@@ -97,7 +97,8 @@ def test_frozen_replica_moves_its_items_within_the_item_deadline(pair, photos, c
     finally:
         os.kill(pair[0].pid, signal.SIGCONT)
     _same(results, reference)
-    assert elapsed <= 2 * clean_s + ITEM_DEADLINE + 2.0, (elapsed, clean_s)
+    # the bound of the issue (2x clean + the per-item deadline), plus 5 s for a shared CI box
+    assert elapsed <= 2 * clean_s + ITEM_DEADLINE + 5.0, (elapsed, clean_s)
 
 
 def tiff_bomb(width: int = 30000, height: int = 30000) -> bytes:
