@@ -30,7 +30,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,8 @@ import grpc
 from dff_protos import serving
 from dff_protos.errors import (
     DataLoss,
+    DFFError,
+    ImageTooLarge,
     InvalidInput,
     NotFound,
     ResourceExhausted,
@@ -61,7 +63,7 @@ from concept_engine.convert import (
 from concept_engine.discovery import DiscoveryOptions, Explanation, Progress, discover, explain
 from concept_engine.finegrain import Decision
 from concept_engine.store import ConceptSet, ConceptSetStore
-from feature_server.extractor import FeatureSource
+from feature_server.extractor import ExtractResult, FeatureSource
 
 log = logging.getLogger(__name__)
 
@@ -118,23 +120,63 @@ def resolve_data_dir(data_root: str | None, data_dir: str) -> Path:
     return resolved
 
 
-def read_data_dir(folder: Path, root: Path, max_images: int, max_bytes: int
-                  ) -> list[tuple[str, bytes]]:
-    """(id, bytes) of the image files in ``folder`` (sorted; id relative to it). A file that
-    resolves outside ``root`` (a symlink escape) is refused."""
+def read_data_dir(folder: Path, root: Path, max_images: int, max_bytes: int,
+                  take: Callable[[int], None] | None = None
+                  ) -> tuple[list[tuple[str, bytes]], dict[str, DFFError]]:
+    """(id, bytes) of the image files in ``folder`` (sorted; id relative to it; a refused file
+    keeps its place with empty bytes), and the files refused one by one ({id: error}: larger
+    than ``max_bytes``, checked by size before reading; unreadable). A file that resolves
+    outside ``root`` (a symlink escape) is refused.
+    ``take(n)`` accounts each file's bytes before it is read (it raises when over a cap)."""
     from feature_server.images import read_items
 
     root = root.resolve()
     entries = read_items(folder)
     if len(entries) > max_images:
         raise ResourceExhausted(f"{len(entries)} images in data_dir, the limit is {max_images}")
-    items = []
+    items: list[tuple[str, bytes]] = []
+    refused: dict[str, DFFError] = {}
     for item_id, path in entries:
         if not path.resolve().is_relative_to(root):
             raise InvalidInput(f"{item_id!r} in data_dir links outside the server's data root")
-        size = path.stat().st_size
-        items.append((item_id, path.read_bytes() if size <= max_bytes else b""))
-    return items
+        try:
+            size = path.stat().st_size
+            if size > max_bytes:
+                refused[item_id] = ImageTooLarge(f"file of {size} bytes is above the limit of "
+                                                 f"{max_bytes} bytes; not read")
+            else:
+                if take is not None:
+                    take(size)
+                items.append((item_id, path.read_bytes()))
+                continue
+        except OSError as exc:
+            refused[item_id] = InvalidInput(f"cannot read the file: {exc.strerror or exc}")
+        items.append((item_id, b""))
+    return items, refused
+
+
+class _Refusing:
+    """A FeatureSource that answers the refused ids with their error and forwards the rest (so
+    a refused file is one per-image error, and discovery goes on)."""
+
+    def __init__(self, source: FeatureSource, refused: dict[str, DFFError]) -> None:
+        self.source, self.refused = source, refused
+
+    def extract(self, items: Iterable[tuple[str, bytes]], options: Any
+                ) -> Iterator[ExtractResult]:
+        rest = []
+        for item_id, data in items:
+            if item_id in self.refused:
+                yield ExtractResult(item_id, error=self.refused[item_id])
+            else:
+                rest.append((item_id, data))
+        yield from self.source.extract(rest, options)
+
+    def describe(self) -> dict:
+        return self.source.describe()
+
+    def class_names(self, classifier: str | None = None) -> list[str]:
+        return self.source.class_names(classifier)
 
 
 # ---------------------------------------------------------------------- the servicer
@@ -241,6 +283,7 @@ class ConceptEngineServicer(engine_pb2_grpc.ConceptEngineServicer):
         requests = serving.idle_timeout_iter(request_iterator, self.config.idle_timeout_s,
                                              "Discover request stream")
         msg = self._first_options(requests, "DiscoverOptions")
+        source: FeatureSource = self.source
         self._check_features()
         self._discover_slots.acquire("Discover")
         taken = [0]
@@ -249,8 +292,15 @@ class ConceptEngineServicer(engine_pb2_grpc.ConceptEngineServicer):
                 folder = resolve_data_dir(self.config.data_root, msg.data_dir)
                 options = options_from_proto(msg, name=folder.name)
                 options.validate()
-                items = read_data_dir(folder, Path(self.config.data_root),
-                                      self.config.max_images, self.config.max_message_bytes)
+                def take(n: int) -> None:
+                    self._take_bytes(n, taken[0] + n)
+                    taken[0] += n
+
+                items, refused = read_data_dir(folder, Path(self.config.data_root),
+                                               self.config.max_images,
+                                               self.config.max_message_bytes, take)
+                if refused:
+                    source = _Refusing(self.source, refused)
                 if any(True for _ in requests):
                     raise InvalidInput("give either data_dir or streamed images, not both")
             else:
@@ -262,12 +312,13 @@ class ConceptEngineServicer(engine_pb2_grpc.ConceptEngineServicer):
             self._give_bytes(taken[0])
             raise
         try:
-            yield from self._run_discover(items, options, context)
+            yield from self._run_discover(items, options, context, source)
         finally:
             self._give_bytes(taken[0])
 
     def _run_discover(self, items: list[tuple[str, bytes]], options: DiscoveryOptions,
-                      context: grpc.ServicerContext) -> Iterator[engine_pb2.DiscoverEvent]:
+                      context: grpc.ServicerContext, source: FeatureSource
+                      ) -> Iterator[engine_pb2.DiscoverEvent]:
         """Runs discover() in a worker thread (which owns the acquired discover slot and
         releases it when it ends) and streams its events. A client that goes away (cancel,
         deadline) sets ``cancel``; the worker stops at its next progress event."""
@@ -283,7 +334,7 @@ class ConceptEngineServicer(engine_pb2_grpc.ConceptEngineServicer):
 
         def work() -> None:
             try:
-                cs = discover(items, self.source, options, progress=on_event)
+                cs = discover(items, source, options, progress=on_event)
                 on_event(Progress("save", 0, 1, "writing the concept set"))
                 t = time.perf_counter()
                 self.store.save(cs)

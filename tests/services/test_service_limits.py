@@ -285,3 +285,34 @@ def test_sixteen_idle_discover_streams_do_not_starve_health_and_list(tmp_path):
         channel.close()
         running.stop(grace=1)
     assert outcomes.count("RESOURCE_EXHAUSTED") >= 6  # 16 - 2 running - 8 waiting
+
+
+def test_data_dir_unreadable_and_oversized_files_fail_alone(tmp_path):
+    import os
+
+    root = tmp_path / "data"
+    (root / "ant").mkdir(parents=True)
+    for i, d in make_items(6):
+        (root / "ant" / i).write_bytes(d)
+    (root / "ant" / "huge.png").write_bytes(b"\x89PNG" + b"\x00" * (2 << 20))
+    locked = root / "ant" / "locked.png"
+    locked.write_bytes(make_items(1)[0][1])
+    locked.chmod(0)
+    running = _engine(tmp_path, data_root=str(root), max_message_mb=1)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = engine_pb2_grpc.ConceptEngineStub(channel)
+            events = list(stub.Discover(iter([engine_pb2.DiscoverRequest(
+                options=engine_pb2.DiscoverOptions(
+                    data_dir="ant", k=2, prediction_filter=3, certainty_filter=3,
+                    min_images=2))]), timeout=60))
+    finally:
+        locked.chmod(0o644)
+        running.stop(grace=1)
+    errors_by_id = {e.decision.id: e.decision.reason for e in events
+                    if e.HasField("decision") and e.decision.stage == "error"}
+    assert events[-1].HasField("summary") and events[-1].summary.k == 2
+    assert "not read" in errors_by_id["huge.png"]
+    if os.geteuid() != 0:  # root reads a mode-000 file anyway
+        assert "cannot read" in errors_by_id["locked.png"]
+    assert running.servicer._streamed_bytes == 0
