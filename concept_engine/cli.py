@@ -16,8 +16,11 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
                     "server(s) given with --feature-server, else from an in-process ONNX "
                     "Runtime extractor over the model cache.")
     d = EngineConfig()
-    p.add_argument("--host", default=d.host, help="address to bind (default %(default)s)")
-    p.add_argument("--port", type=int, default=d.port, help="port (0 = any free port)")
+    from dff_protos.security import add_client_security_args
+    from dff_protos.serving import add_network_args
+
+    add_network_args(p, port=d.port, health_port=50062, metrics_port=9102)
+    add_client_security_args(p, prefix="feature-")
     p.add_argument("--store", default=d.store_dir, metavar="DIR",
                    help="folder of the HDF5 concept sets (default %(default)s)")
     p.add_argument("--data-root", default=None, metavar="DIR",
@@ -38,12 +41,35 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
                    help="Discover calls run at once (others wait)")
     p.add_argument("--grace", type=float, default=d.grace_s, metavar="SECONDS",
                    help="shutdown grace period on SIGTERM")
+    p.add_argument("--max-concurrent-explain", type=int, default=d.max_concurrent_explain)
+    p.add_argument("--stream-wait-s", type=float, default=d.stream_wait_s,
+                   help="a Discover/Explain waits this long for a slot, then "
+                        "RESOURCE_EXHAUSTED")
+    p.add_argument("--idle-timeout-s", type=float, default=d.idle_timeout_s,
+                   help="close a request stream that sends nothing this long")
+    p.add_argument("--max-discover-mb", type=int, default=d.max_discover_mb,
+                   help="streamed image bytes of one Discover")
+    p.add_argument("--max-streamed-mb", type=int, default=d.max_streamed_mb,
+                   help="streamed image bytes held by all running calls together")
+    p.add_argument("--feature-item-deadline", type=float, default=d.feature_item_deadline_s,
+                   metavar="SECONDS", help="a feature server that answers nothing this long "
+                                           "loses its items to another one")
     p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    from dff_protos.security import client_security_from_args
+    from dff_protos.serving import network_from_args
+
     servers = tuple(a.strip() for a in args.feature_server.split(",") if a.strip())
     return EngineConfig(host=args.host, port=args.port, store_dir=args.store,
+                        network=network_from_args(args),
+                        feature_security=client_security_from_args(args, prefix="feature-"),
+                        max_concurrent_explain=args.max_concurrent_explain,
+                        stream_wait_s=args.stream_wait_s, idle_timeout_s=args.idle_timeout_s,
+                        max_discover_mb=args.max_discover_mb,
+                        max_streamed_mb=args.max_streamed_mb,
+                        feature_item_deadline_s=args.feature_item_deadline,
                         data_root=args.data_root, feature_servers=servers,
                         models_home=args.models_home, feature_timeout_s=args.feature_timeout,
                         max_message_mb=args.max_message_mb, max_images=args.max_images,
@@ -52,6 +78,15 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from dff_protos.errors import DFFError
+
     from concept_engine.service import serve
 
-    return serve(config_from_args(args))
+    try:
+        config = config_from_args(args)
+    except DFFError as exc:
+        print(f"dff serve engine: error: {exc}", file=sys.stderr)
+        return 2
+    return serve(config)

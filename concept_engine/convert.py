@@ -140,12 +140,14 @@ def explanation_to_proto(e: Explanation, return_heatmaps: bool,
                          overlay_png: bytes = b"") -> engine_pb2.ExplainResponse:
     if e.error is not None:
         return engine_pb2.ExplainResponse(id=e.id, error=wire.item_error(e.error))
-    resp = engine_pb2.ExplainResponse(id=e.id, certainties=[float(c) for c in e.certainties],
+    assert e.certainties is not None and e.heatmaps is not None  # set when error is None
+    certainties = e.certainties
+    resp = engine_pb2.ExplainResponse(id=e.id, certainties=[float(c) for c in certainties],
                                       overlay_png=overlay_png)
     if return_heatmaps:
         resp.heatmaps.CopyFrom(wire.to_tensor(e.heatmaps))
     for j, polys in enumerate(e.polygons):
-        regions = engine_pb2.ConceptRegions(concept=j, certainty=float(e.certainties[j]))
+        regions = engine_pb2.ConceptRegions(concept=j, certainty=float(certainties[j]))
         for p in polys:
             regions.contours.append(engine_pb2.Polygon(xy=np.asarray(p).ravel().tolist()))
         resp.regions.append(regions)

@@ -160,6 +160,9 @@ def _add_common_source(p: argparse.ArgumentParser) -> None:
                    help="deadline of each service call (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars on stderr (they are plain lines when not a terminal)")
+    from dff_protos.security import add_client_security_args
+
+    add_client_security_args(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -475,6 +478,13 @@ def preflight_discover(args: argparse.Namespace) -> tuple[list[tuple[str, Path]]
 
 def run_discover(args: argparse.Namespace) -> int:
     from dff_protos.errors import DFFError
+    from dff_protos.security import client_security_from_args, set_default_client_security
+
+    try:
+        set_default_client_security(client_security_from_args(args))
+    except DFFError as exc:
+        print(f"dff discover: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
     from exporter.export import ExportSettings, export
     from exporter.progress import StageProgress, write_line
@@ -568,10 +578,12 @@ def preflight_explain(args: argparse.Namespace) -> None:
 
 def run_explain(args: argparse.Namespace) -> int:
     from dff_protos.errors import DFFError, InvalidInput, NotFound
+    from dff_protos.security import client_security_from_args, set_default_client_security
 
     try:
         preflight_explain(args)
-    except UsageError as exc:
+        set_default_client_security(client_security_from_args(args))
+    except (UsageError, DFFError) as exc:
         print(f"dff explain: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:

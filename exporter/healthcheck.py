@@ -1,10 +1,13 @@
 """A grpc.health.v1 probe for containers (like grpc_health_probe, in Python).
 
     python -m exporter.healthcheck [ADDR] [--service NAME] [--timeout SECONDS]
+                                   [--tls-ca FILE [--tls-cert FILE --tls-key FILE]]
 
 Exit status 0 when the server answers SERVING, 1 otherwise (NOT_SERVING, unreachable, timeout,
 unknown service). ADDR defaults to localhost:50051; the empty service name asks about the
-server as a whole. Used by the Dockerfiles' HEALTHCHECK; Kubernetes uses its native gRPC probe.
+server as a whole. A TLS server is asked over TLS with --tls-ca (env DFF_CLIENT_TLS_CA); the
+plaintext health-only port (``--health-port``) needs no flags. Used by the Dockerfiles'
+HEALTHCHECK; Kubernetes uses its native gRPC probe.
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ import argparse
 import sys
 
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
-    """(serving?, a one-line status) of the gRPC health service at address."""
+def check(address: str, service: str = "", timeout: float = 3.0,
+          security: object = None) -> tuple[bool, str]:
+    """(serving?, a one-line status) of the gRPC health service at address (``security``: a
+    dff_protos.security.ClientSecurity; None = plaintext)."""
     import grpc
+    from dff_protos.security import ClientSecurity
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    sec = security if isinstance(security, ClientSecurity) else ClientSecurity()
+    with sec.channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -36,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    from dff_protos.security import add_client_security_args, client_security_from_args
+
+    add_client_security_args(p)
     args = p.parse_args(argv)
-    ok, text = check(args.address, args.service, args.timeout)
+    ok, text = check(args.address, args.service, args.timeout, client_security_from_args(args))
     if not args.quiet:
         print(text, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class EngineConceptSet(ConceptSet):
     """A concept set made by the engine. ``hdf5`` holds the engine's stored file, byte for byte,
@@ -52,15 +53,23 @@ class EngineDiscoverer:
     """A Discoverer that runs discovery on a ConceptEngine service."""
 
     def __init__(self, address: str, timeout: float = 3600.0,
-                 max_message_bytes: int = 256 * 1024 * 1024) -> None:
-        import grpc
+                 max_message_bytes: int = 256 * 1024 * 1024,
+                 security: Any = None, max_image_bytes: int = (64 << 20) - 4096) -> None:
+        """``security``: a :class:`dff_protos.security.ClientSecurity` (TLS, client
+        certificate, token); None = the process default (the CLI flags, else the env)."""
+        from dff_protos.security import default_client_security
         from dff_protos.v1 import engine_pb2_grpc
 
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=[
+        # an image above the engine's message limit (default 64 MiB) would fail the whole
+        # Discover stream: it fails alone, here, and is never sent
+        self.max_image_bytes = max_image_bytes
+        security = security if security is not None else default_client_security()
+        self.channel = security.channel(address, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)])
         self.stub = engine_pb2_grpc.ConceptEngineStub(self.channel)
 
     def close(self) -> None:
@@ -75,9 +84,6 @@ class EngineDiscoverer:
 
     def discover(self, name: str, items: list[tuple[str, bytes]], options: DiscoveryOptions,
                  progress: Any = None) -> Any:
-        import grpc
-        from dff_protos.status import error_from_rpc
-
         from concept_engine.convert import options_to_proto
         from concept_engine.finegrain import Decision
         from exporter.export import discovery_options
@@ -85,6 +91,26 @@ class EngineDiscoverer:
         options = discovery_options(name, options)
         msg = options_to_proto(options)
         decisions: list[Decision] = []
+        too_big = [Decision(id=i, kept=False, stage="error",
+                            reason=f"file of {len(d)} bytes is above the engine's message limit "
+                                   f"({self.max_image_bytes} bytes); not sent")
+                   for i, d in items if len(d) > self.max_image_bytes]
+        if too_big:
+            log.warning("%d image(s) of %r too large to send to the engine: %s", len(too_big),
+                        name, ", ".join(d.id for d in too_big[:5]))
+            refused = {d.id for d in too_big}
+            items = [(i, d) for i, d in items if i not in refused]
+        cs = self._discover(name, items, options, progress, msg, decisions)
+        cs.decisions = list(cs.decisions) + too_big
+        return cs
+
+    def _discover(self, name: str, items: list[tuple[str, bytes]], options: DiscoveryOptions,
+                  progress: Any, msg: Any, decisions: list[Any]) -> Any:
+        import grpc
+        from dff_protos.status import error_from_rpc
+
+        from concept_engine.finegrain import Decision
+
         summary = None
         try:
             for event in self.stub.Discover(self._requests(msg, items), timeout=self.timeout):

@@ -50,10 +50,11 @@ class MicroBatcher:
     """
 
     def __init__(self, run: RunFn, *, max_batch_size: int = 8, max_wait_s: float = 0.005,
-                 max_queue: int = 256) -> None:
+                 max_queue: int = 256, on_batch: Callable[[int], None] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self._run = run
+        self._on_batch = on_batch  # called with each batch's size (metrics)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
@@ -136,5 +137,7 @@ class MicroBatcher:
         self.stats.batches += 1
         self.stats.items += len(jobs)
         self.stats.max_batch = max(self.stats.max_batch, len(jobs))
+        if self._on_batch is not None:
+            self._on_batch(len(jobs))
         for i, j in enumerate(jobs):
             j.future.set_result({name: results[outputs.index(name)][i] for name in j.outputs})

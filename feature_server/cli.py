@@ -50,8 +50,9 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
     register_commands(models_sub)  # dff models import / export-torch
 
     serve = serve_sub.add_parser("features", help="run the gRPC feature server")
-    serve.add_argument("--host", default="[::]", help="address to bind")
-    serve.add_argument("--port", type=int, default=50051, help="0 = any free port")
+    from dff_protos.serving import add_network_args
+
+    add_network_args(serve, port=50051, health_port=50061, metrics_port=9101)
     serve.add_argument("--home", help="cache root of the models (default: $DFF_HOME or "
                        "~/.cache/dff)")
     serve.add_argument("--max-batch-size", type=int, default=8,
@@ -66,6 +67,17 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
                        help="Extract streams served at once")
     serve.add_argument("--max-inflight-per-stream", type=int, default=16,
                        help="images of one stream being processed at once")
+    serve.add_argument("--stream-wait-s", type=float, default=10.0,
+                       help="a stream waits this long for a free slot, then RESOURCE_EXHAUSTED")
+    serve.add_argument("--max-waiting-streams", type=int, default=16,
+                       help="streams that may wait for a slot at once")
+    serve.add_argument("--idle-timeout-s", type=float, default=60.0,
+                       help="close a stream that sends nothing this long with nothing in "
+                            "flight")
+    serve.add_argument("--max-input-size", type=int, default=512,
+                       help="largest network input side a request may ask for (size option)")
+    serve.add_argument("--memory-budget-mb", type=int, default=1024,
+                       help="bytes of images decoded/run at once (items wait for budget)")
     serve.add_argument("--providers", default="",
                        help="comma-separated ONNX Runtime providers (default: CUDA if "
                             "available, else CPU)")
@@ -101,6 +113,9 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
                          help="images per network run (in-process)")
     extract.add_argument("--timeout", type=float, default=60.0,
                          help="deadline of each feature-server call, seconds")
+    from dff_protos.security import add_client_security_args
+
+    add_client_security_args(extract)
     extract.set_defaults(func=cmd_extract)
 
 
@@ -156,8 +171,18 @@ def cmd_serve_features(args: argparse.Namespace) -> int:
     if unknown:
         sys.stderr.write(f"unknown formats {sorted(unknown)} (known: {sorted(ALL_FORMATS)})\n")
         return 2
+    from dff_protos.serving import network_from_args
+
+    try:
+        network = network_from_args(args)
+    except DFFError as exc:
+        sys.stderr.write(f"dff serve features: error: {exc}\n")
+        return 2
     config = ServerConfig(
-        host=args.host, port=args.port, home=args.home,
+        host=args.host, port=args.port, home=args.home, network=network,
+        stream_wait_s=args.stream_wait_s, max_waiting_streams=args.max_waiting_streams,
+        idle_timeout_s=args.idle_timeout_s, max_input_size=args.max_input_size,
+        memory_budget_mb=args.memory_budget_mb,
         providers=tuple(p for p in args.providers.split(",") if p),
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_pixels=args.max_pixels, max_message_mb=args.max_message_mb,
@@ -184,9 +209,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
     items = [(item_id, path.read_bytes()) for item_id, path in paths]
     source: FeatureSource
     if args.feature_server:
+        from dff_protos.security import client_security_from_args
+
         from feature_server.client import FeatureClient
 
-        source = FeatureClient(args.feature_server, timeout=args.timeout)
+        source = FeatureClient(args.feature_server, timeout=args.timeout,
+                               security=client_security_from_args(args))
     else:
         source = Extractor.from_cache(args.home, batch_size=args.batch_size)
     by_id: dict[str, int] = {}

@@ -6,22 +6,34 @@ in-process Extractor, over one or several feature-server addresses.
   ``dns:///name:port`` the channel's ``round_robin`` LB policy spreads streams over every
   resolved backend (a Kubernetes headless Service); such targets get ``DNS_STREAMS`` streams
   unless ``streams_per_address`` says otherwise.
-- Every call carries a deadline (``timeout`` + ``timeout_per_item`` per image for streams).
-- When a stream fails (server gone, deadline, overloaded), its unanswered items are re-sent
-  on the next address, up to ``max_attempts`` streams per item; after that each unanswered
-  item is returned with the error.
+- Every call carries a deadline (``timeout`` + ``timeout_per_item`` per image for streams), and
+  a stream whose replica answers nothing for ``item_deadline`` seconds while items are in
+  flight is cancelled: its items move to another replica (a frozen replica costs seconds, not
+  the stream deadline).
+- No query of death: an item whose stream died (replica gone, reset, frozen) is re-sent once,
+  to another replica, one item at a time (so that a second death names the one item that was
+  in flight, and the items after it are not blamed); an item that was in flight on two
+  replicas that both failed is answered with a QueryOfDeath error and never sent to a third.
+- A stream refused before any item was delivered (RESOURCE_EXHAUSTED, UNAVAILABLE on connect)
+  is retried with exponential backoff + jitter within ``retry_budget`` seconds, rotating the
+  addresses; the final error says what was tried.
+- TLS / mutual TLS / bearer token come from ``security`` (default: the process default, see
+  :mod:`dff_protos.security`).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
 from dff_protos import errors
+from dff_protos.security import ClientSecurity, default_client_security
 from dff_protos.status import error_from_rpc
 from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
 
@@ -34,7 +46,8 @@ log = logging.getLogger(__name__)
 DNS_STREAMS = 4
 _NOT_RETRYABLE = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED,
                             grpc.StatusCode.PERMISSION_DENIED,
-                            grpc.StatusCode.UNAUTHENTICATED})
+                            grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND,
+                            grpc.StatusCode.FAILED_PRECONDITION})
 
 
 def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
@@ -47,11 +60,24 @@ def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
     return out
 
 
+def delivered(exc: BaseException) -> bool:
+    """Did a failed stream's items reach a replica (which then failed with them)? False for a
+    refusal before any work: overload, auth, or a connection that never came up."""
+    if not isinstance(exc, grpc.RpcError):
+        return True
+    code = exc.code()
+    if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED):
+        return False
+    text = (exc.details() or "").lower()
+    return not (code == grpc.StatusCode.UNAVAILABLE
+                and ("connect" in text or "refused" in text or "dns" in text))
+
+
 @dataclass
 class _Shard:
     indices: list[int]
     address_index: int
-    attempt: int = 1
 
 
 class FeatureClient:
@@ -59,23 +85,30 @@ class FeatureClient:
 
     def __init__(self, addresses: str | Sequence[str], *, timeout: float = 60.0,
                  timeout_per_item: float = 5.0, streams_per_address: int | None = None,
-                 max_attempts: int = 3, max_message_mb: int = 64) -> None:
+                 max_attempts: int = 3, max_message_mb: int = 64,
+                 item_deadline: float = 30.0, retry_budget: float = 60.0,
+                 security: ClientSecurity | None = None) -> None:
         self.addresses = parse_addresses(addresses)
         self.timeout = timeout
         self.timeout_per_item = timeout_per_item
+        self.item_deadline = item_deadline
+        self.retry_budget = retry_budget
         if streams_per_address is None:
             # a dns:/// name may resolve to many replicas: open several streams so that the
             # round_robin policy can spread them; a plain host:port is one server
             streams_per_address = DNS_STREAMS if any(
                 a.startswith("dns:") for a in self.addresses) else 1
         self.streams_per_address = max(1, streams_per_address)
-        self.max_attempts = max(1, max_attempts)
+        self.max_attempts = max(1, max_attempts)  # kept for callers; see _run_shard
         limit = max_message_mb * 1024 * 1024
         self.max_image_bytes = limit - 4096  # room for the message's other fields
         options = [("grpc.max_receive_message_length", limit),
                    ("grpc.max_send_message_length", limit),
-                   ("grpc.lb_policy_name", "round_robin")]
-        self._channels = [grpc.insecure_channel(a, options=options) for a in self.addresses]
+                   ("grpc.lb_policy_name", "round_robin"),
+                   ("grpc.keepalive_time_ms", 30_000),
+                   ("grpc.keepalive_timeout_ms", 10_000)]
+        self.security = security if security is not None else default_client_security()
+        self._channels = [self.security.channel(a, options) for a in self.addresses]
         self._stubs = [features_pb2_grpc.FeatureServiceStub(c) for c in self._channels]
         self._describe: dict | None = None
 
@@ -88,6 +121,21 @@ class FeatureClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ health
+    def health(self, timeout: float = 2.0) -> dict[str, str]:
+        """{address: SERVING / NOT_SERVING / the error code} of every address."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        out = {}
+        for address, channel in zip(self.addresses, self._channels, strict=True):
+            try:
+                resp = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=timeout)
+                out[address] = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            except grpc.RpcError as exc:
+                out[address] = exc.code().name
+        return out
 
     # ------------------------------------------------------------------ extract
     def extract(self, items: Iterable[tuple[str, bytes]], options: ExtractOptions
@@ -129,53 +177,131 @@ class FeatureClient:
     def _run_shard(self, shard: _Shard, items: list[tuple[str, bytes]],
                    options: ExtractOptions,
                    results: queue.Queue[tuple[int, ExtractResult] | None]) -> None:
+        def fail(indices: Iterable[int], err: errors.DFFError) -> None:
+            for i in indices:
+                results.put((i, ExtractResult(items[i][0], error=err)))
+
         try:
             pending = list(shard.indices)
-            address_index, attempt = shard.address_index, 1
+            address_index = shard.address_index
+            failed_on: dict[int, list[str]] = {}  # item -> replicas that died with it
+            tried: list[str] = []
+            started = time.monotonic()
+            backoff = 0.1
             while pending:
-                answered, exc = self._stream(self._stubs[address_index], pending, items,
-                                             options, results)
+                address = self.addresses[address_index]
+                # items that were in flight on a failed replica go first, one at a time; the
+                # others (never in flight on a failure) follow in a normal stream
+                struck = [i for i in pending if i in failed_on]
+                batch = struck or pending
+                answered, sent, exc = self._stream(self._stubs[address_index], batch, items,
+                                                   options, results, one_at_a_time=bool(struck))
                 pending = [i for i in pending if i not in answered]
-                if exc is None or not pending:
+                if not pending:
+                    break
+                if exc is None and struck and not set(struck) & set(pending):
+                    continue  # the struck items are done: the rest, normally, same replica
+                if exc is None:  # a stream that ended cleanly without answering them all
+                    fail(pending, errors.Internal(
+                        f"{address} ended the stream without answering {len(pending)} item(s)"))
                     break
                 code = exc.code() if isinstance(exc, grpc.RpcError) else None
-                if attempt >= self.max_attempts or code in _NOT_RETRYABLE:
-                    err = error_from_rpc(exc) if isinstance(exc, grpc.RpcError) else \
-                        errors.DFFError(str(exc))
-                    for i in pending:
-                        results.put((i, ExtractResult(items[i][0], error=err)))
+                name = code.name if code is not None else type(exc).__name__
+                tried.append(f"{address}: {name}")
+                if code in _NOT_RETRYABLE:
+                    fail(pending, error_from_rpc(exc) if isinstance(exc, grpc.RpcError)
+                         else errors.DFFError(str(exc)))
                     break
                 nxt = (address_index + 1) % len(self._stubs)
-                log.warning("stream to %s failed (%s); re-sending %d items to %s",
-                            self.addresses[address_index], code, len(pending),
-                            self.addresses[nxt])
-                address_index, attempt = nxt, attempt + 1
+                if delivered(exc):
+                    for i in pending:
+                        if i in sent:
+                            failed_on.setdefault(i, []).append(f"{address} ({name})")
+                    dead = [i for i in pending if len(failed_on.get(i, ())) >= 2]
+                    for i in dead:
+                        fail([i], errors.QueryOfDeath(
+                            "suspected query of death: in flight on two replicas that both "
+                            f"failed ({', '.join(failed_on[i])}); not sent to a third"))
+                    pending = [i for i in pending if i not in set(dead)]
+                    if pending:
+                        log.warning("stream to %s failed (%s); re-sending %d items to %s",
+                                    address, name, len(pending), self.addresses[nxt])
+                else:
+                    elapsed = time.monotonic() - started
+                    if elapsed + backoff > self.retry_budget:
+                        err = error_from_rpc(exc) if isinstance(exc, grpc.RpcError) else \
+                            errors.Unavailable(str(exc))
+                        fail(pending, type(err)(
+                            f"{err} - gave up after {len(tried)} attempts in {elapsed:.1f}s "
+                            f"(retry budget {self.retry_budget:g}s): {'; '.join(tried)}"))
+                        break
+                    pause = backoff * (0.5 + random.random())  # jitter: 0.5x..1.5x
+                    log.info("stream to %s refused (%s); retrying on %s in %.2fs", address,
+                             name, self.addresses[nxt], pause)
+                    time.sleep(pause)
+                    backoff = min(backoff * 2, 5.0)
+                address_index = nxt
         finally:
             results.put(None)
 
     def _stream(self, stub: features_pb2_grpc.FeatureServiceStub, indices: list[int],
                 items: list[tuple[str, bytes]], options: ExtractOptions,
-                results: queue.Queue[tuple[int, ExtractResult] | None]
-                ) -> tuple[set[int], BaseException | None]:
-        """One Extract stream; returns the indices answered and the error that ended it."""
+                results: queue.Queue[tuple[int, ExtractResult] | None],
+                one_at_a_time: bool = False
+                ) -> tuple[set[int], set[int], BaseException | None]:
+        """One Extract stream; returns the indices answered, the indices handed to gRPC
+        (sent), and the error that ended the stream. ``one_at_a_time``: send an item only
+        once the previous one is answered."""
+        sent: set[int] = set()
+        answered: set[int] = set()
+        last = [time.monotonic()]
+        done = threading.Event()
+        progressed = threading.Semaphore(0)
+        stuck: list[bool] = []
 
         def requests() -> Iterator[features_pb2.ExtractRequest]:
             yield features_pb2.ExtractRequest(options=options_to_proto(options))
-            for i in indices:
+            for n, i in enumerate(indices):
+                if one_at_a_time and n > 0:
+                    while not progressed.acquire(timeout=0.5):
+                        if done.is_set():
+                            return
+                if done.is_set():
+                    return
+                sent.add(i)
                 # the wire id is the item's index, so duplicate caller ids stay distinct
                 yield features_pb2.ExtractRequest(
                     image=common_pb2.ImageInput(id=str(i), data=items[i][1]))
 
-        answered: set[int] = set()
         deadline = self.timeout + self.timeout_per_item * len(indices)
+        call = stub.Extract(requests(), timeout=deadline)
+
+        def watchdog() -> None:
+            # a replica that answers nothing for item_deadline s while items are in flight
+            # (frozen, overloaded) loses them: cancel, and the shard moves them elsewhere
+            while not done.wait(min(1.0, self.item_deadline / 4)):
+                if time.monotonic() - last[0] > self.item_deadline:
+                    stuck.append(True)
+                    call.cancel()
+                    return
+
+        dog = threading.Thread(target=watchdog, name="extract-watchdog", daemon=True)
+        dog.start()
         try:
-            for resp in stub.Extract(requests(), timeout=deadline):
+            for resp in call:
+                last[0] = time.monotonic()
                 i = int(resp.id)
                 answered.add(i)
                 results.put((i, result_from_proto(resp, items[i][0])))
+                progressed.release()
         except grpc.RpcError as exc:
-            return answered, exc
-        return answered, None
+            if stuck:
+                return answered, sent, errors.DeadlineExceeded(
+                    f"no answer for {self.item_deadline:g}s (per-item deadline)")
+            return answered, sent, exc
+        finally:
+            done.set()
+        return answered, sent, None
 
     # ------------------------------------------------------------------ metadata
     def describe(self) -> dict:
@@ -186,7 +312,7 @@ class FeatureClient:
         for stub in self._stubs:
             try:
                 resp = stub.DescribeModel(features_pb2.DescribeModelRequest(),
-                                          timeout=self.timeout)
+                                          timeout=min(self.timeout, 60.0))
             except grpc.RpcError as exc:
                 last = exc
                 continue

@@ -10,8 +10,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from dff_protos import errors, wire
-from dff_protos.errors import ImageTooLarge, InvalidInput
+from dff_protos import status, wire
 from dff_protos.v1 import common_pb2, features_pb2
 
 from feature_server.extractor import ExtractOptions, ExtractResult
@@ -24,16 +23,12 @@ log = logging.getLogger(__name__)
 
 _RESIZE_FROM_PROTO = {common_pb2.RESIZE_MODE_UNSPECIFIED: "squash",
                       common_pb2.SQUASH: "squash", common_pb2.KEEP_ASPECT: "keep_aspect"}
-_DTYPE_FROM_PROTO = {common_pb2.DTYPE_UNSPECIFIED: "float32", common_pb2.FLOAT32: "float32",
-                     common_pb2.FLOAT16: "float16"}
-_RESIZE_TO_PROTO = {"squash": common_pb2.SQUASH, "keep_aspect": common_pb2.KEEP_ASPECT,
-                    "shorter_crop": common_pb2.RESIZE_MODE_UNSPECIFIED}
-_ITEM_ERRORS: dict[int, type[errors.DFFError]] = {
-    common_pb2.ItemError.INVALID_IMAGE: errors.InvalidInput,
-    common_pb2.ItemError.IMAGE_TOO_LARGE: errors.ImageTooLarge,
-    common_pb2.ItemError.INVALID_ARGUMENT: errors.InvalidInput,
-    common_pb2.ItemError.NOT_FOUND: errors.NotFound,
-}
+_DTYPE_FROM_PROTO: dict[int, str] = {
+    common_pb2.DTYPE_UNSPECIFIED: "float32", common_pb2.FLOAT32: "float32",
+    common_pb2.FLOAT16: "float16"}
+_RESIZE_TO_PROTO: dict[str, common_pb2.ResizeMode] = {
+    "squash": common_pb2.SQUASH, "keep_aspect": common_pb2.KEEP_ASPECT,
+    "shorter_crop": common_pb2.RESIZE_MODE_UNSPECIFIED}
 
 
 def options_from_proto(msg: features_pb2.ExtractOptions) -> ExtractOptions:
@@ -61,12 +56,7 @@ def options_to_proto(options: ExtractOptions) -> features_pb2.ExtractOptions:
 
 def item_error(exc: BaseException, decoding: bool = False) -> common_pb2.ItemError:
     """A per-item error; decode failures (not size limits) are INVALID_IMAGE."""
-    err = wire.item_error(exc)
-    if decoding and isinstance(exc, InvalidInput) and not isinstance(exc, ImageTooLarge):
-        err.code = common_pb2.ItemError.INVALID_IMAGE
-    if err.code == common_pb2.ItemError.INTERNAL:
-        log.error("internal error on an item", exc_info=exc)
-    return err
+    return status.item_error(exc, decoding)
 
 
 def result_to_proto(result: ExtractResult, options: ExtractOptions
@@ -105,7 +95,9 @@ def describe_to_proto(desc: dict, config: ServerConfig, server_version: str
             preprocessing=features_pb2.Preprocessing(
                 color_order=pre["color_order"], mean=pre["mean"], std=pre["std"],
                 default_resize=common_pb2.ResizePolicy(
-                    mode=_RESIZE_TO_PROTO.get(pre["resize_mode"], 0), size=pre["size"]),
+                    mode=_RESIZE_TO_PROTO.get(pre["resize_mode"],
+                                              common_pb2.RESIZE_MODE_UNSPECIFIED),
+                    size=pre["size"]),
                 description=pre["description"], resize_shorter=pre["resize_shorter"]))
         for name, layer in m["layers"].items():
             info.layers.append(features_pb2.LayerInfo(
@@ -120,8 +112,7 @@ def result_from_proto(resp: features_pb2.ExtractResponse, item_id: str | None = 
     """An ExtractResponse as an ExtractResult (activations (C, h, w) float32)."""
     rid = resp.id if item_id is None else item_id
     if resp.HasField("error"):
-        cls = _ITEM_ERRORS.get(resp.error.code, errors.DFFError)
-        return ExtractResult(rid, error=cls(resp.error.message))
+        return ExtractResult(rid, error=status.error_from_item(resp.error))
     acts = {a.layer: wire.from_tensor(a.tensor) for a in resp.activations}
     probs = wire.from_tensor(resp.probabilities) if resp.HasField("probabilities") else None
     top = [(s.index, s.name, float(s.probability)) for s in resp.top_k]

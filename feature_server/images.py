@@ -1,8 +1,10 @@
 """Image decoding and preprocessing (OpenCV), pure functions: bytes in, arrays out.
 
 Policy for odd inputs (each failure raises a domain error with a clear message):
-- the pixel count is read from the file header (PNG, JPEG, GIF, BMP, WebP) BEFORE decoding, so
-  a small file that claims 30000x30000 is refused without allocating its pixels;
+- the pixel count is read from the file header (PNG, JPEG, GIF, BMP, WebP, TIFF - every IFD of
+  a multi-page TIFF, and its tile size) BEFORE decoding, so a small file that claims
+  30000x30000 is refused without allocating its pixels; a file with an accepted magic whose
+  header cannot be parsed is refused too (nothing is decoded without a known size);
 - formats outside ``DecodeLimits.formats`` are refused (GIF is off by default: in photo folders
   it is a placeholder or an animation, never a photo - e.g. ImageNet's ``imageNotFound.gif``);
 - grayscale becomes 3 channels; alpha is composited over white; 16-bit is scaled to 0..255;
@@ -88,8 +90,45 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return _jpeg_markers(data)[0]
 
 
+_TIFF_MAX_IFDS = 64
+
+
+def _tiff_sizes(data: bytes) -> list[tuple[int, int]] | None:
+    """(width, height) of every IFD of a TIFF (and each tile's size, when tiled), or None
+    when the header cannot be parsed (bad offsets, loops, missing width/height)."""
+    order = "<" if data[:2] == b"II" else ">"
+    n = len(data)
+    (offset,) = struct.unpack(order + "I", data[4:8])
+    seen: set[int] = set()
+    sizes: list[tuple[int, int]] = []
+    types = {3: ("H", 2), 4: ("I", 4)}
+    while offset:
+        if offset in seen or len(seen) >= _TIFF_MAX_IFDS or offset + 2 > n:
+            return None
+        seen.add(offset)
+        (count,) = struct.unpack(order + "H", data[offset:offset + 2])
+        end = offset + 2 + 12 * count
+        if end + 4 > n:
+            return None
+        tags: dict[int, int] = {}
+        for e in range(count):
+            base = offset + 2 + 12 * e
+            tag, typ, cnt = struct.unpack(order + "HHI", data[base:base + 8])
+            if tag in (256, 257, 322, 323) and typ in types and cnt >= 1:
+                fmt, size = types[typ]
+                (tags[tag],) = struct.unpack(order + fmt, data[base + 8:base + 8 + size])
+        if 256 not in tags or 257 not in tags:
+            return None
+        sizes.append((tags[256], tags[257]))
+        if 322 in tags or 323 in tags:
+            sizes.append((tags.get(322, 0), tags.get(323, 0)))
+        (offset,) = struct.unpack(order + "I", data[end:end + 4])
+    return sizes or None
+
+
 def header_size(data: bytes, fmt: str | None) -> tuple[int, int] | None:
-    """(width, height) from the header without decoding, or None when it cannot be read."""
+    """(width, height) from the header without decoding, or None when it cannot be read.
+    For a multi-page TIFF: the largest page (by pixels)."""
     try:
         if fmt == "png" and len(data) >= 24 and data[12:16] == b"IHDR":
             return struct.unpack(">II", data[16:24])
@@ -100,6 +139,9 @@ def header_size(data: bytes, fmt: str | None) -> tuple[int, int] | None:
             return abs(w), abs(h)
         if fmt == "jpeg":
             return _jpeg_size(data)
+        if fmt == "tiff" and len(data) >= 8:
+            sizes = _tiff_sizes(data)
+            return max(sizes, key=lambda s: s[0] * s[1]) if sizes else None
         if fmt == "webp" and len(data) >= 30:
             chunk = data[12:16]
             if chunk == b"VP8X":
@@ -117,12 +159,10 @@ def header_size(data: bytes, fmt: str | None) -> tuple[int, int] | None:
     return None
 
 
-def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Encoded bytes -> (H, W, 3) float32 BGR on the 0..255 scale.
-
-    Raises InvalidInput (empty, unknown/refused format, undecodable, truncated) or
-    ImageTooLarge (pixel count above ``limits.max_pixels``, checked from the header first).
-    """
+def check_header(data: bytes, limits: DecodeLimits = DecodeLimits()) -> tuple[str, int, int]:
+    """(format, width, height) of an encoded image from its header alone, after every check
+    that needs no decoding: size in bytes, format accepted, header parseable, pixel count.
+    Raises InvalidInput or ImageTooLarge."""
     if not data:
         raise InvalidInput("empty image (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -136,15 +176,25 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
         raise InvalidInput(f"{fmt.upper()} images are not accepted by this server "
                            f"(accepted: {sorted(limits.formats)})")
     size = header_size(data, fmt)
-    if size is not None:
-        w, h = size
-        if w <= 0 or h <= 0:
-            raise InvalidInput(f"{fmt.upper()} header gives an empty size {w}x{h}")
-        if w * h > limits.max_pixels:
-            raise ImageTooLarge(f"{fmt.upper()} header says {w}x{h} = {w * h} pixels, above the "
-                                f"limit of {limits.max_pixels}")
-    elif fmt in ("jpeg", "png", "gif"):
-        raise InvalidInput(f"truncated or corrupt {fmt.upper()} header")
+    if size is None:
+        raise InvalidInput(f"truncated or corrupt {fmt.upper()} header (its size cannot be "
+                           "read, so it is not decoded)")
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise InvalidInput(f"{fmt.upper()} header gives an empty size {w}x{h}")
+    if w * h > limits.max_pixels:
+        raise ImageTooLarge(f"{fmt.upper()} header says {w}x{h} = {w * h} pixels, above the "
+                            f"limit of {limits.max_pixels}")
+    return fmt, w, h
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Encoded bytes -> (H, W, 3) float32 BGR on the 0..255 scale.
+
+    Raises InvalidInput (empty, unknown/refused format, undecodable, truncated) or
+    ImageTooLarge (pixel count above ``limits.max_pixels``, checked from the header first).
+    """
+    fmt, _, _ = check_header(data, limits)
     buf = np.frombuffer(data, dtype=np.uint8)
     if fmt == "jpeg":
         # COLOR applies EXIF orientation and converts CMYK/YCCK and grayscale to BGR

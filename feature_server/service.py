@@ -1,6 +1,14 @@
 """The gRPC feature service: a thin servicer over :class:`feature_server.extractor.Extractor`
 plus ``serve()`` (options, health, reflection, micro-batcher, graceful SIGTERM).
 
+Bounded cost: a stream waits up to ``stream_wait_s`` for one of ``max_concurrent_streams``
+slots (then RESOURCE_EXHAUSTED); a stream that sends nothing for ``idle_timeout_s`` while none
+of its items is in flight is closed (DEADLINE_EXCEEDED); every image's size is read from its
+header first and its decoding cost (encoded + decoded + network input bytes) is taken from a
+server-wide memory budget before it is decoded - items wait for budget, they do not pile up;
+an image that alone needs more than the budget fails as IMAGE_TOO_LARGE. The ``size`` option is
+capped by ``max_input_size``.
+
 Per stream, a reader thread takes requests (options, images), decodes and preprocesses each
 image and submits it to the shared micro-batcher; the RPC's own thread turns finished items
 into responses. A per-stream semaphore bounds the items read but not yet answered, so a fast
@@ -21,7 +29,8 @@ from typing import Any
 
 import grpc
 from dff_protos import serving
-from dff_protos.errors import DFFError, InvalidInput, ResourceExhausted
+from dff_protos.errors import DeadlineExceeded, DFFError, ImageTooLarge, InvalidInput
+from dff_protos.metrics import Metrics
 from dff_protos.status import map_errors
 from dff_protos.v1 import features_pb2, features_pb2_grpc
 from grpc_health.v1 import health
@@ -34,7 +43,7 @@ from feature_server.convert import (
     result_to_proto,
 )
 from feature_server.extractor import ExtractOptions, Extractor, Prepared
-from feature_server.images import DEFAULT_FORMATS, DecodeLimits
+from feature_server.images import DEFAULT_FORMATS, DecodeLimits, check_header
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +54,14 @@ SERVER_VERSION = "0.1.0"
 class ServerConfig:
     """Everything ``dff serve features`` is configured with (built once at the entry point)."""
 
-    host: str = "[::]"
+    host: str = "127.0.0.1"
     port: int = 50051
+    network: serving.NetworkConfig = field(default_factory=serving.NetworkConfig)
+    stream_wait_s: float = 10.0  # a stream waits this long for a slot, then RESOURCE_EXHAUSTED
+    max_waiting_streams: int = 16
+    idle_timeout_s: float = 60.0  # a stream with nothing in flight and no request is closed
+    max_input_size: int = 512  # largest ExtractOptions size (network input side)
+    memory_budget_mb: int = 1024  # bytes of images being decoded/run at once
     home: str | None = None
     providers: tuple[str, ...] = ()
     max_batch_size: int = 8
@@ -66,23 +81,75 @@ class ServerConfig:
         return self.max_message_mb * 1024 * 1024
 
     @property
+    def memory_budget_bytes(self) -> int:
+        return self.memory_budget_mb * 1024 * 1024
+
+    @property
     def limits(self) -> DecodeLimits:
         return DecodeLimits(max_pixels=self.max_pixels, max_bytes=self.max_message_bytes,
                             formats=self.formats)
 
 
 # ---------------------------------------------------------------------- the servicer
+class MemoryBudget:
+    """Bytes of images being decoded or run, server-wide: ``acquire`` waits until the cost
+    fits (or the caller's stream stops); a cost above the whole budget is refused."""
+
+    def __init__(self, limit: int, metrics: Metrics | None = None) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+        self._metrics = metrics
+
+    def acquire(self, cost: int, stop: threading.Event) -> bool:
+        if cost > self.limit:
+            raise ImageTooLarge(f"decoding this image needs about {cost >> 20} MiB, above the "
+                                f"server's memory budget of {self.limit >> 20} MiB")
+        with self._cond:
+            while self.used + cost > self.limit:
+                if stop.is_set():
+                    return False
+                self._cond.wait(0.5)
+            self.used += cost
+            self._gauge()
+        return True
+
+    def release(self, cost: int) -> None:
+        if cost:
+            with self._cond:
+                self.used -= cost
+                self._gauge()
+                self._cond.notify_all()
+
+    def _gauge(self) -> None:
+        if self._metrics is not None:
+            self._metrics.inflight_bytes.labels(self._metrics.server).set(self.used)
+
+
+def image_cost(data: bytes, limits: DecodeLimits, options: ExtractOptions) -> int:
+    """Bytes one image holds while it is decoded and run: encoded + uint8 + float32 pixels +
+    the network inputs. Raises the header errors (too large, unparseable, refused format)."""
+    _, w, h = check_header(data, limits)
+    network_input = 2 * 3 * options.size * options.size * 4  # features + classifier
+    return len(data) + w * h * (3 + 12) + network_input
+
+
 class _Stream:
-    """Book-keeping of one Extract call: bounded in-flight items and the response queue."""
+    """Book-keeping of one Extract call: bounded in-flight items and the response queue.
+    Every queued item carries its memory-budget cost; whatever is put after the stream ended
+    gives its cost back at once."""
 
     _END = object()
 
-    def __init__(self, max_inflight: int) -> None:
+    def __init__(self, max_inflight: int, budget: MemoryBudget) -> None:
         self.slots = threading.Semaphore(max_inflight)
         self.out: queue.Queue[Any] = queue.Queue()
+        self.budget = budget
         self._lock = threading.Lock()
         self._pending = 0
         self._reading = True
+        self._closed = False
+        self.last_request = time.monotonic()
         self.stop = threading.Event()
         self.futures: set[futures.Future] = set()  # submitted to the batcher, not yet done
 
@@ -96,31 +163,55 @@ class _Stream:
         with self._lock:
             self._pending += 1
 
-    def put(self, item: Any) -> None:
-        self.out.put(item)
+    def idle(self) -> bool:
+        """Still reading, nothing in flight."""
+        with self._lock:
+            return self._reading and self._pending == 0
+
+    def put(self, item: Any, cost: int = 0) -> None:
         with self._lock:
             self._pending -= 1
             end = not self._reading and self._pending == 0
-        if end:
-            self.out.put(self._END)
+            closed = self._closed
+            if not closed:
+                self.out.put((item, cost))
+        if closed:
+            self.budget.release(cost)
+        elif end:
+            self.out.put((self._END, 0))
 
     def reading_done(self) -> None:
         with self._lock:
             self._reading = False
             end = self._pending == 0
         if end:
-            self.out.put(self._END)
+            self.out.put((self._END, 0))
+
+    def close(self) -> None:
+        """The RPC ended: later puts release their cost; queued items release theirs now."""
+        self.stop.set()
+        with self._lock:
+            self._closed = True
+            while True:
+                try:
+                    _, cost = self.out.get_nowait()
+                except queue.Empty:
+                    break
+                self.budget.release(cost)
 
 
 class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
     """dff.v1.FeatureService over an Extractor and a shared MicroBatcher."""
 
-    def __init__(self, extractor: Extractor, batcher: MicroBatcher, config: ServerConfig
-                 ) -> None:
+    def __init__(self, extractor: Extractor, batcher: MicroBatcher, config: ServerConfig,
+                 metrics: Metrics | None = None) -> None:
         self.extractor = extractor
         self.batcher = batcher
         self.config = config
-        self._streams = threading.BoundedSemaphore(config.max_concurrent_streams)
+        self.metrics = metrics
+        self._streams = serving.StreamSlots(config.max_concurrent_streams, config.stream_wait_s,
+                                            config.max_waiting_streams, metrics)
+        self.budget = MemoryBudget(config.memory_budget_bytes, metrics)
         self._decoders = futures.ThreadPoolExecutor(
             max_workers=config.decode_workers or min(8, os.cpu_count() or 1),
             thread_name_prefix="decode")
@@ -133,29 +224,43 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
     @map_errors
     def Extract(self, request_iterator: Iterator[features_pb2.ExtractRequest],  # noqa: N802
                 context: grpc.ServicerContext) -> Iterator[features_pb2.ExtractResponse]:
-        if not self._streams.acquire(blocking=False):
-            raise ResourceExhausted(f"more than {self.config.max_concurrent_streams} "
-                                    "concurrent Extract streams; retry later")
+        self._streams.acquire("Extract stream")
         try:
-            stream = _Stream(self.config.max_inflight_per_stream)
+            stream = _Stream(self.config.max_inflight_per_stream, self.budget)
             reader = threading.Thread(target=self._read, args=(request_iterator, context, stream),
                                       name="extract-reader", daemon=True)
             reader.start()
             started, answered, failed = time.monotonic(), 0, 0
+            idle_s = self.config.idle_timeout_s
             try:
                 while True:
-                    item = stream.out.get()
+                    try:
+                        item, cost = stream.out.get(timeout=min(1.0, idle_s))
+                    except queue.Empty:
+                        if stream.idle() and time.monotonic() - stream.last_request > idle_s:
+                            raise DeadlineExceeded(
+                                f"no request for {idle_s:g}s with nothing in flight: idle "
+                                "Extract stream closed") from None
+                        continue
                     if item is _Stream._END:
                         break
                     stream.slots.release()
-                    resp = self._respond(item)
+                    try:
+                        resp = self._respond(item)
+                    finally:
+                        self.budget.release(cost)
                     answered += 1
-                    failed += resp.HasField("error")
+                    if resp.HasField("error"):
+                        failed += 1
+                        if self.metrics is not None:
+                            self.metrics.item_error(resp.error.kind or str(resp.error.code))
+                    elif self.metrics is not None:
+                        self.metrics.images.labels(self.metrics.server).inc()
                     yield resp
                 log.debug("stream from %s done: %d items (%d errors) in %.2fs", context.peer(),
                           answered, failed, time.monotonic() - started)
             finally:
-                stream.stop.set()
+                stream.close()
                 stream.slots.release()  # unblock a reader waiting for a slot
                 cancelled = stream.cancel_pending()
                 if cancelled:
@@ -186,16 +291,23 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
                     "a smaller size, or float16")))
         return resp
 
+    def _check_options(self, options: ExtractOptions) -> None:
+        if not 1 <= options.size <= self.config.max_input_size:
+            raise InvalidInput(f"size {options.size} is outside 1..{self.config.max_input_size} "
+                               "(this server's --max-input-size)")
+        self.extractor.validate(options)
+
     def _read(self, request_iterator: Iterator[features_pb2.ExtractRequest],
               context: grpc.ServicerContext, stream: _Stream) -> None:
         options = ExtractOptions()
         options_error: DFFError | None = None
         try:
             for request in request_iterator:
+                stream.last_request = time.monotonic()
                 if request.HasField("options"):
                     options = options_from_proto(request.options)
                     try:
-                        self.extractor.validate(options)
+                        self._check_options(options)
                         options_error = None
                     except DFFError as exc:
                         options_error = exc
@@ -210,8 +322,18 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
                 if options_error is not None:
                     stream.put(("error", (image.id, options_error, False)))
                     continue
+                try:
+                    cost = image_cost(image.data, self.config.limits, options)
+                    if not self.budget.acquire(cost, stream.stop):
+                        stream.put(("error", (image.id, DeadlineExceeded("stream ended"),
+                                              False)))
+                        break
+                except DFFError as exc:  # refused from its header: never decoded
+                    stream.put(("error", (image.id, exc, True)))
+                    continue
                 # decoding runs on the shared pool, so one stream can use several cores
-                self._decoders.submit(self._prepare, image.id, image.data, options, stream)
+                self._decoders.submit(self._prepare, image.id, image.data, options, stream,
+                                      cost)
         except grpc.RpcError:
             log.info("client stream ended early (cancelled or deadline)")
         except Exception:  # noqa: BLE001 - the reader must always end the stream
@@ -219,26 +341,27 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         finally:
             stream.reading_done()
 
-    def _prepare(self, item_id: str, data: bytes, options: ExtractOptions, stream: _Stream
-                 ) -> None:
+    def _prepare(self, item_id: str, data: bytes, options: ExtractOptions, stream: _Stream,
+                 cost: int) -> None:
         try:
             prepared = self.extractor.prepare(item_id, data, options)
         except DFFError as exc:
-            stream.put(("error", (item_id, exc, True)))
+            stream.put(("error", (item_id, exc, True)), cost)
             return
         except Exception as exc:  # noqa: BLE001 - per-item INTERNAL, logged
-            stream.put(("error", (item_id, exc, False)))
+            stream.put(("error", (item_id, exc, False)), cost)
             return
         try:
-            self._submit(prepared, options, stream)
+            self._submit(prepared, options, stream, cost)
         except Exception as exc:  # noqa: BLE001 - e.g. the batcher is shut down
-            stream.put(("error", (item_id, exc, False)))
+            stream.put(("error", (item_id, exc, False)), cost)
 
     def close(self) -> None:
         """Stop the decoding pool (after the server has drained)."""
         self._decoders.shutdown(wait=True)
 
-    def _submit(self, prepared: Prepared, options: ExtractOptions, stream: _Stream) -> None:
+    def _submit(self, prepared: Prepared, options: ExtractOptions, stream: _Stream,
+                cost: int) -> None:
         feat = cls = None
         if prepared.features_input is not None:
             feat = self.batcher.submit(options.model, prepared.features_input, options.layers)
@@ -256,7 +379,7 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
             with stream._lock:
                 stream.futures.discard(f)
             if last:
-                stream.put(("ok", (prepared, options, feat, cls)))
+                stream.put(("ok", (prepared, options, feat, cls)), cost)
 
         with stream._lock:
             stream.futures.update(waiting)
@@ -276,6 +399,15 @@ class RunningServer:
     extractor: Extractor
     config: ServerConfig
     servicer: FeatureServicer
+    extras: serving.Started | None = None
+
+    @property
+    def health_port(self) -> int:
+        return self.extras.health_port if self.extras is not None else 0
+
+    @property
+    def metrics_port(self) -> int:
+        return self.extras.metrics_port if self.extras is not None else 0
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, stop taking RPCs, let in-flight ones finish, stop the batcher."""
@@ -286,6 +418,8 @@ class RunningServer:
         self.server.stop(grace).wait()
         self.servicer.close()
         self.batcher.close(timeout=grace)
+        if self.extras is not None:
+            self.extras.stop_extras()
         log.info("stopped (%d batches, %d items, largest batch %d)", self.batcher.stats.batches,
                  self.batcher.stats.items, self.batcher.stats.max_batch)
 
@@ -295,20 +429,26 @@ def start_server(config: ServerConfig, extractor: Extractor | None = None) -> Ru
     if extractor is None:
         extractor = Extractor.from_cache(config.home, providers=config.providers or None,
                                          batch_size=config.max_batch_size, limits=config.limits)
+    metrics = Metrics("features")
     batcher = MicroBatcher(extractor.run, max_batch_size=config.max_batch_size,
-                           max_wait_s=config.max_wait_ms / 1000.0, max_queue=config.max_queue)
-    # room for every stream's RPC thread plus health/describe calls
-    server = serving.create_server(max_message_bytes=config.max_message_bytes,
-                                   max_workers=config.max_concurrent_streams + 8,
-                                   thread_name_prefix="grpc")
-    servicer = FeatureServicer(extractor, batcher, config)
+                           max_wait_s=config.max_wait_ms / 1000.0, max_queue=config.max_queue,
+                           on_batch=metrics.batch_size.labels("features").observe)
+    # threads: every running stream, every stream waiting for a slot, and a reserve that
+    # DescribeModel/health/reflection always find (streams never take it)
+    server = serving.create_server(
+        max_message_bytes=config.max_message_bytes,
+        max_workers=config.max_concurrent_streams + config.max_waiting_streams + 8,
+        thread_name_prefix="grpc", network=config.network, metrics=metrics)
+    servicer = FeatureServicer(extractor, batcher, config, metrics)
     features_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, server)
     service_name = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
-    port, health_servicer = serving.start(server, service_name, config.host, config.port)
+    extras = serving.start(server, service_name, config.host, config.port, config.network,
+                           metrics)
     log.info("feature server listening on %s:%d (provider %s, models %s, max batch %d)",
-             config.host, port, extractor.execution_provider, sorted(extractor.registry),
+             config.host, extras.port, extractor.execution_provider, sorted(extractor.registry),
              config.max_batch_size)
-    return RunningServer(server, port, health_servicer, batcher, extractor, config, servicer)
+    return RunningServer(server, extras.port, extras.health, batcher, extractor, config,
+                         servicer, extras)
 
 
 def serve(config: ServerConfig) -> int:

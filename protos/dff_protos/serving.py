@@ -1,44 +1,222 @@
-"""What every dff gRPC server does the same way: health + reflection registration, the
-SERVING switch, and running until SIGTERM/SIGINT with a graceful stop."""
+"""What every dff gRPC server does the same way: network options (bind, TLS, tokens,
+keepalive, connection age), health + reflection registration, a plaintext health-only port, the
+metrics endpoint, the SERVING switch, bounded waits for stream slots, idle-stream timeouts, and
+running until SIGTERM/SIGINT with a graceful stop."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
+import queue
 import signal
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dff_protos.errors import DeadlineExceeded, ResourceExhausted
+from dff_protos.metrics import Metrics
+from dff_protos.security import AuthInterceptor, ServerSecurity, wrap_handler
+
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
-def create_server(*, max_message_bytes: int, max_workers: int,
-                  thread_name_prefix: str) -> grpc.Server:
-    """A gRPC server with message limits from config (never INT32_MAX) and its thread pool."""
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """How a server meets the network (the same for both servers)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    health_port: int = 0  # plaintext grpc.health.v1-only port for probes; 0 = off
+    metrics_port: int = 0  # Prometheus HTTP; 0 = off
+    reflection: bool = True
+    security: ServerSecurity = field(default_factory=ServerSecurity)
+    keepalive_s: float = 60.0  # server pings idle connections this often
+    keepalive_timeout_s: float = 20.0
+    max_connection_age_s: float = 1800.0  # then GOAWAY (clients reconnect / rebalance)
+    max_connection_age_grace_s: float = 7200.0  # streams still running get this long
+    max_connection_idle_s: float = 300.0
+
+
+def add_network_args(p: argparse.ArgumentParser, *, port: int, health_port: int,
+                     metrics_port: int) -> None:
+    """--host/--port/--health-port/--metrics-port/--no-reflection/keepalive flags (env
+    DFF_HOST, DFF_HEALTH_PORT, DFF_METRICS_PORT). The conventional ports are in the help."""
+    from dff_protos.security import add_server_security_args
+
+    env = os.environ.get
+    p.add_argument("--host", default=env("DFF_HOST") or "127.0.0.1",
+                   help="address to bind (default %(default)s; 0.0.0.0 = every interface; "
+                        "env DFF_HOST)")
+    p.add_argument("--port", type=int, default=port, help="gRPC port (0 = any free port; "
+                                                          "default %(default)s)")
+    p.add_argument("--health-port", type=int, default=int(env("DFF_HEALTH_PORT") or 0),
+                   help=f"plaintext grpc.health.v1-only port for probes (0 = off; "
+                        f"conventionally {health_port}; env DFF_HEALTH_PORT)")
+    p.add_argument("--metrics-port", type=int, default=int(env("DFF_METRICS_PORT") or 0),
+                   help=f"Prometheus /metrics HTTP port (0 = off; conventionally "
+                        f"{metrics_port}; env DFF_METRICS_PORT)")
+    p.add_argument("--no-reflection", action="store_true", help="do not serve reflection")
+    p.add_argument("--keepalive-s", type=float, default=60.0,
+                   help="ping idle connections this often (seconds)")
+    p.add_argument("--max-connection-age-s", type=float, default=1800.0,
+                   help="close connections after this long (GOAWAY; running streams get "
+                        "--max-connection-age-grace-s more)")
+    p.add_argument("--max-connection-age-grace-s", type=float, default=7200.0,
+                   help="how long streams running at the connection's max age may go on")
+    add_server_security_args(p)
+
+
+def network_from_args(args: argparse.Namespace) -> NetworkConfig:
+    from dff_protos.security import server_security_from_args
+
+    return NetworkConfig(host=args.host, port=args.port, health_port=args.health_port,
+                         metrics_port=args.metrics_port, reflection=not args.no_reflection,
+                         security=server_security_from_args(args),
+                         keepalive_s=args.keepalive_s,
+                         max_connection_age_s=args.max_connection_age_s,
+                         max_connection_age_grace_s=args.max_connection_age_grace_s)
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every RPC by method and final status code."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def intercept_service(self, continuation: Callable[[Any], Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        metrics = self.metrics
+
+        def final(context: grpc.ServicerContext, failed: bool) -> None:
+            code = context.code() if hasattr(context, "code") else None
+            if code is None:
+                code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            metrics.request(method, name)
+
+        def wrap(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            if handler.response_streaming:
+                def run_stream(request: Any, context: grpc.ServicerContext) -> Any:
+                    try:
+                        yield from behaviour(request, context)
+                    except BaseException:
+                        final(context, True)
+                        raise
+                    final(context, False)
+                return run_stream
+
+            def run_unary(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    out = behaviour(request, context)
+                except BaseException:
+                    final(context, True)
+                    raise
+                final(context, False)
+                return out
+            return run_unary
+
+        return wrap_handler(handler, wrap)
+
+
+def create_server(*, max_message_bytes: int, max_workers: int, thread_name_prefix: str,
+                  network: NetworkConfig | None = None, metrics: Metrics | None = None
+                  ) -> grpc.Server:
+    """A gRPC server with message limits from config (never INT32_MAX), keepalive and
+    connection-age limits, the token interceptor, and its thread pool."""
+    net = network or NetworkConfig()
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
-               ("grpc.so_reuseport", 0)]  # a second server must not silently share a port
+               ("grpc.so_reuseport", 0),  # a second server must not silently share a port
+               ("grpc.keepalive_time_ms", int(net.keepalive_s * 1000)),
+               ("grpc.keepalive_timeout_ms", int(net.keepalive_timeout_s * 1000)),
+               ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+               ("grpc.http2.max_ping_strikes", 3),
+               ("grpc.max_connection_idle_ms", int(net.max_connection_idle_s * 1000)),
+               ("grpc.max_connection_age_ms", int(net.max_connection_age_s * 1000)),
+               ("grpc.max_connection_age_grace_ms", int(net.max_connection_age_grace_s * 1000))]
     pool = futures.ThreadPoolExecutor(max_workers=max_workers,
                                       thread_name_prefix=thread_name_prefix)
-    return grpc.server(pool, options=options)
+    interceptors: list[grpc.ServerInterceptor] = []
+    if metrics is not None:
+        interceptors.append(MetricsInterceptor(metrics))
+    interceptors.append(AuthInterceptor(net.security.tokens))
+    return grpc.server(pool, options=options, interceptors=interceptors)
 
 
-def start(server: grpc.Server, service_name: str, host: str, port: int
-          ) -> tuple[int, health.HealthServicer]:
-    """Add health + reflection, bind (port 0 = any free port), start, and go SERVING.
-    Returns the bound port and the health servicer (for the graceful stop)."""
-    health_servicer = add_health_and_reflection(server, service_name)
-    bound = server.add_insecure_port(f"{host}:{port}")
+@dataclass
+class Started:
+    """What ``start`` gives back: bound ports and what the graceful stop needs."""
+
+    port: int
+    health: health.HealthServicer
+    health_server: grpc.Server | None = None
+    health_port: int = 0
+    metrics: Metrics | None = None
+    metrics_port: int = 0
+
+    def stop_extras(self) -> None:
+        if self.health_server is not None:
+            self.health_server.stop(0)
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def start(server: grpc.Server, service_name: str, host: str, port: int,
+          network: NetworkConfig | None = None, metrics: Metrics | None = None) -> Started:
+    """Add health (+ reflection unless switched off), bind (port 0 = any free port; TLS when
+    configured), start, go SERVING; also the plaintext health-only port and the metrics
+    endpoint when asked for."""
+    net = network or NetworkConfig(host=host, port=port)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if net.reflection:
+        reflection.enable_server_reflection(
+            (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+    address = f"{host}:{port}"
+    creds = net.security.credentials()
+    bound = (server.add_secure_port(address, creds) if creds is not None
+             else server.add_insecure_port(address))
     if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+        raise OSError(f"could not bind {address}")
+    if net.security.tokens and not net.security.tls and host not in ("127.0.0.1", "localhost",
+                                                                      "::1", "[::1]"):
+        log.warning("bearer tokens without TLS on %s: tokens cross the network in clear text "
+                    "(give --tls-cert/--tls-key)", host)
+    started = Started(bound, health_servicer)
+    if net.health_port:
+        hs = grpc.server(futures.ThreadPoolExecutor(max_workers=4,
+                                                    thread_name_prefix="health"))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, hs)
+        hp = hs.add_insecure_port(f"{host}:{net.health_port}")
+        if hp == 0:
+            raise OSError(f"could not bind the health port {host}:{net.health_port}")
+        hs.start()
+        started.health_server, started.health_port = hs, hp
+    if metrics is not None and net.metrics_port:
+        started.metrics = metrics
+        started.metrics_port = metrics.serve_http(host, net.metrics_port)
     server.start()
     mark_serving(health_servicer, service_name)
-    return bound, health_servicer
+    log.info("listening on %s (%s)%s%s", f"{host}:{bound}", net.security.describe(),
+             f", health-only port {started.health_port}" if started.health_port else "",
+             f", metrics port {started.metrics_port}" if started.metrics_port else "")
+    return started
 
 
 def add_health_and_reflection(server: grpc.Server, service_name: str) -> health.HealthServicer:
@@ -52,10 +230,94 @@ def add_health_and_reflection(server: grpc.Server, service_name: str) -> health.
     return health_servicer
 
 
-def mark_serving(health_servicer: health.HealthServicer, service_name: str) -> None:
-    """The overall status ("") and the service's own status go SERVING."""
+def mark_serving(health_servicer: health.HealthServicer, service_name: str,
+                 serving: bool = True) -> None:
+    """The overall status ("") and the service's own status go SERVING (or NOT_SERVING)."""
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
     for name in ("", service_name):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set(name, status)
+
+
+class StreamSlots:
+    """At most ``limit`` concurrent streams; a caller waits up to ``wait_s`` for a slot (at
+    most ``max_waiting`` callers wait at once) before RESOURCE_EXHAUSTED."""
+
+    def __init__(self, limit: int, wait_s: float, max_waiting: int,
+                 metrics: Metrics | None = None) -> None:
+        self.limit, self.wait_s, self.max_waiting = limit, wait_s, max_waiting
+        self._slots = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._metrics = metrics
+
+    def acquire(self, what: str) -> None:
+        t0 = time.monotonic()
+        if self._slots.acquire(blocking=False):
+            self._observe(t0)
+            return
+        with self._lock:
+            if self._waiting >= self.max_waiting:
+                raise ResourceExhausted(f"all {self.limit} {what} slots are busy and "
+                                        f"{self._waiting} callers wait already; retry later")
+            self._waiting += 1
+        try:
+            ok = self._slots.acquire(timeout=self.wait_s)
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        if not ok:
+            raise ResourceExhausted(f"all {self.limit} {what} slots stayed busy for "
+                                    f"{self.wait_s:g}s; retry later")
+        self._observe(t0)
+
+    def _observe(self, t0: float) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_wait.labels(self._metrics.server).observe(time.monotonic() - t0)
+
+    def release(self) -> None:
+        self._slots.release()
+
+
+_END = object()
+
+
+def idle_timeout_iter(iterator: Iterator[T], idle_s: float, what: str = "request stream"
+                      ) -> Iterator[T]:
+    """The items of a (blocking) request iterator; raises DeadlineExceeded when the caller
+    sends nothing for ``idle_s`` seconds (an idle stream gives its slot back)."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(("error", exc))
+
+    threading.Thread(target=pump, name="request-reader", daemon=True).start()
+    try:
+        while True:
+            try:
+                kind, value = q.get(timeout=idle_s)
+            except queue.Empty:
+                raise DeadlineExceeded(f"the {what} was idle for {idle_s:g}s; closed") from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
 
 
 def run_until_signal(stop: Callable[[], Any]) -> int:

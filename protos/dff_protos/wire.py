@@ -7,14 +7,14 @@ import numpy as np
 from dff_protos.errors import InvalidInput
 from dff_protos.v1 import common_pb2
 
-_TO_NUMPY = {
+_TO_NUMPY: dict[int, np.dtype] = {
     common_pb2.DTYPE_UNSPECIFIED: np.dtype("<f4"),
     common_pb2.FLOAT32: np.dtype("<f4"),
     common_pb2.FLOAT16: np.dtype("<f2"),
 }
 
 
-def dtype_from_name(name: str) -> int:
+def dtype_from_name(name: str) -> common_pb2.DType:
     """'float16'/'float32' -> the DType enum value."""
     try:
         return {"float32": common_pb2.FLOAT32, "float16": common_pb2.FLOAT16}[name]
@@ -22,7 +22,8 @@ def dtype_from_name(name: str) -> int:
         raise InvalidInput(f"unknown wire dtype {name!r} (float32 or float16)") from None
 
 
-def to_tensor(array: np.ndarray, dtype: int = common_pb2.FLOAT32) -> common_pb2.Tensor:
+def to_tensor(array: np.ndarray, dtype: common_pb2.DType = common_pb2.FLOAT32
+              ) -> common_pb2.Tensor:
     """Encode an array (any float dtype) as a Tensor of the given wire dtype."""
     np_dtype = _TO_NUMPY[dtype]
     data = np.ascontiguousarray(array, dtype=np_dtype).tobytes()
@@ -49,16 +50,7 @@ def from_tensor(tensor: common_pb2.Tensor, *, as_float32: bool = True) -> np.nda
 
 
 def item_error(exc: BaseException) -> common_pb2.ItemError:
-    """A per-item error for a stream: the item failed, the stream goes on."""
-    from dff_protos import errors
+    """A per-item error for a stream (see :func:`dff_protos.status.item_error`)."""
+    from dff_protos.status import item_error as _item_error
 
-    if isinstance(exc, errors.ImageTooLarge):
-        code = common_pb2.ItemError.IMAGE_TOO_LARGE
-    elif isinstance(exc, errors.InvalidInput):
-        code = common_pb2.ItemError.INVALID_ARGUMENT
-    elif isinstance(exc, errors.NotFound):
-        code = common_pb2.ItemError.NOT_FOUND
-    else:
-        return common_pb2.ItemError(code=common_pb2.ItemError.INTERNAL,
-                                    message="internal error (see server log)")
-    return common_pb2.ItemError(code=code, message=str(exc))
+    return _item_error(exc)

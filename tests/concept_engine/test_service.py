@@ -420,7 +420,8 @@ def test_cancelled_discover_stops_and_frees_its_slot(tmp_path):
 
 
 def test_serve_engine_process_sigterm(tmp_path):
-    """`dff serve engine` as a process: healthy, then SIGTERM -> graceful exit 0."""
+    """`dff serve engine` as a process whose only feature server is down: health NOT_SERVING,
+    Discover UNAVAILABLE naming the address, List still answers; SIGTERM -> graceful exit 0."""
     import signal
     import socket
     import subprocess
@@ -439,10 +440,15 @@ def test_serve_engine_process_sigterm(tmp_path):
             grpc.channel_ready_future(channel).result(timeout=60)
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="dff.v1.ConceptEngine"), timeout=10)
-            assert resp.status == health_pb2.HealthCheckResponse.SERVING
-            listed = engine_pb2_grpc.ConceptEngineStub(channel).ListConceptSets(
-                engine_pb2.ListConceptSetsRequest(), timeout=10)
+            assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stub = engine_pb2_grpc.ConceptEngineStub(channel)
+            listed = stub.ListConceptSets(engine_pb2.ListConceptSetsRequest(), timeout=10)
             assert list(listed.concept_sets) == []
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Discover(iter([engine_pb2.DiscoverRequest(
+                    options=engine_pb2.DiscoverOptions(name="x"))]), timeout=30))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "127.0.0.1:1" in err.value.details()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

@@ -62,7 +62,7 @@ def test_stream_ends_when_the_consumer_stops(extractor):
     next(responses)
     responses.close()  # the client went away
     time.sleep(0.2)
-    assert servicer._streams.acquire(blocking=False)  # the stream slot was given back
+    assert servicer._streams._slots.acquire(blocking=False)  # the stream slot was given back
     assert len(pulled) < 10  # the reader stopped instead of draining the client
     servicer.close()
     batcher.close()

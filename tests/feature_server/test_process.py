@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_work(models_home, shared_data):
-    env = dict(os.environ, DFF_HOME=str(models_home), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, DFF_HOME=str(models_home),
+               PYTHONPATH=f"{ROOT / 'protos'}{os.pathsep}{ROOT}")
     proc = subprocess.Popen(
         [sys.executable, "-m", "exporter.cli", "-v", "serve", "features", "--host",
          "127.0.0.1", "--port", "0", "--max-batch-size", "2", "--max-wait-ms", "1",

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x66\x66_protos/v1/common.proto\x12\x06\x64\x66\x66.v1\"C\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1c\n\x05\x64type\x18\x03 \x01(\x0e\x32\r.dff.v1.DType\">\n\x0cResizePolicy\x12 \n\x04mode\x18\x01 \x01(\x0e\x32\x12.dff.v1.ResizeMode\x12\x0c\n\x04size\x18\x02 \x01(\x05\"&\n\nImageInput\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"g\n\tImageInfo\x12\x17\n\x0foriginal_height\x18\x01 \x01(\x05\x12\x16\n\x0eoriginal_width\x18\x02 \x01(\x05\x12\x14\n\x0cinput_height\x18\x03 \x01(\x05\x12\x13\n\x0binput_width\x18\x04 \x01(\x05\"\xbb\x01\n\tItemError\x12$\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x16.dff.v1.ItemError.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\"w\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\x11\n\rINVALID_IMAGE\x10\x01\x12\x13\n\x0fIMAGE_TOO_LARGE\x10\x02\x12\x14\n\x10INVALID_ARGUMENT\x10\x03\x12\r\n\tNOT_FOUND\x10\x04\x12\x0c\n\x08INTERNAL\x10\x05*8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02*F\n\nResizeMode\x12\x1b\n\x17RESIZE_MODE_UNSPECIFIED\x10\x00\x12\n\n\x06SQUASH\x10\x01\x12\x0f\n\x0bKEEP_ASPECT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x66\x66_protos/v1/common.proto\x12\x06\x64\x66\x66.v1\"C\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1c\n\x05\x64type\x18\x03 \x01(\x0e\x32\r.dff.v1.DType\">\n\x0cResizePolicy\x12 \n\x04mode\x18\x01 \x01(\x0e\x32\x12.dff.v1.ResizeMode\x12\x0c\n\x04size\x18\x02 \x01(\x05\"&\n\nImageInput\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"g\n\tImageInfo\x12\x17\n\x0foriginal_height\x18\x01 \x01(\x05\x12\x16\n\x0eoriginal_width\x18\x02 \x01(\x05\x12\x14\n\x0cinput_height\x18\x03 \x01(\x05\x12\x13\n\x0binput_width\x18\x04 \x01(\x05\"\xc9\x01\n\tItemError\x12$\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x16.dff.v1.ItemError.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\"w\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\x11\n\rINVALID_IMAGE\x10\x01\x12\x13\n\x0fIMAGE_TOO_LARGE\x10\x02\x12\x14\n\x10INVALID_ARGUMENT\x10\x03\x12\r\n\tNOT_FOUND\x10\x04\x12\x0c\n\x08INTERNAL\x10\x05*8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02*F\n\nResizeMode\x12\x1b\n\x17RESIZE_MODE_UNSPECIFIED\x10\x00\x12\n\n\x06SQUASH\x10\x01\x12\x0f\n\x0bKEEP_ASPECT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dff_protos.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=506
-  _globals['_DTYPE']._serialized_end=562
-  _globals['_RESIZEMODE']._serialized_start=564
-  _globals['_RESIZEMODE']._serialized_end=634
+  _globals['_DTYPE']._serialized_start=520
+  _globals['_DTYPE']._serialized_end=576
+  _globals['_RESIZEMODE']._serialized_start=578
+  _globals['_RESIZEMODE']._serialized_end=648
   _globals['_TENSOR']._serialized_start=38
   _globals['_TENSOR']._serialized_end=105
   _globals['_RESIZEPOLICY']._serialized_start=107
@@ -44,7 +44,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGEINFO']._serialized_start=211
   _globals['_IMAGEINFO']._serialized_end=314
   _globals['_ITEMERROR']._serialized_start=317
-  _globals['_ITEMERROR']._serialized_end=504
-  _globals['_ITEMERROR_CODE']._serialized_start=385
-  _globals['_ITEMERROR_CODE']._serialized_end=504
+  _globals['_ITEMERROR']._serialized_end=518
+  _globals['_ITEMERROR_CODE']._serialized_start=399
+  _globals['_ITEMERROR_CODE']._serialized_end=518
 # @@protoc_insertion_point(module_scope)

@@ -64,7 +64,7 @@ class ImageInfo(_message.Message):
     def __init__(self, original_height: _Optional[int] = ..., original_width: _Optional[int] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ...) -> None: ...
 
 class ItemError(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "kind")
     class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         CODE_UNSPECIFIED: _ClassVar[ItemError.Code]
@@ -81,6 +81,8 @@ class ItemError(_message.Message):
     INTERNAL: ItemError.Code
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     code: ItemError.Code
     message: str
-    def __init__(self, code: _Optional[_Union[ItemError.Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    kind: str
+    def __init__(self, code: _Optional[_Union[ItemError.Code, str]] = ..., message: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...

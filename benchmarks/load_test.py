@@ -1,0 +1,152 @@
+"""Load test of the feature service: N concurrent clients for T seconds (bounded) against
+feature-server processes it starts on loopback (or an address you give).
+
+    python benchmarks/load_test.py --clients 8 --seconds 20 --replicas 2 [--size 224]
+    python benchmarks/load_test.py --address 127.0.0.1:50051 --clients 4 --seconds 10
+
+Each client sends one image per Extract call (real photos from ../shared/data), so a call's
+time is one image's latency through the whole service (queue wait, decode, micro-batch,
+inference, reply). Prints throughput, p50/p99 latency per image, errors by status code and the
+peak RSS of every server process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "protos"), str(ROOT)]
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc  # noqa: E402
+
+from feature_server.convert import options_to_proto  # noqa: E402
+from feature_server.extractor import ExtractOptions  # noqa: E402
+
+
+def start_replica(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'protos'}{os.pathsep}{ROOT}")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter.cli", "-v", "serve", "features", "--host",
+         "127.0.0.1", "--port", "0", "--no-build", "--max-batch-size", str(args.batch)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:
+        m = re.search(r"feature server listening on 127\.0\.0\.1:(\d+)", line)
+        if m:
+            threading.Thread(target=lambda: [None for _ in proc.stderr],  # type: ignore[union-attr]
+                             daemon=True).start()
+            return proc, f"127.0.0.1:{m.group(1)}"
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise SystemExit("the feature server did not start")
+
+
+def rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--address", default="", help="use running server(s) ADDR[,ADDR...]")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=8, help="server max batch size")
+    p.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "imagenet_sample"))
+    args = p.parse_args(argv)
+    if not 1 <= args.clients <= 256 or not 0 < args.seconds <= 600:
+        p.error("--clients 1..256 and --seconds up to 600")
+    photos = [f.read_bytes() for f in sorted(Path(args.images).glob("*.JPEG"))[:32]]
+    if not photos:
+        p.error(f"no *.JPEG under {args.images}")
+    procs: list[subprocess.Popen] = []
+    if args.address:
+        addresses = [a for a in args.address.split(",") if a]
+    else:
+        started = [start_replica(args) for _ in range(args.replicas)]
+        procs = [s[0] for s in started]
+        addresses = [s[1] for s in started]
+    options = options_to_proto(ExtractOptions(size=args.size))
+    latencies: list[float] = []
+    codes: Counter[str] = Counter()
+    lock = threading.Lock()
+    peak = {pr.pid: rss(pr.pid) for pr in procs}
+    end = time.monotonic() + args.seconds
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        channel = grpc.insecure_channel(addresses[n % len(addresses)])
+        stub = features_pb2_grpc.FeatureServiceStub(channel)
+        i = n
+        while time.monotonic() < end:
+            data = photos[i % len(photos)]
+            i += args.clients
+            reqs = [features_pb2.ExtractRequest(options=options),
+                    features_pb2.ExtractRequest(image=common_pb2.ImageInput(id="x", data=data))]
+            t0 = time.monotonic()
+            try:
+                [resp] = list(stub.Extract(iter(reqs), timeout=max(5.0, end - t0 + 30)))
+                code = "OK" if not resp.HasField("error") else \
+                    f"item:{common_pb2.ItemError.Code.Name(resp.error.code)}"
+            except grpc.RpcError as exc:
+                code = exc.code().name
+            with lock:
+                codes[code] += 1
+                if code == "OK":
+                    latencies.append(time.monotonic() - t0)
+        channel.close()
+
+    def watch() -> None:
+        while not stop.wait(0.1):
+            for pr in procs:
+                peak[pr.pid] = max(peak[pr.pid], rss(pr.pid))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    t_start = time.monotonic()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t_start
+    stop.set()
+    watcher.join()
+    for pr in procs:
+        pr.terminate()
+        pr.wait(30)
+    lat = np.asarray(latencies) * 1000
+    print(f"servers: {len(addresses)} ({', '.join(addresses)}), clients {args.clients}, "
+          f"{args.seconds:g}s, size {args.size}, server max batch {args.batch}")
+    print(f"throughput: {len(latencies) / wall:.2f} images/s ({len(latencies)} ok in "
+          f"{wall:.1f}s)")
+    if len(lat):
+        print(f"latency per image: p50 {np.percentile(lat, 50):.0f} ms, p99 "
+              f"{np.percentile(lat, 99):.0f} ms, max {lat.max():.0f} ms")
+    print("results by code: " + ", ".join(f"{k} {v}" for k, v in sorted(codes.items())))
+    for pid, b in peak.items():
+        print(f"peak RSS of server pid {pid}: {b / 2**20:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

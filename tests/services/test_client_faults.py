@@ -1,0 +1,126 @@
+"""FeatureClient against scripted in-process replicas (real gRPC on loopback, no models):
+query of death, per-item deadline on a frozen replica, backoff within a budget."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+from dff_protos import errors
+from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
+
+from feature_server.client import FeatureClient
+from feature_server.extractor import ExtractOptions
+
+
+class Scripted(features_pb2_grpc.FeatureServiceServicer):
+    """Answers every image with an empty result, except: ``poison`` data kills the stream
+    (like a replica that dies on it), ``mode='frozen'`` never answers, ``mode='busy'`` refuses
+    every stream with RESOURCE_EXHAUSTED."""
+
+    def __init__(self, mode: str = "ok") -> None:
+        self.mode = mode
+        self.seen: list[bytes] = []
+        self.release = threading.Event()
+
+    def Extract(self, request_iterator, context) -> Iterator[features_pb2.ExtractResponse]:  # noqa: N802
+        if self.mode == "busy":
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "all slots busy")
+        for req in request_iterator:
+            if not req.HasField("image"):
+                continue
+            self.seen.append(req.image.data)
+            if self.mode == "frozen":
+                self.release.wait(30)
+                return
+            if self.mode == "mute":
+                continue  # reads everything, answers nothing, ends the stream cleanly
+            if req.image.data == b"poison":
+                raise RuntimeError("the replica died on this item")
+            yield features_pb2.ExtractResponse(
+                id=req.image.id, info=common_pb2.ImageInfo(original_height=1,
+                                                           original_width=1))
+
+
+def _serve(servicer: Scripted) -> tuple[grpc.Server, str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    features_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def _run(addresses: list[str], items: list[tuple[str, bytes]], **kw) -> dict:
+    with FeatureClient(addresses, streams_per_address=1, timeout=30, **kw) as client:
+        return {r.id: r for r in client.extract(items, ExtractOptions())}
+
+
+def test_query_of_death_is_answered_per_item_and_never_reaches_a_third_replica():
+    servicers = [Scripted(), Scripted(), Scripted()]
+    started = [_serve(s) for s in servicers]
+    try:
+        # three shards, one per replica: shard 0 holds the poison
+        items = [("p", b"poison")] + [(f"ok{i}", b"fine") for i in range(8)]
+        results = _run([a for _, a in started], items)
+    finally:
+        for server, _ in started:
+            server.stop(0)
+    assert set(results) == {i for i, _ in items}
+    assert isinstance(results["p"].error, errors.QueryOfDeath)
+    assert "two replicas" in str(results["p"].error)
+    assert all(results[f"ok{i}"].error is None for i in range(8))
+    poisoned = [b"poison" in s.seen for s in servicers]
+    assert sum(poisoned) == 2  # sent to two replicas, never to the third
+
+
+def test_frozen_replica_loses_its_items_after_the_per_item_deadline():
+    frozen, healthy = Scripted("frozen"), Scripted()
+    started = [_serve(frozen), _serve(healthy)]
+    try:
+        items = [(f"i{i}", b"fine") for i in range(6)]
+        results = _run([a for _, a in started], items, item_deadline=1.0)
+    finally:
+        frozen.release.set()
+        for server, _ in started:
+            server.stop(0)
+    assert all(r.error is None for r in results.values()) and len(results) == 6
+
+
+def test_busy_replicas_are_retried_with_backoff_and_the_error_says_what_was_tried():
+    busy = [Scripted("busy"), Scripted("busy")]
+    started = [_serve(s) for s in busy]
+    try:
+        results = _run([a for _, a in started], [("x", b"fine")], retry_budget=1.0)
+    finally:
+        for server, _ in started:
+            server.stop(0)
+    err = results["x"].error
+    assert isinstance(err, errors.ResourceExhausted)
+    text = str(err)
+    assert "gave up after" in text and "RESOURCE_EXHAUSTED" in text
+    assert all(a in text for _, a in started)  # both addresses were tried
+
+
+def test_a_replica_that_is_down_does_not_count_as_a_death():
+    healthy = Scripted()
+    server, address = _serve(healthy)
+    try:
+        # the first address refuses connections: its shard moves on without a strike
+        items = [(f"i{i}", b"fine") for i in range(4)]
+        results = _run(["127.0.0.1:1", address], items, retry_budget=20.0)
+    finally:
+        server.stop(0)
+    assert all(r.error is None for r in results.values()) and len(results) == 4
+
+
+def test_a_stream_ended_without_answers_fails_its_items_instead_of_looping():
+    mute = Scripted("mute")
+    server, address = _serve(mute)
+    try:
+        results = _run([address], [("a", b"fine"), ("b", b"fine")])
+    finally:
+        server.stop(0)
+    assert all(isinstance(r.error, errors.Internal) for r in results.values())
+    assert "without answering" in str(results["a"].error)
