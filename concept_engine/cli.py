@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
                    help="Discover calls run at once (others wait)")
     p.add_argument("--grace", type=float, default=d.grace_s, metavar="SECONDS",
                    help="shutdown grace period on SIGTERM")
-    p.add_argument("--max-concurrent-explain", type=int, default=d.max_concurrent_explain)
+    p.add_argument("--max-concurrent-explain", type=int, default=d.max_concurrent_explain,
+                   help="Explain streams served at once")
     p.add_argument("--stream-wait-s", type=float, default=d.stream_wait_s,
                    help="a Discover/Explain waits this long for a slot, then "
                         "RESOURCE_EXHAUSTED")

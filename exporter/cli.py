@@ -90,7 +90,7 @@ def setup_logging(verbose: int, stream=None) -> None:
     from exporter.progress import TqdmLoggingHandler
 
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(max(verbose, 0), 2)]
-    handler = TqdmLoggingHandler(stream if stream is not None else sys.stderr)
+    handler = TqdmLoggingHandler(stream)
     fmt = "%(levelname)s %(name)s: %(message)s" if verbose >= 2 else "%(levelname)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()

@@ -50,12 +50,18 @@ def write_line(text: str, file: TextIO | None = None) -> None:
 
 
 class TqdmLoggingHandler(logging.StreamHandler):
-    """A logging handler that writes each record through tqdm.write (to its stream)."""
+    """A logging handler that writes each record through tqdm.write (to its stream; with no
+    stream, to whatever ``sys.stderr`` is at the time of the record - a handler must not keep
+    a stream that a test harness or notebook has since closed)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream)
+        self._fixed = stream
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             msg = self.format(record)
-            write_line(msg, file=self.stream)
+            write_line(msg, file=self._fixed if self._fixed is not None else sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 

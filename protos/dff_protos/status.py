@@ -159,6 +159,11 @@ def error_from_item(err: common_pb2.ItemError) -> errors.DFFError:
 # ---------------------------------------------------------------------- servers
 def abort(context: grpc.ServicerContext, exc: BaseException, name: str) -> None:
     """End the call with the status of ``exc`` (INTERNAL hides the text and logs it)."""
+    if isinstance(exc, grpc.RpcError) and not context.is_active():
+        # the caller went away (cancelled, deadline, connection lost) while its request
+        # stream was read: nothing to answer, nothing went wrong here
+        log.debug("%s: the caller went away: %s", name, exc)
+        return
     code = status_for(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("unhandled error in %s", name)

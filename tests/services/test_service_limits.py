@@ -222,6 +222,7 @@ def test_engine_closes_an_idle_discover_stream_and_stays_responsive(tmp_path):
 
 
 def test_engine_mode_oversized_file_fails_alone(tmp_path):
+    from concept_engine.discovery import DiscoveryOptions
     from exporter.remote import EngineDiscoverer
 
     running = _engine(tmp_path)
@@ -230,9 +231,8 @@ def test_engine_mode_oversized_file_fails_alone(tmp_path):
         client = EngineDiscoverer(f"127.0.0.1:{running.port}", timeout=60,
                                   max_image_bytes=4096)
         try:
-            cs = client.discover("ant", items, {"k": 2, "prediction_filter": "off",
-                                                "certainty_filter": "off",
-                                                "prediction_min_images": 2})
+            cs = client.discover("ant", items, DiscoveryOptions(
+                k=2, prediction_filter="off", certainty_filter="off", prediction_min_images=2))
         finally:
             client.close()
     finally:
