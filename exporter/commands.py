@@ -98,6 +98,9 @@ def _add_common_source(p: argparse.ArgumentParser) -> None:
                    help="deadline of each service call (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars on stderr (they are plain lines when not a terminal)")
+    from feature_server.cli import add_precision_argument
+
+    add_precision_argument(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -275,8 +278,18 @@ def run_discover(args: argparse.Namespace) -> int:
         print("dff discover: error: --engine and --feature-server exclude each other (the "
               "engine has its own feature servers)", file=sys.stderr)
         return EXIT_USAGE
+    kw = discovery_kwargs(args)
+    if not args.engine:  # the engine picks its own feature model
+        from feature_server.cli import resolve_precision
+
+        try:
+            kw["model"] = resolve_precision(args.precision, kw.get("model", "vgg19"),
+                                            args.feature_server, args.timeout)
+        except DFFError as exc:
+            print(f"dff discover: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     settings = ExportSettings(
-        out=args.out, discovery=_adapt_options(discovery_kwargs(args)),
+        out=args.out, discovery=_adapt_options(kw),
         feature_servers=tuple(args.feature_server), engine=args.engine or "",
         force=args.force, top_n=args.top, timeout=args.timeout,
         show_progress=not args.no_progress)
@@ -328,6 +341,12 @@ def _explain(args: argparse.Namespace) -> int:
     from exporter.report import ImageResult, ReportData, decode_image, write_report
 
     cs = load_concept_set(args.concepts)
+    if args.precision != "auto":  # auto: the concept set's own model and precision
+        from feature_server.cli import resolve_precision
+
+        cs.provenance["model"] = resolve_precision(
+            args.precision, cs.provenance.get("model", "vgg19"), args.feature_server,
+            args.timeout)
     items: list[tuple[str, Path]] = []
     for entry in args.images:
         if entry.is_dir():
