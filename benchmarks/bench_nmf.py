@@ -10,6 +10,8 @@ One run, one V, the same k and iteration budget for every solver:
 * ``ours-mu``, ``ours-hals``: our solvers from the deterministic NNDSVDa start, V dense float32;
   ``ours-hals-f16``: V held in float16 (float32 compute in row chunks);
   ``ours-hals-csr`` / ``ours-mu-csr``: V as a SciPy CSR matrix (activations are ~93% zeros).
+* ``ours-hals-csr1``: the CSR run with the sparse products on one thread (the threaded row
+  blocks switched off), to show what the threads buy;
 * ``sklearn-mu`` / ``sklearn-cd``: scikit-learn's NMF from the SAME NNDSVDa start
   (init='custom'), so errors compare like for like.
 
@@ -45,6 +47,8 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import concept_engine.nmf as nmf_module  # noqa: E402
+from benchmarks.sysinfo import cpu_description  # noqa: E402
 from concept_engine.nmf import nmf_fit, nmf_init, reconstruction_error  # noqa: E402
 
 
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--runs",
         default="seed-torch,ours-mu-seed,ours-mu,ours-hals,ours-hals-f16,ours-hals-csr,"
-        "ours-mu-csr,sklearn-mu,sklearn-cd",
+        "ours-hals-csr1,ours-mu-csr,sklearn-mu,sklearn-cd",
         help="comma-separated subset of runs",
     )
     p.add_argument(
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         f"cpus={os.cpu_count()}, torch threads={torch_threads}"
     )
     print(f"one read of V (numpy sum): {t_read * 1e3:.1f} ms")
+    print(cpu_description())
 
     Vcsr = V16 = None
     if any(r.endswith("-csr") for r in runs):
@@ -212,7 +217,12 @@ def main(argv: list[str] | None = None) -> int:
 
     (Ws, Hs), seed_init_s, _ = timed(lambda: nmf_init(V, k, init="seed", seed=args.seed), False)
     (Wn, Hn), nndsvd_s, _ = timed(lambda: nmf_init(V, k, init="nndsvda", seed=args.seed), False)
-    print(f"init: seed {seed_init_s:.2f} s, nndsvda (exact Gram SVD) {nndsvd_s:.2f} s")
+    csr_init_s = None
+    if Vcsr is not None:
+        _, csr_init_s, _ = timed(lambda: nmf_init(Vcsr, k, init="nndsvda", seed=args.seed),
+                                 False)
+    print(f"init: seed {seed_init_s:.2f} s, nndsvda (randomised SVD) dense V {nndsvd_s:.2f} s"
+          + ("" if csr_init_s is None else f", CSR V {csr_init_s:.2f} s"))
 
     rows: list[Row] = []
 
@@ -240,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
             ours(name, V16, "hals", Wn, Hn, "nndsvda, V float16")
         elif name == "ours-hals-csr":
             ours(name, Vcsr, "hals", Wn, Hn, "nndsvda, V CSR")
+        elif name == "ours-hals-csr1":
+            threads = nmf_module.SPARSE_THREADS
+            nmf_module.SPARSE_THREADS = 1
+            try:
+                ours(name, Vcsr, "hals", Wn, Hn, "nndsvda, V CSR, 1 thread")
+            finally:
+                nmf_module.SPARSE_THREADS = threads
         elif name == "ours-mu-csr":
             ours(name, Vcsr, "mu", Wn, Hn, "nndsvda, V CSR")
         elif name.startswith("sklearn-"):
@@ -280,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{per / t_read:.1f} | {r.error:.6g} | {r.error / base.error:.5f} | "
             f"{speed:.2f}x | {peak} |"
         )
+    csr = next((r for r in rows if r.name == "ours-hals-csr"), None)
+    if csr is not None and csr_init_s is not None:
+        per = csr.seconds / max(csr.n_iter, 1)
+        print(f"\nCSR HALS: {per * 1e3:.0f} ms/iteration = {per / t_read:.2f} x one dense read of "
+              f"V; NNDSVDa start on CSR {csr_init_s * 1e3:.0f} ms = {csr_init_s / per:.1f} "
+              "iterations")
     print(
         f"\nfit s excludes the shared inits (seed {seed_init_s:.2f} s, nndsvda {nndsvd_s:.2f} s);"
         f" read(V) = {t_read * 1e3:.1f} ms; seed-torch includes its dense-residual checks."

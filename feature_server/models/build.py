@@ -239,7 +239,7 @@ def build_vgg19_variant(home: Path, precision: str,
     if precision == "int8":
         from feature_server.models.precision import INT8_OUTPUT_BLOCKS
 
-        ranges = load_ranges()
+        ranges = load_ranges(RANGES_FILE)
         model = vgg19_int8_onnx(weights, ranges["layers"], VGG19_BLOCKS, OPSET)
         layers = {n: v for n, v in layers.items() if int(n[4]) in INT8_OUTPUT_BLOCKS}
         extra.update(calibration_file=RANGES_FILE.name,

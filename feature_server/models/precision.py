@@ -46,8 +46,9 @@ def variant_name(base: str, precision: str) -> str:
     return base if precision == "fp32" else f"{base}_{precision}"
 
 
-def load_ranges(path: Path = RANGES_FILE) -> dict[str, Any]:
+def load_ranges(path: Path | None = None) -> dict[str, Any]:
     """The committed calibration: ``{"layers": {conv name: max}, ...}`` (see calibrate.py)."""
+    path = RANGES_FILE if path is None else path
     data = json.loads(path.read_text())
     if not isinstance(data.get("layers"), dict) or not data["layers"]:
         raise ValueError(f"{path}: no per-layer activation ranges")
