@@ -152,7 +152,31 @@ def select_providers(requested: Sequence[str] | None = None) -> list[str]:
                                f"(available: {available})")
         return chosen
     preferred = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if os.environ.get("DFF_TENSORRT") == "1":
+        # opt-in: TensorRT builds an engine per new input shape (minutes, cached in
+        # $DFF_HOME/trt); CUDA then CPU take the nodes it does not support
+        preferred.insert(0, "TensorrtExecutionProvider")
     return [p for p in preferred if p in available] or ["CPUExecutionProvider"]
+
+
+def provider_options(providers: Sequence[str], home: str | os.PathLike[str] | None = None
+                     ) -> list[tuple[str, dict[str, str]] | str]:
+    """Providers with their options: TensorRT in fp16 with an engine cache (engines are built
+    once per shape and reused across processes), CUDA with exhaustive cuDNN algorithm search."""
+    from feature_server.models.registry import dff_home
+
+    out: list[tuple[str, dict[str, str]] | str] = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider":
+            cache = dff_home(home) / "trt"
+            out.append((p, {"trt_fp16_enable": "True", "trt_engine_cache_enable": "True",
+                            "trt_engine_cache_path": str(cache)}))
+        elif p == "CUDAExecutionProvider":
+            out.append((p, {"cudnn_conv_algo_search": "EXHAUSTIVE",
+                            "do_copy_in_default_stream": "True"}))
+        else:
+            out.append(p)
+    return out
 
 
 def round_wire(array: np.ndarray, wire_dtype: str) -> np.ndarray:
@@ -213,6 +237,7 @@ class Extractor:
             self._session(next(iter(self.registry)))
         first = next(iter(self._sessions.values()))
         self.execution_provider: str = first.get_providers()[0]
+        self.io_binding = self.execution_provider != "CPUExecutionProvider"
         self.precisions = sorted({s.precision for s in self.registry.values()
                                   if s.kind == "features"}, key=PRECISIONS.index)
         self.default_precision = (precisions[0] if precisions
@@ -242,7 +267,7 @@ class Extractor:
             if session is None:
                 spec = get_spec(self.registry, name)
                 session = ort.InferenceSession(str(spec.onnx_path), self._session_options,
-                                               providers=self.providers)
+                                               providers=provider_options(self.providers))
                 self._sessions[name] = session
             return session
 
@@ -302,7 +327,17 @@ class Extractor:
     def run(self, model: str, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """(N, 3, H, W) float32 through ``model``; one (N, ...) float32 array per output."""
         spec = self.registry[model]
-        return self._session(model).run(outputs, {spec.input_name: batch})
+        session = self._session(model)
+        if not self.io_binding:
+            return session.run(outputs, {spec.input_name: batch})
+        # On a GPU (default there; settable for tests): IO binding copies the batch to the device once and only the asked outputs
+        # back (plain run() would also allocate every output on the host side per call).
+        binding = session.io_binding()
+        binding.bind_cpu_input(spec.input_name, np.ascontiguousarray(batch, dtype=np.float32))
+        for name in outputs:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     def finish(self, prepared: Prepared, activations: dict[str, np.ndarray],
                probabilities: np.ndarray | None, options: ExtractOptions) -> ExtractResult:

@@ -194,3 +194,30 @@ def test_provenance_records_precision_and_model_file(extractor, registry):
     assert prov["model"] == "vgg19_int8" and prov["precision"] == "int8"
     assert prov["onnx_sha256"] == registry["vgg19_int8"].onnx_sha256
     assert prov["weights_sha256"] == build.VGG19_H5_SHA256
+
+
+def test_io_binding_path_gives_the_same_outputs(registry):
+    """The GPU path's IO binding (default on CUDA), run here on the CPU provider."""
+    ex = Extractor(registry, precisions=("fp16",))
+    items = photos(GYMNAST, 2)
+    plain = conv54(ex, items, "vgg19_fp16")
+    ex.io_binding = True
+    bound = conv54(ex, items, "vgg19_fp16")
+    for item_id, _ in items:
+        np.testing.assert_array_equal(bound[item_id], plain[item_id])
+
+
+@pytest.mark.gpu
+def test_fp16_on_cuda_matches_fp32_on_cpu(registry):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs the CUDA execution provider")
+    gpu = Extractor(registry, providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                    precisions=("fp16",))
+    cpu = Extractor(registry, providers=["CPUExecutionProvider"], precisions=("fp32",))
+    assert gpu.execution_provider == "CUDAExecutionProvider" and gpu.io_binding
+    assert gpu.default_precision == "fp16"
+    items = photos(ANT, 16)
+    a, b = conv54(gpu, items, "vgg19_fp16"), conv54(cpu, items, "vgg19")
+    for item_id, _ in items:
+        rel = np.linalg.norm(a[item_id] - b[item_id]) / np.linalg.norm(b[item_id])
+        assert rel < 0.01, (item_id, rel)
