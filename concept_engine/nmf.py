@@ -436,16 +436,16 @@ def _top_singular(op: _Operand, k: int) -> tuple[list[float], Any, Any]:
     omega = to_device(np.random.default_rng(_SKETCH_SEED).standard_normal((op.C, m)), xp)
     Z = op.vt_y(op.v_x(omega.astype(op.dtype))).astype(xp.float64)  # (C, m)
     Q, _ = xp.linalg.qr(Z)
-    B = op.v_x(Q.astype(op.dtype)).astype(xp.float64)  # (n, m) = V Q
-    evals, evecs = xp.linalg.eigh(B.T @ B)  # ascending; B^T B = Q^T V^T V Q
+    B = op.v_x(Q.astype(op.dtype))  # (n, m) = V Q, compute dtype (n x m is V-sized)
+    evals, evecs = xp.linalg.eigh((B.T @ B).astype(xp.float64))  # B^T B = Q^T V^T V Q
     order = xp.arange(m - 1, m - 1 - k, -1)
     S = xp.sqrt(xp.maximum(evals[order], 0.0))
     E = evecs[:, order]  # (m, k)
-    Vk = xp.ascontiguousarray((Q @ E).T)  # (k, C)
-    Ut = xp.ascontiguousarray((B @ E).T)  # (k, n) = s * U^T
+    Vk = xp.ascontiguousarray((Q @ E).T)  # (k, C) float64
+    Ut = xp.ascontiguousarray((B @ E.astype(op.dtype)).T)  # (k, n) = s * U^T
     S_host = [float(v) for v in S]
     for j, v in enumerate(S_host):
-        Ut[j] = Ut[j] / v if v > 0 else 0.0
+        Ut[j] *= 1.0 / v if v > 0 else 0.0
     # the sign of a singular pair is arbitrary: fix it (largest |entry| of v_j positive) so that
     # every backend and layout picks the same one
     for j in range(k):
@@ -453,7 +453,7 @@ def _top_singular(op: _Operand, k: int) -> tuple[list[float], Any, Any]:
         if float(Vk[j, idx]) < 0:
             Vk[j] = -Vk[j]
             Ut[j] = -Ut[j]
-    return S_host, Vk, Ut
+    return S_host, Vk, Ut  # Ut in the compute dtype
 
 
 def _nndsvd_init(op: _Operand, k: int, seed: int, variant: str) -> tuple[Any, Any]:
@@ -468,25 +468,30 @@ def _nndsvd_init(op: _Operand, k: int, seed: int, variant: str) -> tuple[Any, An
     if k > op.C:
         raise ValueError(f"NNDSVD needs k <= C ({k} > {op.C}); use init='random'")
     S_host, Vk, Ut = _top_singular(op, k)
-    Wt = xp.zeros((k, op.n), dtype=xp.float64)
+    # W^T (k, n) is built in the compute dtype (it is as large as k columns of V); the norms
+    # of its positive and negative parts come from one pass each (||x_n||^2 = ||x||^2 -
+    # ||x_p||^2), H (k, C) stays float64.
+    Wt = xp.empty((k, op.n), dtype=op.dtype)
     H = xp.zeros((k, op.C), dtype=xp.float64)
-    Wt[0] = math.sqrt(S_host[0]) * xp.abs(Ut[0])
+    xp.multiply(xp.abs(Ut[0]), math.sqrt(S_host[0]), out=Wt[0])
     H[0] = math.sqrt(S_host[0]) * xp.abs(Vk[0])
     for j in range(1, k):
         x, y = Ut[j], Vk[j]
-        x_p, y_p = xp.maximum(x, 0), xp.maximum(y, 0)
-        x_n, y_n = xp.abs(xp.minimum(x, 0)), xp.abs(xp.minimum(y, 0))
-        xpn, ypn = float(xp.linalg.norm(x_p)), float(xp.linalg.norm(y_p))
-        xnn, ynn = float(xp.linalg.norm(x_n)), float(xp.linalg.norm(y_n))
+        x_p = xp.maximum(x, 0)
+        y_p, y_n = xp.maximum(y, 0), xp.abs(xp.minimum(y, 0))
+        xpn = float(xp.linalg.norm(x_p))
+        xnn = math.sqrt(max(float(xp.dot(x, x)) - xpn * xpn, 0.0))
+        ypn, ynn = float(xp.linalg.norm(y_p)), float(xp.linalg.norm(y_n))
         m_p, m_n = xpn * ypn, xnn * ynn
         # Of the two non-negative rank-one parts of u v^T keep the dominant one.
         if m_p > m_n:
-            u, v, sigma = (x_p / xpn, y_p / ypn, m_p) if m_p > 0 else (x_p, y_p, 0.0)
+            scale = math.sqrt(S_host[j] * m_p) / xpn if m_p > 0 else 0.0
+            xp.multiply(x_p, scale, out=Wt[j])
+            H[j] = (math.sqrt(S_host[j] * m_p) / ypn) * y_p if m_p > 0 else 0.0
         else:
-            u, v, sigma = (x_n / xnn, y_n / ynn, m_n) if m_n > 0 else (x_n, y_n, 0.0)
-        lbd = math.sqrt(S_host[j] * sigma)
-        Wt[j] = lbd * u
-        H[j] = lbd * v
+            scale = math.sqrt(S_host[j] * m_n) / xnn if m_n > 0 else 0.0
+            xp.multiply(xp.minimum(x, 0, out=x_p), -scale, out=Wt[j])
+            H[j] = (math.sqrt(S_host[j] * m_n) / ynn) * y_n if m_n > 0 else 0.0
     Wt[Wt < _NNDSVD_EPS] = 0
     H[H < _NNDSVD_EPS] = 0
     if variant == "nndsvda":
@@ -501,7 +506,7 @@ def _nndsvd_init(op: _Operand, k: int, seed: int, variant: str) -> tuple[Any, An
             count = int(xp.sum(zeros))
             fill = np.abs(avg * rng.standard_normal(size=count) / 100)
             X[zeros] = to_device(fill, xp)
-    return xp.ascontiguousarray(Wt.astype(op.dtype)), H.astype(op.dtype)
+    return Wt, H.astype(op.dtype)
 
 
 def _ls_init_Wt(op: _Operand, H: Any, solver: str) -> Any:
