@@ -42,8 +42,8 @@ def vgg19_conv54(weights: dict[str, tuple[np.ndarray, np.ndarray]]):
             w, bias = weights[f"conv{b}_{i}"]
             conv = torch.nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1)
             with torch.no_grad():
-                conv.weight.copy_(torch.from_numpy(np.asarray(w, np.float32)))
-                conv.bias.copy_(torch.from_numpy(np.asarray(bias, np.float32)))
+                conv.weight.copy_(torch.from_numpy(np.array(w, np.float32)))
+                conv.bias.copy_(torch.from_numpy(np.array(bias, np.float32)))
             layers += [conv, torch.nn.ReLU(inplace=True)]
         if b != VGG19_BLOCKS[-1][0]:
             layers.append(torch.nn.MaxPool2d(2, 2))
