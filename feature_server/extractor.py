@@ -330,8 +330,8 @@ class Extractor:
         session = self._session(model)
         if not self.io_binding:
             return session.run(outputs, {spec.input_name: batch})
-        # On a GPU (default there; settable for tests): IO binding copies the batch to the device once and only the asked outputs
-        # back (plain run() would also allocate every output on the host side per call).
+        # On a GPU (default there; settable for tests): IO binding copies the batch to the
+        # device once and only the asked outputs back.
         binding = session.io_binding()
         binding.bind_cpu_input(spec.input_name, np.ascontiguousarray(batch, dtype=np.float32))
         for name in outputs:
