@@ -232,11 +232,29 @@ class _Operand:
         return out
 
     def v_x(self, X: Any) -> Any:
-        """V X: (C, m) -> (n, m)."""
-        return self.h_vt(self.xp.ascontiguousarray(X.T)).T
+        """V X: (C, m) -> (n, m), C-contiguous (row blocks write their own rows: no
+        transposed copies of the n x m result)."""
+        X = self.xp.ascontiguousarray(X, dtype=self.dtype)
+        if self._blocks:
+            out = np.empty((self.n, X.shape[1]), dtype=self.dtype)
+
+            def rows(a: int, b: int, blk: Any) -> None:
+                out[a:b] = blk @ X
+
+            self._parallel(rows)
+            return out
+        if self.direct or self.sparse:
+            return self.xp.ascontiguousarray(self.V @ X, dtype=self.dtype)
+        return self.xp.ascontiguousarray(self.h_vt(self.xp.ascontiguousarray(X.T)).T)
 
     def vt_y(self, Y: Any) -> Any:
         """V^T Y: (n, m) -> (C, m)."""
+        Y = self.xp.ascontiguousarray(Y, dtype=self.dtype)
+        if self._blocks:
+            parts = self._parallel(lambda a, b, blk: blk.T @ Y[a:b])
+            return sum(parts[1:], parts[0])
+        if self.direct or self.sparse:
+            return self.xp.asarray(self.V.T @ Y, dtype=self.dtype)
         return self.wt_v(self.xp.ascontiguousarray(Y.T)).T
 
     def _moments(self) -> None:

@@ -199,9 +199,10 @@ class Extractor:
                  limits: DecodeLimits = DEFAULT_LIMITS, intra_op_threads: int = 0,
                  precisions: Sequence[str] | None = None, decode_workers: int = 0) -> None:
         """``precisions`` (e.g. ('int8', 'fp32')) keeps only those variants of the feature
-        models; the sessions of the first precision (and the classifiers) are created now, the
-        others on first use. ``decode_workers`` threads decode the images of the next batch
-        while the network runs (0 = min(4, cores); 1 = decode inline)."""
+        models; the sessions of the first precision (default: the provider's default precision)
+        and the classifiers are created now, the others on first use. ``decode_workers``
+        threads decode the images of the next batch while the network runs (0 = min(4, cores);
+        1 = decode inline)."""
         import onnxruntime as ort
 
         if not registry:
@@ -229,7 +230,11 @@ class Extractor:
         opts.intra_op_num_threads = intra_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._session_options = opts
-        eager = (precisions or ("fp32",))[0]
+        self.precisions = sorted({s.precision for s in self.registry.values()
+                                  if s.kind == "features"}, key=PRECISIONS.index)
+        # sessions now for the precision requests will use by default (others on first use)
+        eager = (precisions[0] if precisions
+                 else auto_precision(self.providers[0], self.precisions))
         for name, spec in self.registry.items():
             if spec.kind != "features" or spec.precision == eager:
                 self._session(name)
@@ -238,8 +243,6 @@ class Extractor:
         first = next(iter(self._sessions.values()))
         self.execution_provider: str = first.get_providers()[0]
         self.io_binding = self.execution_provider != "CPUExecutionProvider"
-        self.precisions = sorted({s.precision for s in self.registry.values()
-                                  if s.kind == "features"}, key=PRECISIONS.index)
         self.default_precision = (precisions[0] if precisions
                                   else auto_precision(self.execution_provider, self.precisions))
         log.info("ONNX Runtime %s: execution provider %s (available: %s)", ort.__version__,

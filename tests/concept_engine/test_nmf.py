@@ -367,6 +367,12 @@ def test_threaded_row_blocks_give_the_same_products_and_fit(monkeypatch):
     assert sum(b[2].nnz for b in blocked._blocks) == V.nnz
     np.testing.assert_allclose(blocked.wt_v(Wt), plain.wt_v(Wt), rtol=1e-5)
     np.testing.assert_allclose(blocked.h_vt(H), plain.h_vt(H), rtol=1e-5)
+    X, Y = H.T[:, :3], Wt.T[:, :3]
+    dense = V.toarray()
+    np.testing.assert_allclose(blocked.v_x(X), dense @ X, rtol=1e-4)
+    np.testing.assert_allclose(blocked.vt_y(Y), dense.T @ Y, rtol=1e-4)
+    np.testing.assert_allclose(plain.v_x(X), dense @ X, rtol=1e-4)
+    np.testing.assert_allclose(plain.vt_y(Y), dense.T @ Y, rtol=1e-4)
     a = nmf_fit(V.toarray(), 4, max_iter=30, tol=0)
     b = nmf_fit(V, 4, max_iter=30, tol=0)
     assert b.error == pytest.approx(a.error, rel=1e-4)
