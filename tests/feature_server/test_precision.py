@@ -221,3 +221,17 @@ def test_fp16_on_cuda_matches_fp32_on_cpu(registry):
     for item_id, _ in items:
         rel = np.linalg.norm(a[item_id] - b[item_id]) / np.linalg.norm(b[item_id])
         assert rel < 0.01, (item_id, rel)
+
+
+def test_extract_cli_precision_flag(models_home, tmp_path):
+    import h5py
+
+    from feature_server.__main__ import main
+
+    photo = str(sorted(GYMNAST.glob("*.jpg"))[0])
+    for flag, model in (("auto", "vgg19_int8"), ("fp32", "vgg19"), ("fp16", "vgg19_fp16")):
+        out = tmp_path / f"{flag}.h5"
+        assert main(["extract", photo, "--out", str(out), "--home", str(models_home),
+                     "--precision", flag]) == 0
+        with h5py.File(out) as h5:
+            assert h5.attrs["model"] == model
