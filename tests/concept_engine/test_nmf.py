@@ -398,3 +398,20 @@ def test_randomised_start_matches_the_exact_svd():
     ours = nmf_fit(V32, 4, max_iter=300, tol=1e-5)
     theirs = nmf_fit(V32, 4, W=W0, H=H0, max_iter=300, tol=1e-5)
     assert ours.error == pytest.approx(theirs.error, rel=2e-3)
+
+
+def test_activations_are_kept_sparse_as_they_arrive():
+    from concept_engine.discovery import _Image, _rows, stack_rows
+
+    rng = np.random.default_rng(2)
+    acts = [np.maximum(rng.standard_normal((64, 3, 4)).astype(np.float32) - 1.5, 0)
+            for _ in range(3)]
+    images = [_Image(str(i), _rows(a), (3, 4), (30, 40), (24, 32), None)
+              for i, a in enumerate(acts)]
+    assert all(sp.issparse(im.rows) for im in images)
+    dense = np.concatenate([a.reshape(64, 12).T for a in acts])
+    V = stack_rows(images)
+    assert sp.issparse(V) and V.dtype == np.float32  # ~7% non-zeros: stays CSR
+    np.testing.assert_array_equal(V.toarray(), dense)
+    busy = [_Image("x", _rows(np.abs(a) + 1), (3, 4), (30, 40), (24, 32), None) for a in acts]
+    assert isinstance(stack_rows(busy), np.ndarray)  # dense data: dense V, as prepare_v does
