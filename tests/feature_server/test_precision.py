@@ -235,3 +235,12 @@ def test_extract_cli_precision_flag(models_home, tmp_path):
                      "--precision", flag]) == 0
         with h5py.File(out) as h5:
             assert h5.attrs["model"] == model
+
+
+def test_serve_features_precision_reaches_the_server_extractor(models_home, monkeypatch):
+    """`dff serve features --precision int8,fp32` sets DFF_PRECISIONS, which the server's
+    Extractor.from_cache reads: only those variants, the first one the default."""
+    monkeypatch.setenv("DFF_PRECISIONS", "int8,fp32")
+    ex = Extractor.from_cache(models_home)
+    assert ex.precisions == ["fp32", "int8"] and ex.default_precision == "int8"
+    assert "vgg19_fp16" not in ex.registry
