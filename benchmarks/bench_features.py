@@ -3,8 +3,12 @@
 Same images, same batch size, same Extractor (one ORT session): the server is started in this
 process on 127.0.0.1:0 around that Extractor, so the difference is gRPC + serialisation +
 micro-batching. Prints a table (images/s, bytes per image on the wire) and overhead ratios.
+Every precision (fp32, int8, fp16 variants of VGG-19) gets its rows: the network alone on
+preprocessed batches (for each ``--batch-sizes``, to tune the batch on a GPU), in-process with
+decoding, and through the gRPC server, with the ratio to fp32 of the same run.
 
     .venv/bin/python benchmarks/bench_features.py [--images 32] [--batch-size 8] [--repeat 2]
+        [--precisions fp32,int8,fp16] [--batch-sizes 8,32]
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ import grpc
 import numpy as np
 from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
 
-from feature_server.convert import options_to_proto
-from feature_server.extractor import ExtractOptions, Extractor
-from feature_server.service import ServerConfig, start_server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.sysinfo import cpu_description  # noqa: E402
+from feature_server.convert import options_to_proto  # noqa: E402
+from feature_server.extractor import ExtractOptions, Extractor  # noqa: E402
+from feature_server.service import ServerConfig, start_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "imagenet_sample"
@@ -39,14 +46,14 @@ def in_process(extractor: Extractor, items: list[tuple[str, bytes]], options: Ex
     return elapsed
 
 
-def ort_only(extractor: Extractor, items: list[tuple[str, bytes]], options: ExtractOptions
-             ) -> float:
+def ort_only(extractor: Extractor, xs: list[np.ndarray], options: ExtractOptions,
+             batch_size: int = 0) -> float:
     """Seconds for ORT alone on preprocessed batches (no decoding): the compute floor."""
-    xs = [extractor.prepare(i, d, options).features_input for i, d in items]
+    batch_size = batch_size or extractor.batch_size
+    batches = [np.stack(xs[s:s + batch_size]) for s in range(0, len(xs), batch_size)]
     t0 = time.perf_counter()
-    for s in range(0, len(xs), extractor.batch_size):
-        extractor.run(options.model, np.stack(xs[s:s + extractor.batch_size]),
-                      list(options.layers))
+    for batch in batches:
+        extractor.run(options.model, batch, list(options.layers))
     return time.perf_counter() - t0
 
 
@@ -104,6 +111,9 @@ class NullCompute:
     def _extract_chunk(self, chunk, options):
         return Extractor._extract_chunk(self, chunk, options)  # type: ignore[arg-type]
 
+    def _run_chunk(self, chunk, prepared, options):
+        return Extractor._run_chunk(self, chunk, prepared, options)  # type: ignore[arg-type]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -113,13 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=1, help="concurrent gRPC streams")
     parser.add_argument("--layer", default="conv5_4")
     parser.add_argument("--home", default=None)
+    parser.add_argument("--precisions", default="",
+                        help="comma-separated (default: every built variant, fp32 first)")
+    parser.add_argument("--batch-sizes", default="",
+                        help="extra batch sizes for the network-only rows (GPU tuning)")
+    parser.add_argument("--no-grpc", action="store_true", help="in-process rows only")
+    parser.add_argument("--providers", default="", help="ONNX Runtime providers (default: auto)")
+    parser.add_argument("--json", help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     files = sorted(DATA.glob("*.JPEG"))
     files = (files * (args.images // len(files) + 1))[:args.images]
     items = [(f"{i}-{p.name}", p.read_bytes()) for i, p in enumerate(files)]
-    extractor = Extractor.from_cache(args.home, batch_size=args.batch_size)
+    extractor = Extractor.from_cache(args.home, batch_size=args.batch_size,
+                                     providers=[p for p in args.providers.split(",") if p]
+                                     or None)
     server = start_server(ServerConfig(host="127.0.0.1", port=0,
                                        max_batch_size=args.batch_size, max_wait_ms=5,
                                        max_inflight_per_stream=4 * args.batch_size), extractor)
@@ -130,18 +149,38 @@ def main(argv: list[str] | None = None) -> int:
                                             max_inflight_per_stream=4 * args.batch_size),
                                null)  # type: ignore[arg-type]
     null_address = f"127.0.0.1:{null_server.port}"
+    precisions = ([p for p in args.precisions.split(",") if p] if args.precisions
+                  else list(extractor.precisions))
+    extra_batches = [int(b) for b in args.batch_sizes.split(",") if b]
     try:
         warm = ExtractOptions(layers=(args.layer,))
         list(extractor.extract(items[:args.batch_size], warm))  # warm-up
-        over_grpc(address, items[:args.batch_size], warm, 1)
+        xs = [extractor.prepare(i, d, warm).features_input for i, d in items]
+        for prec in precisions:
+            opts = ExtractOptions(layers=(args.layer,), precision=prec)
+            for b in {args.batch_size, *extra_batches}:
+                ort_only(extractor, xs[:b], opts, b)  # session + shape warm-up
+        if not args.no_grpc:
+            over_grpc(address, items[:args.batch_size], warm, 1)
         n = len(items)
         # interleaved repeats: the machine is shared, so every row sees the same noise
         times: dict[tuple[str, str], list[float]] = {}
         wire_bytes: dict[str, tuple[int, int]] = {}
         load_before = os.getloadavg()[0]
         for _ in range(args.repeat):
-            times.setdefault(("ORT only (preprocessed)", "-"), []).append(
-                ort_only(extractor, items, warm))
+            for prec in precisions:
+                opts = ExtractOptions(layers=(args.layer,), precision=prec)
+                for b in sorted({args.batch_size, *extra_batches}):
+                    times.setdefault((f"ORT only {prec} b{b}", "-"), []).append(
+                        ort_only(extractor, xs, opts, b))
+                times.setdefault((f"in-process {prec}", "float32"), []).append(
+                    in_process(extractor, items, opts))
+                if not args.no_grpc:
+                    t, req, resp = over_grpc(address, items, opts, args.streams)
+                    times.setdefault((f"gRPC {prec} x{args.streams}", "float32"), []).append(t)
+                    wire_bytes["float32"] = (req, resp)
+            if args.no_grpc:
+                continue
             for dtype in ("float32", "float16"):
                 options = ExtractOptions(layers=(args.layer,), wire_dtype=dtype)
                 times.setdefault(("in-process Extractor", dtype), []).append(
@@ -156,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         load_after = os.getloadavg()[0]
         rows = []
         for (name, dtype), ts in times.items():
-            req, resp = wire_bytes[dtype] if "gRPC" in name else (0, 0)
+            req, resp = wire_bytes.get(dtype, (0, 0)) if "gRPC" in name else (0, 0)
             rows.append((name, dtype, n / statistics.median(ts), req / n, resp / n))
     finally:
         server.stop(grace=2)
@@ -168,17 +207,29 @@ def main(argv: list[str] | None = None) -> int:
               f"{extractor.execution_provider}, {args.repeat} interleaved repeats (median), "
               f"load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores"
               "\n\n")
-    out.write(f"{'path':<26}{'wire':<9}{'img/s':>8}{'req B/img':>12}{'resp B/img':>12}\n")
+    out.write(f"{cpu_description()}\n")
+    out.write(f"{'path':<26}{'wire':<9}{'img/s':>8}{'vs fp32':>8}{'req B/img':>12}"
+              f"{'resp B/img':>12}\n")
+    ips_of = {r[0]: r[2] for r in rows}
     for name, dtype, ips, req, resp in rows:
-        out.write(f"{name:<26}{dtype:<9}{ips:>8.2f}{req:>12.0f}{resp:>12.0f}\n")
+        ref = ips_of.get(name.replace(" int8", " fp32").replace(" fp16", " fp32"))
+        ratio = f"{ips / ref:.2f}x" if ref and any(p in name for p in ("int8", "fp16")) else ""
+        out.write(f"{name:<26}{dtype:<9}{ips:>8.2f}{ratio:>8}{req:>12.0f}{resp:>12.0f}\n")
     by = {(r[0].rsplit(" x", 1)[0].split(" Extractor")[0], r[1]): r[2] for r in rows}
-    for dtype in ("float32", "float16"):
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({
+            "provider": extractor.execution_provider, "images": n, "cpu": cpu_description(),
+            "rows": [{"path": r[0], "wire": r[1], "img_s": r[2]} for r in rows]}, indent=1))
+    compute_ms = 1e3 / ips_of[f"ORT only fp32 b{args.batch_size}"]
+    for dtype in (() if args.no_grpc else ("float32", "float16")):
         ratio = by[("in-process", dtype)] / by[("gRPC loopback", dtype)]
         extra_ms = 1e3 * (1 / by[("no-compute gRPC", dtype)]
                           - 1 / by[("no-compute in-process", dtype)])
         out.write(f"overhead {dtype}: in-process / gRPC throughput = {ratio:.3f}; "
                   f"gRPC path without compute costs {extra_ms:+.1f} ms/image more than "
-                  f"in-process (compute: {1e3 / by[('ORT only (preprocessed)', '-')]:.0f} "
+                  f"in-process (fp32 compute: {compute_ms:.0f} "
                   "ms/image)\n")
     return 0
 

@@ -10,6 +10,10 @@ One run, one V, the same k and iteration budget for every solver:
 * ``ours-mu``, ``ours-hals``: our solvers from the deterministic NNDSVDa start, V dense float32;
   ``ours-hals-f16``: V held in float16 (float32 compute in row chunks);
   ``ours-hals-csr`` / ``ours-mu-csr``: V as a SciPy CSR matrix (activations are ~93% zeros).
+* ``ours-hals-cupy``: HALS on a CUDA device (CuPy, V dense float32 moved there once; the
+  time includes no host-device copy; skipped without a GPU);
+* ``ours-hals-csr1``: the CSR run with the sparse products on one thread (the threaded row
+  blocks switched off), to show what the threads buy;
 * ``sklearn-mu`` / ``sklearn-cd``: scikit-learn's NMF from the SAME NNDSVDa start
   (init='custom'), so errors compare like for like.
 
@@ -45,6 +49,8 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import concept_engine.nmf as nmf_module  # noqa: E402
+from benchmarks.sysinfo import cpu_description  # noqa: E402
 from concept_engine.nmf import nmf_fit, nmf_init, reconstruction_error  # noqa: E402
 
 
@@ -162,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--runs",
         default="seed-torch,ours-mu-seed,ours-mu,ours-hals,ours-hals-f16,ours-hals-csr,"
-        "ours-mu-csr,sklearn-mu,sklearn-cd",
+        "ours-hals-csr1,ours-mu-csr,sklearn-mu,sklearn-cd",
         help="comma-separated subset of runs",
     )
+    p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument(
         "--track-memory",
         action="store_true",
@@ -198,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         f"cpus={os.cpu_count()}, torch threads={torch_threads}"
     )
     print(f"one read of V (numpy sum): {t_read * 1e3:.1f} ms")
+    print(cpu_description())
 
     Vcsr = V16 = None
     if any(r.endswith("-csr") for r in runs):
@@ -212,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
 
     (Ws, Hs), seed_init_s, _ = timed(lambda: nmf_init(V, k, init="seed", seed=args.seed), False)
     (Wn, Hn), nndsvd_s, _ = timed(lambda: nmf_init(V, k, init="nndsvda", seed=args.seed), False)
-    print(f"init: seed {seed_init_s:.2f} s, nndsvda (exact Gram SVD) {nndsvd_s:.2f} s")
+    csr_init_s = None
+    if Vcsr is not None:
+        _, csr_init_s, _ = timed(lambda: nmf_init(Vcsr, k, init="nndsvda", seed=args.seed),
+                                 False)
+    print(f"init: seed {seed_init_s:.2f} s, nndsvda (randomised SVD) dense V {nndsvd_s:.2f} s"
+          + ("" if csr_init_s is None else f", CSR V {csr_init_s:.2f} s"))
 
     rows: list[Row] = []
 
@@ -240,6 +253,35 @@ def main(argv: list[str] | None = None) -> int:
             ours(name, V16, "hals", Wn, Hn, "nndsvda, V float16")
         elif name == "ours-hals-csr":
             ours(name, Vcsr, "hals", Wn, Hn, "nndsvda, V CSR")
+        elif name == "ours-hals-cupy":
+            from concept_engine.backend import compute_namespace, to_device, to_host  # noqa: PLC0415
+
+            cp = compute_namespace()
+            if cp is np:
+                print("  skip ours-hals-cupy: no CUDA device")
+                continue
+            Vd, Wd, Hd = (to_device(a, cp) for a in (V, Wn, Hn))
+            nmf_fit(Vd, k, solver="hals", W=Wd, H=Hd, max_iter=2, tol=0)  # warm-up (kernels)
+            cp.cuda.Device().synchronize()
+
+            def gpu_fit(Vd=Vd, Wd=Wd, Hd=Hd, cp=cp):
+                r = nmf_fit(Vd, k, solver="hals", W=Wd, H=Hd, max_iter=iters, tol=tol)
+                cp.cuda.Device().synchronize()
+                return r
+
+            r, sec, _ = timed(lambda: (gpu_fit(),), False)
+            r = r[0]
+            rows.append(Row(name, r.n_iter, sec,
+                            reconstruction_error(V, to_host(r.W), to_host(r.H)), None,
+                            "nndsvda, V on the GPU"))
+            del Vd
+        elif name == "ours-hals-csr1":
+            threads = nmf_module.SPARSE_THREADS
+            nmf_module.SPARSE_THREADS = 1
+            try:
+                ours(name, Vcsr, "hals", Wn, Hn, "nndsvda, V CSR, 1 thread")
+            finally:
+                nmf_module.SPARSE_THREADS = threads
         elif name == "ours-mu-csr":
             ours(name, Vcsr, "mu", Wn, Hn, "nndsvda, V CSR")
         elif name.startswith("sklearn-"):
@@ -280,6 +322,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{per / t_read:.1f} | {r.error:.6g} | {r.error / base.error:.5f} | "
             f"{speed:.2f}x | {peak} |"
         )
+    if args.json:
+        import json  # noqa: PLC0415
+
+        Path(args.json).write_text(json.dumps({
+            "N": N, "k": k, "read_ms": t_read * 1e3, "nndsvda_s": nndsvd_s,
+            "csr_init_s": csr_init_s, "cpu": cpu_description(),
+            "rows": [{"name": r.name, "n_iter": r.n_iter, "seconds": r.seconds,
+                      "ms_per_iter": 1e3 * r.seconds / max(r.n_iter, 1), "error": r.error}
+                     for r in rows]}, indent=1))
+    csr = next((r for r in rows if r.name == "ours-hals-csr"), None)
+    if csr is not None and csr_init_s is not None:
+        per = csr.seconds / max(csr.n_iter, 1)
+        print(f"\nCSR HALS: {per * 1e3:.0f} ms/iteration = {per / t_read:.2f} x one dense read of "
+              f"V; NNDSVDa start on CSR {csr_init_s * 1e3:.0f} ms = {csr_init_s / per:.1f} "
+              "iterations")
     print(
         f"\nfit s excludes the shared inits (seed {seed_init_s:.2f} s, nndsvda {nndsvd_s:.2f} s);"
         f" read(V) = {t_read * 1e3:.1f} ms; seed-torch includes its dense-residual checks."

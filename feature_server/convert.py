@@ -41,6 +41,7 @@ def options_from_proto(msg: features_pb2.ExtractOptions) -> ExtractOptions:
         return_probabilities=msg.return_probabilities,
         top_k=msg.top_k,
         classifier=msg.classifier or DEFAULT_CLASSIFIER,
+        precision=msg.precision,
     )
 
 
@@ -51,7 +52,7 @@ def options_to_proto(options: ExtractOptions) -> features_pb2.ExtractOptions:
         resize=common_pb2.ResizePolicy(mode=_RESIZE_TO_PROTO[options.resize_mode],
                                        size=options.size),
         return_probabilities=options.return_probabilities, top_k=options.top_k,
-        classifier=options.classifier)
+        classifier=options.classifier, precision=options.precision)
 
 
 def item_error(exc: BaseException, decoding: bool = False) -> common_pb2.ItemError:
@@ -85,13 +86,15 @@ def describe_to_proto(desc: dict, config: ServerConfig, server_version: str
         limits=features_pb2.ServerLimits(
             max_message_bytes=config.max_message_bytes, max_pixels=config.max_pixels,
             max_batch_size=config.max_batch_size,
-            max_concurrent_streams=config.max_concurrent_streams))
+            max_concurrent_streams=config.max_concurrent_streams),
+        precisions=desc.get("precisions", []), default_precision=desc.get("default_precision", ""))
     for m in desc["models"]:
         pre = m["preprocessing"]
         info = features_pb2.ModelInfo(
             name=m["name"], kind=m["kind"], weights_sha256=m["weights_sha256"],
             onnx_sha256=m["onnx_sha256"], source=m["source"], num_classes=m["num_classes"],
             class_names=m["class_names"], class_wnids=m["class_wnids"],
+            precision=m.get("precision", ""), base_model=m.get("base_model", ""),
             preprocessing=features_pb2.Preprocessing(
                 color_order=pre["color_order"], mean=pre["mean"], std=pre["std"],
                 default_resize=common_pb2.ResizePolicy(
@@ -151,10 +154,12 @@ def describe_from_proto(resp: features_pb2.DescribeModelResponse) -> dict:
                               "description": pre.description},
             "num_classes": m.num_classes, "class_names": list(m.class_names),
             "class_wnids": list(m.class_wnids),
+            "precision": m.precision, "base_model": m.base_model or m.name,
         })
     return {"models": models, "execution_provider": resp.execution_provider,
             "available_providers": list(resp.available_providers),
             "server_version": resp.server_version,
+            "precisions": list(resp.precisions), "default_precision": resp.default_precision,
             "limits": {"max_message_bytes": resp.limits.max_message_bytes,
                        "max_pixels": resp.limits.max_pixels,
                        "max_batch_size": resp.limits.max_batch_size,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ import numpy as np
 from dff_protos.errors import DFFError, InvalidInput, NotFound
 
 from feature_server.images import DecodeLimits, decode_image, preprocess
+from feature_server.models.precision import PRECISIONS, variant_name
 from feature_server.models.registry import (
     DEFAULT_CLASSIFIER,
     DEFAULT_FEATURE_MODEL,
@@ -32,6 +34,47 @@ RESIZE_MODES = ("squash", "keep_aspect")
 WIRE_DTYPES = ("float32", "float16")
 MIN_SIZE, MAX_SIZE = 32, 2048
 DEFAULT_LIMITS = DecodeLimits()
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+#: The precision ``--precision auto`` picks on a CPU when the int8 model is built. Decided by
+#: benchmarks/bench_precision.py: on every folder of ../shared/data the int8 concept sets matched
+#: the fp32 ones (bases' matched cosine >= 0.99; figures in README "Precision").
+CPU_DEFAULT_PRECISION = "int8"
+#: ... and on CUDA / TensorRT.
+GPU_DEFAULT_PRECISION = "fp16"
+
+
+def precision_model(model: str, precision: str) -> str:
+    """The registry name of ``model`` at ``precision`` (``vgg19`` + int8 -> ``vgg19_int8``);
+    ``model`` may itself be a variant. An unknown precision leaves ``model`` unchanged (the
+    Extractor's validation reports it)."""
+    if precision not in PRECISIONS:
+        return model
+    base = model
+    for p in PRECISIONS[1:]:
+        if base.endswith(f"_{p}"):
+            base = base[: -len(p) - 1]
+    return variant_name(base, precision)
+
+
+def auto_precision(execution_provider: str, precisions: Iterable[str]) -> str:
+    """The default precision of a source: fp16 on CUDA/TensorRT, int8 on CPU (when built)."""
+    available = set(precisions)
+    wanted = (GPU_DEFAULT_PRECISION if execution_provider in GPU_PROVIDERS
+              else CPU_DEFAULT_PRECISION)
+    return wanted if wanted in available else "fp32"
+
+
+def choose_model(describe: dict, model: str, precision: str) -> str:
+    """The feature model to request from a source for ``--precision`` (``auto`` = the source's
+    ``default_precision``); raises NotFound when the source lacks that variant."""
+    if precision == "auto":
+        precision = describe.get("default_precision") or "fp32"
+    name = precision_model(model, precision)
+    names = [m.get("name") for m in describe.get("models", [])]
+    if name not in names:
+        raise NotFound(f"model {name!r} ({precision}) is not available from the feature source "
+                       f"(models: {names}); run `dff models build`")
+    return name
 
 
 @dataclass(frozen=True)
@@ -46,6 +89,13 @@ class ExtractOptions:
     return_probabilities: bool = False
     top_k: int = 0
     classifier: str = DEFAULT_CLASSIFIER
+    #: '' = ``model`` as named; 'fp32' | 'int8' | 'fp16' selects that variant of ``model``
+    #: (``model`` is then rewritten to the variant's registry name, e.g. ``vgg19_int8``).
+    precision: str = ""
+
+    def __post_init__(self) -> None:
+        if self.precision:
+            object.__setattr__(self, "model", precision_model(self.model, self.precision))
 
     @property
     def wants_classifier(self) -> bool:
@@ -102,7 +152,31 @@ def select_providers(requested: Sequence[str] | None = None) -> list[str]:
                                f"(available: {available})")
         return chosen
     preferred = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if os.environ.get("DFF_TENSORRT") == "1":
+        # opt-in: TensorRT builds an engine per new input shape (minutes, cached in
+        # $DFF_HOME/trt); CUDA then CPU take the nodes it does not support
+        preferred.insert(0, "TensorrtExecutionProvider")
     return [p for p in preferred if p in available] or ["CPUExecutionProvider"]
+
+
+def provider_options(providers: Sequence[str], home: str | os.PathLike[str] | None = None
+                     ) -> list[tuple[str, dict[str, str]] | str]:
+    """Providers with their options: TensorRT in fp16 with an engine cache (engines are built
+    once per shape and reused across processes), CUDA with exhaustive cuDNN algorithm search."""
+    from feature_server.models.registry import dff_home
+
+    out: list[tuple[str, dict[str, str]] | str] = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider":
+            cache = dff_home(home) / "trt"
+            out.append((p, {"trt_fp16_enable": "True", "trt_engine_cache_enable": "True",
+                            "trt_engine_cache_path": str(cache)}))
+        elif p == "CUDAExecutionProvider":
+            out.append((p, {"cudnn_conv_algo_search": "EXHAUSTIVE",
+                            "do_copy_in_default_stream": "True"}))
+        else:
+            out.append(p)
+    return out
 
 
 def round_wire(array: np.ndarray, wire_dtype: str) -> np.ndarray:
@@ -122,12 +196,31 @@ class Extractor:
 
     def __init__(self, registry: dict[str, ModelSpec], *,
                  providers: Sequence[str] | None = None, batch_size: int = 8,
-                 limits: DecodeLimits = DEFAULT_LIMITS, intra_op_threads: int = 0) -> None:
+                 limits: DecodeLimits = DEFAULT_LIMITS, intra_op_threads: int = 0,
+                 precisions: Sequence[str] | None = None, decode_workers: int = 0) -> None:
+        """``precisions`` (e.g. ('int8', 'fp32')) keeps only those variants of the feature
+        models; the sessions of the first precision (default: the provider's default precision)
+        and the classifiers are created now, the others on first use. ``decode_workers``
+        threads decode the images of the next batch while the network runs (0 = min(4, cores);
+        1 = decode inline)."""
         import onnxruntime as ort
 
         if not registry:
             raise NotFound("no models built; run `dff models build`")
+        if precisions:
+            unknown = [p for p in precisions if p not in PRECISIONS]
+            if unknown:
+                raise InvalidInput(f"unknown precision(s) {unknown}; one of {PRECISIONS}")
+            registry = {n: s for n, s in registry.items()
+                        if s.kind != "features" or s.precision in precisions}
+            missing = [p for p in precisions
+                       if not any(s.kind == "features" and s.precision == p
+                                  for s in registry.values())]
+            if missing:
+                raise NotFound(f"no feature model built at precision(s) {missing}; "
+                               "run `dff models build`")
         self.registry = dict(registry)
+        self.decode_workers = decode_workers or min(4, os.cpu_count() or 1)
         self.batch_size = batch_size
         self.limits = limits
         self.providers = select_providers(providers)
@@ -137,20 +230,37 @@ class Extractor:
         opts.intra_op_num_threads = intra_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._session_options = opts
-        for name in self.registry:
-            self._session(name)
+        self.precisions = sorted({s.precision for s in self.registry.values()
+                                  if s.kind == "features"}, key=PRECISIONS.index)
+        # sessions now for the precision requests will use by default (others on first use)
+        eager = (precisions[0] if precisions
+                 else auto_precision(self.providers[0], self.precisions))
+        for name, spec in self.registry.items():
+            if spec.kind != "features" or spec.precision == eager:
+                self._session(name)
+        if not self._sessions:
+            self._session(next(iter(self.registry)))
         first = next(iter(self._sessions.values()))
         self.execution_provider: str = first.get_providers()[0]
+        self.io_binding = self.execution_provider != "CPUExecutionProvider"
+        self.default_precision = (precisions[0] if precisions
+                                  else auto_precision(self.execution_provider, self.precisions))
         log.info("ONNX Runtime %s: execution provider %s (available: %s)", ort.__version__,
                  self.execution_provider, ort.get_available_providers())
 
     @classmethod
     def from_cache(cls, home: str | os.PathLike[str] | None = None,
                    providers: Sequence[str] | None = None, batch_size: int = 8, *,
-                   build: bool = True, limits: DecodeLimits = DEFAULT_LIMITS) -> Extractor:
-        """An Extractor over the models in ``$DFF_HOME/models`` (built first when missing)."""
+                   build: bool = True, limits: DecodeLimits = DEFAULT_LIMITS,
+                   precisions: Sequence[str] | None = None) -> Extractor:
+        """An Extractor over the models in ``$DFF_HOME/models`` (built first when missing).
+
+        ``precisions`` defaults to the comma-separated ``$DFF_PRECISIONS`` when set (how
+        ``dff serve features --precision`` reaches the server), else every built variant."""
+        if precisions is None and os.environ.get("DFF_PRECISIONS"):
+            precisions = [p.strip() for p in os.environ["DFF_PRECISIONS"].split(",") if p]
         return cls(ensure_models(home, build=build), providers=providers,
-                   batch_size=batch_size, limits=limits)
+                   batch_size=batch_size, limits=limits, precisions=precisions)
 
     def _session(self, name: str) -> Any:
         import onnxruntime as ort
@@ -160,7 +270,7 @@ class Extractor:
             if session is None:
                 spec = get_spec(self.registry, name)
                 session = ort.InferenceSession(str(spec.onnx_path), self._session_options,
-                                               providers=self.providers)
+                                               providers=provider_options(self.providers))
                 self._sessions[name] = session
             return session
 
@@ -170,10 +280,13 @@ class Extractor:
     # ------------------------------------------------------------------ the pipeline
     def validate(self, options: ExtractOptions) -> None:
         """Raise InvalidInput/NotFound for options no image could satisfy."""
+        if options.precision and options.precision not in PRECISIONS:
+            raise InvalidInput(f"unknown precision {options.precision!r}; one of {PRECISIONS}")
         spec = self.registry.get(options.model)
         if spec is None or spec.kind != "features":
             raise InvalidInput(f"unknown feature model {options.model!r}; available: "
-                               f"{self._names('features')}")
+                               f"{self._names('features')} (reduced-precision variants are "
+                               "built by `dff models build`)")
         if not options.layers and not options.wants_classifier:
             raise InvalidInput("no layers requested (and no classifier output)")
         unknown = [layer for layer in options.layers if layer not in spec.layers]
@@ -217,7 +330,17 @@ class Extractor:
     def run(self, model: str, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """(N, 3, H, W) float32 through ``model``; one (N, ...) float32 array per output."""
         spec = self.registry[model]
-        return self._session(model).run(outputs, {spec.input_name: batch})
+        session = self._session(model)
+        if not self.io_binding:
+            return session.run(outputs, {spec.input_name: batch})
+        # On a GPU (default there; settable for tests): IO binding copies the batch to the
+        # device once and only the asked outputs back.
+        binding = session.io_binding()
+        binding.bind_cpu_input(spec.input_name, np.ascontiguousarray(batch, dtype=np.float32))
+        for name in outputs:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     def finish(self, prepared: Prepared, activations: dict[str, np.ndarray],
                probabilities: np.ndarray | None, options: ExtractOptions) -> ExtractResult:
@@ -247,24 +370,57 @@ class Extractor:
             for item_id, _ in items:
                 yield ExtractResult(item_id, error=exc)
             return
+        chunks = self._chunks(items)
+        if self.decode_workers <= 1:
+            for chunk in chunks:
+                yield from self._extract_chunk(chunk, options)
+            return
+        # Decoding runs one chunk ahead on a thread pool (OpenCV releases the GIL) while the
+        # network runs on the current chunk; results still come in input order.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="dff-decode") as pool:
+            pending: deque[tuple[list[tuple[str, bytes]], list[Any]]] = deque()
+            for chunk in chunks:
+                pending.append((chunk, [pool.submit(self._prepare_or_error, i, d, options)
+                                        for i, d in chunk]))
+                if len(pending) > 1:
+                    done, futures = pending.popleft()
+                    yield from self._run_chunk(done, [f.result() for f in futures], options)
+            while pending:
+                done, futures = pending.popleft()
+                yield from self._run_chunk(done, [f.result() for f in futures], options)
+
+    def _chunks(self, items: Iterable[tuple[str, bytes]]) -> Iterator[list[tuple[str, bytes]]]:
         chunk: list[tuple[str, bytes]] = []
         for item in items:
             chunk.append(item)
             if len(chunk) >= self.batch_size:
-                yield from self._extract_chunk(chunk, options)
+                yield chunk
                 chunk = []
         if chunk:
-            yield from self._extract_chunk(chunk, options)
+            yield chunk
+
+    def _prepare_or_error(self, item_id: str, data: bytes, options: ExtractOptions
+                          ) -> Prepared | DFFError:
+        try:
+            return self.prepare(item_id, data, options)
+        except DFFError as exc:
+            return exc
 
     def _extract_chunk(self, chunk: list[tuple[str, bytes]], options: ExtractOptions
                        ) -> Iterator[ExtractResult]:
+        prepared = [self._prepare_or_error(i, d, options) for i, d in chunk]
+        yield from self._run_chunk(chunk, prepared, options)
+
+    def _run_chunk(self, chunk: list[tuple[str, bytes]], prepared: list[Prepared | DFFError],
+                   options: ExtractOptions) -> Iterator[ExtractResult]:
+        """Run the network over a decoded chunk (images batched by input shape)."""
         results: dict[int, ExtractResult] = {}
         groups: dict[tuple[int, ...], list[tuple[int, Prepared]]] = {}
-        for i, (item_id, data) in enumerate(chunk):
-            try:
-                p = self.prepare(item_id, data, options)
-            except DFFError as exc:
-                results[i] = ExtractResult(item_id, error=exc)
+        for i, ((item_id, _), p) in enumerate(zip(chunk, prepared, strict=True)):
+            if isinstance(p, DFFError):
+                results[i] = ExtractResult(item_id, error=p)
                 continue
             net_in = p.features_input if p.features_input is not None else p.classifier_input
             assert net_in is not None
@@ -300,6 +456,8 @@ class Extractor:
             pre = spec.preprocessing
             models.append({
                 "name": spec.name, "kind": spec.kind, "source": spec.source,
+                "precision": spec.precision if spec.kind == "features" else "",
+                "base_model": spec.base_model,
                 "weights_sha256": spec.weights_sha256, "onnx_sha256": spec.onnx_sha256,
                 "layers": {name: {"channels": c, "stride": s,
                                   "shape_at_224": [c, 224 // s, 224 // s] if s else [c]}
@@ -313,4 +471,6 @@ class Extractor:
                 "class_wnids": list(spec.class_wnids),
             })
         return {"models": models, "execution_provider": self.execution_provider,
-                "available_providers": ort.get_available_providers()}
+                "available_providers": ort.get_available_providers(),
+                "precisions": list(self.precisions),
+                "default_precision": self.default_precision}

