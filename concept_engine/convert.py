@@ -15,12 +15,26 @@ from dff_protos.v1 import common_pb2, engine_pb2
 
 from concept_engine.discovery import DiscoveryOptions, Explanation, Progress
 from concept_engine.finegrain import Decision
+from concept_engine.options import (
+    FILTER_MODES,
+    INITS,
+    K_CRITERIA,
+    PREDICTION_MODES,
+    RESIZE_MODES,
+    SOLVERS,
+)
+from concept_engine.reliability import reliability_warning
 from concept_engine.store import ConceptSet, ConceptSetSummary
 
+# proto enum values <-> the option names of concept_engine.options (checked complete below)
 _FILTER_MODE = {engine_pb2.FILTER_MODE_UNSPECIFIED: "auto", engine_pb2.AUTO: "auto",
                 engine_pb2.ON: "on", engine_pb2.OFF: "off"}
 _RESIZE_MODE = {common_pb2.RESIZE_MODE_UNSPECIFIED: "squash", common_pb2.SQUASH: "squash",
                 common_pb2.KEEP_ASPECT: "keep_aspect"}
+assert set(_FILTER_MODE.values()) == set(FILTER_MODES)
+assert set(_RESIZE_MODE.values()) == set(RESIZE_MODES)
+_STRING_CHOICES = {"k_criterion": K_CRITERIA, "solver": SOLVERS, "init": INITS,
+                   "prediction_mode": PREDICTION_MODES}
 
 
 def options_from_proto(msg: engine_pb2.DiscoverOptions, name: str = "") -> DiscoveryOptions:
@@ -35,6 +49,10 @@ def options_from_proto(msg: engine_pb2.DiscoverOptions, name: str = "") -> Disco
 
     if msg.resize.mode not in _RESIZE_MODE:
         raise InvalidInput(f"unknown resize mode {msg.resize.mode}")
+    for label, choices in _STRING_CHOICES.items():
+        value = getattr(msg, label)
+        if value and value not in choices:
+            raise InvalidInput(f"{label} {value!r} not in {choices}")
     return DiscoveryOptions(
         name=msg.name or name, target_class=msg.target_class, k=msg.k,
         k_min=msg.k_min or d.k_min, k_max=msg.k_max or d.k_max,
@@ -48,7 +66,11 @@ def options_from_proto(msg: engine_pb2.DiscoverOptions, name: str = "") -> Disco
         solver=msg.solver or d.solver, init=msg.init or d.init,
         max_iter=msg.max_iter or d.max_iter, tol=msg.tol or d.tol, seed=int(msg.seed),
         layer=msg.layer or d.layer, resize_mode=_RESIZE_MODE[msg.resize.mode],
-        size=msg.resize.size or d.size)
+        size=msg.resize.size or d.size,
+        prediction_mode=msg.prediction_mode or d.prediction_mode,
+        prediction_top_n=msg.prediction_top_n or d.prediction_top_n,
+        temperature=msg.temperature or d.temperature,
+        bootstrap=0 if msg.bootstrap < 0 else (msg.bootstrap or d.bootstrap))
 
 
 def progress_to_proto(event: Progress | Decision) -> engine_pb2.DiscoverEvent:
@@ -72,34 +94,59 @@ def summary_to_proto(cs: ConceptSet, n_images: int) -> engine_pb2.DiscoverSummar
                                             value=[curve[k] for k in ks]))
     for stage, seconds in cs.stage_seconds.items():
         msg.stage_seconds[stage] = float(seconds)
+    if cs.stability is not None:
+        stab = np.asarray(cs.stability, np.float64)
+        msg.concept_stability.extend(stab.tolist())
+        interval = np.asarray(cs.stability_interval, np.float64).reshape(-1, 2)
+        msg.stability_low.extend(interval[:, 0].tolist())
+        msg.stability_high.extend(interval[:, 1].tolist())
+        msg.reliability_warning = reliability_warning(
+            cs.set_stability, float(np.mean(stab)) if stab.size else float("nan"))
+    msg.set_stability = float(cs.set_stability)
     return msg
 
 
-def info_to_proto(s: ConceptSetSummary) -> engine_pb2.ConceptSetInfo:
+def info_to_proto(s: ConceptSetSummary, set_stability: float = float("nan"),
+                  concept_names: list[str] | None = None) -> engine_pb2.ConceptSetInfo:
     return engine_pb2.ConceptSetInfo(id=s.id, name=s.name, k=s.k, n_images=s.n_images,
                                      model=s.model, layer=s.layer, created=s.created,
-                                     k_reason=s.k_reason)
+                                     k_reason=s.k_reason, set_stability=set_stability,
+                                     concept_names=list(concept_names or []))
 
 
 def concept_set_to_proto(cs: ConceptSet) -> engine_pb2.ConceptSet:
     info = ConceptSetSummary(cs.id, cs.name, cs.k, cs.n_images,
                              str(cs.provenance.get("model", "")),
                              str(cs.provenance.get("layer", "")), cs.created, cs.k_reason)
-    return engine_pb2.ConceptSet(info=info_to_proto(info), bases=wire.to_tensor(cs.bases),
+    return engine_pb2.ConceptSet(info=info_to_proto(info, cs.set_stability,
+                                                    list(cs.concept_names)),
+                                 bases=wire.to_tensor(cs.bases),
                                  provenance_json=json.dumps(cs.provenance, sort_keys=True,
                                                             default=str))
 
 
 def explanation_to_proto(e: Explanation, return_heatmaps: bool,
-                         overlay_png: bytes = b"") -> engine_pb2.ExplainResponse:
+                         overlay_png: bytes = b"", names: list[str] | None = None
+                         ) -> engine_pb2.ExplainResponse:
     if e.error is not None:
         return engine_pb2.ExplainResponse(id=e.id, error=wire.item_error(e.error))
     resp = engine_pb2.ExplainResponse(id=e.id, certainties=[float(c) for c in e.certainties],
                                       overlay_png=overlay_png)
+    k = len(e.certainties)
+    present = [True] * k if e.present is None else [bool(v) for v in e.present]
+    relative = ([float("nan")] * k if e.relative_score is None
+                else [float(v) for v in e.relative_score])
+    resp.present.extend(present)
+    resp.relative_score.extend(relative)
+    resp.reconstruction_error = float(e.reconstruction_error)
+    resp.out_of_distribution = bool(e.out_of_distribution)
     if return_heatmaps:
         resp.heatmaps.CopyFrom(wire.to_tensor(e.heatmaps))
+    names = list(names or [])
     for j, polys in enumerate(e.polygons):
-        regions = engine_pb2.ConceptRegions(concept=j, certainty=float(e.certainties[j]))
+        regions = engine_pb2.ConceptRegions(concept=j, certainty=float(e.certainties[j]),
+                                            present=present[j], relative_score=relative[j],
+                                            name=names[j] if j < len(names) else "")
         for p in polys:
             regions.contours.append(engine_pb2.Polygon(xy=np.asarray(p).ravel().tolist()))
         resp.regions.append(regions)

@@ -701,6 +701,10 @@ class Explanation:
     original_size: tuple[int, int] = (0, 0)
     input_size: tuple[int, int] = (0, 0)
     error: DFFError | None = None
+    present: np.ndarray | None = None  # (k,) bool: certainty >= the concept's training threshold
+    relative_score: np.ndarray | None = None  # (k,) training percentile of the certainty, 0..1
+    reconstruction_error: float = math.nan  # ||V - W H|| / ||V|| of this image
+    out_of_distribution: bool = False  # error beyond the training images' 95th percentile
 
 
 def explain(concept_set: ConceptSet, items: Iterable[tuple[str, bytes]], source: FeatureSource,
@@ -709,8 +713,20 @@ def explain(concept_set: ConceptSet, items: Iterable[tuple[str, bytes]], source:
     """Heatmaps of ``concept_set``'s concepts in new images: W from NMF with H fixed
     (nmf_transform), extracted with the set's own model, layer and resize policy. One
     Explanation per item, in the source's answer order; per-item failures are in ``error``.
-    ``threshold``/``min_area`` default to the values the set was made with."""
+    ``threshold``/``min_area`` default to the values the set was made with.
+
+    Presence is judged against the TRAINING images (see :mod:`concept_engine.reliability`):
+    a concept is ``present`` when its certainty reaches the set's presence threshold, and only
+    present concepts get polygons; ``out_of_distribution`` flags an image the concepts do not
+    reconstruct as well as 95% of the training images. A version-1 set has no training
+    statistics: thresholds are derived from its stored certainties, and OOD is never flagged
+    unless the set has reconstruction errors."""
     from concept_engine.nmf import nmf_transform
+    from concept_engine.reliability import (
+        PRESENCE_QUANTILE,
+        judge,
+        relative_errors,
+    )
 
     prov = concept_set.provenance
     threshold = concept_set.threshold if threshold is None else threshold
@@ -725,6 +741,12 @@ def explain(concept_set: ConceptSet, items: Iterable[tuple[str, bytes]], source:
     layer = opts.layers[0]
     H = np.asarray(concept_set.bases, np.float32)
     solver = prov.get("solver", "hals")
+    train_cert = np.asarray(concept_set.certainties, np.float32).reshape(-1, concept_set.k)
+    presence = concept_set.presence_threshold
+    if presence is None:
+        presence = (np.quantile(train_cert, PRESENCE_QUANTILE, axis=0) if len(train_cert)
+                    else np.zeros(concept_set.k))
+    ood_threshold = float(concept_set.ood_threshold)
     for res in source.extract(items, opts):
         if res.error is not None:
             yield Explanation(res.id, error=res.error)
@@ -740,6 +762,10 @@ def explain(concept_set: ConceptSet, items: Iterable[tuple[str, bytes]], source:
         W = nmf_transform(V, H, solver=solver, max_iter=max_iter, tol=tol)
         maps = np.asarray(to_host(hm.heatmaps(W, 1, h, w))[0], np.float32)
         cert = image_certainties([maps], [tuple(res.input_size)])[0]
+        error = float(relative_errors([V], W, H)[0])
+        present, relative, ood = judge(cert, error, train_cert, presence, ood_threshold)
         polys = hm.concept_polygons(maps, tuple(res.original_size), threshold, min_area)
+        polys = [p if present[j] else [] for j, p in enumerate(polys)]
         yield Explanation(res.id, maps, cert, polys, tuple(int(v) for v in res.original_size),
-                          tuple(int(v) for v in res.input_size))
+                          tuple(int(v) for v in res.input_size), None, present, relative,
+                          error, ood)

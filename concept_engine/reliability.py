@@ -27,8 +27,12 @@ Training statistics for explanations (see :func:`training_statistics`):
 - ``relative_score``: the fraction of training images whose certainty for concept j is at most
   the new image's (its training percentile, 0..1).
 - ``reconstruction_errors`` (N,): per training image ||V_i - W_i H||_F / ||V_i||_F; a new
-  image whose relative error exceeds the :data:`OOD_QUANTILE` (99th percentile) of these is
-  ``out_of_distribution``: the concepts do not describe it.
+  image whose relative error exceeds the :data:`OOD_QUANTILE` (95th percentile) of these is
+  ``out_of_distribution``: the concepts do not describe it. Measured with an ant concept set
+  (k=2, 100 training ants): the 95th percentile flags 6 of 6 gymnast photos, 64 of 89
+  ImageNet photos of other classes and 1 of 23 held-back ants; the 99th percentile flagged only
+  4 of 6 gymnasts (a few training ants are tiny in a large background and reconstruct poorly,
+  so the error's upper tail is long).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ log = logging.getLogger(__name__)
 
 WARN_BELOW = 0.7
 PRESENCE_QUANTILE = 0.10
-OOD_QUANTILE = 0.99
+OOD_QUANTILE = 0.95
 DEFAULT_B = 12
 DEFAULT_ITERS = 15
 

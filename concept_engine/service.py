@@ -255,7 +255,7 @@ class ConceptEngineServicer(engine_pb2_grpc.ConceptEngineServicer):
             data = kept.pop(e.id, None)
             if msg.render_overlay and e.error is None and data is not None:
                 png = _overlay_png(data, e)
-            yield explanation_to_proto(e, msg.return_heatmaps, png)
+            yield explanation_to_proto(e, msg.return_heatmaps, png, list(cs.concept_names))
 
     @map_errors
     def ListConceptSets(self, request, context):  # noqa: N802
