@@ -43,6 +43,7 @@ __all__ = [
     "CRITERIA",
     "CertaintyCriterion",
     "ElbowCriterion",
+    "InstabilityCriterion",
     "KCriterion",
     "KSelection",
     "StabilityCriterion",
@@ -213,11 +214,52 @@ class StabilityCriterion:
         )
 
 
+@dataclass(frozen=True)
+class InstabilityCriterion:
+    """staNMF instability (Wu et al., PNAS 2016): fit all of V from ``n_restarts`` random
+    starts at each k; the instability is the mean, over pairs of restarts, of the Hungarian-
+    matched dissimilarity 1 - mean matched cosine of their bases. Rule: the LARGEST k whose
+    instability is within ``tolerance`` of the smallest (the finest set that restarts agree
+    on). Costs ``n_restarts`` full fits per k (the split-half criterion: 2 x 2 half fits)."""
+
+    n_restarts: int = 3
+    tolerance: float = 0.01
+    init: str = "random"
+    name: str = "instability"
+
+    @property
+    def n_splits(self) -> int:  # fits per k, for select_k's progress total
+        return self.n_restarts
+
+    def curve(self, sweep: Sweep) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for k in sweep.ks:
+            bases = []
+            for r in range(self.n_restarts):
+                kw = {**sweep.fit_kwargs, "init": self.init,
+                      "seed": _half_seed(sweep.seed, 1000 + r, k)}
+                bases.append(nmf_fit(sweep.V, k, **kw).H)
+                sweep.tick(f"instability restart {r + 1}/{self.n_restarts}, k={k}")
+            diss = [1.0 - float(np.mean(match_bases(bases[a], bases[b])[1]))
+                    for a in range(len(bases)) for b in range(a + 1, len(bases))]
+            out[k] = float(np.mean(diss)) if diss else 0.0
+        return out
+
+    def choose(self, curve: dict[int, float]) -> tuple[int, str]:
+        best = min(curve.values())
+        k = max(kk for kk, v in curve.items() if v <= best + self.tolerance)
+        return k, (f"k={k} is the largest k whose staNMF instability ({curve[k]:.3g}) is "
+                   f"within {self.tolerance:g} of the lowest ({best:.3g})")
+
+
 CRITERIA: dict[str, type] = {
     "certainty": CertaintyCriterion,
     "stability": StabilityCriterion,
     "elbow": ElbowCriterion,
+    "instability": InstabilityCriterion,
 }
+#: recorded by default beside the chosen criterion (instability costs extra full fits)
+DEFAULT_RECORD = ("stability", "certainty", "elbow")
 
 
 def _is_host_sparse(V: Any) -> bool:
@@ -295,8 +337,9 @@ def select_k(
         criterion: 'stability' | 'certainty' | 'elbow', or a :class:`KCriterion` instance.
         seed: seed of the NMF inits and of the image splits.
         solver, init, max_iter, tol: passed to :func:`~concept_engine.nmf.nmf_fit`.
-        record: criteria whose curves are computed too (the chosen one always is). Default: all
-            three; pass e.g. ``("certainty", "elbow")`` to skip the split-half fits.
+        record: criteria whose curves are computed too (the chosen one always is). Default:
+            :data:`DEFAULT_RECORD` (stability, certainty, elbow); pass e.g.
+            ``("certainty", "elbow")`` to skip the split-half fits, or add "instability".
         fits: already computed fits on all of V, by k (reused, not refitted).
         input_sizes: network input (H, W) of each image; the certainty criterion upsamples
             each map to it (default: the seed's 224 x 224 for every image).
@@ -322,7 +365,7 @@ def select_k(
         return c
 
     chosen = make(criterion)
-    recorded = [make(c) for c in (record if record is not None else tuple(CRITERIA))]
+    recorded = [make(c) for c in (record if record is not None else DEFAULT_RECORD)]
     if chosen.name not in {c.name for c in recorded}:
         recorded.append(chosen)
     fit_kwargs = {"solver": solver, "init": init, "max_iter": max_iter, "tol": tol, "seed": seed}
