@@ -118,8 +118,8 @@ def concept_set_to_proto(cs: ConceptSet) -> engine_pb2.ConceptSet:
     info = ConceptSetSummary(cs.id, cs.name, cs.k, cs.n_images,
                              str(cs.provenance.get("model", "")),
                              str(cs.provenance.get("layer", "")), cs.created, cs.k_reason)
-    return engine_pb2.ConceptSet(info=info_to_proto(info, cs.set_stability,
-                                                    list(cs.concept_names)),
+    names = [cs.concept_names[j] if j < len(cs.concept_names) else "" for j in range(cs.k)]
+    return engine_pb2.ConceptSet(info=info_to_proto(info, cs.set_stability, names),
                                  bases=wire.to_tensor(cs.bases),
                                  provenance_json=json.dumps(cs.provenance, sort_keys=True,
                                                             default=str))

@@ -267,7 +267,7 @@ def _adapt_options(kw: dict[str, Any]) -> dict[str, Any]:
 
 
 _STAGE_ORDER = ("read", "features", "prediction_filter", "certainty_filter", "k_sweep", "fit",
-                "regions", "explain", "total", "save", "render")
+                "reliability", "regions", "explain", "total", "save", "render")
 
 
 def _fmt_seconds(stages: dict[str, float]) -> str:
