@@ -86,8 +86,7 @@ def main() -> None:
             cs = discover(items, source, opts, cache=cache)
             secs = time.perf_counter() - t
             if decodable is None:
-                decodable = len({d.id for d in cs.decisions}) - sum(
-                    d.stage == "error" for d in cs.decisions)
+                decodable = len(items) - sum(d.stage == "error" for d in cs.decisions)
             intruders = sum(i.startswith("other/") for i in cs.image_ids)
             kept = {i: n for n, i in enumerate(cs.image_ids)}
             rows = [r for r in source._results.values() if r.id in kept]  # noqa: SLF001

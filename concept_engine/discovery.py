@@ -1,6 +1,8 @@
 """The discovery pipeline: images -> activations -> fine-graining -> k -> DFF -> concept set.
 
-``discover`` runs, in order (each stage timed, see ``ConceptSet.stage_seconds``):
+``discover`` runs, in order, one function per stage (each timed by ``_Run.timer`` into
+``ConceptSet.stage_seconds``; NMF fits go through a :class:`FitCache` keyed by (image ids, k,
+solver, init, seed, max_iter, tol), so no fit is ever made twice):
 
 1. ``features``: one pass through the feature source gives every image's activations at
    ``options.layer`` AND (unless the prediction filter is OFF) the classifier probabilities.
@@ -9,20 +11,24 @@
    (the folder name), resolved against the classifier's class names (see
    :func:`concept_engine.finegrain.resolve_class`). AUTO skips the filter with a recorded
    notice when the class is unknown (the notice lists close matches) or no probabilities came
-   back; ON makes that an InvalidInput error. Fewer than ``prediction_min_images`` passing:
-   everything is kept, with a notice.
+   back; ON makes that an InvalidInput error. The rule is ``prediction_mode`` (probability
+   threshold, target in the top-n, calibrated probability threshold). Fewer than
+   ``prediction_min_images`` passing: the ``prediction_min_images`` most probable are kept,
+   with a notice (no cliff).
 3. ``certainty_filter``: a provisional DFF fit at ``options.k`` when k is given, else at
    ``options.k_min``; the mean (over concepts) concept certainty per image is filtered at its
    ``certainty_quantile``. Skipped with a notice if fewer than ``certainty_min_images`` remain.
 4. ``k_sweep`` (only when ``options.k == 0``): :func:`concept_engine.kselect.select_k` over
    ``k_min..k_max`` (k larger than the number of images is left out, with a notice) with
    ``options.k_criterion``; every measured curve is kept. The CHOSEN k is fitted next.
-5. ``fit``: the final NMF on the kept images. A fit already made on exactly the same rows with
-   the same k, seed and solver (from the sweep, or the provisional fit when the certainty filter
-   dropped nothing) is reused rather than recomputed.
-6. ``regions``: per kept image the raw heatmaps (k, h, w) at feature resolution, the concept
-   certainties (k,), and contour polygons of the significant regions at the image's ORIGINAL
-   size.
+5. ``fit``: the final NMF on the kept images (from the cache when the sweep or the provisional
+   fit already made it on exactly these images).
+6. ``reliability``: per-concept bootstrap stability and the set's split-half stability at k
+   (:mod:`concept_engine.reliability`); a notice warns when either is below 0.7.
+7. ``regions``: per kept image the raw heatmaps (k, h, w) at feature resolution, the concept
+   certainties (k,), contour polygons of the significant regions at the image's ORIGINAL size,
+   the training statistics explanations are judged against (presence thresholds, relative
+   reconstruction errors) and the hierarchy of the sweep's fits (k -> k+1 parents).
 
 ``explain`` applies a stored concept set to new images with the bases H fixed.
 
