@@ -543,9 +543,9 @@ def _explain(args: argparse.Namespace) -> int:
     write_report(args.out, results(), data, top_n=args.top, total=len(ok), concepts_file="")
     for x in ok:
         if x.out_of_distribution:
-            print(f"    {x.id}: OUT OF DISTRIBUTION (relative error "
-                  f"{x.reconstruction_error:.3f} > {cs.ood_threshold:.3f}): the concepts do "
-                  f"not describe it", file=sys.stderr)
+            print(f"    {x.id}: OUT OF DISTRIBUTION (relative reconstruction error "
+                  f"{x.reconstruction_error:.4f} > {cs.ood_threshold:.4f}, the training "
+                  f"images' 95th percentile): the concepts do not describe it", file=sys.stderr)
         elif not np.any(x.present):
             print(f"    {x.id}: none of the {cs.k} concepts is present", file=sys.stderr)
     for x in failed:

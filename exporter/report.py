@@ -319,8 +319,8 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
                 crop_tiles[j].append((_small(crop, CROP), res.id, score))
                 crop_tiles[j] = sorted(crop_tiles[j], key=lambda t: -t[2])[:top_n]
         rel = f"combined/{stem}.jpg"
-        write_image(out_dir / rel, combined_overlay(res.image, conts, res.certainties,
-                                                    names=names, present=present))
+        write_image(out_dir / rel, _flag_ood(combined_overlay(
+            res.image, conts, res.certainties, names=names, present=present), res))
         rendered.combined[res.id] = rel
         if res.heatmaps is not None:
             ref = scales or [float(np.max(res.heatmaps[j])) for j in range(k)]
@@ -328,7 +328,7 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
             from concept_engine.drawing import draw_legend
 
             rel = f"dominant/{stem}.jpg"
-            write_image(out_dir / rel, draw_legend(dom, names, colors))
+            write_image(out_dir / rel, _flag_ood(draw_legend(dom, names, colors), res))
             rendered.dominant[res.id] = rel
         if n in wanted:
             rel = f"thumbs/{n:04d}.jpg"
@@ -360,6 +360,20 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
         else:
             rendered.crops.append("")
     return rendered
+
+
+def _flag_ood(picture: np.ndarray, res: ImageResult) -> np.ndarray:
+    """A red band 'OUT OF DISTRIBUTION' above the picture of an image the concepts do not
+    describe (explain), so the picture cannot be mistaken for a confident explanation."""
+    if not res.out_of_distribution:
+        return picture
+    width = picture.shape[1]
+    text_h = max(12, width // 22)
+    scale = cv2.getFontScaleFromHeight(cv2.FONT_HERSHEY_SIMPLEX, text_h, 2)
+    band = np.full((int(text_h * 1.9), width, 3), (40, 40, 200), np.uint8)
+    cv2.putText(band, "OUT OF DISTRIBUTION", (6, int(text_h * 1.45)), cv2.FONT_HERSHEY_SIMPLEX,
+                scale, (255, 255, 255), max(1, text_h // 8), cv2.LINE_AA)
+    return np.concatenate([band, picture], axis=0)
 
 
 def _hierarchy_tree(data: ReportData, rendered: Rendered) -> list[dict]:
