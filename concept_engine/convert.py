@@ -27,11 +27,11 @@ from concept_engine.reliability import reliability_warning
 from concept_engine.store import ConceptSet, ConceptSetSummary
 
 # proto enum values <-> the option names of concept_engine.options (checked complete below)
-_FILTER_MODE = {engine_pb2.FILTER_MODE_UNSPECIFIED: "auto", engine_pb2.AUTO: "auto",
+_FILTER_MODE = {engine_pb2.FILTER_MODE_UNSPECIFIED: "", engine_pb2.AUTO: "auto",
                 engine_pb2.ON: "on", engine_pb2.OFF: "off"}
 _RESIZE_MODE = {common_pb2.RESIZE_MODE_UNSPECIFIED: "squash", common_pb2.SQUASH: "squash",
                 common_pb2.KEEP_ASPECT: "keep_aspect"}
-assert set(_FILTER_MODE.values()) == set(FILTER_MODES)
+assert set(_FILTER_MODE.values()) - {""} == set(FILTER_MODES)
 assert set(_RESIZE_MODE.values()) == set(RESIZE_MODES)
 _STRING_CHOICES = {"k_criterion": K_CRITERIA, "solver": SOLVERS, "init": INITS,
                    "prediction_mode": PREDICTION_MODES}
@@ -42,10 +42,10 @@ def options_from_proto(msg: engine_pb2.DiscoverOptions, name: str = "") -> Disco
     d = DiscoveryOptions()
     both = msg.min_images or 0
 
-    def mode(value: int) -> str:
+    def mode(value: int, default: str) -> str:
         if value not in _FILTER_MODE:
             raise InvalidInput(f"unknown filter mode {value}")
-        return _FILTER_MODE[value]
+        return default if value == engine_pb2.FILTER_MODE_UNSPECIFIED else _FILTER_MODE[value]
 
     if msg.resize.mode not in _RESIZE_MODE:
         raise InvalidInput(f"unknown resize mode {msg.resize.mode}")
@@ -57,10 +57,10 @@ def options_from_proto(msg: engine_pb2.DiscoverOptions, name: str = "") -> Disco
         name=msg.name or name, target_class=msg.target_class, k=msg.k,
         k_min=msg.k_min or d.k_min, k_max=msg.k_max or d.k_max,
         k_criterion=msg.k_criterion or d.k_criterion,
-        prediction_filter=mode(msg.prediction_filter),
+        prediction_filter=mode(msg.prediction_filter, d.prediction_filter),
         min_probability=msg.min_probability or d.min_probability,
         prediction_min_images=both or d.prediction_min_images,
-        certainty_filter=mode(msg.certainty_filter),
+        certainty_filter=mode(msg.certainty_filter, d.certainty_filter),
         certainty_quantile=msg.certainty_quantile or d.certainty_quantile,
         certainty_min_images=both or d.certainty_min_images,
         solver=msg.solver or d.solver, init=msg.init or d.init,

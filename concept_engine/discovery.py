@@ -103,12 +103,12 @@ class DiscoveryOptions:
     k_max: int = 6
     k_criterion: str = "stability"
     prediction_filter: str = "auto"
-    prediction_mode: str = "probability"
+    prediction_mode: str = "top_n"  # chosen by benchmarks/bench_quality.py (README)
     min_probability: float = 0.95
     prediction_top_n: int = 5
     temperature: float = CALIBRATION_TEMPERATURE
     prediction_min_images: int = 10
-    certainty_filter: str = "auto"
+    certainty_filter: str = "off"  # measured not to help (README, "Fine-graining")
     certainty_quantile: float = 0.25
     certainty_min_images: int = 15
     solver: str = "hals"

@@ -42,10 +42,11 @@ OUT/<class>/ with:
   k_sweep.png     how the number of concepts k was chosen
   summary.json    images kept/dropped, k and why, time per stage (written last: "done")
 
-Steps: (1) features of every image; (2) fine-graining: keep images the classifier recognises as
-the folder's class (prediction filter; skipped with a notice when the folder name is not a
-classifier class), then drop the least certain images (certainty filter); (3) choose k (or use
---k); (4) fit; (5) write the outputs. By default everything runs in this process; models are
+Steps: (1) features of every image; (2) fine-graining: keep images whose 5 most probable
+classifier classes include the folder's class (prediction filter; skipped with a notice when the
+folder name is not a classifier class) and, with --certainty-filter, drop the least certain
+images; (3) choose k (or use --k); (4) fit, and measure each concept's stability; (5) write the
+outputs. By default everything runs in this process; models are
 built into $DFF_HOME (~/.cache/dff) on first use.
 """
 
@@ -160,8 +161,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--min-probability", type=_fraction, metavar="P",
                    help="prediction filter: keep images with class probability >= P "
                         "(default 0.95)")
+    g.add_argument("--certainty-filter", action="store_true",
+                   help="drop the least certain images (the seed's second filter; off by "
+                        "default: measured not to make concept sets more reproducible)")
     g.add_argument("--no-certainty-filter", action="store_true",
-                   help="do not drop the least certain images")
+                   help="do not drop the least certain images (the default)")
     g.add_argument("--certainty-quantile", type=_fraction, metavar="Q",
                    help="certainty filter: drop images below this quantile (default 0.25)")
     g.add_argument("--min-images", type=_positive_int, metavar="N",
@@ -245,6 +249,8 @@ def discovery_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["prediction_filter"] = "on"
     if args.no_certainty_filter:
         kw["certainty_filter"] = "off"
+    elif args.certainty_filter:
+        kw["certainty_filter"] = "auto"
     return {k: v for k, v in kw.items() if v is not None}
 
 

@@ -30,7 +30,8 @@ def test_extract_once_errors_and_filters_recorded(items):
     src = FakeSource({"img003.png": 0.5, "img004.png": 0.94})
     data = items + [("broken.jpg", b"not an image"), ("empty.png", b"")]
     events: list = []
-    cs = discover(data, src, DiscoveryOptions(name="ant", k=3), progress=events.append)
+    cs = discover(data, src, DiscoveryOptions(name="ant", k=3, prediction_mode="probability",
+                                              certainty_filter="auto"), progress=events.append)
     assert src.calls == 1 and src.items_seen == len(data)
     by_id: dict[str, list[Decision]] = {}
     for d in cs.decisions:
@@ -101,13 +102,14 @@ def test_probabilities_requested_only_when_the_filter_runs(items):
 def test_target_class_by_wordnet_id(items):
     src = FakeSource({"img000.png": 0.1})
     cs = discover(items[:12], src, DiscoveryOptions(name="folder", target_class="n02219486",
-                                                    k=2))
+                                                    k=2, prediction_mode="probability"))
     assert "img000.png" not in cs.image_ids and not cs.notices[:0]
 
 
 def test_too_few_pass_prediction_filter_keeps_the_most_probable(items):
     src = FakeSource({i: 0.3 for i, _ in items})
-    cs = discover(items[:12], src, DiscoveryOptions(name="ant", k=2))
+    cs = discover(items[:12], src, DiscoveryOptions(name="ant", k=2, prediction_mode="probability",
+                                                    certainty_filter="auto"))
     assert cs.n_images == 10  # prediction_min_images, not everything (no cliff)
     assert any("kept the 10 most probable" in n for n in cs.notices)
     assert any("certainty filter not applied" in n for n in cs.notices)
