@@ -43,8 +43,9 @@ def _items(folder: Path, prefix: str = "") -> list[tuple[str, bytes]]:
 
 def main() -> None:
     from concept_engine.cached_source import CachedSource
-    from concept_engine.discovery import DiscoveryOptions, FitCache, discover, stack_rows
+    from concept_engine.discovery import DiscoveryOptions, FitCache, discover
     from concept_engine.kselect import CRITERIA as KC
+    from concept_engine.nmf import prepare_v
     from concept_engine.reliability import bootstrap_stability
     from feature_server.extractor import ExtractOptions, Extractor
 
@@ -88,22 +89,16 @@ def main() -> None:
             if decodable is None:
                 decodable = len(items) - sum(d.stage == "error" for d in cs.decisions)
             intruders = sum(i.startswith("other/") for i in cs.image_ids)
-            kept = {i: n for n, i in enumerate(cs.image_ids)}
-            rows = [r for r in source._results.values() if r.id in kept]  # noqa: SLF001
-            rows.sort(key=lambda r: kept[r.id])
-            from concept_engine.discovery import _Image, _rows
-
-            images = [_Image(r.id, _rows(np.maximum(r.activations["conv5_4"], 0)),
-                             r.activations["conv5_4"].shape[1:], r.original_size,
-                             r.input_size, None) for r in rows]
-            V = stack_rows(images)
+            acts = [np.maximum(source.get(i, opts.extract_options()).activations[opts.layer], 0)
+                    for i in cs.image_ids]
+            sizes = [(int(a.shape[1]), int(a.shape[2])) for a in acts]
+            V = prepare_v(np.concatenate([a.reshape(a.shape[0], -1).T for a in acts]))
             boot: dict[int, float] = {}
             for crit in CRITERIA:
                 k, _ = KC[crit]().choose(cs.k_curves[crit])
                 if k not in boot:
                     fit = cache.fit(V, cs.image_ids, k, replace(opts, k=k))
-                    stab, _ = bootstrap_stability(V, [im.feature_size for im in images],
-                                                  fit.W, fit.H, seed=0)
+                    stab, _ = bootstrap_stability(V, sizes, fit.W, fit.H, seed=0)
                     boot[k] = float(np.mean(stab))
                 split = cs.k_curves["stability"][k]
                 print(f"| {name} | {label} | {crit} | {cs.n_images} / {decodable} | "

@@ -44,6 +44,10 @@ class CachedSource:
                 continue
             yield res if options.return_probabilities else replace(res, probabilities=None)
 
+    def get(self, item_id: str, options: ExtractOptions) -> ExtractResult | None:
+        """The remembered answer for one image (None when it was never extracted)."""
+        return self._results.get(self._key(item_id, options))
+
     def describe(self) -> dict:
         if self._describe is None:
             self._describe = self.inner.describe()
