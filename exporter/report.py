@@ -206,6 +206,7 @@ _CURVE_TITLES = {
     "stability": "stability (split-half, higher = more reproducible)",
     "certainty": "mean certainty (the seed's criterion)",
     "elbow": "reconstruction error (elbow)",
+    "instability": "staNMF instability (lower = restarts agree)",
 }
 
 
