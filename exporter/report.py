@@ -455,6 +455,7 @@ def write_index(out_dir: Path, data: ReportData, rendered: Rendered, *,
             "dominant": rendered.dominant.get(res.id, ""), "ood": res.out_of_distribution,
             "error": res.reconstruction_error,
             "concepts": [{"label": data.label(j), "color": colors[j],
+                          "exemplar": data.exemplars[j] if j < len(data.exemplars) else "",
                           "present": bool(res.present[j]) if res.present is not None else True,
                           "certainty": float(res.certainties[j]),
                           "relative": (float(res.relative_score[j])
