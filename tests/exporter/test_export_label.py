@@ -29,3 +29,38 @@ def test_label_usage_errors(tmp_path, bad):
     path.write_bytes(GOLDEN.read_bytes())
     assert main(["label", str(path), bad]) == 2
     assert load_concept_set(path).schema_version == 1  # untouched
+
+
+def test_discover_then_label_redraw_and_explain_json(tmp_path, monkeypatch, capsys):
+    import json
+
+    from exporter_fakes import fake_module, make_class_folder
+
+    from exporter import export
+
+    src = fake_module().FakeSource()
+    monkeypatch.setattr(export, "make_source", lambda *a, **k: src)
+    folder = make_class_folder(tmp_path / "data", "ant", 10)
+    out = tmp_path / "out"
+    assert main(["discover", str(folder), "--out", str(out), "--k", "3", "--no-progress",
+                 "--bootstrap", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "reliability: split-half" in printed and "concept stability" in printed
+    h5 = out / "ant" / "concepts.h5"
+    assert main(["label", str(h5), "0=red", "1=green", "--images", str(folder)]) == 0
+    html = (out / "ant" / "index.html").read_text()
+    assert "red" in html and "green" in html and "concept 2" in html
+    assert list((out / "ant" / "dominant").glob("*.jpg"))
+    new = tmp_path / "new"
+    new.mkdir()
+    for i, data in fake_module().make_items(2, prefix="new", start=50):
+        (new / i).write_bytes(data)
+    assert main(["explain", str(new), "--concepts", str(h5), "--out", str(tmp_path / "ex"),
+                 "--no-progress"]) == 0
+    record = json.loads((tmp_path / "ex" / "explanations.json").read_text())
+    assert record["concept_names"] == ["red", "green", "concept 2"]
+    for x in record["images"]:
+        assert len(x["present"]) == len(x["relative_score"]) == 3
+        assert isinstance(x["out_of_distribution"], bool) and x["reconstruction_error"] > 0
+    assert sorted(p.name for p in (tmp_path / "ex" / "exemplars").iterdir()) == [
+        "concept_00.jpg", "concept_01.jpg", "concept_02.jpg"]
