@@ -41,7 +41,8 @@ _ON_THE_WIRE = frozenset({
     "target_class", "k", "k_min", "k_max", "k_criterion", "prediction_filter",
     "min_probability", "prediction_min_images", "certainty_min_images", "certainty_filter",
     "certainty_quantile", "solver", "max_iter", "tol", "seed", "layer", "init", "resize_mode",
-    "size", "threshold", "min_area"})
+    "size", "threshold", "min_area",
+    "prediction_mode", "prediction_top_n", "temperature", "bootstrap"})
 
 
 def options_message(name: str, options: dict[str, Any]) -> Any:
@@ -58,7 +59,7 @@ def options_message(name: str, options: dict[str, Any]) -> Any:
                     "using certainty_min_images for both")
         o["prediction_min_images"] = o["certainty_min_images"]
     msg = engine_pb2.DiscoverOptions(name=name)
-    for key in ("target_class", "k_criterion", "solver", "layer", "init"):
+    for key in ("target_class", "k_criterion", "solver", "layer", "init", "prediction_mode"):
         if o.get(key):
             setattr(msg, key, str(o[key]))
     if o.get("prediction_min_images") is not None:
@@ -71,6 +72,12 @@ def options_message(name: str, options: dict[str, Any]) -> Any:
             setattr(msg, key, float(o[key]))
     if o.get("seed") is not None:
         msg.seed = int(o["seed"])
+    if o.get("prediction_top_n") is not None:
+        msg.prediction_top_n = int(o["prediction_top_n"])
+    if o.get("temperature") is not None:
+        msg.temperature = float(o["temperature"])
+    if o.get("bootstrap") is not None:  # 0 (none) travels as -1: 0 means "engine default"
+        msg.bootstrap = int(o["bootstrap"]) or -1
     for key in ("prediction_filter", "certainty_filter"):
         mode = o.get(key)
         if mode is not None:
