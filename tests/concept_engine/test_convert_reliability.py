@@ -53,3 +53,13 @@ def test_explain_answer_carries_presence_and_ood():
     assert msg.regions[0].name == "thorax" and msg.regions[0].present
     assert not msg.regions[1].present and len(msg.regions[1].contours) == 0
     assert math.isclose(msg.regions[0].relative_score, 0.4, rel_tol=1e-6)
+
+
+def test_client_options_round_trip_through_the_engine_message():
+    from exporter.remote import options_message
+
+    msg = options_message("ant", {"prediction_mode": "calibrated", "prediction_top_n": 3,
+                                  "bootstrap": 0, "temperature": 0.5, "certainty_filter": "on"})
+    o = convert.options_from_proto(msg)
+    assert (o.prediction_mode, o.prediction_top_n, o.bootstrap, o.temperature,
+            o.certainty_filter) == ("calibrated", 3, 0, 0.5, "on")
