@@ -36,13 +36,12 @@ class CachedSource:
         missing = [(i, b) for i, b in items if self._key(i, options) not in self._results]
         if missing:
             full = replace(options, return_probabilities=True)
-            for res in self.inner.extract(missing, full):
-                self._results[self._key(res.id, options)] = res
+            for fresh in self.inner.extract(missing, full):
+                self._results[self._key(fresh.id, options)] = fresh
         for i, _ in items:
             res = self._results.get(self._key(i, options))
-            if res is None:
-                continue
-            yield res if options.return_probabilities else replace(res, probabilities=None)
+            if res is not None:
+                yield res if options.return_probabilities else replace(res, probabilities=None)
 
     def get(self, item_id: str, options: ExtractOptions) -> ExtractResult | None:
         """The remembered answer for one image (None when it was never extracted)."""

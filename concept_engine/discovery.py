@@ -209,7 +209,7 @@ class _Run:
     decisions: list[Decision] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
-    cache: FitCache | None = None
+    cache: FitCache = field(default_factory=lambda: FitCache())
 
     @contextmanager
     def timer(self, stage: str) -> Iterator[None]:

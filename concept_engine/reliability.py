@@ -118,7 +118,8 @@ def bootstrap_stability(V: Any, sizes: Sequence[tuple[int, int]], W: Any, H: Any
         W0 = np.ascontiguousarray(W_host[rows])
         if xp_like is not None:
             W0 = to_device(W0, _ns(xp_like))
-        fit = nmf_fit(Vb, k, solver=solver, W=W0, H=H, max_iter=iters, tol=0.0, seed=seed)
+        fit = nmf_fit(Vb, k, solver=solver, W=W0, H=H, max_iter=iters, tol=0.0,  # type: ignore[arg-type]
+                      seed=seed)
         _, c = match_bases(H, fit.H)
         cos[b] = c
     stab = cos.mean(axis=0).astype(np.float32)
