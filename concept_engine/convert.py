@@ -106,11 +106,12 @@ def summary_to_proto(cs: ConceptSet, n_images: int) -> engine_pb2.DiscoverSummar
     return msg
 
 
-def info_to_proto(s: ConceptSetSummary, set_stability: float = float("nan"),
+def info_to_proto(s: ConceptSetSummary, set_stability: float | None = None,
                   concept_names: list[str] | None = None) -> engine_pb2.ConceptSetInfo:
+    stability = s.set_stability if set_stability is None else set_stability
     return engine_pb2.ConceptSetInfo(id=s.id, name=s.name, k=s.k, n_images=s.n_images,
                                      model=s.model, layer=s.layer, created=s.created,
-                                     k_reason=s.k_reason, set_stability=set_stability,
+                                     k_reason=s.k_reason, set_stability=stability,
                                      concept_names=list(concept_names or []))
 
 

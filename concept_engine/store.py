@@ -205,6 +205,7 @@ class ConceptSetSummary:
     layer: str
     created: str
     k_reason: str
+    set_stability: float = float("nan")  # schema 2; NaN for version-1 files
 
 
 def utc_now() -> str:
@@ -514,7 +515,8 @@ def read_summary(path: str | os.PathLike[str]) -> ConceptSetSummary:
         return ConceptSetSummary(str(a[Names.ID]), str(a[Names.NAME]), int(a[Names.K]),
                                  int(a[Names.N_IMAGES]), str(a[Names.MODEL]),
                                  str(a[Names.LAYER]), str(a[Names.CREATED]),
-                                 str(a[Names.K_REASON]))
+                                 str(a[Names.K_REASON]),
+                                 float(a.get(Names.SET_STABILITY, float("nan"))))
 
 
 def safe_id(text: str) -> str:

@@ -63,3 +63,11 @@ def test_client_options_round_trip_through_the_engine_message():
     o = convert.options_from_proto(msg)
     assert (o.prediction_mode, o.prediction_top_n, o.bootstrap, o.temperature,
             o.certainty_filter) == ("calibrated", 3, 0, 0.5, "on")
+
+
+def test_listing_carries_the_set_stability(tmp_path):
+    from concept_engine.store import read_summary, save_concept_set
+
+    path = save_concept_set(tmp_path / "x.h5", _v2_set())
+    info = convert.info_to_proto(read_summary(path))
+    assert info.set_stability == pytest.approx(0.77)
