@@ -14,10 +14,11 @@ SOLVERS: tuple[str, ...] = ("hals", "mu")
 Init = Literal["nndsvd", "nndsvda", "nndsvdar", "random", "seed"]
 INITS: tuple[str, ...] = ("nndsvd", "nndsvda", "nndsvdar", "random", "seed")
 
-KCriterionName = Literal["stability", "instability", "certainty", "elbow"]
+KCriterionName = Literal["stability", "instability", "bcv", "certainty", "elbow"]
 #: how k is chosen: split-half stability, staNMF instability over restarts (Wu et al. 2016),
-#: the seed's mean certainty, the elbow of the reconstruction error.
-K_CRITERIA: tuple[str, ...] = ("stability", "instability", "certainty", "elbow")
+#: bi-cross-validation (Owen & Perry 2009), the seed's mean certainty, the elbow of the
+#: reconstruction error.
+K_CRITERIA: tuple[str, ...] = ("stability", "instability", "bcv", "certainty", "elbow")
 
 FilterMode = Literal["auto", "on", "off"]
 FILTER_MODES: tuple[str, ...] = ("auto", "on", "off")

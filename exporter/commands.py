@@ -126,7 +126,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="values of k tried when estimating (default: 2-6)")
     g.add_argument("--k-criterion", choices=K_CRITERIA,
                    help="how k is estimated: split-half stability of the concepts (default), "
-                        "staNMF instability over random restarts, the seed's mean certainty "
+                        "staNMF instability over random restarts, bi-cross-validation (bcv), "
+                        "the seed's mean certainty "
                         "(biased towards small k), or the elbow of the reconstruction error")
     g = d.add_argument_group("factorisation")
     g.add_argument("--solver", choices=SOLVERS,

@@ -207,6 +207,7 @@ _CURVE_TITLES = {
     "certainty": "mean certainty (the seed's criterion)",
     "elbow": "reconstruction error (elbow)",
     "instability": "staNMF instability (lower = restarts agree)",
+    "bcv": "bi-cross-validation error (lower = predicts held-out blocks)",
 }
 
 

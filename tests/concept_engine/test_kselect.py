@@ -169,3 +169,14 @@ def test_instability_recovers_realistic_planted_k(k):
                    criterion="instability", record=("instability",))
     assert sel.k == k, sel.curves
     assert sel.curves["instability"][k] < 0.02 < sel.curves["instability"][k + 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [2, 5, 8])
+def test_bcv_recovers_realistic_planted_k(k):
+    sel = select_k(realistic_planted(k), 24, (14, 14), ks=range(2, k + 2), criterion="bcv",
+                   record=("bcv",))
+    assert sel.k == k, sel.curves
+    curve = sel.curves["bcv"]
+    if k > 2:  # a missing concept costs a lot, an extra one gains almost nothing
+        assert curve[k - 1] - curve[k] > 0.05 > curve[k] - curve[k + 1]
