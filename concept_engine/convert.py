@@ -15,14 +15,26 @@ from dff_protos.v1 import common_pb2, engine_pb2
 
 from concept_engine.discovery import DiscoveryOptions, Explanation, Progress
 from concept_engine.finegrain import Decision
+from concept_engine.options import (
+    FILTER_MODES,
+    INITS,
+    K_CRITERIA,
+    PREDICTION_MODES,
+    RESIZE_MODES,
+    SOLVERS,
+)
+from concept_engine.reliability import reliability_warning
 from concept_engine.store import ConceptSet, ConceptSetSummary
 
-_FILTER_MODE: dict[int, str] = {
-    engine_pb2.FILTER_MODE_UNSPECIFIED: "auto", engine_pb2.AUTO: "auto", engine_pb2.ON: "on",
-    engine_pb2.OFF: "off"}
-_RESIZE_MODE: dict[int, str] = {
-    common_pb2.RESIZE_MODE_UNSPECIFIED: "squash", common_pb2.SQUASH: "squash",
-    common_pb2.KEEP_ASPECT: "keep_aspect"}
+# proto enum values <-> the option names of concept_engine.options (checked complete below)
+_FILTER_MODE = {engine_pb2.FILTER_MODE_UNSPECIFIED: "", engine_pb2.AUTO: "auto",
+                engine_pb2.ON: "on", engine_pb2.OFF: "off"}
+_RESIZE_MODE = {common_pb2.RESIZE_MODE_UNSPECIFIED: "squash", common_pb2.SQUASH: "squash",
+                common_pb2.KEEP_ASPECT: "keep_aspect"}
+assert set(_FILTER_MODE.values()) - {""} == set(FILTER_MODES)
+assert set(_RESIZE_MODE.values()) == set(RESIZE_MODES)
+_STRING_CHOICES = {"k_criterion": K_CRITERIA, "solver": SOLVERS, "init": INITS,
+                   "prediction_mode": PREDICTION_MODES}
 
 
 def _f32(value: float) -> float:
@@ -38,21 +50,25 @@ def options_from_proto(msg: engine_pb2.DiscoverOptions, name: str = "") -> Disco
     d = DiscoveryOptions()
     both = msg.min_images or 0
 
-    def mode(value: int) -> str:
+    def mode(value: int, default: str) -> str:
         if value not in _FILTER_MODE:
             raise InvalidInput(f"unknown filter mode {value}")
-        return _FILTER_MODE[value]
+        return default if value == engine_pb2.FILTER_MODE_UNSPECIFIED else _FILTER_MODE[value]
 
     if msg.resize.mode not in _RESIZE_MODE:
         raise InvalidInput(f"unknown resize mode {msg.resize.mode}")
+    for label, choices in _STRING_CHOICES.items():
+        value = getattr(msg, label)
+        if value and value not in choices:
+            raise InvalidInput(f"{label} {value!r} not in {choices}")
     return DiscoveryOptions(
         name=msg.name or name, target_class=msg.target_class, k=msg.k,
         k_min=msg.k_min or d.k_min, k_max=msg.k_max or d.k_max,
         k_criterion=msg.k_criterion or d.k_criterion,
-        prediction_filter=mode(msg.prediction_filter),
+        prediction_filter=mode(msg.prediction_filter, d.prediction_filter),
         min_probability=_f32(msg.min_probability) or d.min_probability,
         prediction_min_images=msg.prediction_min_images or both or d.prediction_min_images,
-        certainty_filter=mode(msg.certainty_filter),
+        certainty_filter=mode(msg.certainty_filter, d.certainty_filter),
         certainty_quantile=_f32(msg.certainty_quantile) or d.certainty_quantile,
         certainty_min_images=msg.certainty_min_images or both or d.certainty_min_images,
         solver=msg.solver or d.solver, init=msg.init or d.init,
@@ -61,7 +77,11 @@ def options_from_proto(msg: engine_pb2.DiscoverOptions, name: str = "") -> Disco
         size=msg.resize.size or d.size, model=msg.model or d.model,
         classifier=msg.classifier or d.classifier, wire_dtype=msg.wire_dtype or d.wire_dtype,
         threshold=msg.threshold if msg.HasField("threshold") else d.threshold,
-        min_area=msg.min_area if msg.HasField("min_area") else d.min_area)
+        min_area=msg.min_area if msg.HasField("min_area") else d.min_area,
+        prediction_mode=msg.prediction_mode or d.prediction_mode,
+        prediction_top_n=msg.prediction_top_n or d.prediction_top_n,
+        temperature=_f32(msg.temperature) or d.temperature,
+        bootstrap=0 if msg.bootstrap < 0 else (msg.bootstrap or d.bootstrap))
 
 
 _FILTER_MODE_TO_PROTO = {"auto": engine_pb2.AUTO, "on": engine_pb2.ON, "off": engine_pb2.OFF}
@@ -94,7 +114,10 @@ def options_to_proto(options: DiscoveryOptions) -> engine_pb2.DiscoverOptions:
         layer=o.layer, init=o.init, threshold=o.threshold, min_area=o.min_area,
         prediction_min_images=o.prediction_min_images,
         certainty_min_images=o.certainty_min_images, model=o.model, classifier=o.classifier,
-        wire_dtype=o.wire_dtype)
+        wire_dtype=o.wire_dtype, prediction_mode=o.prediction_mode,
+        prediction_top_n=o.prediction_top_n, temperature=o.temperature,
+        # 0 (no bootstrap) travels as -1: 0 means "the engine's default"
+        bootstrap=o.bootstrap or -1)
 
 
 def progress_to_proto(event: Progress | Decision) -> engine_pb2.DiscoverEvent:
@@ -118,36 +141,62 @@ def summary_to_proto(cs: ConceptSet, n_images: int) -> engine_pb2.DiscoverSummar
                                             value=[curve[k] for k in ks]))
     for stage, seconds in cs.stage_seconds.items():
         msg.stage_seconds[stage] = float(seconds)
+    if cs.stability is not None:
+        stab = np.asarray(cs.stability, np.float64)
+        msg.concept_stability.extend(stab.tolist())
+        interval = np.asarray(cs.stability_interval, np.float64).reshape(-1, 2)
+        msg.stability_low.extend(interval[:, 0].tolist())
+        msg.stability_high.extend(interval[:, 1].tolist())
+        msg.reliability_warning = reliability_warning(
+            cs.set_stability, float(np.mean(stab)) if stab.size else float("nan"))
+    msg.set_stability = float(cs.set_stability)
     return msg
 
 
-def info_to_proto(s: ConceptSetSummary) -> engine_pb2.ConceptSetInfo:
+def info_to_proto(s: ConceptSetSummary, set_stability: float | None = None,
+                  concept_names: list[str] | None = None) -> engine_pb2.ConceptSetInfo:
+    stability = s.set_stability if set_stability is None else set_stability
     return engine_pb2.ConceptSetInfo(id=s.id, name=s.name, k=s.k, n_images=s.n_images,
                                      model=s.model, layer=s.layer, created=s.created,
-                                     k_reason=s.k_reason)
+                                     k_reason=s.k_reason, set_stability=stability,
+                                     concept_names=list(concept_names or []))
 
 
 def concept_set_to_proto(cs: ConceptSet) -> engine_pb2.ConceptSet:
     info = ConceptSetSummary(cs.id, cs.name, cs.k, cs.n_images,
                              str(cs.provenance.get("model", "")),
                              str(cs.provenance.get("layer", "")), cs.created, cs.k_reason)
-    return engine_pb2.ConceptSet(info=info_to_proto(info), bases=wire.to_tensor(cs.bases),
+    names = [cs.concept_names[j] if j < len(cs.concept_names) else "" for j in range(cs.k)]
+    return engine_pb2.ConceptSet(info=info_to_proto(info, cs.set_stability, names),
+                                 bases=wire.to_tensor(cs.bases),
                                  provenance_json=json.dumps(cs.provenance, sort_keys=True,
                                                             default=str))
 
 
 def explanation_to_proto(e: Explanation, return_heatmaps: bool,
-                         overlay_png: bytes = b"") -> engine_pb2.ExplainResponse:
+                         overlay_png: bytes = b"", names: list[str] | None = None
+                         ) -> engine_pb2.ExplainResponse:
     if e.error is not None:
         return engine_pb2.ExplainResponse(id=e.id, error=wire.item_error(e.error))
     assert e.certainties is not None and e.heatmaps is not None  # set when error is None
     certainties = e.certainties
     resp = engine_pb2.ExplainResponse(id=e.id, certainties=[float(c) for c in certainties],
                                       overlay_png=overlay_png)
+    k = len(e.certainties)
+    present = [True] * k if e.present is None else [bool(v) for v in e.present]
+    relative = ([float("nan")] * k if e.relative_score is None
+                else [float(v) for v in e.relative_score])
+    resp.present.extend(present)
+    resp.relative_score.extend(relative)
+    resp.reconstruction_error = float(e.reconstruction_error)
+    resp.out_of_distribution = bool(e.out_of_distribution)
     if return_heatmaps:
         resp.heatmaps.CopyFrom(wire.to_tensor(e.heatmaps))
+    names = list(names or [])
     for j, polys in enumerate(e.polygons):
-        regions = engine_pb2.ConceptRegions(concept=j, certainty=float(certainties[j]))
+        regions = engine_pb2.ConceptRegions(concept=j, certainty=float(certainties[j]),
+                                            present=present[j], relative_score=relative[j],
+                                            name=names[j] if j < len(names) else "")
         for p in polys:
             regions.contours.append(engine_pb2.Polygon(xy=np.asarray(p).ravel().tolist()))
         resp.regions.append(regions)

@@ -1,6 +1,8 @@
 """The discovery pipeline: images -> activations -> fine-graining -> k -> DFF -> concept set.
 
-``discover`` runs, in order (each stage timed, see ``ConceptSet.stage_seconds``):
+``discover`` runs, in order, one function per stage (each timed by ``_Run.timer`` into
+``ConceptSet.stage_seconds``; NMF fits go through a :class:`FitCache` keyed by (image ids, k,
+solver, init, seed, max_iter, tol), so no fit is ever made twice):
 
 1. ``features``: one pass through the feature source gives every image's activations at
    ``options.layer`` AND (unless the prediction filter is OFF) the classifier probabilities.
@@ -9,20 +11,24 @@
    (the folder name), resolved against the classifier's class names (see
    :func:`concept_engine.finegrain.resolve_class`). AUTO skips the filter with a recorded
    notice when the class is unknown (the notice lists close matches) or no probabilities came
-   back; ON makes that an InvalidInput error. Fewer than ``prediction_min_images`` passing:
-   everything is kept, with a notice.
+   back; ON makes that an InvalidInput error. The rule is ``prediction_mode`` (probability
+   threshold, target in the top-n, calibrated probability threshold). Fewer than
+   ``prediction_min_images`` passing: the ``prediction_min_images`` most probable are kept,
+   with a notice (no cliff).
 3. ``certainty_filter``: a provisional DFF fit at ``options.k`` when k is given, else at
    ``options.k_min``; the mean (over concepts) concept certainty per image is filtered at its
    ``certainty_quantile``. Skipped with a notice if fewer than ``certainty_min_images`` remain.
 4. ``k_sweep`` (only when ``options.k == 0``): :func:`concept_engine.kselect.select_k` over
    ``k_min..k_max`` (k larger than the number of images is left out, with a notice) with
    ``options.k_criterion``; every measured curve is kept. The CHOSEN k is fitted next.
-5. ``fit``: the final NMF on the kept images. A fit already made on exactly the same rows with
-   the same k, seed and solver (from the sweep, or the provisional fit when the certainty filter
-   dropped nothing) is reused rather than recomputed.
-6. ``regions``: per kept image the raw heatmaps (k, h, w) at feature resolution, the concept
-   certainties (k,), and contour polygons of the significant regions at the image's ORIGINAL
-   size.
+5. ``fit``: the final NMF on the kept images (from the cache when the sweep or the provisional
+   fit already made it on exactly these images).
+6. ``reliability``: per-concept bootstrap stability and the set's split-half stability at k
+   (:mod:`concept_engine.reliability`); a notice warns when either is below 0.7.
+7. ``regions``: per kept image the raw heatmaps (k, h, w) at feature resolution, the concept
+   certainties (k,), contour polygons of the significant regions at the image's ORIGINAL size,
+   the training statistics explanations are judged against (presence thresholds, relative
+   reconstruction errors) and the hierarchy of the sweep's fits (k -> k+1 parents).
 
 ``explain`` applies a stored concept set to new images with the bases H fixed.
 
@@ -36,6 +42,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -54,16 +61,23 @@ from concept_engine.finegrain import (
     prediction_filter,
     resolve_class,
 )
+from concept_engine.options import (
+    CALIBRATION_TEMPERATURE,
+    FILTER_MODES,
+    INITS,
+    K_CRITERIA,
+    PREDICTION_MODES,
+    RESIZE_MODES,
+    SOLVERS,
+)
+from concept_engine.reliability import DEFAULT_B, DEFAULT_ITERS
 from concept_engine.store import ConceptSet, utc_now
 from feature_server.extractor import ExtractOptions, ExtractResult, FeatureSource
 
 log = logging.getLogger(__name__)
 
-FILTER_MODES = ("auto", "on", "off")
-K_CRITERIA = ("stability", "certainty", "elbow")
-SOLVERS = ("hals", "mu")
-INITS = ("nndsvd", "nndsvda", "nndsvdar", "random", "seed")
-RESIZE_MODES = ("squash", "keep_aspect")
+__all__ = ["FILTER_MODES", "INITS", "K_CRITERIA", "PREDICTION_MODES", "RESIZE_MODES", "SOLVERS",
+           "DiscoveryOptions", "Explanation", "FitCache", "Progress", "discover", "explain"]
 
 
 def _software_version() -> str:
@@ -89,9 +103,12 @@ class DiscoveryOptions:
     k_max: int = 6
     k_criterion: str = "stability"
     prediction_filter: str = "auto"
+    prediction_mode: str = "top_n"  # chosen by benchmarks/bench_quality.py (README)
     min_probability: float = 0.95
+    prediction_top_n: int = 5
+    temperature: float = CALIBRATION_TEMPERATURE
     prediction_min_images: int = 10
-    certainty_filter: str = "auto"
+    certainty_filter: str = "off"  # measured not to help (README, "Fine-graining")
     certainty_quantile: float = 0.25
     certainty_min_images: int = 15
     solver: str = "hals"
@@ -107,6 +124,8 @@ class DiscoveryOptions:
     wire_dtype: str = "float32"
     threshold: float = hm.DEFAULT_THRESHOLD
     min_area: float = hm.DEFAULT_MIN_AREA
+    bootstrap: int = DEFAULT_B  # resamples of the per-concept stability (0 = not measured)
+    bootstrap_iters: int = DEFAULT_ITERS
 
     def validate(self) -> None:
         """Raise InvalidInput for an option no data could satisfy."""
@@ -121,6 +140,12 @@ class DiscoveryOptions:
                             ("certainty_filter", self.certainty_filter)):
             if mode not in FILTER_MODES:
                 problems.append(f"{label} {mode!r} not in {FILTER_MODES}")
+        if self.prediction_mode not in PREDICTION_MODES:
+            problems.append(f"prediction_mode {self.prediction_mode!r} not in {PREDICTION_MODES}")
+        if self.prediction_top_n < 1 or not self.temperature > 0:
+            problems.append("prediction_top_n must be >= 1 and temperature > 0")
+        if self.bootstrap < 0 or self.bootstrap_iters < 1:
+            problems.append("bootstrap must be >= 0 and bootstrap_iters >= 1")
         if not 0.0 <= self.min_probability <= 1.0:
             problems.append(f"min_probability must be in 0..1, got {self.min_probability}")
         if not 0.0 <= self.certainty_quantile <= 1.0:
@@ -184,6 +209,16 @@ class _Run:
     decisions: list[Decision] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    cache: FitCache = field(default_factory=lambda: FitCache())
+
+    @contextmanager
+    def timer(self, stage: str) -> Iterator[None]:
+        """Times the block into ``seconds[stage]`` (the stage timer)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
 
     def emit(self, event: Progress | Decision) -> None:
         if isinstance(event, Decision):
@@ -363,7 +398,9 @@ def _prediction_stage(images: list[_Image], target: tuple[int, str] | None, run:
     probs = np.stack([im.probabilities for im in images]) if images else np.zeros((0, 1))
     outcome = prediction_filter([im.id for im in images], probs, index,
                                 options.min_probability, options.prediction_min_images,
-                                class_name=name)
+                                class_name=name, mode=options.prediction_mode,
+                                top_n=options.prediction_top_n,
+                                temperature=options.temperature)
     return _apply(images, outcome, run)
 
 
@@ -387,119 +424,235 @@ def _check_enough(images: list[_Image], k: int, where: str) -> None:
                            f"{need} (2, and at least k={k})")
 
 
-# ---------------------------------------------------------------------------------- discover
-def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
-             options: DiscoveryOptions = DiscoveryOptions(),
-             progress: ProgressCallback | None = None) -> ConceptSet:
-    """Discover concepts in ``items`` ((id, encoded image bytes), ids unique) using activations
-    from ``source``. Returns an unsaved ConceptSet (id empty). See the module docstring for the
-    stages. Raises InvalidInput (bad options, duplicate ids, impossible ON filter) or
-    TooFewImages. Deterministic for a given seed, data and backend."""
-    options.validate()
-    run = _Run(options, progress)
-    t_start = time.perf_counter()
-    items = list(items)
+# ---------------------------------------------------------------------------------- fit cache
+class FitCache:
+    """NMF fits keyed by (image ids, k, solver, init, seed, max_iter, tol): a fit made once on
+    a set of images (the provisional fit, the k sweep, the final fit) is never recomputed,
+    within one discovery or - when the same cache is passed to several ``discover`` calls, as
+    benchmarks/bench_quality.py does - across configurations that keep the same images."""
 
-    target = _resolve_target(source, run)
-    t = time.perf_counter()
-    images = _extract(items, source, run, probabilities=target is not None)
-    run.seconds["features"] = time.perf_counter() - t
-    n_input = len(items)
-    log.info("discover %r: %d of %d images usable", options.name, len(images), n_input)
-    reasons = sorted({d.reason for d in run.decisions if d.stage == ERROR})[:3]
-    _check_enough(images, 2, f"of {n_input} after decoding and feature extraction"
-                  + (f" (errors: {'; '.join(reasons)})" if reasons else ""))
+    def __init__(self) -> None:
+        self._fits: dict[tuple, Any] = {}
+        self.hits = 0
+        self.misses = 0
 
-    t = time.perf_counter()
-    images = _prediction_stage(images, target, run)
-    run.seconds["prediction_filter"] = time.perf_counter() - t
-    provisional_k = options.k if options.k > 0 else options.k_min
-    _check_enough(images, provisional_k, "after the prediction filter")
+    @staticmethod
+    def key(ids: Sequence[str], k: int, options: DiscoveryOptions) -> tuple:
+        return (tuple(ids), int(k), options.solver, options.init, int(options.seed),
+                int(options.max_iter), float(options.tol))
 
-    # Activations arrive on the host; on a CUDA machine V moves to the device once, here.
-    xp = compute_namespace()
-    reuse = None  # (ids, k, NMFResult) of a fit that may serve as the final fit
-    t = time.perf_counter()
-    if options.certainty_filter != "off":
-        run.emit(Progress(CERTAINTY, 0, 1, f"provisional DFF fit at k={provisional_k}"))
-        V = stack_rows(images, xp)
-        fit = _fit(V, provisional_k, options)
-        maps = _maps(fit.W, images)
-        cert = image_certainties(maps, [im.input_size for im in images])
-        outcome = certainty_filter([im.id for im in images], cert.mean(axis=1),
-                                   options.certainty_quantile, options.certainty_min_images)
-        probs = _probability_of(run.decisions)
-        outcome.decisions = [replace(d, probability=probs.get(d.id, math.nan))
-                             for d in outcome.decisions]
-        kept_before = [im.id for im in images]
-        images = _apply(images, outcome, run)
-        if len(images) == len(kept_before):
-            reuse = ([im.id for im in images], provisional_k, fit)
-        run.emit(Progress(CERTAINTY, 1, 1, f"{len(images)} images kept"))
-    run.seconds["certainty_filter"] = time.perf_counter() - t
+    def get(self, ids: Sequence[str], k: int, options: DiscoveryOptions) -> Any | None:
+        fit = self._fits.get(self.key(ids, k, options))
+        if fit is not None:
+            self.hits += 1
+        return fit
 
+    def put(self, ids: Sequence[str], k: int, options: DiscoveryOptions, fit: Any) -> None:
+        self._fits[self.key(ids, k, options)] = fit
+
+    def fit(self, V: Any, ids: Sequence[str], k: int, options: DiscoveryOptions) -> Any:
+        fit = self.get(ids, k, options)
+        if fit is None:
+            self.misses += 1
+            fit = _fit(V, k, options)
+            self.put(ids, k, options, fit)
+        else:
+            log.info("reusing the k=%d fit already made on the same %d images", k, len(ids))
+        return fit
+
+
+# ---------------------------------------------------------------------------------- stages
+@dataclass
+class _Sweep:
+    k: int
+    reason: str
+    criterion: str
+    curves: dict[str, dict[int, float]]
+    fits: dict[int, Any]
+
+
+def _certainty_stage(images: list[_Image], run: _Run, xp: Any) -> list[_Image]:
+    options = run.options
+    if options.certainty_filter == "off":
+        return images
+    k = options.k if options.k > 0 else options.k_min
+    run.emit(Progress(CERTAINTY, 0, 1, f"provisional DFF fit at k={k}"))
+    fit = run.cache.fit(stack_rows(images, xp), [im.id for im in images], k, options)
+    cert = image_certainties(_maps(fit.W, images), [im.input_size for im in images])
+    outcome = certainty_filter([im.id for im in images], cert.mean(axis=1),
+                               options.certainty_quantile, options.certainty_min_images)
+    probs = _probability_of(run.decisions)
+    outcome.decisions = [replace(d, probability=probs.get(d.id, math.nan))
+                         for d in outcome.decisions]
+    images = _apply(images, outcome, run)
+    run.emit(Progress(CERTAINTY, 1, 1, f"{len(images)} images kept"))
+    return images
+
+
+def _k_stage(images: list[_Image], V: Any, run: _Run) -> _Sweep:
+    options = run.options
     ids = [im.id for im in images]
-    V = stack_rows(images, xp)
-    curves: dict[str, dict[int, float]] = {}
-    t = time.perf_counter()
     if options.k > 0:
-        k = options.k
-        k_reason = f"k={k} given by the user"
-        criterion = ""
-    else:
-        _check_enough(images, options.k_min, "for the k sweep")
-        ks = [c for c in range(options.k_min, options.k_max + 1) if c <= len(images)]
-        if len(ks) < options.k_max - options.k_min + 1:
-            run.notice(f"k sweep limited to {ks} ({len(images)} images)")
-        run.emit(Progress("k_sweep", 0, 0, f"{options.k_criterion} over k={ks}"))
-        ticks = [0, 0]  # (done, total) of the sweep's NMF fits, for the closing event
+        return _Sweep(options.k, f"k={options.k} given by the user", "", {}, {})
+    _check_enough(images, options.k_min, "for the k sweep")
+    ks = [c for c in range(options.k_min, options.k_max + 1) if c <= len(images)]
+    if len(ks) < options.k_max - options.k_min + 1:
+        run.notice(f"k sweep limited to {ks} ({len(images)} images)")
+    run.emit(Progress("k_sweep", 0, 0, f"{options.k_criterion} over k={ks}"))
+    ticks = [0, 0]  # (done, total) of the sweep's NMF fits, for the closing event
 
-        def on_fit(done: int, total: int, msg: str) -> None:
-            ticks[:] = [done, total]
-            run.emit(Progress("k_sweep", done, total, msg))
+    def on_fit(done: int, total: int, msg: str) -> None:
+        ticks[:] = [done, total]
+        run.emit(Progress("k_sweep", done, total, msg))
 
-        from concept_engine.kselect import select_k
+    from concept_engine.kselect import select_k
 
-        prior = {reuse[1]: reuse[2]} if reuse is not None and reuse[0] == ids else None
-        sel = select_k(V, len(images), [im.feature_size for im in images], ks=ks,
-                       criterion=options.k_criterion, seed=options.seed,
-                       solver=options.solver, init=options.init,
-                       max_iter=options.max_iter, tol=options.tol, fits=prior,
-                       input_sizes=[im.input_size for im in images],
-                       progress=on_fit)
-        k, k_reason, criterion = int(sel.k), sel.reason, options.k_criterion
-        curves = {c: {int(a): float(b) for a, b in v.items()} for c, v in sel.curves.items()}
-        if sel.fits and k in sel.fits:
-            reuse = (ids, k, sel.fits[k])
-        run.emit(Progress("k_sweep", ticks[1], ticks[1], f"k={k}: {k_reason}"))
-    run.seconds["k_sweep"] = time.perf_counter() - t
-    _check_enough(images, k, "for the final fit")
+    prior = {k: f for k in ks if (f := run.cache.get(ids, k, options)) is not None}
+    sel = select_k(V, len(images), [im.feature_size for im in images], ks=ks,
+                   criterion=options.k_criterion, seed=options.seed,
+                   solver=options.solver, init=options.init,
+                   max_iter=options.max_iter, tol=options.tol, fits=prior,
+                   input_sizes=[im.input_size for im in images], progress=on_fit)
+    for k, fit in sel.fits.items():
+        run.cache.put(ids, k, options, fit)
+    curves = {c: {int(a): float(b) for a, b in v.items()} for c, v in sel.curves.items()}
+    run.emit(Progress("k_sweep", ticks[1], ticks[1], f"k={sel.k}: {sel.reason}"))
+    return _Sweep(int(sel.k), sel.reason, options.k_criterion, curves, dict(sel.fits))
 
-    t = time.perf_counter()
+
+def _fit_stage(images: list[_Image], V: Any, k: int, run: _Run) -> Any:
+    options = run.options
     run.emit(Progress("fit", 0, 1, f"DFF k={k} on {len(images)} images"))
-    if reuse is not None and reuse[0] == ids and reuse[1] == k:
-        fit = reuse[2]
-        log.info("reusing the k=%d fit already made on the same images", k)
-    else:
-        fit = _fit(V, k, options)
-    W, H = fit.W, fit.H
+    fit = run.cache.fit(V, [im.id for im in images], k, options)
     if not getattr(fit, "converged", True):
         run.notice(f"the final fit stopped at max_iter={options.max_iter} before reaching "
                    f"tol={options.tol:g} (relative error change); raise max_iter to converge")
     run.emit(Progress("fit", 1, 1, f"{fit.n_iter} iterations, error {float(fit.error):.6g}"))
-    run.seconds["fit"] = time.perf_counter() - t
+    return fit
 
-    t = time.perf_counter()
-    maps = [np.asarray(to_host(m), np.float32) for m in _maps(W, images)]
+
+def _reliability_stage(images: list[_Image], V: Any, fit: Any, sweep: _Sweep, run: _Run
+                       ) -> Any:
+    """Per-concept bootstrap stability and the split-half stability of the set at k."""
+    from concept_engine.reliability import Reliability, bootstrap_stability, split_half_at
+
+    options = run.options
+    k = int(fit.H.shape[0])
+    sizes = [im.feature_size for im in images]
+    run.emit(Progress("reliability", 0, 1, f"bootstrap stability, B={options.bootstrap}"))
+    if options.bootstrap > 0:
+        stab, interval = bootstrap_stability(V, sizes, fit.W, fit.H, n_boot=options.bootstrap,
+                                             iters=options.bootstrap_iters, seed=options.seed,
+                                             solver=options.solver)
+    else:
+        stab = np.full(k, np.nan, np.float32)
+        interval = np.full((k, 2), np.nan, np.float32)
+    split = sweep.curves.get("stability", {}).get(k)
+    if split is None and len(images) >= 2 * k and options.bootstrap > 0:
+        split = split_half_at(V, sizes, k, seed=options.seed, solver=options.solver,
+                              max_iter=options.max_iter, tol=options.tol)
+    rel = Reliability(stab, interval, math.nan if split is None else float(split),
+                      options.bootstrap)
+    if rel.warning:
+        run.notice(rel.warning)
+    run.emit(Progress("reliability", 1, 1, f"set {rel.set_stability:.3f}, concepts "
+                                           f"{np.round(stab, 2).tolist()}"))
+    return rel
+
+
+def _hierarchy(sweep: _Sweep, images: list[_Image]) -> dict[int, dict[str, np.ndarray]]:
+    """Per k of the sweep: bases, parent of each concept in the (k-1)-fit (-1 at the first k),
+    cosine to it, and the training image where the concept carries the most weight."""
+    from concept_engine.matching import hierarchy
+
+    out: dict[int, dict[str, np.ndarray]] = {}
+    prev = None
+    for k in sorted(sweep.fits):
+        fit = sweep.fits[k]
+        H = np.asarray(to_host(fit.H), np.float32)
+        W = np.asarray(to_host(fit.W), np.float32)
+        mass = np.stack([m.reshape(k, -1).sum(axis=1) for m in _maps(W, images)])  # (N, k)
+        if prev is None:
+            parents, cos = np.full(k, -1, np.int64), np.ones(k)
+        else:
+            parents, cos = hierarchy(prev, H, return_cosines=True)
+        out[k] = {"bases": H, "parents": parents.astype(np.int32),
+                  "cosines": np.asarray(cos, np.float32),
+                  "top_image": np.argmax(mass, axis=0).astype(np.int32)}
+        prev = H
+    return out
+
+
+def _regions_stage(images: list[_Image], fit: Any, run: _Run
+                   ) -> tuple[list[np.ndarray], np.ndarray, list]:
+    options = run.options
+    maps = [np.asarray(to_host(m), np.float32) for m in _maps(fit.W, images)]
     certainties = image_certainties(maps, [im.input_size for im in images])
     polygons = []
     for i, (im, m) in enumerate(zip(images, maps, strict=True)):
         polygons.append(hm.concept_polygons(m, im.original_size, options.threshold,
                                             options.min_area))
         run.emit(Progress("regions", i + 1, len(images), im.id))
-    run.seconds["regions"] = time.perf_counter() - t
-    run.seconds["total"] = time.perf_counter() - t_start
+    return maps, certainties, polygons
 
+
+# ---------------------------------------------------------------------------------- discover
+def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
+             options: DiscoveryOptions = DiscoveryOptions(),
+             progress: ProgressCallback | None = None, *,
+             cache: FitCache | None = None) -> ConceptSet:
+    """Discover concepts in ``items`` ((id, encoded image bytes), ids unique) using activations
+    from ``source``. Returns an unsaved ConceptSet (id empty). See the module docstring for the
+    stages; each is one function, timed into ``ConceptSet.stage_seconds``. ``cache`` (a
+    :class:`FitCache`) may be shared between calls. Raises InvalidInput (bad options,
+    duplicate ids, impossible ON filter) or TooFewImages. Deterministic for a given seed, data
+    and backend."""
+    from concept_engine.reliability import relative_errors, training_statistics
+
+    options.validate()
+    run = _Run(options, progress, cache=cache if cache is not None else FitCache())
+    t_start = time.perf_counter()
+    items = list(items)
+
+    target = _resolve_target(source, run)
+    with run.timer("features"):
+        images = _extract(items, source, run, probabilities=target is not None)
+    n_input = len(items)
+    log.info("discover %r: %d of %d images usable", options.name, len(images), n_input)
+    reasons = sorted({d.reason for d in run.decisions if d.stage == ERROR})[:3]
+    _check_enough(images, 2, f"of {n_input} after decoding and feature extraction"
+                  + (f" (errors: {'; '.join(reasons)})" if reasons else ""))
+    with run.timer("prediction_filter"):
+        images = _prediction_stage(images, target, run)
+    _check_enough(images, options.k if options.k > 0 else options.k_min,
+                  "after the prediction filter")
+    # Activations arrive on the host; on a CUDA machine V moves to the device once, here.
+    xp = compute_namespace()
+    with run.timer("certainty_filter"):
+        images = _certainty_stage(images, run, xp)
+    V = stack_rows(images, xp)
+    with run.timer("k_sweep"):
+        sweep = _k_stage(images, V, run)
+    k = sweep.k
+    _check_enough(images, k, "for the final fit")
+    with run.timer("fit"):
+        fit = _fit_stage(images, V, k, run)
+    with run.timer("reliability"):
+        rel = _reliability_stage(images, V, fit, sweep, run)
+    with run.timer("regions"):
+        maps, certainties, polygons = _regions_stage(images, fit, run)
+        errors = relative_errors([im.rows for im in images], fit.W, fit.H)
+        stats = training_statistics(certainties, errors)
+        tree = _hierarchy(sweep, images) if len(sweep.fits) > 1 else {}
+    run.seconds["total"] = time.perf_counter() - t_start
+    return _concept_set(items, images, source, target, sweep, fit, maps, certainties,
+                        polygons, rel, stats, tree, run, xp)
+
+
+def _concept_set(items, images, source, target, sweep, fit, maps, certainties, polygons,
+                 rel, stats, tree, run: _Run, xp) -> ConceptSet:
+    options = run.options
+    ids = [im.id for im in images]
     describe = source.describe()
     model = _model_info(describe, options.model)
     classifier = _model_info(describe, options.classifier)
@@ -519,9 +672,9 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
         "target_class": target[1] if target is not None else "",
         "classifier_weights_sha256": classifier.get("weights_sha256", ""),
         "execution_provider": describe.get("execution_provider", ""),
-        "k": k,
-        "k_reason": k_reason,
-        "k_criterion": criterion,
+        "k": sweep.k,
+        "k_reason": sweep.reason,
+        "k_criterion": sweep.criterion,
         "solver": options.solver,
         "init": options.init,
         "max_iter": options.max_iter,
@@ -536,16 +689,23 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
         "options": asdict(options),
         "input_images": [i for i, _ in items],
         "kept_images": ids,
+        "bootstrap": {"B": options.bootstrap, "iters": options.bootstrap_iters},
     }
     return ConceptSet(
-        name=options.name, bases=np.asarray(to_host(H), np.float32), image_ids=ids,
+        name=options.name, bases=np.asarray(to_host(fit.H), np.float32), image_ids=ids,
         heatmaps=maps, certainties=certainties,
         original_sizes=np.array([im.original_size for im in images], np.int32).reshape(-1, 2),
         input_sizes=np.array([im.input_size for im in images], np.int32).reshape(-1, 2),
-        polygons=polygons, decisions=run.decisions, k_curves=curves, k_criterion=criterion,
-        k_reason=k_reason, threshold=options.threshold, min_area=options.min_area,
-        provenance=provenance, notices=run.notices, stage_seconds=run.seconds,
-        created=created)
+        polygons=polygons, decisions=run.decisions, k_curves=sweep.curves,
+        k_criterion=sweep.criterion, k_reason=sweep.reason, threshold=options.threshold,
+        min_area=options.min_area, provenance=provenance, notices=run.notices,
+        stage_seconds=run.seconds, created=created,
+        stability=np.asarray(rel.stability, np.float32),
+        stability_interval=np.asarray(rel.interval, np.float32),
+        set_stability=float(rel.set_stability),
+        presence_threshold=stats.presence_threshold,
+        reconstruction_errors=stats.reconstruction_errors,
+        ood_threshold=stats.ood_threshold, hierarchy=tree)
 
 
 # ---------------------------------------------------------------------------------- explain
@@ -562,6 +722,10 @@ class Explanation:
     original_size: tuple[int, int] = (0, 0)
     input_size: tuple[int, int] = (0, 0)
     error: DFFError | None = None
+    present: np.ndarray | None = None  # (k,) bool: certainty >= the concept's training threshold
+    relative_score: np.ndarray | None = None  # (k,) training percentile of the certainty, 0..1
+    reconstruction_error: float = math.nan  # ||V - W H|| / ||V|| of this image
+    out_of_distribution: bool = False  # error beyond the training images' 95th percentile
 
 
 def explain(concept_set: ConceptSet, items: Iterable[tuple[str, bytes]], source: FeatureSource,
@@ -570,8 +734,20 @@ def explain(concept_set: ConceptSet, items: Iterable[tuple[str, bytes]], source:
     """Heatmaps of ``concept_set``'s concepts in new images: W from NMF with H fixed
     (nmf_transform), extracted with the set's own model, layer and resize policy. One
     Explanation per item, in the source's answer order; per-item failures are in ``error``.
-    ``threshold``/``min_area`` default to the values the set was made with."""
+    ``threshold``/``min_area`` default to the values the set was made with.
+
+    Presence is judged against the TRAINING images (see :mod:`concept_engine.reliability`):
+    a concept is ``present`` when its certainty reaches the set's presence threshold, and only
+    present concepts get polygons; ``out_of_distribution`` flags an image the concepts do not
+    reconstruct as well as 95% of the training images. A version-1 set has no training
+    statistics: thresholds are derived from its stored certainties, and OOD is never flagged
+    unless the set has reconstruction errors."""
     from concept_engine.nmf import nmf_transform
+    from concept_engine.reliability import (
+        PRESENCE_QUANTILE,
+        judge,
+        relative_errors,
+    )
 
     prov = concept_set.provenance
     threshold = concept_set.threshold if threshold is None else threshold
@@ -586,6 +762,12 @@ def explain(concept_set: ConceptSet, items: Iterable[tuple[str, bytes]], source:
     layer = opts.layers[0]
     H = np.asarray(concept_set.bases, np.float32)
     solver = prov.get("solver", "hals")
+    train_cert = np.asarray(concept_set.certainties, np.float32).reshape(-1, concept_set.k)
+    presence = concept_set.presence_threshold
+    if presence is None:
+        presence = (np.quantile(train_cert, PRESENCE_QUANTILE, axis=0) if len(train_cert)
+                    else np.zeros(concept_set.k))
+    ood_threshold = float(concept_set.ood_threshold)
     for res in source.extract(items, opts):
         if res.error is not None:
             yield Explanation(res.id, error=res.error)
@@ -601,6 +783,10 @@ def explain(concept_set: ConceptSet, items: Iterable[tuple[str, bytes]], source:
         W = nmf_transform(V, H, solver=solver, max_iter=max_iter, tol=tol)
         maps = np.asarray(to_host(hm.heatmaps(W, 1, h, w))[0], np.float32)
         cert = image_certainties([maps], [tuple(res.input_size)])[0]
+        error = float(relative_errors([V], W, H)[0])
+        present, relative, ood = judge(cert, error, train_cert, presence, ood_threshold)
         polys = hm.concept_polygons(maps, tuple(res.original_size), threshold, min_area)
+        polys = [p if present[j] else [] for j, p in enumerate(polys)]
         yield Explanation(res.id, maps, cert, polys, tuple(int(v) for v in res.original_size),
-                          tuple(int(v) for v in res.input_size))
+                          tuple(int(v) for v in res.input_size), None, present, relative,
+                          error, ood)

@@ -55,32 +55,80 @@ def draw_contours(image: np.ndarray, polygons: Sequence[Sequence[np.ndarray]],
 
 def draw_legend(image: np.ndarray, labels: Sequence[str],
                 colors: Sequence[tuple[int, int, int]]) -> np.ndarray:
-    """``image`` with a white strip below it listing each label next to its colour swatch."""
+    """``image`` with a white strip below it listing each label next to its colour swatch.
+
+    The text height is about 1/16 of the image width (at least 12 px), so the legend stays
+    readable when the picture is shown small (a gallery thumbnail); labels go in two columns
+    when the image is wide enough."""
     img = to_uint8_bgr(image)
     if not labels:
         return img.copy()
-    scale = max(0.35, min(1.0, img.shape[1] / 800))
-    line = int(22 * scale) + 6
-    strip = np.full((line * len(labels) + 6, img.shape[1], 3), 255, np.uint8)
+    width = img.shape[1]
+    text_h = max(12, width // 16)
+    scale = cv2.getFontScaleFromHeight(cv2.FONT_HERSHEY_SIMPLEX, text_h, 2)
+    thick = max(1, text_h // 10)
+    line = int(text_h * 1.6)
+    widest = max(cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0] for t in labels)
+    cols = 2 if len(labels) > 2 and 2 * (widest + line + 12) <= width else 1
+    rows = (len(labels) + cols - 1) // cols
+    strip = np.full((line * rows + 8, width, 3), 255, np.uint8)
+    col_w = width // cols
     for i, (text, color) in enumerate(zip(labels, colors, strict=False)):
-        y = 3 + i * line
-        cv2.rectangle(strip, (4, y + 2), (4 + line - 6, y + line - 4), color, -1)
-        cv2.putText(strip, text, (line + 4, y + line - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale
-                    * 1.6, (0, 0, 0), 1, cv2.LINE_AA)
+        r, c = divmod(i, cols)
+        x, y = 4 + c * col_w, 4 + r * line
+        cv2.rectangle(strip, (x, y + 3), (x + line - 8, y + line - 5), color, -1)
+        cv2.putText(strip, text, (x + line - 2, y + int(text_h * 1.25)),
+                    cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick, cv2.LINE_AA)
     return np.concatenate([img, strip], axis=0)
+
+
+def dominant_view(image: np.ndarray, maps: np.ndarray, scales: Sequence[float],
+                  colors: Sequence[tuple[int, int, int]] | None = None,
+                  present: Sequence[bool] | None = None, max_alpha: float = 0.8) -> np.ndarray:
+    """The DFF paper's picture: every pixel coloured by its dominant concept, the opacity by
+    that concept's strength. maps (k, h, w) raw heatmaps (any resolution, upsampled bilinearly
+    to the image); strength = map / scales[j] clipped to 0..1 (scales: a per-concept reference
+    such as the largest value over the training images, so a weak concept stays faint); concepts
+    not ``present`` are left out."""
+    img = to_uint8_bgr(image)
+    maps = np.asarray(maps, np.float32)
+    k = maps.shape[0]
+    colors = list(colors) if colors is not None else palette(k)
+    height, width = img.shape[:2]
+    up = np.stack([cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR)
+                   for m in maps]) if k else np.zeros((0, height, width), np.float32)
+    ref = np.asarray(scales, np.float32).reshape(k, 1, 1)
+    strength = np.clip(up / np.where(ref > 0, ref, 1), 0, 1)
+    if present is not None:
+        strength[~np.asarray(present, bool)] = 0
+    if k == 0:
+        return img.copy()
+    dom = np.argmax(strength, axis=0)
+    alpha = (np.max(strength, axis=0) * max_alpha)[:, :, None]
+    lut = np.asarray(colors, np.float32)
+    color = lut[dom]
+    out = img.astype(np.float32) * (1 - alpha) + color * alpha
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def overlay(image: np.ndarray, polygons: Sequence[Sequence[np.ndarray]],
             certainties: Sequence[float] | None = None, legend: bool = True,
-            thickness: int = 2) -> np.ndarray:
-    """Contours of every concept in its palette colour, plus a legend
-    ("concept j  certainty c") when ``legend``."""
+            thickness: int = 2, names: Sequence[str] | None = None,
+            present: Sequence[bool] | None = None) -> np.ndarray:
+    """Contours of every concept in its palette colour, plus a legend ("name  c") when
+    ``legend``; a concept not ``present`` is listed as "absent"."""
     colors = palette(len(polygons))
     out = draw_contours(image, polygons, colors, thickness)
     if legend:
-        labels = [f"concept {j}" + (f"  certainty {certainties[j]:.3g}"
-                                    if certainties is not None else "")
-                  for j in range(len(polygons))]
+        labels = []
+        for j in range(len(polygons)):
+            label = names[j] if names is not None and j < len(names) and names[j] \
+                else f"concept {j}"
+            if present is not None and not present[j]:
+                label += " (absent)"
+            elif certainties is not None:
+                label += f" {certainties[j]:.2g}"
+            labels.append(label)
         out = draw_legend(out, labels, colors)
     return out
 

@@ -3,10 +3,12 @@
 Two filters, as in the seed project, each a pure function over scores that returns one
 ``Decision`` per image (kept or not, the stage, a human-readable reason and the score used):
 
-- prediction filter: keep images the classifier assigns to the target class with probability
-  >= ``min_probability`` (default 0.95). If fewer than ``min_images`` (default 10) pass, the seed
-  stopped the program; here the documented outcome is: the filter is not applied, every image
-  is kept and a notice says so.
+- prediction filter: keep images the classifier assigns to the target class, by one of three
+  rules (:data:`concept_engine.options.PREDICTION_MODES`): p(target) >= ``min_probability``, the
+  target among the top-n classes, or a temperature-calibrated p(target) >= ``min_probability``.
+  If fewer than ``min_images`` pass, the seed stopped the program and an earlier version kept
+  EVERY image (a cliff: 9 passing kept all, 10 kept 10); here the ``min_images`` most probable
+  images are kept and a notice says so.
 - certainty filter: drop images whose mean concept certainty is below the ``quantile`` (default
   0.25) of all mean certainties - only if at least ``min_images`` (default 15) remain; otherwise
   the filter is skipped with a notice.
@@ -101,13 +103,31 @@ def resolve_class(name: str, class_names: Sequence[str],
                        f"({len(class_names)} classes){hint}")
 
 
+def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature scaling of softmax probabilities: softmax(log p / T) row by row (T > 1
+    softens an over-confident classifier, T < 1 sharpens an under-confident one)."""
+    if not temperature > 0:
+        raise InvalidInput(f"temperature must be > 0, got {temperature}")
+    logits = np.log(np.clip(np.asarray(probs, np.float64), 1e-30, None)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=1, keepdims=True)
+
+
 def prediction_filter(ids: Sequence[str], probs: np.ndarray, target_index: int,
                       min_probability: float = 0.95, min_images: int = 10,
-                      class_name: str = "") -> FilterOutcome:
-    """Keep images with probs[i, target_index] >= min_probability.
+                      class_name: str = "", *, mode: str = "probability", top_n: int = 5,
+                      temperature: float = 1.0) -> FilterOutcome:
+    """Keep the images the classifier assigns to the target class.
 
-    probs (N, num_classes) softmax probabilities, one row per id. When fewer than
-    ``min_images`` images pass, nothing is dropped (``applied`` False, a notice)."""
+    probs (N, num_classes) softmax probabilities, one row per id. ``mode``:
+
+    - ``probability``: p(target) >= min_probability;
+    - ``top_n``: the target class is among the ``top_n`` most probable classes;
+    - ``calibrated``: the temperature-scaled p(target) (:func:`calibrate`) >= min_probability.
+
+    No cliff: when fewer than ``min_images`` pass, the ``min_images`` images with the highest
+    p(target) are kept (all when there are fewer), and a notice records it."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[0] != len(ids):
         raise InvalidInput(f"probs must be (N={len(ids)}, classes), got {probs.shape}")
@@ -115,22 +135,46 @@ def prediction_filter(ids: Sequence[str], probs: np.ndarray, target_index: int,
         raise InvalidInput(f"target class index {target_index} outside 0..{probs.shape[1] - 1}")
     label = class_name or f"class {target_index}"
     p = np.nan_to_num(probs[:, target_index], nan=0.0)
-    passed = p >= min_probability
+    if mode == "probability":
+        score = p
+        passed = p >= min_probability
+        rule = f">= {min_probability:g}"
+    elif mode == "calibrated":
+        score = calibrate(np.nan_to_num(probs, nan=0.0), temperature)[:, target_index]
+        passed = score >= min_probability
+        rule = f"calibrated (T={temperature:.3g}) >= {min_probability:g}"
+    elif mode == "top_n":
+        if top_n < 1:
+            raise InvalidInput(f"top_n must be >= 1, got {top_n}")
+        rank = (np.nan_to_num(probs, nan=0.0) > p[:, None]).sum(axis=1)  # 0 = the top class
+        score = p
+        passed = rank < top_n
+        rule = f"in the top {top_n}"
+    else:
+        raise InvalidInput(f"unknown prediction mode {mode!r}")
     n_pass = int(passed.sum())
+    passed_rule = passed.copy()
+    notice = None
     if n_pass < min_images:
-        notice = (f"prediction filter not applied: only {n_pass} of {len(ids)} images have "
-                  f"p({label}) >= {min_probability:g} (fewer than {min_images}); all kept")
-        decisions = [Decision(i, True, PREDICTION,
-                              f"p({label})={float(s):.3f}; filter skipped (too few pass)",
-                              float(s), float(s)) for i, s in zip(ids, p, strict=True)]
-        return FilterOutcome(decisions, np.ones(len(ids), bool), False, min_probability, notice)
+        order = np.argsort(-score, kind="stable")
+        passed = np.zeros(len(ids), bool)
+        passed[order[:min(min_images, len(ids))]] = True
+        notice = (f"prediction filter: only {n_pass} of {len(ids)} images have p({label}) "
+                  f"{rule}; kept the {int(passed.sum())} most probable instead (min_images="
+                  f"{min_images})")
     decisions = []
-    for i, s, ok in zip(ids, p, passed, strict=True):
-        op = ">=" if ok else "<"
-        decisions.append(Decision(i, bool(ok), PREDICTION,
-                                  f"p({label})={float(s):.3f} {op} {min_probability:g}",
-                                  float(s), float(s)))
-    return FilterOutcome(decisions, passed, True, min_probability)
+    for i, s, pp, ok, rule_ok in zip(ids, score, p, passed, passed_rule, strict=True):
+        if mode == "top_n":
+            why = f"p({label})={float(pp):.3f} {'' if rule_ok else 'not '}in the top {top_n}"
+        else:
+            op = ">=" if rule_ok else "<"
+            cal = f" (calibrated T={temperature:.3g})" if mode == "calibrated" else ""
+            why = f"p({label}){cal}={float(s):.3f} {op} {min_probability:g}"
+        if ok and not rule_ok:
+            why += f"; kept as one of the {min_images} most probable"
+        decisions.append(Decision(i, bool(ok), PREDICTION, why, float(s), float(pp)))
+    return FilterOutcome(decisions, passed, True, min_probability, notice,
+                         extra={"mode": mode, "n_pass": n_pass})
 
 
 def certainty_filter(ids: Sequence[str], mean_certainty: np.ndarray, quantile: float = 0.25,

@@ -413,8 +413,8 @@ class ConceptEngineServicer(engine_pb2_grpc.ConceptEngineServicer):
             png = b""
             data = kept.pop(e.id, None)
             if msg.render_overlay and e.error is None and data is not None:
-                png = _overlay_png(data, e)
-            yield explanation_to_proto(e, msg.return_heatmaps, png)
+                png = _overlay_png(data, e, list(cs.concept_names))
+            yield explanation_to_proto(e, msg.return_heatmaps, png, list(cs.concept_names))
 
     @map_errors
     def ListConceptSets(self, request, context):  # noqa: N802
@@ -440,7 +440,7 @@ class ConceptEngineServicer(engine_pb2_grpc.ConceptEngineServicer):
         return engine_pb2.DeleteConceptSetResponse(deleted=self.store.delete(request.id))
 
 
-def _overlay_png(data: bytes, e: Explanation) -> bytes:
+def _overlay_png(data: bytes, e: Explanation, names: list[str] | None = None) -> bytes:
     """The image with every concept's contours and a legend, as PNG (pictures only here)."""
     from concept_engine import drawing
     from feature_server.images import decode_image
@@ -451,7 +451,8 @@ def _overlay_png(data: bytes, e: Explanation) -> bytes:
         log.warning("no overlay for %s: %s", e.id, exc)
         return b""
     certainties = None if e.certainties is None else [float(c) for c in e.certainties]
-    return drawing.encode_png(drawing.overlay(img, e.polygons, certainties))
+    return drawing.encode_png(drawing.overlay(img, e.polygons, certainties, names=names,
+                                              present=e.present))
 
 
 # ---------------------------------------------------------------------- the server

@@ -60,7 +60,8 @@ from concept_engine.finegrain import Decision
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FORMAT = "dff-concept-set"
 SUFFIX = ".h5"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -106,6 +107,35 @@ class Names:
     CRITERION = "criterion"
     CHOSEN_K = "chosen_k"
     VALUE = "value"
+    # version 2
+    CONCEPTS = "concepts"
+    STABILITY = "stability"
+    STABILITY_INTERVAL = "stability_interval"
+    CONCEPT_NAMES = "names"
+    PRESENCE_THRESHOLD = "presence_threshold"
+    SET_STABILITY = "set_stability"
+    MEAN_STABILITY = "mean_stability"
+    OOD_THRESHOLD = "ood_error_threshold"
+    RECONSTRUCTION_ERRORS = "reconstruction_errors"
+    HIERARCHY = "hierarchy"
+    PARENTS = "parents"
+    COSINES = "parent_cosine"
+    TOP_IMAGE = "top_image"
+    NODE = "node"
+    # dimension scales (root datasets; netCDF-4 / xarray read them as named dimensions)
+    DIM_IMAGE = "image"
+    DIM_CONCEPT = "concept"
+    DIM_CHANNEL = "channel"
+    DIM_Y = "y"
+    DIM_X = "x"
+    DIM_HW = "hw"
+    DIM_XY = "xy"
+    DIM_BOUND = "bound"
+    DIM_POINT = "point"
+    DIM_POLYGON = "polygon"
+    DIM_OFFSET = "polygon_offset"
+    DIM_OWNER = "owner_index"
+    DIM_DECISION = "decision"
 
 
 @dataclass
@@ -137,6 +167,22 @@ class ConceptSet:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     id: str = ""
     created: str = ""
+    # schema version 2 (None / NaN / empty when read from a version-1 file)
+    stability: np.ndarray | None = None  # (k,) bootstrap stability per concept
+    stability_interval: np.ndarray | None = None  # (k, 2) its 5%-95% interval
+    set_stability: float = float("nan")  # split-half stability at the chosen k
+    concept_names: list[str] = field(default_factory=list)  # (k,) "" = unnamed
+    presence_threshold: np.ndarray | None = None  # (k,) certainty a concept needs to be present
+    reconstruction_errors: np.ndarray | None = None  # (N,) relative error per training image
+    ood_threshold: float = float("inf")  # relative error beyond which an image is OOD
+    hierarchy: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    schema_version: int = 2
+
+    def concept_label(self, j: int) -> str:
+        """The name given by `dff label`, else 'concept j'."""
+        if j < len(self.concept_names) and self.concept_names[j]:
+            return self.concept_names[j]
+        return f"concept {j}"
 
     @property
     def k(self) -> int:
@@ -159,6 +205,7 @@ class ConceptSetSummary:
     layer: str
     created: str
     k_reason: str
+    set_stability: float = float("nan")  # schema 2; NaN for version-1 files
 
 
 def utc_now() -> str:
@@ -265,6 +312,89 @@ def _write(f: h5py.File, cs: ConceptSet) -> None:
         g.create_dataset(Names.VALUE, data=np.asarray([curve[x] for x in ks], dtype=np.float64))
 
 
+def _dim(f: h5py.File, name: str, n: int) -> h5py.Dataset:
+    ds = f.create_dataset(name, data=np.arange(n, dtype=np.int32))
+    ds.make_scale(name)
+    return ds
+
+
+def _attach(ds: h5py.Dataset, *scales: h5py.Dataset) -> None:
+    for axis, scale in enumerate(scales):
+        ds.dims[axis].attach_scale(scale)
+
+
+def _write_v2(f: h5py.File, cs: ConceptSet) -> None:
+    """The version-2 additions: reliability, names, training statistics, hierarchy, and
+    dimension scales on every array (xarray/h5netcdf see named dimensions)."""
+    k, n = cs.k, cs.n_images
+    nan = np.float32(np.nan)
+    stab = (np.full(k, nan) if cs.stability is None
+            else np.asarray(cs.stability, np.float32).reshape(k))
+    interval = (np.full((k, 2), nan) if cs.stability_interval is None
+                else np.asarray(cs.stability_interval, np.float32).reshape(k, 2))
+    f.attrs[Names.SET_STABILITY] = float(cs.set_stability)
+    f.attrs[Names.MEAN_STABILITY] = float(np.mean(stab)) if k else float("nan")
+    f.attrs[Names.OOD_THRESHOLD] = float(cs.ood_threshold)
+    concepts = _group(f, Names.CONCEPTS)
+    concepts.create_dataset(Names.STABILITY, data=stab)
+    concepts.create_dataset(Names.STABILITY_INTERVAL, data=interval)
+    names = list(cs.concept_names) + [""] * (k - len(cs.concept_names))
+    _write_strings(concepts, Names.CONCEPT_NAMES, names[:k])
+    presence = (np.zeros(k, np.float32) if cs.presence_threshold is None
+                else np.asarray(cs.presence_threshold, np.float32).reshape(k))
+    concepts.create_dataset(Names.PRESENCE_THRESHOLD, data=presence)
+    errors = (np.full(n, nan) if cs.reconstruction_errors is None
+              else np.asarray(cs.reconstruction_errors, np.float32).reshape(n))
+    f[Names.IMAGES].create_dataset(Names.RECONSTRUCTION_ERRORS, data=errors)
+    tree = _group(f, Names.HIERARCHY)
+    for kk, node in sorted(cs.hierarchy.items()):
+        g = _group(tree, f"k{int(kk)}")
+        scale = g.create_dataset(Names.NODE, data=np.arange(int(kk), dtype=np.int32))
+        scale.make_scale(Names.NODE)
+        g.create_dataset(Names.BASES, data=np.asarray(node["bases"], np.float32))
+        g.create_dataset(Names.PARENTS, data=np.asarray(node["parents"], np.int32))
+        g.create_dataset(Names.COSINES, data=np.asarray(node["cosines"], np.float32))
+        g.create_dataset(Names.TOP_IMAGE, data=np.asarray(node["top_image"], np.int32))
+        for name in (Names.BASES, Names.PARENTS, Names.COSINES, Names.TOP_IMAGE):
+            g[name].dims[0].attach_scale(scale)
+
+    # dimension scales
+    images, regions, dec = f[Names.IMAGES], f[Names.REGIONS], f[Names.DECISIONS]
+    heat = images[Names.HEATMAPS]
+    d_image, d_concept = _dim(f, Names.DIM_IMAGE, n), _dim(f, Names.DIM_CONCEPT, k)
+    d_channel = _dim(f, Names.DIM_CHANNEL, int(np.asarray(cs.bases).shape[1]))
+    d_y, d_x = _dim(f, Names.DIM_Y, heat.shape[2]), _dim(f, Names.DIM_X, heat.shape[3])
+    d_hw, d_xy = _dim(f, Names.DIM_HW, 2), _dim(f, Names.DIM_XY, 2)
+    d_bound = _dim(f, Names.DIM_BOUND, 2)
+    _attach(f[Names.BASES], d_concept, d_channel)
+    for tree_k in tree.values():
+        tree_k[Names.BASES].dims[1].attach_scale(d_channel)
+    _attach(concepts[Names.STABILITY], d_concept)
+    _attach(concepts[Names.STABILITY_INTERVAL], d_concept, d_bound)
+    _attach(concepts[Names.CONCEPT_NAMES], d_concept)
+    _attach(concepts[Names.PRESENCE_THRESHOLD], d_concept)
+    _attach(images[Names.IDS], d_image)
+    for name in (Names.ORIGINAL_SIZES, Names.INPUT_SIZES, Names.HEATMAP_SIZES):
+        _attach(images[name], d_image, d_hw)
+    _attach(heat, d_image, d_concept, d_y, d_x)
+    _attach(images[Names.CERTAINTIES], d_image, d_concept)
+    _attach(images[Names.RECONSTRUCTION_ERRORS], d_image)
+    d_point = _dim(f, Names.DIM_POINT, regions[Names.POINTS].shape[0])
+    d_polygon = _dim(f, Names.DIM_POLYGON, regions[Names.OWNER].shape[0])
+    d_offset = _dim(f, Names.DIM_OFFSET, regions[Names.OFFSETS].shape[0])
+    d_owner = _dim(f, Names.DIM_OWNER, 2)
+    _attach(regions[Names.POINTS], d_point, d_xy)
+    _attach(regions[Names.OFFSETS], d_offset)
+    _attach(regions[Names.OWNER], d_polygon, d_owner)
+    d_dec = _dim(f, Names.DIM_DECISION, dec[Names.KEPT].shape[0])
+    for name in (Names.IDS, Names.STAGE, Names.REASON, Names.KEPT, Names.SCORE,
+                 Names.PROBABILITY):
+        _attach(dec[name], d_dec)
+    for g in f[Names.K_SWEEP].values():
+        g[Names.K].make_scale(Names.K)
+        g[Names.VALUE].dims[0].attach_scale(g[Names.K])
+
+
 def save_concept_set(path: str | os.PathLike[str], cs: ConceptSet) -> Path:
     """Write ``cs`` to ``path`` atomically (temp file in the same folder + os.replace).
     If anything fails, no file exists under ``path`` afterwards (an older one stays intact)."""
@@ -278,6 +408,7 @@ def save_concept_set(path: str | os.PathLike[str], cs: ConceptSet) -> Path:
     try:
         with h5py.File(tmp, "w") as f:
             _write(f, cs)
+            _write_v2(f, cs)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a concept set is meant to be shared
         os.replace(tmp, path)
     except BaseException:
@@ -287,11 +418,12 @@ def save_concept_set(path: str | os.PathLike[str], cs: ConceptSet) -> Path:
     return path
 
 
-def _check_version(node: h5py.HLObject, where: str) -> None:
+def _check_version(node: h5py.HLObject, where: str, expected: int | None = None) -> int:
     version = int(node.attrs.get(Names.SCHEMA_VERSION, -1))
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS or (expected is not None and version != expected):
         raise InvalidInput(f"{where}: schema_version {version} is not supported "
-                           f"(this software reads {SCHEMA_VERSION})")
+                           f"(this software reads {READABLE_VERSIONS})")
+    return version
 
 
 def load_concept_set(path: str | os.PathLike[str]) -> ConceptSet:
@@ -300,50 +432,79 @@ def load_concept_set(path: str | os.PathLike[str]) -> ConceptSet:
     if not path.is_file():
         raise NotFound(f"no concept set file at {path}")
     with h5py.File(path, "r") as f:
-        _check_version(f, str(path))
+        version = _check_version(f, str(path))
         if f.attrs.get(Names.FORMAT) != FORMAT:
             raise InvalidInput(f"{path} is not a {FORMAT} file")
-        for g in (Names.IMAGES, Names.REGIONS, Names.DECISIONS, Names.K_SWEEP):
-            _check_version(f[g], f"{path}:/{g}")
-        bases = f[Names.BASES][()]
-        images = f[Names.IMAGES]
-        ids = _read_strings(images, Names.IDS)
-        sizes = images[Names.HEATMAP_SIZES][()]
-        padded = images[Names.HEATMAPS][()]
-        heat = [np.ascontiguousarray(padded[i, :, :h, :w]) for i, (h, w) in enumerate(sizes)]
-        k = bases.shape[0]
-        regions = f[Names.REGIONS]
-        points = regions[Names.POINTS][()]
-        offsets = regions[Names.OFFSETS][()]
-        owner = regions[Names.OWNER][()]
-        polygons: list[list[list[np.ndarray]]] = [[[] for _ in range(k)] for _ in ids]
-        for m, (i, j) in enumerate(owner):
-            polygons[int(i)][int(j)].append(points[offsets[m]:offsets[m + 1]].astype(np.int32))
-        dec = f[Names.DECISIONS]
-        d_ids = _read_strings(dec, Names.IDS)
-        stages = _read_strings(dec, Names.STAGE)
-        reasons = _read_strings(dec, Names.REASON)
-        kept, score, prob = dec[Names.KEPT][()], dec[Names.SCORE][()], dec[Names.PROBABILITY][()]
-        decisions = [Decision(d_ids[r], bool(kept[r]), stages[r], reasons[r], float(score[r]),
-                              float(prob[r])) for r in range(len(d_ids))]
-        sweep = f[Names.K_SWEEP]
-        curves = {}
-        for criterion, g in sweep.items():
-            curves[criterion] = {int(a): float(b) for a, b in
-                                 zip(g[Names.K][()], g[Names.VALUE][()], strict=True)}
-        return ConceptSet(
-            name=str(f.attrs[Names.NAME]), bases=bases, image_ids=ids, heatmaps=heat,
-            certainties=images[Names.CERTAINTIES][()],
-            original_sizes=images[Names.ORIGINAL_SIZES][()],
-            input_sizes=images[Names.INPUT_SIZES][()],
-            polygons=polygons, decisions=decisions, k_curves=curves,
-            k_criterion=str(sweep.attrs[Names.CRITERION]), k_reason=str(f.attrs[Names.K_REASON]),
-            threshold=float(regions.attrs[Names.THRESHOLD]),
-            min_area=float(regions.attrs[Names.MIN_AREA]),
-            provenance=json.loads(f.attrs[Names.PROVENANCE]),
-            notices=json.loads(f.attrs[Names.NOTICES]),
-            stage_seconds=json.loads(f.attrs[Names.STAGE_SECONDS]),
-            id=str(f.attrs[Names.ID]), created=str(f.attrs[Names.CREATED]))
+        return _READERS[version](f, str(path))
+
+
+def _read_v2(f: h5py.File, where: str) -> ConceptSet:
+    """Version 2 = version 1 + reliability, names, training statistics, hierarchy."""
+    cs = _read_v1(f, where, version=2)
+    _check_version(f[Names.CONCEPTS], f"{where}:/{Names.CONCEPTS}", 2)
+    concepts = f[Names.CONCEPTS]
+    cs.stability = concepts[Names.STABILITY][()]
+    cs.stability_interval = concepts[Names.STABILITY_INTERVAL][()]
+    cs.concept_names = _read_strings(concepts, Names.CONCEPT_NAMES)
+    cs.presence_threshold = concepts[Names.PRESENCE_THRESHOLD][()]
+    cs.set_stability = float(f.attrs[Names.SET_STABILITY])
+    cs.ood_threshold = float(f.attrs[Names.OOD_THRESHOLD])
+    cs.reconstruction_errors = f[Names.IMAGES][Names.RECONSTRUCTION_ERRORS][()]
+    for name, g in f[Names.HIERARCHY].items():
+        cs.hierarchy[int(name[1:])] = {
+            "bases": g[Names.BASES][()], "parents": g[Names.PARENTS][()],
+            "cosines": g[Names.COSINES][()], "top_image": g[Names.TOP_IMAGE][()]}
+    cs.schema_version = 2
+    return cs
+
+
+def _read_v1(f: h5py.File, where: str, version: int = 1) -> ConceptSet:
+    """Version 1: bases, images, regions, decisions, k sweep (the golden file's layout)."""
+    path = where
+    for g in (Names.IMAGES, Names.REGIONS, Names.DECISIONS, Names.K_SWEEP):
+        _check_version(f[g], f"{path}:/{g}", version)
+    bases = f[Names.BASES][()]
+    images = f[Names.IMAGES]
+    ids = _read_strings(images, Names.IDS)
+    sizes = images[Names.HEATMAP_SIZES][()]
+    padded = images[Names.HEATMAPS][()]
+    heat = [np.ascontiguousarray(padded[i, :, :h, :w]) for i, (h, w) in enumerate(sizes)]
+    k = bases.shape[0]
+    regions = f[Names.REGIONS]
+    points = regions[Names.POINTS][()]
+    offsets = regions[Names.OFFSETS][()]
+    owner = regions[Names.OWNER][()]
+    polygons: list[list[list[np.ndarray]]] = [[[] for _ in range(k)] for _ in ids]
+    for m, (i, j) in enumerate(owner):
+        polygons[int(i)][int(j)].append(points[offsets[m]:offsets[m + 1]].astype(np.int32))
+    dec = f[Names.DECISIONS]
+    d_ids = _read_strings(dec, Names.IDS)
+    stages = _read_strings(dec, Names.STAGE)
+    reasons = _read_strings(dec, Names.REASON)
+    kept, score, prob = dec[Names.KEPT][()], dec[Names.SCORE][()], dec[Names.PROBABILITY][()]
+    decisions = [Decision(d_ids[r], bool(kept[r]), stages[r], reasons[r], float(score[r]),
+                          float(prob[r])) for r in range(len(d_ids))]
+    sweep = f[Names.K_SWEEP]
+    curves = {}
+    for criterion, g in sweep.items():
+        curves[criterion] = {int(a): float(b) for a, b in
+                             zip(g[Names.K][()], g[Names.VALUE][()], strict=True)}
+    return ConceptSet(
+        name=str(f.attrs[Names.NAME]), bases=bases, image_ids=ids, heatmaps=heat,
+        certainties=images[Names.CERTAINTIES][()],
+        original_sizes=images[Names.ORIGINAL_SIZES][()],
+        input_sizes=images[Names.INPUT_SIZES][()],
+        polygons=polygons, decisions=decisions, k_curves=curves,
+        k_criterion=str(sweep.attrs[Names.CRITERION]), k_reason=str(f.attrs[Names.K_REASON]),
+        threshold=float(regions.attrs[Names.THRESHOLD]),
+        min_area=float(regions.attrs[Names.MIN_AREA]),
+        provenance=json.loads(f.attrs[Names.PROVENANCE]),
+        notices=json.loads(f.attrs[Names.NOTICES]),
+        stage_seconds=json.loads(f.attrs[Names.STAGE_SECONDS]),
+        id=str(f.attrs[Names.ID]), created=str(f.attrs[Names.CREATED]), schema_version=1)
+
+
+_READERS = {1: _read_v1, 2: _read_v2}
 
 
 def read_summary(path: str | os.PathLike[str]) -> ConceptSetSummary:
@@ -354,7 +515,8 @@ def read_summary(path: str | os.PathLike[str]) -> ConceptSetSummary:
         return ConceptSetSummary(str(a[Names.ID]), str(a[Names.NAME]), int(a[Names.K]),
                                  int(a[Names.N_IMAGES]), str(a[Names.MODEL]),
                                  str(a[Names.LAYER]), str(a[Names.CREATED]),
-                                 str(a[Names.K_REASON]))
+                                 str(a[Names.K_REASON]),
+                                 float(a.get(Names.SET_STABILITY, float("nan"))))
 
 
 def safe_id(text: str) -> str:
@@ -438,3 +600,17 @@ class ConceptSetStore:
         except FileNotFoundError:
             return False
         return True
+
+
+def label_concepts(path: str | os.PathLike[str], names: dict[int, str]) -> ConceptSet:
+    """Give concepts names (``{index: name}``; "" clears one) and rewrite the file atomically
+    (a version-1 file becomes version 2). Returns the updated concept set."""
+    cs = load_concept_set(path)
+    labels = list(cs.concept_names) + [""] * (cs.k - len(cs.concept_names))
+    for j, name in names.items():
+        if not 0 <= int(j) < cs.k:
+            raise InvalidInput(f"concept index {j} outside 0..{cs.k - 1}")
+        labels[int(j)] = str(name).strip()
+    cs.concept_names = labels[:cs.k]
+    save_concept_set(path, cs)
+    return cs

@@ -20,6 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from concept_engine.options import (
+    INITS,
+    K_CRITERIA,
+    PREDICTION_MODES,
+    RESIZE_MODES,
+    SOLVERS,
+)
+
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -39,10 +47,11 @@ OUT/<class>/ with:
   k_sweep.png     how the number of concepts k was chosen
   summary.json    images kept/dropped, k and why, time per stage (written last: "done")
 
-Steps: (1) features of every image; (2) fine-graining: keep images the classifier recognises as
-the folder's class (prediction filter; skipped with a notice when the folder name is not a
-classifier class), then drop the least certain images (certainty filter); (3) choose k (or use
---k); (4) fit; (5) write the outputs. By default everything runs in this process; models are
+Steps: (1) features of every image; (2) fine-graining: keep images whose 5 most probable
+classifier classes include the folder's class (prediction filter; skipped with a notice when the
+folder name is not a classifier class) and, with --certainty-filter, drop the least certain
+images; (3) choose k (or use --k); (4) fit, and measure each concept's stability; (5) write the
+outputs. By default everything runs in this process; models are
 built into $DFF_HOME (~/.cache/dff) on first use.
 """
 
@@ -187,16 +196,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="use exactly N concepts (default: estimate k over --k-range)")
     g.add_argument("--k-range", type=_k_range, metavar="MIN-MAX",
                    help=f"values of k tried when estimating (default: {D.k_min}-{D.k_max})")
-    g.add_argument("--k-criterion", choices=["stability", "certainty", "elbow"],
-                   default=D.k_criterion,
-                   help="how k is estimated: split-half stability of the concepts, the seed's "
-                        "mean certainty (biased towards small k), or the elbow of the "
-                        "reconstruction error")
+    g.add_argument("--k-criterion", choices=K_CRITERIA, default=D.k_criterion,
+                   help="how k is estimated: split-half stability of the concepts, "
+                        "staNMF instability over random restarts, bi-cross-validation (bcv), "
+                        "the seed's mean certainty (biased towards small k), or the elbow of "
+                        "the reconstruction error")
     g = d.add_argument_group("factorisation")
-    g.add_argument("--solver", choices=["hals", "mu"], default=D.solver,
+    g.add_argument("--solver", choices=SOLVERS, default=D.solver,
                    help="NMF solver: hals (fast) or mu (Lee-Seung, as in the paper)")
-    g.add_argument("--init", choices=["nndsvd", "nndsvda", "nndsvdar", "random", "seed"],
-                   default=D.init, help="NMF initialisation (nndsvd is deterministic)")
+    g.add_argument("--init", choices=INITS, default=D.init,
+                   help="NMF initialisation (nndsvd is deterministic)")
+    g.add_argument("--bootstrap", type=int, metavar="B", default=D.bootstrap,
+                   help="resamples for each concept's bootstrap stability (0 = not measured)")
     g.add_argument("--max-iter", type=_positive_int, metavar="N", default=D.max_iter,
                    help="most NMF iterations per fit")
     g.add_argument("--tol", type=float, metavar="TOL", default=D.tol,
@@ -210,7 +221,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="network layer whose activations are factorised")
     g.add_argument("--classifier", metavar="NAME", default=D.classifier,
                    help="classifier of the prediction filter")
-    g.add_argument("--resize", choices=["squash", "keep_aspect"], default=D.resize_mode,
+    g.add_argument("--resize", choices=RESIZE_MODES, default=D.resize_mode,
                    help="squash to 224x224 like the paper, or keep the aspect ratio")
     g = d.add_argument_group("fine-graining (which images are used)")
     g.add_argument("--target-class", metavar="NAME",
@@ -221,18 +232,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--require-prediction-filter", action="store_true",
                    help="fail (instead of skipping the filter with a notice) when the class "
                         "name is not a classifier class")
+    g.add_argument("--prediction-mode", choices=PREDICTION_MODES,
+                   help="prediction filter rule: probability (p >= --min-probability), top_n "
+                        "(class among the --prediction-top most probable), calibrated "
+                        "(temperature-scaled p >= --min-probability)")
+    g.add_argument("--prediction-top", type=_positive_int, metavar="N",
+                   help="top_n mode: keep images whose top N classes include the class "
+                        "(default 5); implies --prediction-mode top_n")
     g.add_argument("--min-probability", type=_fraction, metavar="P",
                    default=D.min_probability,
-                   help="prediction filter: keep images with class probability >= P")
+                   help="prediction filter (probability and calibrated modes): keep images "
+                        "with class probability >= P")
+    g.add_argument("--certainty-filter", action="store_true",
+                   help="drop the least certain images (the seed's second filter; off by "
+                        "default: measured not to make concept sets more reproducible)")
     g.add_argument("--no-certainty-filter", action="store_true",
-                   help="do not drop the least certain images")
+                   help="do not drop the least certain images (the default)")
     g.add_argument("--certainty-quantile", type=_fraction, metavar="Q",
                    default=D.certainty_quantile,
                    help="certainty filter: drop images below this quantile of certainty")
     g.add_argument("--min-images", type=_positive_int, metavar="N",
                    default=D.prediction_min_images,
-                   help="prediction filter: if fewer than N images pass, keep them all, with "
-                        "a notice")
+                   help="prediction filter: if fewer than N images pass, keep the N most "
+                        "probable, with a notice")
     g.add_argument("--certainty-min-images", type=_positive_int, metavar="N",
                    default=D.certainty_min_images,
                    help="certainty filter: skip it when fewer than N images would remain")
@@ -288,6 +310,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common_source(e)
     e.set_defaults(func=run_explain)
 
+    lab = sub.add_parser("label", help="name the concepts of a concept set (every picture and "
+                                       "report uses the names)", formatter_class=fmt,
+                         description="Store names for concepts in a concept set, e.g. "
+                                     "`dff label out/ant/concepts.h5 0=thorax 1=legs`. With "
+                                     "--images the class's pictures and index.html next to "
+                                     "the file are drawn again with the names.")
+    lab.add_argument("concepts", type=Path, metavar="CONCEPTS_H5")
+    lab.add_argument("names", nargs="*", metavar="J=NAME",
+                     help="concept index = name ('J=' clears a name); none: list the names")
+    lab.add_argument("--images", type=Path, metavar="CLASS_DIR",
+                     help="the class folder of photos the set was made from: redraw the "
+                          "pictures next to the concept set with the names")
+    lab.add_argument("--top", type=_positive_int, default=8, metavar="N")
+    lab.set_defaults(func=run_label)
+
 
 # ---------------------------------------------------------------------------- discover
 
@@ -302,11 +339,20 @@ def options_from_args(args: argparse.Namespace) -> Any:
         prediction = "off"
     elif args.require_prediction_filter:
         prediction = "on"
+    certainty = D.certainty_filter
+    if args.no_certainty_filter:
+        certainty = "off"
+    elif args.certainty_filter:
+        certainty = "auto"
+    prediction_mode = args.prediction_mode or ("top_n" if args.prediction_top
+                                               else D.prediction_mode)
     return DiscoveryOptions(
         target_class=args.target_class or "", k=args.k or 0, k_min=k_min, k_max=k_max,
         k_criterion=args.k_criterion, prediction_filter=prediction,
+        prediction_mode=prediction_mode,
+        prediction_top_n=args.prediction_top or D.prediction_top_n,
         min_probability=args.min_probability, prediction_min_images=args.min_images,
-        certainty_filter="off" if args.no_certainty_filter else "auto",
+        certainty_filter=certainty, bootstrap=args.bootstrap,
         certainty_quantile=args.certainty_quantile,
         certainty_min_images=args.certainty_min_images, solver=args.solver, init=args.init,
         max_iter=args.max_iter, tol=args.tol, seed=args.seed, layer=args.layer,
@@ -315,8 +361,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
 
 
 _STAGE_ORDER = ("read", "features_wait", "features", "prediction_filter", "certainty_filter",
-                "k_sweep", "fit",
-                "regions", "explain", "total", "save", "render")
+                "k_sweep", "fit", "reliability", "regions", "explain", "total", "save", "render")
 
 
 def _fmt_seconds(stages: dict[str, float]) -> str:
@@ -325,6 +370,30 @@ def _fmt_seconds(stages: dict[str, float]) -> str:
     ordered = sorted(stages.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
     return ", ".join(f"{'discovery total' if k == 'total' else k} {float(v):.1f}s"
                      for k, v in ordered)
+
+
+def reliability_line(path: Path) -> str:
+    """'reliability: split-half 0.91; concepts 0.95 0.88 ...' from a concept set file (plus
+    the low-reliability warning), '' when the file has none (schema 1, or no file)."""
+    if not path.is_file():
+        return ""
+    try:
+        from concept_engine.reliability import reliability_warning
+        from concept_engine.store import load_concept_set
+
+        cs = load_concept_set(path)
+    except Exception as exc:  # noqa: BLE001 - the summary must not fail on it
+        log.debug("no reliability for %s: %s", path, exc)
+        return ""
+    if cs.stability is None:
+        return ""
+    import numpy as np
+
+    stab = np.asarray(cs.stability, float)
+    per = " ".join(f"{cs.concept_label(j)}={v:.2f}" for j, v in enumerate(stab))
+    text = f"reliability: split-half {cs.set_stability:.2f}; concept stability {per}"
+    warning = reliability_warning(cs.set_stability, float(np.mean(stab)))
+    return text + (f"\n    WARNING: {warning}" if warning else "")
 
 
 def print_report(report: Any, stream: Any = None) -> None:
@@ -341,6 +410,9 @@ def print_report(report: Any, stream: Any = None) -> None:
         for why, count in r.dropped.items():
             lines.append(f"    dropped {count:4d}: {why}")
         lines.append(f"    k = {r.k}: {r.k_reason}")
+        line = reliability_line(Path(r.out_dir) / "concepts.h5")
+        if line:
+            lines.append(f"    {line}")
         for notice in r.notices:
             lines.append(f"    notice: {notice}")
         if r.stage_seconds:
@@ -542,6 +614,63 @@ def run_discover(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if failed or errors else EXIT_OK
 
 
+# ---------------------------------------------------------------------------- label
+
+def run_label(args: argparse.Namespace) -> int:
+    from dff_protos.errors import DFFError
+
+    from concept_engine.store import label_concepts, load_concept_set
+
+    names: dict[int, str] = {}
+    for item in args.names:
+        index, sep, name = item.partition("=")
+        if not sep or not index.strip().isdigit():
+            print(f"dff label: error: expected J=NAME (e.g. 0=thorax), got {item!r}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        names[int(index)] = name
+    try:
+        cs = label_concepts(args.concepts, names) if names else load_concept_set(args.concepts)
+    except DFFError as exc:
+        print(f"dff label: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for j in range(cs.k):
+        print(f"{j}\t{cs.concept_label(j)}")
+    if args.images:
+        return _redraw(cs, args)
+    return EXIT_OK
+
+
+def _redraw(cs: Any, args: argparse.Namespace) -> int:
+    """Pictures and index.html next to the concept set again, from the class's photos."""
+    import numpy as np
+
+    from exporter.export import list_images
+    from exporter.report import ImageResult, ReportData, decode_image, write_report
+
+    paths = dict(list_images(args.images))
+    missing = [i for i in cs.image_ids if i not in paths]
+    if missing:
+        print(f"dff label: error: {len(missing)} training image(s) not in {args.images}, "
+              f"e.g. {missing[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    out = args.concepts.parent
+
+    def results():
+        for i, image_id in enumerate(cs.image_ids):
+            yield ImageResult(image_id, decode_image(paths[image_id].read_bytes()),
+                              cs.polygons[i], np.asarray(cs.certainties[i]))
+
+    data = ReportData(name=cs.name, k=cs.k, k_reason=cs.k_reason, curves=cs.k_curves,
+                      decisions=[{"id": d.id, "kept": d.kept, "stage": d.stage,
+                                  "reason": d.reason, "score": d.score} for d in cs.decisions],
+                      notices=list(cs.notices))
+    write_report(out, results(), data, top_n=args.top, total=cs.n_images,
+                 concepts_file=args.concepts.name, concept_set=cs)
+    print(f"pictures redrawn with the names -> {out / 'index.html'}")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- explain
 
 def check_concept_set(path: Path) -> None:
@@ -610,6 +739,36 @@ def run_explain(args: argparse.Namespace) -> int:
         return EXIT_INTERNAL
 
 
+def _json_float(v: Any) -> float | None:
+    """JSON has no NaN/inf: null instead."""
+    import math
+
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _floats(values: Any) -> list[float | None]:
+    return [] if values is None else [_json_float(v) for v in values]
+
+
+def _copy_exemplars(concept_dir: Path, out: Path, k: int) -> list[str]:
+    """The training exemplars (top images by certainty) that `dff discover` drew next to the
+    concept set (concept_dir/grids/concept_NN_top.jpg), copied to out/exemplars/."""
+    import shutil
+
+    rels = []
+    for j in range(k):
+        src = concept_dir / "grids" / f"concept_{j:02d}_top.jpg"
+        rel = f"exemplars/concept_{j:02d}.jpg"
+        if src.is_file():
+            (out / "exemplars").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, out / rel)
+            rels.append(rel)
+        else:
+            rels.append("")
+    return rels
+
+
 def _explain(args: argparse.Namespace) -> int:
     import numpy as np
     from dff_protos.errors import InvalidInput
@@ -655,7 +814,15 @@ def _explain(args: argparse.Namespace) -> int:
     record = {
         "concept_set": str(args.concepts), "concept_set_id": cs.id, "name": cs.name,
         "k": cs.k, "threshold": threshold, "min_area": min_area,
-        "images": [{"id": x.id, "certainties": [float(c) for c in x.certainties]} for x in ok],
+        "concept_names": [cs.concept_label(j) for j in range(cs.k)],
+        "presence_threshold": _floats(cs.presence_threshold),
+        "ood_error_threshold": _json_float(cs.ood_threshold),
+        "set_stability": _json_float(cs.set_stability),
+        "images": [{"id": x.id, "certainties": _floats(x.certainties),
+                    "present": [bool(v) for v in x.present],
+                    "relative_score": _floats(x.relative_score),
+                    "reconstruction_error": _json_float(x.reconstruction_error),
+                    "out_of_distribution": bool(x.out_of_distribution)} for x in ok],
         "errors": [{"id": x.id, "error": str(x.error)} for x in failed],
     }
     np.savez_compressed(args.out / "heatmaps.npz",
@@ -667,16 +834,30 @@ def _explain(args: argparse.Namespace) -> int:
     def results():
         for x in ok:
             yield ImageResult(id=x.id, image=decode_image(by_id[x.id]),
-                              polygons=x.polygons, certainties=np.asarray(x.certainties))
+                              polygons=x.polygons, certainties=np.asarray(x.certainties),
+                              heatmaps=x.heatmaps, present=x.present,
+                              relative_score=x.relative_score,
+                              reconstruction_error=x.reconstruction_error,
+                              out_of_distribution=x.out_of_distribution)
 
-    data = ReportData(name=f"{cs.name} (explained)", k=cs.k,
-                      k_reason=f"fixed by the concept set {args.concepts}",
-                      decisions=[{"id": x.id, "kept": False, "stage": "error",
-                                  "reason": str(x.error)} for x in failed],
-                      summary={"images": len(items), "explained": len(ok),
-                               "failed": len(failed), "concept set": str(args.concepts)})
+    n_ood = sum(x.out_of_distribution for x in ok)
+    data = ReportData.from_concept_set(
+        cs, name=f"{cs.name} (explained)",
+        k_reason=f"fixed by the concept set {args.concepts}",
+        decisions=[{"id": x.id, "kept": False, "stage": "error", "reason": str(x.error)}
+                   for x in failed],
+        summary={"images": len(items), "explained": len(ok), "failed": len(failed),
+                 "out of distribution": n_ood, "concept set": str(args.concepts)},
+        explain=True, exemplars=_copy_exemplars(args.concepts.parent, args.out, cs.k))
     write_report(args.out, results(), data, top_n=args.top, total=len(ok), concepts_file="",
                  stems=output_stems(x.id for x in ok))
+    for x in ok:
+        if x.out_of_distribution:
+            print(f"    {x.id}: OUT OF DISTRIBUTION (relative reconstruction error "
+                  f"{x.reconstruction_error:.4f} > {cs.ood_threshold:.4f}, the training "
+                  f"images' 95th percentile): the concepts do not describe it", file=sys.stderr)
+        elif not np.any(x.present):
+            print(f"    {x.id}: none of the {cs.k} concepts is present", file=sys.stderr)
     for x in failed:
         print(f"    could not explain {x.id}: {x.error}", file=sys.stderr)
     print(f"explained {len(ok)} of {len(items)} image(s) -> {args.out / 'index.html'}")

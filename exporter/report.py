@@ -8,13 +8,13 @@ an index.html that links all of it with relative paths (it works from file://).
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -49,6 +49,11 @@ class ImageResult:
     image: np.ndarray  # (H, W, 3) uint8 BGR, the decoded original
     polygons: list[list[np.ndarray]]
     certainties: np.ndarray
+    heatmaps: np.ndarray | None = None  # (k, h, w) raw maps: dominant view and crops
+    present: np.ndarray | None = None  # (k,) bool (explain: judged against training)
+    relative_score: np.ndarray | None = None  # (k,) training percentile (explain)
+    reconstruction_error: float = float("nan")
+    out_of_distribution: bool = False
 
 
 @dataclass
@@ -62,6 +67,41 @@ class ReportData:
     decisions: list[dict] = field(default_factory=list)  # id, kept, stage, reason, score
     summary: dict = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # (k,) "" = unnamed (dff label)
+    stability: list[float] = field(default_factory=list)  # (k,) bootstrap stability
+    stability_interval: list[tuple[float, float]] = field(default_factory=list)
+    set_stability: float = float("nan")
+    warning: str = ""  # the low-reliability warning, shown at the top
+    scales: list[float] = field(default_factory=list)  # (k,) dominant-view reference strength
+    hierarchy: dict[int, dict] = field(default_factory=dict)  # k -> parents, cosines, top_image
+    training_ids: list[str] = field(default_factory=list)  # index -> id (hierarchy thumbnails)
+    exemplars: list[str] = field(default_factory=list)  # (k,) training exemplar pictures
+    explain: bool = False  # a report of new images explained with a stored set
+
+    def label(self, j: int) -> str:
+        return self.names[j] if j < len(self.names) and self.names[j] else f"concept {j}"
+
+    @classmethod
+    def from_concept_set(cls, cs: Any, **kw: Any) -> ReportData:
+        """Reliability, names, scales and hierarchy of a concept set (schema 1 or 2)."""
+        from concept_engine.reliability import reliability_warning
+
+        stab = [] if cs.stability is None else [float(v) for v in cs.stability]
+        interval = ([] if cs.stability_interval is None
+                    else [(float(a), float(b)) for a, b in cs.stability_interval])
+        mean = float(np.mean(stab)) if stab else float("nan")
+        scales = [float(max((float(np.max(m[j])) for m in cs.heatmaps), default=0.0))
+                  for j in range(cs.k)]
+        kw.setdefault("name", cs.name)
+        kw.setdefault("k", cs.k)
+        kw.setdefault("k_reason", cs.k_reason)
+        return cls(names=list(cs.concept_names), stability=stab, stability_interval=interval,
+                   set_stability=float(cs.set_stability),
+                   warning=reliability_warning(float(cs.set_stability), mean), scales=scales,
+                   hierarchy={int(k): {key: np.asarray(v).tolist() for key, v in node.items()
+                                       if key != "bases"}
+                              for k, node in cs.hierarchy.items()},
+                   training_ids=list(cs.image_ids), **kw)
 
 
 # ---------------------------------------------------------------------------- image helpers
@@ -95,19 +135,24 @@ def write_image(path: Path, image: np.ndarray, quality: int = 90) -> None:
 
 # ---------------------------------------------------------------------------- drawing
 
-def concept_overlay(image: np.ndarray, polygons: Sequence[np.ndarray]) -> np.ndarray:
-    """One concept's regions contoured like the seed: green, width 2."""
+def concept_overlay(image: np.ndarray, polygons: Sequence[np.ndarray],
+                    color: tuple[int, int, int] | None = None) -> np.ndarray:
+    """One concept's regions contoured, width 2, in the concept's colour (default: the seed's
+    green, which is also concept 0's palette colour)."""
     from concept_engine.drawing import SEED_COLOR, draw_contours
 
-    return draw_contours(image, [list(polygons)], [SEED_COLOR], thickness=2)
+    return draw_contours(image, [list(polygons)], [color or SEED_COLOR], thickness=2)
 
 
 def combined_overlay(image: np.ndarray, polygons: Sequence[Sequence[np.ndarray]],
-                     certainties: Sequence[float]) -> np.ndarray:
-    """Every concept's contours in its own colour, with a legend band (concept, certainty)."""
+                     certainties: Sequence[float], names: Sequence[str] | None = None,
+                     present: Sequence[bool] | None = None) -> np.ndarray:
+    """Every concept's contours in its own colour, with a legend band (name, certainty; absent
+    concepts marked)."""
     from concept_engine.drawing import overlay
 
-    return overlay(image, polygons, [float(c) for c in certainties], legend=True)
+    return overlay(image, polygons, [float(c) for c in certainties], legend=True, names=names,
+                   present=present)
 
 
 # ---------------------------------------------------------------------------- grids
@@ -126,8 +171,9 @@ def _thumb(image: np.ndarray, caption: str, size: int = TILE) -> np.ndarray:
 
 
 def make_grid(tiles: Sequence[tuple[np.ndarray, str]], columns: int = 8,
-              title: str = "") -> np.ndarray:
-    """Thumbnails (image, caption) in rows of `columns`, with an optional title band."""
+              title: str = "", color: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Thumbnails (image, caption) in rows of `columns`, with an optional title band (with a
+    swatch and a border in ``color``: the concept's own colour)."""
     if not tiles:
         tiles = [(np.full((TILE, TILE, 3), 235, dtype=np.uint8), "(no images)")]
     thumbs = [_thumb(img, cap) for img, cap in tiles]
@@ -142,9 +188,15 @@ def make_grid(tiles: Sequence[tuple[np.ndarray, str]], columns: int = 8,
         grid[y:y + th, x:x + tw] = t
     if title:
         band = np.full((30, grid.shape[1], 3), 255, dtype=np.uint8)
-        cv2.putText(band, title, (6, 21), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1,
+        x = 6
+        if color is not None:
+            cv2.rectangle(band, (6, 6), (24, 24), color, -1)
+            x = 30
+        cv2.putText(band, title, (x, 21), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1,
                     cv2.LINE_AA)
         grid = np.vstack([band, grid])
+    if color is not None:
+        grid = cv2.copyMakeBorder(grid, 3, 3, 3, 3, cv2.BORDER_CONSTANT, value=color)
     return grid
 
 
@@ -154,6 +206,8 @@ _CURVE_TITLES = {
     "stability": "stability (split-half, higher = more reproducible)",
     "certainty": "mean certainty (the seed's criterion)",
     "elbow": "reconstruction error (elbow)",
+    "instability": "staNMF instability (lower = restarts agree)",
+    "bcv": "bi-cross-validation error (lower = predicts held-out blocks)",
 }
 
 
@@ -200,78 +254,163 @@ def k_curves_figure(curves: dict[str, dict[int, float]], chosen_k: int, reason: 
 
 @dataclass
 class Rendered:
-    """Relative paths (to the class folder) of everything render_concept_images wrote."""
+    """Relative paths (to the class folder) of everything render_images wrote."""
 
     overlays: list[dict[str, str]] = field(default_factory=list)  # [concept] id -> path
     combined: dict[str, str] = field(default_factory=dict)  # id -> path
+    dominant: dict[str, str] = field(default_factory=dict)  # id -> path
     grid_all: list[str] = field(default_factory=list)
     grid_top: list[str] = field(default_factory=list)
+    crops: list[str] = field(default_factory=list)  # per concept: crops of its strongest regions
     top_ids: list[list[str]] = field(default_factory=list)
+    thumbs: dict[int, str] = field(default_factory=dict)  # training image index -> thumbnail
     k_plot: str = ""
 
 
+CROP = 128  # side of a crop tile (px)
+
+
+def strongest_crop(image: np.ndarray, heatmap: np.ndarray, frac: float = 0.45) -> np.ndarray:
+    """The square of side ``frac`` * min(H, W) centred on the maximum of ``heatmap`` (h, w) -
+    upsampled to the image - clamped inside the image."""
+    height, width = image.shape[:2]
+    hm_h, hm_w = heatmap.shape
+    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    cy, cx = (y + 0.5) * height / hm_h, (x + 0.5) * width / hm_w
+    side = max(8, int(frac * min(height, width)))
+    y0 = int(np.clip(cy - side / 2, 0, height - side))
+    x0 = int(np.clip(cx - side / 2, 0, width - side))
+    return image[y0:y0 + side, x0:x0 + side]
+
+
+def _small(image: np.ndarray, size: int = TILE) -> np.ndarray:
+    h, w = image.shape[:2]
+    s = size / max(h, w)
+    return cv2.resize(image, (max(1, int(w * s)), max(1, int(h * s))),
+                      interpolation=cv2.INTER_AREA)
+
+
 def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_n: int = 8,
-                  total: int = 0,
+                  total: int = 0, data: ReportData | None = None,
                   progress: Callable[[int, int], None] | None = None,
                   stems: Mapping[str, str] | None = None) -> Rendered:
-    """Overlays per concept and image, a combined overlay per image, and the two grids per
-    concept, under out_dir/{overlays,combined,grids}/. Returns the relative paths.
+    """Per concept and image an overlay (the concept's own colour), per image a combined overlay
+    (all concepts, legend with names) and the dominant-concept view (when heatmaps are given),
+    per concept the grids (all images, top images) and the crops around its strongest regions,
+    under out_dir/{overlays,combined,dominant,grids}/. Returns the relative paths.
     ``stems``: the file name (no extension) of each image id (exporter.export.output_stems,
     collision-free); default: the id made safe."""
+    from concept_engine.drawing import dominant_view
+
+    data = data or ReportData(name="", k=k)
+    colors = concept_colors(k)
+    names = [data.label(j) for j in range(k)]
+    scales = data.scales if len(data.scales) == k else None
+    wanted = {int(i) for node in data.hierarchy.values() for i in node.get("top_image", [])}
     rendered = Rendered(overlays=[{} for _ in range(k)])
     # the grids need every overlay again: keep small copies only
     grid_tiles: list[list[tuple[np.ndarray, str, float]]] = [[] for _ in range(k)]
+    crop_tiles: list[list[tuple[np.ndarray, str, float]]] = [[] for _ in range(k)]
     for n, res in enumerate(results):
-        h, w = res.image.shape[:2]
         conts = res.polygons
         stem = stems[res.id] if stems is not None else os.path.splitext(safe_name(res.id))[0]
+        present = res.present
         for j in range(k):
-            ov = concept_overlay(res.image, conts[j])
+            ov = concept_overlay(res.image, conts[j], colors[j])
             rel = f"overlays/concept_{j:02d}/{stem}.jpg"
             write_image(out_dir / rel, ov)
             rendered.overlays[j][res.id] = rel
-            s = TILE / max(h, w)
-            small = cv2.resize(ov, (max(1, int(w * s)), max(1, int(h * s))),
-                               interpolation=cv2.INTER_AREA)
-            grid_tiles[j].append((small, res.id, float(res.certainties[j])))
+            score = float(res.certainties[j])
+            if present is None or present[j]:
+                grid_tiles[j].append((_small(ov), res.id, score))
+            if res.heatmaps is not None and (present is None or present[j]):
+                crop = strongest_crop(res.image, np.asarray(res.heatmaps[j]))
+                crop_tiles[j].append((_small(crop, CROP), res.id, score))
+                crop_tiles[j] = sorted(crop_tiles[j], key=lambda t: -t[2])[:top_n]
         rel = f"combined/{stem}.jpg"
-        write_image(out_dir / rel, combined_overlay(res.image, conts, res.certainties))
+        write_image(out_dir / rel, _flag_ood(combined_overlay(
+            res.image, conts, res.certainties, names=names, present=present), res))
         rendered.combined[res.id] = rel
+        if res.heatmaps is not None:
+            ref = scales or [float(np.max(res.heatmaps[j])) for j in range(k)]
+            dom = dominant_view(res.image, res.heatmaps, ref, colors, present)
+            from concept_engine.drawing import draw_legend
+
+            rel = f"dominant/{stem}.jpg"
+            write_image(out_dir / rel, _flag_ood(draw_legend(dom, names, colors), res))
+            rendered.dominant[res.id] = rel
+        if n in wanted:
+            rel = f"thumbs/{n:04d}.jpg"
+            write_image(out_dir / rel, _small(res.image, 96))
+            rendered.thumbs[n] = rel
         if progress:
             progress(n + 1, total)
     for j in range(k):
         tiles = grid_tiles[j]
-        all_grid = make_grid([(t, f"{c:.3g} {i}") for t, i, c in tiles],
-                             title=f"concept {j}: all {len(tiles)} images")
+        title = f"{names[j]}: all {len(tiles)} images"
+        all_grid = make_grid([(t, f"{c:.3g} {i}") for t, i, c in tiles], title=title,
+                             color=colors[j])
         rel_all = f"grids/concept_{j:02d}_all.jpg"
         write_image(out_dir / rel_all, all_grid)
         top = sorted(tiles, key=lambda t: -t[2])[:top_n]
         top_grid = make_grid([(t, f"{c:.3g} {i}") for t, i, c in top], columns=min(8, top_n),
-                             title=f"concept {j}: top {len(top)} by certainty")
+                             title=f"{names[j]}: top {len(top)} by certainty", color=colors[j])
         rel_top = f"grids/concept_{j:02d}_top.jpg"
         write_image(out_dir / rel_top, top_grid)
         rendered.grid_all.append(rel_all)
         rendered.grid_top.append(rel_top)
         rendered.top_ids.append([i for _, i, _ in top])
+        if crop_tiles[j]:
+            crops = make_grid([(t, i) for t, i, _ in crop_tiles[j]], columns=min(8, top_n),
+                              title=f"{names[j]}: strongest regions", color=colors[j])
+            rel = f"grids/concept_{j:02d}_crops.jpg"
+            write_image(out_dir / rel, crops)
+            rendered.crops.append(rel)
+        else:
+            rendered.crops.append("")
     return rendered
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;
-color:#222;max-width:1400px}
-h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;font-size:.9em} td,th{border:1px solid #ddd;padding:3px 8px;
-text-align:left} th{background:#f4f4f4}
-.swatch{display:inline-block;width:.9em;height:.9em;border-radius:2px;vertical-align:middle;
-margin-right:.3em}
-.gallery{display:flex;flex-wrap:wrap;gap:6px} .gallery a img{height:150px;border:1px solid #ccc}
-img.full{max-width:100%;border:1px solid #ccc} .muted{color:#777} .dropped{color:#a33}
-details summary{cursor:pointer;margin:.4em 0}
-"""
+def _flag_ood(picture: np.ndarray, res: ImageResult) -> np.ndarray:
+    """A red band 'OUT OF DISTRIBUTION' above the picture of an image the concepts do not
+    describe (explain), so the picture cannot be mistaken for a confident explanation."""
+    if not res.out_of_distribution:
+        return picture
+    width = picture.shape[1]
+    text_h = max(12, width // 22)
+    scale = cv2.getFontScaleFromHeight(cv2.FONT_HERSHEY_SIMPLEX, text_h, 2)
+    band = np.full((int(text_h * 1.9), width, 3), (40, 40, 200), np.uint8)
+    cv2.putText(band, "OUT OF DISTRIBUTION", (6, int(text_h * 1.45)), cv2.FONT_HERSHEY_SIMPLEX,
+                scale, (255, 255, 255), max(1, text_h // 8), cv2.LINE_AA)
+    return np.concatenate([band, picture], axis=0)
 
 
-def _esc(x: object) -> str:
-    return html.escape(str(x), quote=True)
+def _hierarchy_tree(data: ReportData, rendered: Rendered) -> list[dict]:
+    """Nested nodes {k, j, cosine, thumb, label, children} from the k -> k+1 parents."""
+    levels = sorted(data.hierarchy)
+    if not levels:
+        return []
+    nodes: dict[tuple[int, int], dict] = {}
+    for k in levels:
+        node = data.hierarchy[k]
+        for j in range(k):
+            top = int(node["top_image"][j])
+            label = data.label(j) if k == data.k else f"k={k} #{j}"
+            nodes[(k, j)] = {"k": k, "j": j, "cosine": float(node["cosines"][j]),
+                             "thumb": rendered.thumbs.get(top, ""),
+                             "image": (data.training_ids[top] if top < len(data.training_ids)
+                                       else ""), "label": label, "children": [],
+                             "chosen": k == data.k}
+    roots = []
+    for k in levels:
+        for j in range(k):
+            parent = int(data.hierarchy[k]["parents"][j])
+            prev = levels[levels.index(k) - 1] if levels.index(k) else None
+            if prev is None or parent < 0:
+                roots.append(nodes[(k, j)])
+            else:
+                nodes[(prev, parent)]["children"].append(nodes[(k, j)])
+    return roots
 
 
 def _href(rel: str) -> str:
@@ -281,86 +420,105 @@ def _href(rel: str) -> str:
     return quote(rel.replace(os.sep, "/"))
 
 
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("exporter", "templates"),
+        autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
+        trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters["href"] = _href
+    env.filters["num"] = lambda v, fmt=".3g": ("" if v is None or v != v
+                                               else format(float(v), fmt))
+    env.filters["tojson_plain"] = lambda v: (json.dumps(v, sort_keys=True)
+                                             if isinstance(v, dict | list) else v)
+    return env.get_template("index.html.j2")
+
+
 def write_index(out_dir: Path, data: ReportData, rendered: Rendered, *,
-                concepts_file: str = "concepts.h5") -> Path:
-    """out_dir/index.html: summary, k plot, per-concept grids and overlays, decisions."""
-    s = data.summary
-    parts: list[str] = [
-        "<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
-        f"<title>DFF concepts: {_esc(data.name)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Concepts of <q>{_esc(data.name)}</q></h1>",
-        f"<p><b>k = {data.k}</b> <span class=\"muted\">({_esc(data.k_reason)})</span></p>",
-    ]
-    if concepts_file:
-        parts.append(f"<p>Concept set: <a href=\"{_href(concepts_file)}\">{_esc(concepts_file)}"
-                     "</a> (HDF5: bases, heatmaps, certainties, k sweep, decisions, "
-                     "provenance)</p>")
-    if s:
-        parts.append("<h2>Summary</h2><table>")
-        for key, val in s.items():
-            if isinstance(val, dict | list):
-                val = json.dumps(val, sort_keys=True)
-            parts.append(f"<tr><th>{_esc(key)}</th><td>{_esc(val)}</td></tr>")
-        parts.append("</table>")
-    if data.notices:
-        parts.append("<h2>Notices</h2><ul>" +
-                     "".join(f"<li>{_esc(n)}</li>" for n in data.notices) + "</ul>")
-    if rendered.k_plot:
-        parts.append("<h2>Choosing k</h2>"
-                     f"<img class=\"full\" src=\"{_href(rendered.k_plot)}\" alt=\"k sweep\">")
-    hexes = [color_hex(c) for c in concept_colors(data.k)]
-    parts.append("<h2>Concepts</h2><p>")
-    parts.append(" ".join(f"<span class=\"swatch\" style=\"background:{hexes[j]}\">"
-                          f"</span>concept {j}" for j in range(data.k)))
-    parts.append("</p>")
+                concepts_file: str = "concepts.h5",
+                explained: Sequence[ImageResult] = ()) -> Path:
+    """out_dir/index.html from the package's jinja2 template (exporter/templates/)."""
+    from concept_engine.reliability import WARN_BELOW
+
+    colors = [color_hex(c) for c in concept_colors(data.k)]
+    concepts = []
     for j in range(data.k):
-        parts.append(f"<h3 id=\"concept-{j}\"><span class=\"swatch\" style=\"background:"
-                     f"{hexes[j]}\"></span>Concept {j}</h3>")
-        if j < len(rendered.grid_top):
-            parts.append(f"<p>Top images by certainty</p><img class=\"full\" "
-                         f"src=\"{_href(rendered.grid_top[j])}\" alt=\"concept {j} top\">")
-            parts.append(f"<details><summary>All images (grid)</summary><img class=\"full\" "
-                         f"loading=\"lazy\" src=\"{_href(rendered.grid_all[j])}\" "
-                         f"alt=\"concept {j} all\"></details>")
-        if j < len(rendered.overlays) and rendered.overlays[j]:
-            links = "".join(f"<a href=\"{_href(p)}\" title=\"{_esc(i)}\">{_esc(i)}</a><br>"
-                            for i, p in rendered.overlays[j].items())
-            parts.append(f"<details><summary>Overlay of every image "
-                         f"({len(rendered.overlays[j])})</summary>{links}</details>")
-    if rendered.combined:
-        parts.append("<h2>All concepts per image</h2><div class=\"gallery\">")
-        for i, p in rendered.combined.items():
-            parts.append(f"<a href=\"{_href(p)}\"><img src=\"{_href(p)}\" alt=\"{_esc(i)}\" "
-                         f"title=\"{_esc(i)}\"></a>")
-        parts.append("</div>")
-    if data.decisions:
-        parts.append("<h2>Images kept and dropped</h2><table><tr><th>image</th><th>kept</th>"
-                     "<th>stage</th><th>reason</th><th>score</th></tr>")
-        for d in data.decisions:
-            cls = "" if d.get("kept") else " class=\"dropped\""
-            score = d.get("score")
-            score_s = "" if score is None or score != score else f"{float(score):.4g}"
-            parts.append(f"<tr{cls}><td>{_esc(d.get('id', ''))}</td>"
-                         f"<td>{'yes' if d.get('kept') else 'no'}</td>"
-                         f"<td>{_esc(d.get('stage', ''))}</td><td>{_esc(d.get('reason', ''))}"
-                         f"</td><td>{score_s}</td></tr>")
-        parts.append("</table>")
-    parts.append("</body></html>")
+        stab = data.stability[j] if j < len(data.stability) else None
+        lo, hi = (data.stability_interval[j] if j < len(data.stability_interval)
+                  else (None, None))
+        concepts.append({
+            "j": j, "label": data.label(j), "color": colors[j], "stability": stab,
+            "low": lo, "high": hi, "unstable": stab is not None and stab == stab
+            and stab < WARN_BELOW,
+            "grid_top": rendered.grid_top[j] if j < len(rendered.grid_top) else "",
+            "grid_all": rendered.grid_all[j] if j < len(rendered.grid_all) else "",
+            "crops": rendered.crops[j] if j < len(rendered.crops) else "",
+            "overlays": rendered.overlays[j] if j < len(rendered.overlays) else {},
+            "exemplar": data.exemplars[j] if j < len(data.exemplars) else ""})
+    rows = []
+    for res in explained:
+        rows.append({
+            "id": res.id, "combined": rendered.combined.get(res.id, ""),
+            "dominant": rendered.dominant.get(res.id, ""), "ood": res.out_of_distribution,
+            "error": res.reconstruction_error,
+            "concepts": [{"label": data.label(j), "color": colors[j],
+                          "exemplar": data.exemplars[j] if j < len(data.exemplars) else "",
+                          "present": bool(res.present[j]) if res.present is not None else True,
+                          "certainty": float(res.certainties[j]),
+                          "relative": (float(res.relative_score[j])
+                                       if res.relative_score is not None else None)}
+                         for j in range(data.k)]})
+    html_text = _template().render(
+        data=data, concepts=concepts, rendered=rendered, concepts_file=concepts_file,
+        tree=_hierarchy_tree(data, rendered), explained=rows, warn_below=WARN_BELOW,
+        summary={k: (json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v)
+                 for k, v in data.summary.items()})
     path = out_dir / "index.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
+    path.write_text(html_text, encoding="utf-8")
     return path
 
 
 def write_report(out_dir: Path, results: Iterable[ImageResult], data: ReportData, *,
                  top_n: int = 8, total: int = 0, concepts_file: str = "concepts.h5",
                  progress: Callable[[int, int], None] | None = None,
-                 stems: Mapping[str, str] | None = None) -> Rendered:
+                 concept_set: Any = None, stems: Mapping[str, str] | None = None) -> Rendered:
     """All pictures, the k plot and index.html of one concept set, under out_dir.
-    results may be a generator (images are decoded one at a time)."""
-    rendered = render_images(results, data.k, out_dir, top_n=top_n, total=total,
+    results may be a generator (images are decoded one at a time). The concept set
+    (``concept_set``, else ``out_dir/concepts_file`` when it exists) supplies what the pictures
+    need beyond ``data``: names, reliability, heatmaps for the dominant view, the hierarchy."""
+    if concept_set is None and concepts_file and (out_dir / concepts_file).is_file():
+        from concept_engine.store import load_concept_set
+
+        try:
+            concept_set = load_concept_set(out_dir / concepts_file)
+        except Exception as exc:  # noqa: BLE001 - the report is still useful without it
+            log.warning("report without the concept set's extras: %s", exc)
+    if concept_set is not None:
+        extra = ReportData.from_concept_set(concept_set, name=data.name, k=data.k,
+                                            k_reason=data.k_reason)
+        for key in ("names", "stability", "stability_interval", "set_stability", "warning",
+                    "scales", "hierarchy", "training_ids"):
+            if not getattr(data, key) or key == "set_stability":
+                setattr(data, key, getattr(extra, key))
+        if not data.explain:
+            maps = dict(zip(concept_set.image_ids, concept_set.heatmaps, strict=True))
+            results = (r if r.heatmaps is not None else replace(r, heatmaps=maps.get(r.id))
+                       for r in results)
+    explained: list[ImageResult] = []
+    if data.explain:
+        results = _remember(results, explained)
+    rendered = render_images(results, data.k, out_dir, top_n=top_n, total=total, data=data,
                              progress=progress, stems=stems)
     if data.curves:
         plot_k_curves(data.curves, data.k, out_dir / "k_sweep.png", data.k_reason)
         rendered.k_plot = "k_sweep.png"
-    write_index(out_dir, data, rendered, concepts_file=concepts_file)
+    write_index(out_dir, data, rendered, concepts_file=concepts_file, explained=explained)
     return rendered
+
+
+def _remember(results: Iterable[ImageResult], into: list[ImageResult]
+              ) -> Iterable[ImageResult]:
+    for r in results:
+        into.append(replace(r, image=np.zeros((1, 1, 3), np.uint8)))  # keep no pixels
+        yield r

@@ -30,7 +30,8 @@ def test_extract_once_errors_and_filters_recorded(items):
     src = FakeSource({"img003.png": 0.5, "img004.png": 0.94})
     data = items + [("broken.jpg", b"not an image"), ("empty.png", b"")]
     events: list = []
-    cs = discover(data, src, DiscoveryOptions(name="ant", k=3), progress=events.append)
+    cs = discover(data, src, DiscoveryOptions(name="ant", k=3, prediction_mode="probability",
+                                              certainty_filter="auto"), progress=events.append)
     assert src.calls == 1 and src.items_seen == len(data)
     by_id: dict[str, list[Decision]] = {}
     for d in cs.decisions:
@@ -101,16 +102,47 @@ def test_probabilities_requested_only_when_the_filter_runs(items):
 def test_target_class_by_wordnet_id(items):
     src = FakeSource({"img000.png": 0.1})
     cs = discover(items[:12], src, DiscoveryOptions(name="folder", target_class="n02219486",
-                                                    k=2))
+                                                    k=2, prediction_mode="probability"))
     assert "img000.png" not in cs.image_ids and not cs.notices[:0]
 
 
-def test_too_few_pass_prediction_filter_keeps_all(items):
+def test_too_few_pass_prediction_filter_keeps_the_most_probable(items):
     src = FakeSource({i: 0.3 for i, _ in items})
-    cs = discover(items[:12], src, DiscoveryOptions(name="ant", k=2))
-    assert cs.n_images == 12
-    assert any("prediction filter not applied" in n for n in cs.notices)
+    cs = discover(items[:12], src, DiscoveryOptions(name="ant", k=2, prediction_mode="probability",
+                                                    certainty_filter="auto"))
+    assert cs.n_images == 10  # prediction_min_images, not everything (no cliff)
+    assert any("kept the 10 most probable" in n for n in cs.notices)
     assert any("certainty filter not applied" in n for n in cs.notices)
+
+
+def test_reliability_and_training_statistics(items, tmp_path):
+    cs = discover(items, FakeSource(), DiscoveryOptions(name="ant", certainty_filter="off"))
+    assert cs.stability.shape == (3,) and cs.stability_interval.shape == (3, 2)
+    assert np.all(cs.stability > 0.9)  # three planted, well separated colour concepts
+    assert np.all(cs.stability_interval[:, 0] <= cs.stability + 1e-6)
+    assert cs.set_stability == pytest.approx(cs.k_curves["stability"][3])
+    assert "reliability" in cs.stage_seconds
+    assert cs.presence_threshold.shape == (3,) and cs.reconstruction_errors.shape == (24,)
+    assert cs.ood_threshold >= float(np.median(cs.reconstruction_errors))
+    assert sorted(cs.hierarchy) == [2, 3, 4, 5, 6]
+    assert cs.hierarchy[3]["parents"].shape == (3,) and cs.hierarchy[2]["parents"].tolist() == [
+        -1, -1]
+    back = load_concept_set(save_concept_set(tmp_path / "c.h5", cs))
+    np.testing.assert_array_equal(back.stability, cs.stability)
+    np.testing.assert_array_equal(back.hierarchy[4]["parents"], cs.hierarchy[4]["parents"])
+    assert back.set_stability == pytest.approx(cs.set_stability) and back.schema_version == 2
+
+
+def test_fit_cache_shared_between_calls(items):
+    from concept_engine.discovery import FitCache
+
+    cache = FitCache()
+    opts = DiscoveryOptions(name="ant", k=3, certainty_filter="off", bootstrap=0)
+    a = discover(items, FakeSource(), opts, cache=cache)
+    assert cache.misses == 1 and cache.hits == 0
+    b = discover(items, FakeSource(), opts, cache=cache)
+    assert cache.misses == 1 and cache.hits == 1
+    np.testing.assert_array_equal(a.bases, b.bases)
 
 
 def test_too_few_images():

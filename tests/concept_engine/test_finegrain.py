@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from dff_protos.errors import InvalidInput
 
-from concept_engine.finegrain import certainty_filter, prediction_filter, resolve_class
+from concept_engine.finegrain import (
+    calibrate,
+    certainty_filter,
+    prediction_filter,
+    resolve_class,
+)
 
 NAMES = ["tench", "ant", "bee", "golden retriever", "ant, emmet, pismire two"]
 
@@ -50,12 +55,30 @@ def test_prediction_filter_keeps_confident_images():
     assert "p(ant)=0.949 < 0.95" in d.reason
 
 
-def test_prediction_filter_too_few_keeps_all_with_notice():
+def test_prediction_filter_no_cliff_keeps_the_most_probable():
+    ids = ["a", "b", "c", "d", "e"]
+    out = prediction_filter(ids, _probs([0.99, 0.2, 0.1, 0.6, 0.3]), 1, 0.95, 3)
+    assert out.kept.tolist() == [True, False, False, True, True]
+    assert "only 1 of 5" in out.notice and "kept the 3 most probable" in out.notice
+    assert "most probable" in out.decisions[3].reason
+    # fewer images than the minimum: all kept
+    out = prediction_filter(ids[:2], _probs([0.99, 0.2]), 1, 0.95, 10)
+    assert out.kept.all()
+
+
+def test_prediction_filter_top_n_and_calibrated():
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.05, 0.9, 0.05]])
     ids = ["a", "b", "c"]
-    out = prediction_filter(ids, _probs([0.99, 0.2, 0.1]), 1, 0.95, 10)
-    assert not out.applied and out.kept.all()
-    assert "only 1 of 3" in out.notice
-    assert all(d.kept for d in out.decisions)
+    out = prediction_filter(ids, probs, 1, 0.95, 1, mode="top_n", top_n=2)
+    assert out.kept.tolist() == [True, True, True]
+    out = prediction_filter(ids, probs, 1, 0.95, 1, mode="top_n", top_n=1)
+    assert out.kept.tolist() == [False, False, True]
+    # T > 1 flattens: 0.9 drops below 0.8; T < 1 sharpens it above 0.95
+    out = prediction_filter(ids, probs, 1, 0.8, 1, mode="calibrated", temperature=3.0)
+    assert out.decisions[2].score < 0.8
+    out = prediction_filter(ids, probs, 1, 0.95, 1, mode="calibrated", temperature=0.5)
+    assert out.decisions[2].score > 0.95 and out.kept.tolist() == [False, False, True]
+    assert calibrate(probs, 1.0) == pytest.approx(probs)
 
 
 def test_certainty_filter_quantile():

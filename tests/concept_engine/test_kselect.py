@@ -124,3 +124,59 @@ def test_progress_once_per_fit(V4):
     # 2 full fits + 2 splits x 2 ks x (2 halves reported as one step)
     assert [c[:2] for c in calls] == [(i, 6) for i in range(1, 7)]
     assert calls[0][2] == "fit k=2" and "stability split" in calls[-1][2]
+
+
+def realistic_planted(k: int, n_images: int = 24, hw=(14, 14), C: int = 128, seed: int = 0,
+                      noise: float = 0.05) -> np.ndarray:
+    """V like conv5_4 after ReLU: ~90% zeros, per-image spatial structure (each concept is
+    present in ~60% of the images as 1-2 smooth blobs on the 14 x 14 grid), sparse non-negative
+    bases (30% of the channels), noise, then a ReLU with a bias at the 90% quantile."""
+    rng = np.random.default_rng([seed, k])
+    H = rng.gamma(2.0, 1.0, (k, C)) * (rng.random((k, C)) < 0.3)
+    h, w = hw
+    yy, xx = np.mgrid[0:h, 0:w]
+    blocks = []
+    for _ in range(n_images):
+        Wi = np.zeros((h, w, k))
+        for j in range(k):
+            if rng.random() < 0.6:
+                for _ in range(rng.integers(1, 3)):
+                    cy, cx, s = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(1.2, 2.5)
+                    Wi[:, :, j] += rng.uniform(0.5, 1.5) * np.exp(
+                        -((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+        blocks.append(Wi.reshape(h * w, k))
+    X = np.concatenate(blocks) @ H
+    X = X + noise * X.std() * rng.standard_normal(X.shape)
+    return np.maximum(X - np.quantile(X, 0.90), 0).astype(np.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", range(2, 9))
+def test_default_criterion_recovers_realistic_planted_k(k):
+    from concept_engine.discovery import DiscoveryOptions
+
+    V = realistic_planted(k)
+    assert 0.88 <= (V == 0).mean() <= 0.92
+    default = DiscoveryOptions().k_criterion
+    sel = select_k(V, 24, (14, 14), ks=range(2, k + 2), criterion=default, record=(default,))
+    assert sel.k == k, sel.curves
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [3])
+def test_instability_recovers_realistic_planted_k(k):
+    sel = select_k(realistic_planted(k), 24, (14, 14), ks=range(2, k + 3),
+                   criterion="instability", record=("instability",))
+    assert sel.k == k, sel.curves
+    assert sel.curves["instability"][k] < 0.02 < sel.curves["instability"][k + 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [2, 5, 8])
+def test_bcv_recovers_realistic_planted_k(k):
+    sel = select_k(realistic_planted(k), 24, (14, 14), ks=range(2, k + 2), criterion="bcv",
+                   record=("bcv",))
+    assert sel.k == k, sel.curves
+    curve = sel.curves["bcv"]
+    if k > 2:  # a missing concept costs a lot, an extra one gains almost nothing
+        assert curve[k - 1] - curve[k] > 0.05 > curve[k] - curve[k + 1]

@@ -153,3 +153,64 @@ def test_golden_v1_file_still_reads():
     np.testing.assert_array_equal(back.heatmaps[1], want.heatmaps[1])
     assert back.k_curves == want.k_curves and back.provenance == want.provenance
     assert [d.id for d in back.decisions] == ["a.jpg", "b.jpg", "c.gif"]
+    assert back.schema_version == 1 and back.stability is None and back.hierarchy == {}
+    assert back.concept_label(1) == "concept 1"
+
+
+def _v2_set() -> ConceptSet:
+    cs = make_set()
+    cs.stability = np.array([0.9, 0.8, 0.5], np.float32)
+    cs.stability_interval = np.array([[0.85, 0.95], [0.7, 0.9], [0.3, 0.6]], np.float32)
+    cs.set_stability = 0.77
+    cs.presence_threshold = np.array([0.1, 0.2, 0.3], np.float32)
+    cs.reconstruction_errors = np.array([0.5, 0.6], np.float32)
+    cs.ood_threshold = 0.6
+    rng = np.random.default_rng(1)
+    cs.hierarchy = {2: {"bases": rng.random((2, 8)), "parents": np.array([-1, -1]),
+                        "cosines": np.ones(2), "top_image": np.array([0, 1])},
+                    3: {"bases": rng.random((3, 8)), "parents": np.array([0, 1, 1]),
+                        "cosines": np.array([0.9, 0.8, 0.7]), "top_image": np.array([0, 1, 1])}}
+    return cs
+
+
+def test_v2_round_trip_and_labels(tmp_path):
+    path = save_concept_set(tmp_path / "x.h5", _v2_set())
+    back = load_concept_set(path)
+    assert back.schema_version == 2 and back.set_stability == pytest.approx(0.77)
+    assert back.stability_interval[2].tolist() == pytest.approx([0.3, 0.6])
+    assert back.hierarchy[3]["parents"].tolist() == [0, 1, 1]
+    assert back.ood_threshold == pytest.approx(0.6)
+    assert back.concept_names == ["", "", ""]
+    st.label_concepts(path, {0: "thorax", 2: "legs"})
+    back = load_concept_set(path)
+    assert back.concept_names == ["thorax", "", "legs"] and back.concept_label(1) == "concept 1"
+    with pytest.raises(InvalidInput, match="outside"):
+        st.label_concepts(path, {5: "x"})
+    # a version-1 file is upgraded by labelling
+    v1 = tmp_path / "v1.h5"
+    v1.write_bytes(GOLDEN.read_bytes())
+    st.label_concepts(v1, {1: "head"})
+    assert load_concept_set(v1).concept_names[1] == "head"
+
+
+def test_v2_named_dimensions_and_strings_in_xarray(tmp_path):
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    path = save_concept_set(tmp_path / "x.h5", _v2_set())
+    with xr.open_dataset(path, engine="h5netcdf", group="images") as ds:
+        assert ds["heatmaps"].dims == ("image", "concept", "y", "x")
+        assert ds["certainties"].dims == ("image", "concept")
+        assert ds["original_sizes"].dims == ("image", "hw")
+        assert [str(v) for v in ds["ids"].values] == ["a.jpg", "b.jpg"]
+        assert isinstance(ds["ids"].values[0], str)
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        assert ds["bases"].dims == ("concept", "channel")
+    with xr.open_dataset(path, engine="h5netcdf", group="concepts") as ds:
+        assert ds["stability_interval"].dims == ("concept", "bound")
+    with xr.open_dataset(path, engine="h5netcdf", group="decisions") as ds:
+        assert ds["reason"].dims == ("decision",) and ds["stage"].values[2] == "error"
+    with xr.open_dataset(path, engine="h5netcdf", group="k_sweep/stability") as ds:
+        assert ds["value"].dims == ("k",) and ds["k"].values.tolist() == [2, 3]
+    with h5py.File(path, "r") as f:  # plain h5py: strings read back as str with .asstr()
+        assert f["concepts/names"].asstr()[0] == ""
+        assert f["decisions/reason"].asstr()[1] == "ok"

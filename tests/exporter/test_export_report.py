@@ -59,3 +59,83 @@ def test_k_plot_and_index(tmp_path):
         assert (tmp_path / rel).is_file() and f'src="{rel}"' in html
     assert rendered.overlays[0] == {"x/one.png": "overlays/concept_00/x__one.jpg"}
     assert rendered.top_ids == [["x/one.png"], ["x/one.png"]]
+
+
+def test_dominant_view_colours_each_pixel_by_its_strongest_present_concept():
+    from concept_engine.drawing import dominant_view, palette
+
+    img = np.zeros((40, 80, 3), np.uint8)
+    maps = np.zeros((2, 4, 8), np.float32)
+    maps[0, :, :4] = 1.0  # concept 0 on the left half
+    maps[1, :, 4:] = 0.5  # concept 1 on the right half, at half its training maximum
+    out = dominant_view(img, maps, [1.0, 1.0], palette(2), max_alpha=1.0)
+    c0, c1 = np.array(palette(2)[0]), np.array(palette(2)[1])
+    assert np.abs(out[20, 5].astype(int) - c0).max() <= 2
+    assert np.abs(out[20, 75].astype(int) - c1 * 0.5).max() <= 2  # opacity = strength
+    gone = dominant_view(img, maps, [1.0, 1.0], palette(2), present=[True, False])
+    assert gone[20, 75].max() == 0 and np.abs(gone[20, 5].astype(int) - c0 * 0.8).max() <= 2
+
+
+def test_legend_is_readable_at_gallery_size():
+    from concept_engine.drawing import draw_legend, palette
+
+    img = np.zeros((600, 400, 3), np.uint8)
+    out = draw_legend(img, ["thorax", "legs", "head", "background"], palette(4))
+    strip = out[600:]
+    dark = np.where((strip < 80).all(axis=2).any(axis=1))[0]
+    # text rows scale with the width (1/16 of it): at 320 px wide still ~20 px tall lines
+    assert strip.shape[0] >= 2 * 400 // 16 and dark.size >= 400 // 16
+
+
+def test_grids_and_overlays_use_each_concepts_colour(tmp_path):
+    results = [report.ImageResult(f"{i}.png", np.full((40, 60, 3), 90, np.uint8),
+                                  [[_square(5, 5, 10)], [_square(30, 10, 12)]],
+                                  np.array([0.8, 0.4]), heatmaps=np.ones((2, 4, 6), np.float32))
+               for i in range(3)]
+    data = report.ReportData(name="c", k=2, names=["thorax", ""])
+    rendered = report.write_report(tmp_path, iter(results), data, top_n=2, total=3,
+                                   concepts_file="")
+    colors = report.concept_colors(2)
+    for j in range(2):
+        grid = cv2.imread(str(tmp_path / rendered.grid_all[j]))
+        assert np.abs(grid[1, 1].astype(int) - np.array(colors[j])).max() <= 40  # border
+        ov = cv2.imread(str(tmp_path / rendered.overlays[j]["0.png"]))
+        x, y = (5, 15) if j == 0 else (30, 16)
+        assert np.abs(ov[y, x].astype(int) - np.array(colors[j])).max() <= 60
+    assert rendered.dominant and all((tmp_path / p).is_file() for p in rendered.dominant.values())
+    assert all(rendered.crops)
+    html = (tmp_path / "index.html").read_text()
+    assert "thorax" in html and "concept 1" in html
+
+
+def test_explain_report_marks_absent_concepts_and_ood(tmp_path):
+    ok = report.ImageResult("ant.png", np.full((40, 60, 3), 90, np.uint8),
+                            [[_square(5, 5, 10)], []], np.array([0.8, 0.01]),
+                            heatmaps=np.ones((2, 4, 6), np.float32),
+                            present=np.array([True, False]),
+                            relative_score=np.array([0.6, 0.0]), reconstruction_error=0.7)
+    odd = report.ImageResult("gymnast.png", np.full((40, 60, 3), 30, np.uint8), [[], []],
+                             np.array([0.02, 0.01]), heatmaps=np.ones((2, 4, 6), np.float32),
+                             present=np.array([False, False]),
+                             relative_score=np.array([0.0, 0.0]), reconstruction_error=0.99,
+                             out_of_distribution=True)
+    (tmp_path / "ex").mkdir()
+    cv2.imwrite(str(tmp_path / "ex" / "e.jpg"), np.zeros((10, 10, 3), np.uint8))
+    data = report.ReportData(name="ant (explained)", k=2, explain=True, names=["thorax", ""],
+                             exemplars=["ex/e.jpg", ""])
+    report.write_report(tmp_path, iter([ok, odd]), data, top_n=2, total=2, concepts_file="")
+    html = (tmp_path / "index.html").read_text()
+    assert html.count("OUT OF DISTRIBUTION") == 1 and 'class="absent"' in html
+    assert 'src="ex/e.jpg"' in html and "no training exemplars" in html
+    assert "60%" in html  # the training percentile of thorax in ant.png
+
+
+def test_hierarchy_tree_nests_children_under_parents():
+    data = report.ReportData(name="c", k=3, names=["", "", "legs"], hierarchy={
+        2: {"parents": [-1, -1], "cosines": [1, 1], "top_image": [0, 1]},
+        3: {"parents": [1, 0, 1], "cosines": [0.9, 0.8, 0.7], "top_image": [0, 0, 1]}},
+        training_ids=["a", "b"])
+    tree = report._hierarchy_tree(data, report.Rendered(thumbs={0: "thumbs/0000.jpg"}))
+    assert [n["j"] for n in tree] == [0, 1]
+    assert [c["j"] for c in tree[1]["children"]] == [0, 2]
+    assert tree[1]["children"][1]["label"] == "legs" and tree[0]["thumb"] == "thumbs/0000.jpg"

@@ -20,7 +20,7 @@ ON: FilterMode
 OFF: FilterMode
 
 class DiscoverOptions(_message.Message):
-    __slots__ = ("name", "target_class", "k", "k_min", "k_max", "k_criterion", "prediction_filter", "min_probability", "certainty_filter", "certainty_quantile", "min_images", "solver", "max_iter", "tol", "seed", "data_dir", "resize", "layer", "init", "threshold", "min_area", "prediction_min_images", "certainty_min_images", "model", "classifier", "wire_dtype")
+    __slots__ = ("name", "target_class", "k", "k_min", "k_max", "k_criterion", "prediction_filter", "min_probability", "certainty_filter", "certainty_quantile", "min_images", "solver", "max_iter", "tol", "seed", "data_dir", "resize", "layer", "init", "threshold", "min_area", "prediction_min_images", "certainty_min_images", "model", "classifier", "wire_dtype", "prediction_mode", "prediction_top_n", "temperature", "bootstrap")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TARGET_CLASS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,10 @@ class DiscoverOptions(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CLASSIFIER_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_MODE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_TOP_N_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    BOOTSTRAP_FIELD_NUMBER: _ClassVar[int]
     name: str
     target_class: str
     k: int
@@ -73,7 +77,11 @@ class DiscoverOptions(_message.Message):
     model: str
     classifier: str
     wire_dtype: str
-    def __init__(self, name: _Optional[str] = ..., target_class: _Optional[str] = ..., k: _Optional[int] = ..., k_min: _Optional[int] = ..., k_max: _Optional[int] = ..., k_criterion: _Optional[str] = ..., prediction_filter: _Optional[_Union[FilterMode, str]] = ..., min_probability: _Optional[float] = ..., certainty_filter: _Optional[_Union[FilterMode, str]] = ..., certainty_quantile: _Optional[float] = ..., min_images: _Optional[int] = ..., solver: _Optional[str] = ..., max_iter: _Optional[int] = ..., tol: _Optional[float] = ..., seed: _Optional[int] = ..., data_dir: _Optional[str] = ..., resize: _Optional[_Union[_common_pb2.ResizePolicy, _Mapping]] = ..., layer: _Optional[str] = ..., init: _Optional[str] = ..., threshold: _Optional[float] = ..., min_area: _Optional[float] = ..., prediction_min_images: _Optional[int] = ..., certainty_min_images: _Optional[int] = ..., model: _Optional[str] = ..., classifier: _Optional[str] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
+    prediction_mode: str
+    prediction_top_n: int
+    temperature: float
+    bootstrap: int
+    def __init__(self, name: _Optional[str] = ..., target_class: _Optional[str] = ..., k: _Optional[int] = ..., k_min: _Optional[int] = ..., k_max: _Optional[int] = ..., k_criterion: _Optional[str] = ..., prediction_filter: _Optional[_Union[FilterMode, str]] = ..., min_probability: _Optional[float] = ..., certainty_filter: _Optional[_Union[FilterMode, str]] = ..., certainty_quantile: _Optional[float] = ..., min_images: _Optional[int] = ..., solver: _Optional[str] = ..., max_iter: _Optional[int] = ..., tol: _Optional[float] = ..., seed: _Optional[int] = ..., data_dir: _Optional[str] = ..., resize: _Optional[_Union[_common_pb2.ResizePolicy, _Mapping]] = ..., layer: _Optional[str] = ..., init: _Optional[str] = ..., threshold: _Optional[float] = ..., min_area: _Optional[float] = ..., prediction_min_images: _Optional[int] = ..., certainty_min_images: _Optional[int] = ..., model: _Optional[str] = ..., classifier: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., prediction_mode: _Optional[str] = ..., prediction_top_n: _Optional[int] = ..., temperature: _Optional[float] = ..., bootstrap: _Optional[int] = ...) -> None: ...
 
 class DiscoverRequest(_message.Message):
     __slots__ = ("options", "image")
@@ -120,7 +128,7 @@ class KCurve(_message.Message):
     def __init__(self, criterion: _Optional[str] = ..., k: _Optional[_Iterable[int]] = ..., value: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DiscoverSummary(_message.Message):
-    __slots__ = ("concept_set_id", "k", "k_reason", "n_images", "n_kept", "curves", "reconstruction_error", "n_iter", "stage_seconds", "notices")
+    __slots__ = ("concept_set_id", "k", "k_reason", "n_images", "n_kept", "curves", "reconstruction_error", "n_iter", "stage_seconds", "notices", "concept_stability", "stability_low", "stability_high", "set_stability", "reliability_warning")
     class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +146,11 @@ class DiscoverSummary(_message.Message):
     N_ITER_FIELD_NUMBER: _ClassVar[int]
     STAGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     NOTICES_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_STABILITY_FIELD_NUMBER: _ClassVar[int]
+    STABILITY_LOW_FIELD_NUMBER: _ClassVar[int]
+    STABILITY_HIGH_FIELD_NUMBER: _ClassVar[int]
+    SET_STABILITY_FIELD_NUMBER: _ClassVar[int]
+    RELIABILITY_WARNING_FIELD_NUMBER: _ClassVar[int]
     concept_set_id: str
     k: int
     k_reason: str
@@ -148,7 +161,12 @@ class DiscoverSummary(_message.Message):
     n_iter: int
     stage_seconds: _containers.ScalarMap[str, float]
     notices: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, concept_set_id: _Optional[str] = ..., k: _Optional[int] = ..., k_reason: _Optional[str] = ..., n_images: _Optional[int] = ..., n_kept: _Optional[int] = ..., curves: _Optional[_Iterable[_Union[KCurve, _Mapping]]] = ..., reconstruction_error: _Optional[float] = ..., n_iter: _Optional[int] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., notices: _Optional[_Iterable[str]] = ...) -> None: ...
+    concept_stability: _containers.RepeatedScalarFieldContainer[float]
+    stability_low: _containers.RepeatedScalarFieldContainer[float]
+    stability_high: _containers.RepeatedScalarFieldContainer[float]
+    set_stability: float
+    reliability_warning: str
+    def __init__(self, concept_set_id: _Optional[str] = ..., k: _Optional[int] = ..., k_reason: _Optional[str] = ..., n_images: _Optional[int] = ..., n_kept: _Optional[int] = ..., curves: _Optional[_Iterable[_Union[KCurve, _Mapping]]] = ..., reconstruction_error: _Optional[float] = ..., n_iter: _Optional[int] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., notices: _Optional[_Iterable[str]] = ..., concept_stability: _Optional[_Iterable[float]] = ..., stability_low: _Optional[_Iterable[float]] = ..., stability_high: _Optional[_Iterable[float]] = ..., set_stability: _Optional[float] = ..., reliability_warning: _Optional[str] = ...) -> None: ...
 
 class DiscoverEvent(_message.Message):
     __slots__ = ("progress", "decision", "summary")
@@ -189,17 +207,23 @@ class Polygon(_message.Message):
     def __init__(self, xy: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ConceptRegions(_message.Message):
-    __slots__ = ("concept", "certainty", "contours")
+    __slots__ = ("concept", "certainty", "contours", "present", "relative_score", "name")
     CONCEPT_FIELD_NUMBER: _ClassVar[int]
     CERTAINTY_FIELD_NUMBER: _ClassVar[int]
     CONTOURS_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     concept: int
     certainty: float
     contours: _containers.RepeatedCompositeFieldContainer[Polygon]
-    def __init__(self, concept: _Optional[int] = ..., certainty: _Optional[float] = ..., contours: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ...) -> None: ...
+    present: bool
+    relative_score: float
+    name: str
+    def __init__(self, concept: _Optional[int] = ..., certainty: _Optional[float] = ..., contours: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., present: _Optional[bool] = ..., relative_score: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("id", "heatmaps", "certainties", "regions", "overlay_png", "info", "error")
+    __slots__ = ("id", "heatmaps", "certainties", "regions", "overlay_png", "info", "error", "present", "relative_score", "reconstruction_error", "out_of_distribution")
     ID_FIELD_NUMBER: _ClassVar[int]
     HEATMAPS_FIELD_NUMBER: _ClassVar[int]
     CERTAINTIES_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +231,10 @@ class ExplainResponse(_message.Message):
     OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    RECONSTRUCTION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     id: str
     heatmaps: _common_pb2.Tensor
     certainties: _containers.RepeatedScalarFieldContainer[float]
@@ -214,10 +242,14 @@ class ExplainResponse(_message.Message):
     overlay_png: bytes
     info: _common_pb2.ImageInfo
     error: _common_pb2.ItemError
-    def __init__(self, id: _Optional[str] = ..., heatmaps: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., certainties: _Optional[_Iterable[float]] = ..., regions: _Optional[_Iterable[_Union[ConceptRegions, _Mapping]]] = ..., overlay_png: _Optional[bytes] = ..., info: _Optional[_Union[_common_pb2.ImageInfo, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ItemError, _Mapping]] = ...) -> None: ...
+    present: _containers.RepeatedScalarFieldContainer[bool]
+    relative_score: _containers.RepeatedScalarFieldContainer[float]
+    reconstruction_error: float
+    out_of_distribution: bool
+    def __init__(self, id: _Optional[str] = ..., heatmaps: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., certainties: _Optional[_Iterable[float]] = ..., regions: _Optional[_Iterable[_Union[ConceptRegions, _Mapping]]] = ..., overlay_png: _Optional[bytes] = ..., info: _Optional[_Union[_common_pb2.ImageInfo, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ItemError, _Mapping]] = ..., present: _Optional[_Iterable[bool]] = ..., relative_score: _Optional[_Iterable[float]] = ..., reconstruction_error: _Optional[float] = ..., out_of_distribution: _Optional[bool] = ...) -> None: ...
 
 class ConceptSetInfo(_message.Message):
-    __slots__ = ("id", "name", "k", "n_images", "model", "layer", "created", "k_reason")
+    __slots__ = ("id", "name", "k", "n_images", "model", "layer", "created", "k_reason", "set_stability", "concept_names")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +258,8 @@ class ConceptSetInfo(_message.Message):
     LAYER_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     K_REASON_FIELD_NUMBER: _ClassVar[int]
+    SET_STABILITY_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_NAMES_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     k: int
@@ -234,7 +268,9 @@ class ConceptSetInfo(_message.Message):
     layer: str
     created: str
     k_reason: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., k: _Optional[int] = ..., n_images: _Optional[int] = ..., model: _Optional[str] = ..., layer: _Optional[str] = ..., created: _Optional[str] = ..., k_reason: _Optional[str] = ...) -> None: ...
+    set_stability: float
+    concept_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., k: _Optional[int] = ..., n_images: _Optional[int] = ..., model: _Optional[str] = ..., layer: _Optional[str] = ..., created: _Optional[str] = ..., k_reason: _Optional[str] = ..., set_stability: _Optional[float] = ..., concept_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListConceptSetsRequest(_message.Message):
     __slots__ = ()
