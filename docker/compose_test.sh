@@ -213,30 +213,10 @@ PY
 }
 
 # ------------------------------------------------------------------------------------ secrets
-make_secrets() {  # CA, server and client certificates (openssl), token files
+make_secrets() {  # docker/make-secrets.sh, readable by the images' uid 10001 and nobody else
   local d=$WORK/secrets
-  mkdir -p "$d"
-  (
-    cd "$d"
-    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=dff test CA" \
-      -keyout ca.key -out ca.crt 2>/dev/null
-    for name in feature-server engine export; do
-      openssl req -newkey rsa:2048 -nodes -subj "/CN=$name" -keyout "$name.key" -out "$name.csr" \
-        2>/dev/null
-      printf 'subjectAltName=DNS:%s,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n' \
-        "$name" > "$name.ext"
-      openssl x509 -req -in "$name.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
-        -extfile "$name.ext" -out "$name.crt" 2>/dev/null
-    done
-    local ft et
-    ft=$(openssl rand -hex 24); et=$(openssl rand -hex 24)
-    printf '# TOKEN ROLE\n%s read\n' "$ft" > feature-tokens   # the engine reads features
-    printf '%s\n' "$ft" > engine-feature.token
-    printf '# TOKEN ROLE\n%s write\n' "$et" > engine-tokens   # the export job discovers
-    printf '%s\n' "$et" > export.token
-    rm -f ./*.csr ./*.ext ./*.srl ca.key
-  )
-  # compose mounts secrets as the host files: readable by the images' uid 10001, nobody else
+  bash docker/make-secrets.sh "$d" 2 >/dev/null
+  # compose mounts file secrets as they are on the host
   chown -R 10001:10001 "$d"; chmod 700 "$d"; chmod 400 "$d"/*
   export DFF_SECRETS=$d
 }
