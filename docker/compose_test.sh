@@ -136,14 +136,14 @@ for target in feature-server engine exporter; do
 done
 
 step "4. image checks"
-printf '%-32s %9s  %s\n' image size user
+printf '%-38s %9s  %s\n' image size user
 for target in feature-server engine exporter; do
   img="localhost/dff-$target:latest"
   size=$(docker image inspect -f '{{.Size}}' "$img")
   user=$(docker image inspect -f '{{.Config.User}}' "$img")
   entry=$(docker image inspect -f '{{json .Config.Entrypoint}}' "$img")
   health=$(docker image inspect -f '{{json .Config.Healthcheck}}' "$img")
-  printf '%-32s %6d MB  %s  entrypoint=%s\n' "$img" $(( size / 1000000 )) "$user" "$entry"
+  printf '%-38s %6d MB  %s  entrypoint=%s\n' "$img" $(( size / 1000000 )) "$user" "$entry"
   [[ "$user" == dff ]] || fail "$img runs as '$user', not dff"
   [[ "$entry" == '["dff",'* ]] || fail "$img entrypoint is not exec form"
   if [[ $target != exporter ]]; then
@@ -245,9 +245,9 @@ run_export() {  # run_export OUT: the compose export job writing to OUT; returns
 run_variant() {
   local variant=$1
   if [[ $variant == v1 ]]; then COMPOSE=(docker-compose); else COMPOSE=(docker compose); fi
+  step "6.$variant compose ($("${COMPOSE[@]}" version 2>/dev/null | head -1))"
   COMPOSE+=(-p "$PROJECT" -f docker/compose.yaml)
   [[ $SECURE == 1 ]] && COMPOSE+=(-f docker/compose.secure.yaml)
-  step "6.$variant compose ($("${COMPOSE[0]}" ${COMPOSE[1]:+${COMPOSE[1]}} version 2>/dev/null | head -1))"
   export DFF_MODELS=$WORK/home DFF_DATA=$WORK/data DFF_UID=10001 DFF_GID=10001
   "${COMPOSE[@]}" config -q
   down
@@ -258,7 +258,7 @@ run_variant() {
   wait_healthy engine 1
   echo "3 feature servers + engine healthy in $(( $(date +%s) - t0 ))s"
   docker ps --filter "label=com.docker.compose.project=$PROJECT" \
-    --format '  {{.Names}}  {{.Status}}  ro-rootfs check below'
+    --format '  {{.Names}}  {{.Status}}'
   for c in $("${COMPOSE[@]}" ps -q); do
     [[ $(docker inspect -f '{{.HostConfig.ReadonlyRootfs}}' "$c") == true ]] \
       || fail "container $c has a writable root filesystem"
