@@ -37,7 +37,7 @@ ldd "$lib" | sed "s/^/  /"
 missing=$(ldd "$lib" | grep "not found" | grep -v "libcuda.so.1" || true)
 [ -z "$missing" ] || { echo "UNRESOLVED: $missing"; exit 1; }
 echo "NVIDIA libraries from the wheels (ld.so.conf.d):"
-ldconfig -p | grep -E "libcudart.so.12|libcublasLt.so.12|libcublas.so.12|libcudnn.so.9|libcufft.so.11|libcurand.so.10" | sed "s/^/  /"
+ldconfig -p | grep -E "libcudart.so|libcublasLt.so|libcublas.so|libcudnn.so|libcufft.so|libcurand.so" | sed "s/^/  /"
 for t in gcc cc make pip; do if command -v $t >/dev/null; then echo "found $t"; exit 1; fi; done
 '
 if [[ "${GPU_RUN:-0}" == 1 ]]; then
