@@ -17,8 +17,12 @@
 #   7. --secure: certificates (openssl) and tokens as compose secrets, TLS + tokens on every
 #      service (docker/compose.secure.yaml), health checks on the plaintext health-only ports
 #
+#   8. --indexed N: the Kubernetes Indexed Job, emulated - N export jobs at once into one OUT,
+#      each with JOB_COMPLETION_INDEX=i and JOB_COMPLETIONS=N (needs `dff discover`'s sharding);
+#      together they must write the same concept sets
+#
 #   usage: docker/compose_test.sh [--compose v1|v2|both] [--secure] [--build-only] [--no-fault]
-#          (as root)
+#          [--indexed N]     (as root)
 # Env: DFF_MODELS (model home with models/, default $DFF_HOME or ~/.cache/dff), COMPOSE_DATA
 # (folder with ant/ and bee/, default ../shared/data/imagenet_data), COMPOSE_N (photos per class,
 # default 24), HOST_CA (CA bundle for pip, default /etc/ssl/certs/ca-certificates.crt), PYTHON
@@ -31,12 +35,14 @@ VARIANTS=v1
 SECURE=0
 BUILD_ONLY=0
 FAULT=1
+INDEXED=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --compose) VARIANTS=${2/both/v1 v2}; shift 2 ;;
     --secure) SECURE=1; shift ;;
     --build-only) BUILD_ONLY=1; shift ;;
     --no-fault) FAULT=0; shift ;;
+    --indexed) INDEXED=$2; shift 2 ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -277,6 +283,33 @@ run_variant() {
     || { tail -30 "$WORK/export-$variant.log"; fail "compose export"; }
   echo "export (2 classes x $N photos) through the engine and 3 replicas: $(( $(date +%s) - t1 ))s"
   compare "$WORK/out-$variant"
+
+  if [[ $INDEXED -gt 0 ]]; then
+    step "6b.$variant Indexed Job emulated: $INDEXED export shards at once into one OUT"
+    local iout=$WORK/out-$variant-indexed pids=() i
+    mkdir -p "$iout"; chown 10001:10001 "$iout"
+    t1=$(date +%s)
+    for i in $(seq 0 $(( INDEXED - 1 ))); do
+      DFF_OUT=$iout "${COMPOSE[@]}" run -T --rm -e JOB_COMPLETION_INDEX="$i" \
+        -e JOB_COMPLETIONS="$INDEXED" export /data --out /out --engine engine:50052 \
+        "${EXPORT_OPTS[@]}" > "$WORK/export-$variant-shard$i.log" 2>&1 &
+      pids+=($!)
+    done
+    for i in "${!pids[@]}"; do
+      wait "${pids[$i]}" || { tail -20 "$WORK/export-$variant-shard$i.log"; fail "shard $i failed"; }
+    done
+    echo "$INDEXED shards at once: $(( $(date +%s) - t1 ))s"
+    local total=0 n
+    for i in "${!pids[@]}"; do
+      # `dff discover: K class(es) from /data (shard i/N): names` - each shard its own share
+      grep -h 'class(es) from' "$WORK/export-$variant-shard$i.log" | sed 's/^/  /' || true
+      n=$(grep -h -o '[0-9]* class(es) from' "$WORK/export-$variant-shard$i.log" \
+            | head -1 | grep -o '^[0-9]*' || echo 2)
+      total=$(( total + n ))
+    done
+    [[ $total == 2 ]] || fail "the shards took $total classes between them, not 2 (no sharding?)"
+    compare "$iout"
+  fi
 
   if [[ $FAULT == 1 ]]; then
     step "7.$variant fault: SIGKILL a busy feature-server replica during a second export"
