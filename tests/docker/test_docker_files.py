@@ -1,4 +1,5 @@
-"""docker/k8s and docker/compose*.yaml, checked offline (runs in CI, no cluster, no Docker).
+"""docker/k8s, docker/compose*.yaml and docker/Dockerfile, checked offline (runs in CI, no
+cluster, no Docker engine).
 
 Every Kubernetes manifest and the output of both kustomizations (CPU: docker/k8s, GPU:
 docker/k8s/gpu) are validated against the Kubernetes 1.31 OpenAPI schema with
@@ -250,3 +251,44 @@ def test_compose_1_29_parses(tmp_path):
         res = subprocess.run(["docker-compose", "-p", "dff", *files, "config", "-q"], env=env,
                              capture_output=True, text=True, timeout=60, check=False)
         assert res.returncode == 0, (extra, res.stderr)
+
+
+def _dockerfile_stages() -> dict[str, list[str]]:
+    """name -> the instructions of that stage (continuation lines joined), in file order."""
+    text = (ROOT / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    stages: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("FROM "):
+            current = stages.setdefault(line.split()[-1], [])
+        elif current is not None and line and not line.startswith("#"):
+            current.append(line)
+    return stages
+
+
+def test_dockerfile_roles():
+    stages = _dockerfile_stages()
+    order = list(stages)
+    # Docker's legacy builder runs every stage before the target: the heavy optional stages
+    # (torch for the bundled models, the CUDA wheels) must come after the CPU roles
+    for heavy in ("models", "build-gpu"):
+        assert order.index(heavy) > max(order.index(r) for r in ("feature-server", "engine",
+                                                                   "exporter")), heavy
+    servers = {"feature-server": "50051", "feature-server-gpu": "50051", "engine": "50052"}
+    for role in (*servers, "exporter"):
+        body = " ".join(stages[role])
+        assert 'ENTRYPOINT ["dff",' in body, role  # exec form
+        if role in servers:
+            # the health check falls back to the service port when DFF_HEALTH_PORT is unset
+            assert "exporter.healthcheck" in body and f"p={servers[role]}" in body, role
+            assert '"--host", "0.0.0.0"' in body, role
+    # non-root: USER dff in every role (directly or through the runtime stage)
+    for role in ("feature-server", "feature-server-gpu", "runtime"):
+        assert "USER dff" in stages[role], role
+    # the serving venvs carry no pip/setuptools; the feature server's no matplotlib
+    for venv in ("venv", "venv-features", "build-gpu"):
+        body = " ".join(stages[venv])
+        assert "uninstall -y -q pip setuptools" in body, venv
+    assert "matplotlib" in " ".join(stages["venv-features"])
+    assert "COPY --from=venv-features /opt/venv /opt/venv" in stages["feature-server"]
