@@ -38,7 +38,7 @@ done
 [[ -f "$MODELS/models/vgg19.onnx" ]] || { echo "no models in $MODELS/models (run: dff models build)"; exit 2; }
 
 step "1. base image"
-bash docker/bootstrap-base.sh
+DFF_IMAGE_TOOL=podman bash docker/bootstrap-base.sh
 
 step "2. build images"
 for target in feature-server engine exporter; do
