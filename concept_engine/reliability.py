@@ -160,6 +160,9 @@ def relative_errors(rows: Sequence[np.ndarray], W: Any, H: Any) -> np.ndarray:
     out = np.zeros(len(rows), np.float32)
     start = 0
     for i, r in enumerate(rows):
+        # rows arrive as SciPy CSR (discovery._rows); one image's rows are small enough to
+        # make dense here
+        r = r.toarray() if hasattr(r, "toarray") else np.asarray(r)
         Wi = W[start:start + r.shape[0]]
         start += r.shape[0]
         norm = float(np.linalg.norm(r))
