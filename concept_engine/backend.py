@@ -83,10 +83,12 @@ def get_namespace(*arrays: Any) -> ModuleType:
     if len(kinds) > 1:
         raise TypeError("mixed NumPy and CuPy arrays; move them with to_device/to_host first")
     if kinds == {"cupy"}:
-        cp = _cupy()
-        if cp is None:  # pragma: no cover - a CuPy array exists, so CuPy imports
-            import cupy as cp  # noqa: PLC0415
-        return cp
+        found = _cupy()
+        if found is None:  # pragma: no cover - a CuPy array exists, so CuPy imports
+            import cupy
+
+            return cupy
+        return found
     return np
 
 

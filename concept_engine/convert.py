@@ -27,10 +27,12 @@ from concept_engine.reliability import reliability_warning
 from concept_engine.store import ConceptSet, ConceptSetSummary
 
 # proto enum values <-> the option names of concept_engine.options (checked complete below)
-_FILTER_MODE = {engine_pb2.FILTER_MODE_UNSPECIFIED: "", engine_pb2.AUTO: "auto",
-                engine_pb2.ON: "on", engine_pb2.OFF: "off"}
-_RESIZE_MODE = {common_pb2.RESIZE_MODE_UNSPECIFIED: "squash", common_pb2.SQUASH: "squash",
-                common_pb2.KEEP_ASPECT: "keep_aspect"}
+_FILTER_MODE: dict[int, str] = {
+    engine_pb2.FILTER_MODE_UNSPECIFIED: "", engine_pb2.AUTO: "auto", engine_pb2.ON: "on",
+    engine_pb2.OFF: "off"}
+_RESIZE_MODE: dict[int, str] = {
+    common_pb2.RESIZE_MODE_UNSPECIFIED: "squash", common_pb2.SQUASH: "squash",
+    common_pb2.KEEP_ASPECT: "keep_aspect"}
 assert set(_FILTER_MODE.values()) - {""} == set(FILTER_MODES)
 assert set(_RESIZE_MODE.values()) == set(RESIZE_MODES)
 _STRING_CHOICES = {"k_criterion": K_CRITERIA, "solver": SOLVERS, "init": INITS,
@@ -81,7 +83,8 @@ def options_from_proto(msg: engine_pb2.DiscoverOptions, name: str = "") -> Disco
         prediction_mode=msg.prediction_mode or d.prediction_mode,
         prediction_top_n=msg.prediction_top_n or d.prediction_top_n,
         temperature=_f32(msg.temperature) or d.temperature,
-        bootstrap=0 if msg.bootstrap < 0 else (msg.bootstrap or d.bootstrap))
+        bootstrap=0 if msg.bootstrap < 0 else (msg.bootstrap or d.bootstrap),
+        bootstrap_iters=msg.bootstrap_iters or d.bootstrap_iters)
 
 
 _FILTER_MODE_TO_PROTO = {"auto": engine_pb2.AUTO, "on": engine_pb2.ON, "off": engine_pb2.OFF}
@@ -117,7 +120,7 @@ def options_to_proto(options: DiscoveryOptions) -> engine_pb2.DiscoverOptions:
         wire_dtype=o.wire_dtype, prediction_mode=o.prediction_mode,
         prediction_top_n=o.prediction_top_n, temperature=o.temperature,
         # 0 (no bootstrap) travels as -1: 0 means "the engine's default"
-        bootstrap=o.bootstrap or -1)
+        bootstrap=o.bootstrap or -1, bootstrap_iters=o.bootstrap_iters)
 
 
 def progress_to_proto(event: Progress | Decision) -> engine_pb2.DiscoverEvent:

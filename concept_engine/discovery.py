@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from dff_protos.errors import DFFError, InvalidInput, TooFewImages
@@ -252,6 +252,11 @@ def stack_rows(images: Sequence[_Image], xp=np):
     return prepare_v(to_device(V, xp))
 
 
+def _pair(size: Sequence[int]) -> tuple[int, int]:
+    """(height, width) as plain ints."""
+    return int(size[0]), int(size[1])
+
+
 def _rows(activation: np.ndarray):
     """(C, h, w) -> (h*w, C) rows in row-major (y, x) order, as a SciPy CSR float32 matrix:
     activations are kept sparse as they arrive (~7% non-zeros after ReLU), so a class of 5000
@@ -285,10 +290,10 @@ def image_certainties(maps: Sequence[Any], input_sizes: Sequence[tuple[int, int]
 
 
 def _fit(V, k: int, options: DiscoveryOptions):
-    from concept_engine.nmf import nmf_fit
+    from concept_engine.nmf import Init, Solver, nmf_fit
 
-    return nmf_fit(V, k, solver=options.solver, init=options.init, max_iter=options.max_iter,
-                   tol=options.tol, seed=options.seed)
+    return nmf_fit(V, k, solver=cast(Solver, options.solver), init=cast(Init, options.init),
+                   max_iter=options.max_iter, tol=options.tol, seed=options.seed)
 
 
 def _maps(W, images: Sequence[_Image]) -> list:
@@ -314,12 +319,12 @@ def _extract(items: Sequence[tuple[str, bytes]], source: FeatureSource, run: _Ru
     results: dict[str, ExtractResult] = {}
     total = len(items)
     run.emit(Progress("features", 0, total, f"extracting {options.layer} from {total} images"))
-    for res in source.extract(items, options.extract_options(probabilities)):
-        if res.id not in order or res.id in results:
-            log.warning("feature source answered an unexpected id %r", res.id)
+    for answer in source.extract(items, options.extract_options(probabilities)):
+        if answer.id not in order or answer.id in results:
+            log.warning("feature source answered an unexpected id %r", answer.id)
             continue
-        results[res.id] = res
-        run.emit(Progress("features", len(results), total, res.id))
+        results[answer.id] = answer
+        run.emit(Progress("features", len(results), total, answer.id))
     images: list[_Image] = []
     channels: int | None = None
     for item_id in ids:
@@ -342,12 +347,12 @@ def _extract(items: Sequence[tuple[str, bytes]], source: FeatureSource, run: _Ru
         if error is not None:
             run.emit(Decision(item_id, False, ERROR, error))
             continue
+        assert res is not None  # error is set otherwise
         channels = act.shape[0]
         probs = None if res.probabilities is None else np.asarray(res.probabilities, np.float64)
         images.append(_Image(item_id, _rows(np.maximum(act, 0)),
                              (int(act.shape[1]), int(act.shape[2])),
-                             tuple(int(v) for v in res.original_size),
-                             tuple(int(v) for v in res.input_size), probs))
+                             _pair(res.original_size), _pair(res.input_size), probs))
     return images
 
 
@@ -360,7 +365,8 @@ def _resolve_target(source: FeatureSource, run: _Run) -> tuple[int, str] | None:
     if mode == "off":
         return None
 
-    def skip(text: str) -> None:
+    def skip(text: str) -> tuple[int, str] | None:
+        """No target (None): an error when the filter is ON, else a recorded notice."""
         if mode == "on":
             raise InvalidInput(f"prediction filter requested but impossible: {text}")
         run.notice(f"prediction filter skipped: {text}")
@@ -395,7 +401,8 @@ def _prediction_stage(images: list[_Image], target: tuple[int, str] | None, run:
             raise InvalidInput(f"prediction filter requested but impossible: {text}")
         run.notice(f"prediction filter skipped: {text}")
         return images
-    probs = np.stack([im.probabilities for im in images]) if images else np.zeros((0, 1))
+    probs = (np.stack([im.probabilities for im in images if im.probabilities is not None])
+             if images else np.zeros((0, 1)))
     outcome = prediction_filter([im.id for im in images], probs, index,
                                 options.min_probability, options.prediction_min_images,
                                 class_name=name, mode=options.prediction_mode,
@@ -782,11 +789,10 @@ def explain(concept_set: ConceptSet, items: Iterable[tuple[str, bytes]], source:
         V = _rows(np.maximum(np.asarray(act, np.float32), 0))
         W = nmf_transform(V, H, solver=solver, max_iter=max_iter, tol=tol)
         maps = np.asarray(to_host(hm.heatmaps(W, 1, h, w))[0], np.float32)
-        cert = image_certainties([maps], [tuple(res.input_size)])[0]
+        cert = image_certainties([maps], [_pair(res.input_size)])[0]
         error = float(relative_errors([V], W, H)[0])
         present, relative, ood = judge(cert, error, train_cert, presence, ood_threshold)
-        polys = hm.concept_polygons(maps, tuple(res.original_size), threshold, min_area)
+        polys = hm.concept_polygons(maps, _pair(res.original_size), threshold, min_area)
         polys = [p if present[j] else [] for j, p in enumerate(polys)]
-        yield Explanation(res.id, maps, cert, polys, tuple(int(v) for v in res.original_size),
-                          tuple(int(v) for v in res.input_size), None, present, relative,
-                          error, ood)
+        yield Explanation(res.id, maps, cert, polys, _pair(res.original_size),
+                          _pair(res.input_size), None, present, relative, error, ood)

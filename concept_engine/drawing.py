@@ -23,7 +23,7 @@ def palette(k: int) -> list[tuple[int, int, int]]:
     hues = ((60 + np.arange(k) * 180 / k) % 180).astype(np.uint8)
     hsv = np.stack([hues, np.full(k, 255, np.uint8), np.full(k, 255, np.uint8)], axis=1)
     bgr = cv2.cvtColor(hsv[None], cv2.COLOR_HSV2BGR)[0]
-    return [tuple(int(c) for c in row) for row in bgr]
+    return [(int(row[0]), int(row[1]), int(row[2])) for row in bgr]
 
 
 def to_uint8_bgr(image: np.ndarray) -> np.ndarray:

@@ -431,7 +431,8 @@ def select_k(
     recorded = [make(c) for c in (record if record is not None else DEFAULT_RECORD)]
     if chosen.name not in {c.name for c in recorded}:
         recorded.append(chosen)
-    fit_kwargs = {"solver": solver, "init": init, "max_iter": max_iter, "tol": tol, "seed": seed}
+    fit_kwargs: dict[str, Any] = {"solver": solver, "init": init, "max_iter": max_iter,
+                                  "tol": tol, "seed": seed}
     all_fits = dict(fits or {})
     missing = [k for k in ks_t if k not in all_fits]
     total = len(missing) + sum(getattr(c, "n_splits", 0) * len(ks_t) for c in recorded)

@@ -429,8 +429,8 @@ def _random_init(op: _Operand, k: int, seed: int, init: str) -> tuple[Any, Any]:
     avg = math.sqrt(op.mean / k)
     if init == "random":
         rng = np.random.RandomState(seed)
-        H = avg * rng.standard_normal(size=(k, op.C)).astype(dt)
-        W = avg * rng.standard_normal(size=(op.n, k)).astype(dt)
+        H = np.multiply(rng.standard_normal(size=(k, op.C)).astype(dt), avg)
+        W = np.multiply(rng.standard_normal(size=(op.n, k)).astype(dt), avg)
     else:
         gen = np.random.default_rng(seed)
         W = avg * np.abs(gen.standard_normal(size=(op.n, k)))

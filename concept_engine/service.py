@@ -452,7 +452,8 @@ def _overlay_png(data: bytes, e: Explanation, names: list[str] | None = None) ->
         return b""
     certainties = None if e.certainties is None else [float(c) for c in e.certainties]
     return drawing.encode_png(drawing.overlay(img, e.polygons, certainties, names=names,
-                                              present=e.present))
+                                              present=None if e.present is None
+                                              else [bool(v) for v in e.present]))
 
 
 # ---------------------------------------------------------------------- the server

@@ -333,7 +333,7 @@ class ConceptSet:
         or id) or the path of a new image (explained with the bases fixed)."""
         if isinstance(image, int | np.integer) or (isinstance(image, str)
                                                    and image in self.data.image_ids):
-            i = self._index(image)  # type: ignore[arg-type]
+            i = self._index(image)
             bgr = _decode(self._image_bytes(self.data.image_ids[i]))
             return _overlay(bgr, self.data.polygons[i], self.data.certainties[i], concept,
                             legend)

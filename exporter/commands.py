@@ -316,13 +316,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "`dff label out/ant/concepts.h5 0=thorax 1=legs`. With "
                                      "--images the class's pictures and index.html next to "
                                      "the file are drawn again with the names.")
-    lab.add_argument("concepts", type=Path, metavar="CONCEPTS_H5")
+    lab.add_argument("concepts", type=Path, metavar="CONCEPTS_H5",
+                     help="the concept set file (OUT/<class>/concepts.h5)")
     lab.add_argument("names", nargs="*", metavar="J=NAME",
                      help="concept index = name ('J=' clears a name); none: list the names")
     lab.add_argument("--images", type=Path, metavar="CLASS_DIR",
                      help="the class folder of photos the set was made from: redraw the "
                           "pictures next to the concept set with the names")
-    lab.add_argument("--top", type=_positive_int, default=8, metavar="N")
+    lab.add_argument("--top", type=_positive_int, default=8, metavar="N",
+                     help="with --images: images in each concept's 'top by certainty' grid")
     lab.set_defaults(func=run_label)
 
 

@@ -67,10 +67,13 @@ def auto_precision(execution_provider: str, precisions: Iterable[str]) -> str:
 def choose_model(describe: dict, model: str, precision: str) -> str:
     """The feature model to request from a source for ``--precision`` (``auto`` = the source's
     ``default_precision``); raises NotFound when the source lacks that variant."""
-    if precision == "auto":
+    auto = precision == "auto"
+    if auto:
         precision = describe.get("default_precision") or "fp32"
     name = precision_model(model, precision)
     names = [m.get("name") for m in describe.get("models", [])]
+    if name not in names and auto and model in names:
+        return model  # auto: a model without that variant (e.g. an imported one) runs as built
     if name not in names:
         raise NotFound(f"model {name!r} ({precision}) is not available from the feature source "
                        f"(models: {names}); run `dff models build`")
@@ -429,12 +432,14 @@ class Extractor:
             outs: list[np.ndarray] = []
             if options.layers:
                 outs = self.run(options.model,
-                                np.stack([p.features_input for _, p in members]),
+                                np.stack([p.features_input for _, p in members
+                                          if p.features_input is not None]),
                                 list(options.layers))
             probs = None
             if options.wants_classifier:
                 probs = self.run(options.classifier,
-                                 np.stack([p.classifier_input for _, p in members]),
+                                 np.stack([p.classifier_input for _, p in members
+                                           if p.classifier_input is not None]),
                                  ["probabilities"])[0]
             for j, (i, p) in enumerate(members):
                 acts = {layer: outs[k][j] for k, layer in enumerate(options.layers)}

