@@ -15,8 +15,8 @@ in-process Extractor, over one or several feature-server addresses.
   in flight, and the items after it are not blamed); an item that was in flight on two
   replicas that both failed is answered with a QueryOfDeath error and never sent to a third.
 - A stream refused before any item was delivered (RESOURCE_EXHAUSTED, UNAVAILABLE on connect)
-  is retried with exponential backoff + jitter within ``retry_budget`` seconds, rotating the
-  addresses; the final error says what was tried.
+  is retried with exponential backoff + jitter within ``retry_budget`` seconds (default: the
+  call ``timeout``, at most 60 s), rotating the addresses; the final error says what was tried.
 - TLS / mutual TLS / bearer token come from ``security`` (default: the process default, see
   :mod:`dff_protos.security`).
 """
@@ -86,13 +86,14 @@ class FeatureClient:
     def __init__(self, addresses: str | Sequence[str], *, timeout: float = 60.0,
                  timeout_per_item: float = 5.0, streams_per_address: int | None = None,
                  max_attempts: int = 3, max_message_mb: int = 64,
-                 item_deadline: float = 30.0, retry_budget: float = 60.0,
+                 item_deadline: float = 30.0, retry_budget: float | None = None,
                  security: ClientSecurity | None = None) -> None:
         self.addresses = parse_addresses(addresses)
         self.timeout = timeout
         self.timeout_per_item = timeout_per_item
         self.item_deadline = item_deadline
-        self.retry_budget = retry_budget
+        # a caller who gives a 5 s timeout must not wait a minute for a refusing server
+        self.retry_budget = min(60.0, timeout) if retry_budget is None else retry_budget
         if streams_per_address is None:
             # a dns:/// name may resolve to many replicas: open several streams so that the
             # round_robin policy can spread them; a plain host:port is one server

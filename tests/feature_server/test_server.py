@@ -167,7 +167,8 @@ def test_client_resends_items_of_a_failed_stream(address, photos, local):
 
 
 def test_concurrent_stream_limit(extractor, photos):
-    running = start_server(ServerConfig(host="127.0.0.1", port=0, max_concurrent_streams=1),
+    running = start_server(ServerConfig(host="127.0.0.1", port=0, max_concurrent_streams=1,
+                                        stream_wait_s=0.5),
                            extractor)
     release = threading.Event()
 
