@@ -28,7 +28,9 @@ _DTYPE_FROM_PROTO: dict[int, str] = {
     common_pb2.FLOAT16: "float16"}
 _RESIZE_TO_PROTO: dict[str, common_pb2.ResizeMode] = {
     "squash": common_pb2.SQUASH, "keep_aspect": common_pb2.KEEP_ASPECT,
-    "shorter_crop": common_pb2.RESIZE_MODE_UNSPECIFIED}
+    "shorter_crop": common_pb2.SHORTER_CROP}
+_RESIZE_NAME: dict[int, str] = {common_pb2.SQUASH: "squash", common_pb2.KEEP_ASPECT: "keep_aspect",
+                                common_pb2.SHORTER_CROP: "shorter_crop"}
 
 
 def options_from_proto(msg: features_pb2.ExtractOptions) -> ExtractOptions:
@@ -135,12 +137,9 @@ def describe_from_proto(resp: features_pb2.DescribeModelResponse) -> dict:
     models = []
     for m in resp.models:
         pre = m.preprocessing
-        if pre.default_resize.mode == common_pb2.KEEP_ASPECT:
-            mode = "keep_aspect"
-        elif pre.resize_shorter > 0:
-            mode = "shorter_crop"
-        else:
-            mode = "squash"
+        mode = _RESIZE_NAME.get(pre.default_resize.mode, "")
+        if not mode:  # a server that predates SHORTER_CROP left the mode unspecified
+            mode = "shorter_crop" if pre.resize_shorter > 0 else "squash"
         models.append({
             "name": m.name, "kind": m.kind, "source": m.source,
             "weights_sha256": m.weights_sha256, "onnx_sha256": m.onnx_sha256,

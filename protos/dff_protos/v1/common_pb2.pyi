@@ -18,12 +18,14 @@ class ResizeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESIZE_MODE_UNSPECIFIED: _ClassVar[ResizeMode]
     SQUASH: _ClassVar[ResizeMode]
     KEEP_ASPECT: _ClassVar[ResizeMode]
+    SHORTER_CROP: _ClassVar[ResizeMode]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
 RESIZE_MODE_UNSPECIFIED: ResizeMode
 SQUASH: ResizeMode
 KEEP_ASPECT: ResizeMode
+SHORTER_CROP: ResizeMode
 
 class Tensor(_message.Message):
     __slots__ = ("data", "shape", "dtype")
