@@ -148,8 +148,9 @@ class ProgressBar:
         if self.total > self.done > 0 and rate > 0:
             eta = f", ETA {_fmt_duration((self.total - self.done) / rate)}"
         self._printed_done = self.done
-        write_line(f"{self.label}: {count} {elapsed:.1f}s {rate:.3g} {self.unit}/s{eta}",
-                   file=self.stream)
+        # a rate means something only over a measurable time (not "3.1e+04 fit/s" for one fit)
+        shown = f" {rate:.3g} {self.unit}/s" if elapsed >= 0.5 else ""
+        write_line(f"{self.label}: {count} {elapsed:.1f}s{shown}{eta}", file=self.stream)
 
     def close(self) -> None:
         """Finish the stage (plain mode: a final line if the last state was not shown)."""
