@@ -127,7 +127,7 @@ step "3. base image and builds"
 DFF_IMAGE_TOOL=docker bash docker/bootstrap-base.sh
 CTX=$WORK/context
 mkdir -p "$CTX"
-cp -r pyproject.toml protos feature_server concept_engine exporter "$CTX/"
+cp -r pyproject.toml protos feature_server concept_engine exporter dff "$CTX/"
 [[ -f README.md ]] && cp README.md "$CTX/"
 cp docker/Dockerfile "$CTX/Dockerfile"
 [[ -f "$CA" ]] && cp "$CA" "$CTX/build-ca.pem"

@@ -13,7 +13,7 @@ CA=${HOST_CA:-/etc/ssl/certs/ca-certificates.crt}
 WORK=$(mktemp -d /var/tmp/dff-gpu.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/context"
-cp -r pyproject.toml protos feature_server concept_engine exporter "$WORK/context/"
+cp -r pyproject.toml protos feature_server concept_engine exporter dff "$WORK/context/"
 [[ -f README.md ]] && cp README.md "$WORK/context/"
 cp docker/Dockerfile "$WORK/context/Dockerfile"
 [[ -f "$CA" ]] && cp "$CA" "$WORK/context/build-ca.pem"
