@@ -19,6 +19,7 @@ from concept_engine.options import (
     FILTER_MODES,
     INITS,
     K_CRITERIA,
+    PRECISION_CHOICES,
     PREDICTION_MODES,
     RESIZE_MODES,
     SOLVERS,
@@ -36,7 +37,7 @@ _RESIZE_MODE: dict[int, str] = {
 assert set(_FILTER_MODE.values()) - {""} == set(FILTER_MODES)
 assert set(_RESIZE_MODE.values()) == set(RESIZE_MODES)
 _STRING_CHOICES = {"k_criterion": K_CRITERIA, "solver": SOLVERS, "init": INITS,
-                   "prediction_mode": PREDICTION_MODES}
+                   "prediction_mode": PREDICTION_MODES, "precision": PRECISION_CHOICES}
 
 
 def _f32(value: float) -> float:
@@ -84,7 +85,8 @@ def options_from_proto(msg: engine_pb2.DiscoverOptions, name: str = "") -> Disco
         prediction_top_n=msg.prediction_top_n or d.prediction_top_n,
         temperature=_f32(msg.temperature) or d.temperature,
         bootstrap=0 if msg.bootstrap < 0 else (msg.bootstrap or d.bootstrap),
-        bootstrap_iters=msg.bootstrap_iters or d.bootstrap_iters)
+        bootstrap_iters=msg.bootstrap_iters or d.bootstrap_iters,
+        precision=msg.precision or d.precision)
 
 
 _FILTER_MODE_TO_PROTO = {"auto": engine_pb2.AUTO, "on": engine_pb2.ON, "off": engine_pb2.OFF}
@@ -120,7 +122,7 @@ def options_to_proto(options: DiscoveryOptions) -> engine_pb2.DiscoverOptions:
         wire_dtype=o.wire_dtype, prediction_mode=o.prediction_mode,
         prediction_top_n=o.prediction_top_n, temperature=o.temperature,
         # 0 (no bootstrap) travels as -1: 0 means "the engine's default"
-        bootstrap=o.bootstrap or -1, bootstrap_iters=o.bootstrap_iters)
+        bootstrap=o.bootstrap or -1, bootstrap_iters=o.bootstrap_iters, precision=o.precision)
 
 
 def progress_to_proto(event: Progress | Decision) -> engine_pb2.DiscoverEvent:

@@ -66,6 +66,7 @@ from concept_engine.options import (
     FILTER_MODES,
     INITS,
     K_CRITERIA,
+    PRECISION_CHOICES,
     PREDICTION_MODES,
     RESIZE_MODES,
     SOLVERS,
@@ -120,6 +121,7 @@ class DiscoveryOptions:
     resize_mode: str = "squash"
     size: int = 224
     model: str = "vgg19"
+    precision: str = "auto"  # resolved against the feature source (options.PRECISION_CHOICES)
     classifier: str = "efficientnet_lite0"
     wire_dtype: str = "float32"
     threshold: float = hm.DEFAULT_THRESHOLD
@@ -156,6 +158,8 @@ class DiscoveryOptions:
             problems.append(f"init {self.init!r} not in {INITS}")
         if self.max_iter < 1 or not self.tol >= 0:
             problems.append("max_iter must be >= 1 and tol >= 0")
+        if self.precision not in PRECISION_CHOICES:
+            problems.append(f"precision {self.precision!r} not in {PRECISION_CHOICES}")
         if self.resize_mode not in RESIZE_MODES:
             problems.append(f"resize_mode {self.resize_mode!r} not in {RESIZE_MODES}")
         if not 0.0 <= self.min_area <= 1.0:
@@ -603,6 +607,25 @@ def _regions_stage(images: list[_Image], fit: Any, run: _Run
     return maps, certainties, polygons
 
 
+def resolve_model(options: DiscoveryOptions, source: FeatureSource) -> DiscoveryOptions:
+    """``options`` with ``model`` set to the variant ``options.precision`` asks for, from what
+    ``source`` offers - the same rule in-process, through feature servers and on the engine.
+    ``auto``: the source's default precision when that variant exists (a model named as a
+    variant, e.g. ``vgg19_int8``, stays as named); an explicit precision that the source lacks
+    is InvalidInput."""
+    from feature_server.extractor import choose_model
+    from feature_server.models.precision import PRECISIONS
+
+    if options.precision == "auto" and any(options.model.endswith(f"_{p}")
+                                            for p in PRECISIONS):
+        return options
+    try:
+        model = choose_model(source.describe(), options.model, options.precision)
+    except DFFError as exc:
+        raise InvalidInput(str(exc)) from None
+    return options if model == options.model else replace(options, model=model)
+
+
 # ---------------------------------------------------------------------------------- discover
 def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
              options: DiscoveryOptions = DiscoveryOptions(),
@@ -617,6 +640,7 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
     from concept_engine.reliability import relative_errors, training_statistics
 
     options.validate()
+    options = resolve_model(options, source)
     run = _Run(options, progress, cache=cache if cache is not None else FitCache())
     t_start = time.perf_counter()
     items = list(items)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from feature_server.models.precision import PRECISION_CHOICES as _PRECISION_CHOICES
+
 Solver = Literal["hals", "mu"]
 SOLVERS: tuple[str, ...] = ("hals", "mu")
 
@@ -27,6 +29,11 @@ PredictionMode = Literal["probability", "top_n", "calibrated"]
 #: prediction filter rule: p(target) >= min_probability; target class among the classifier's
 #: top-n; temperature-calibrated p(target) >= min_probability.
 PREDICTION_MODES: tuple[str, ...] = ("probability", "top_n", "calibrated")
+
+#: feature-model precision (defined with the models): ``auto`` = the feature source's default
+#: (int8 on CPU, fp16 on CUDA, when that variant is built); ``fp32`` / ``int8`` / ``fp16`` = that
+#: variant or an error.
+PRECISION_CHOICES = _PRECISION_CHOICES
 
 ResizeMode = Literal["squash", "keep_aspect"]
 RESIZE_MODES: tuple[str, ...] = ("squash", "keep_aspect")

@@ -359,6 +359,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         certainty_min_images=args.certainty_min_images, solver=args.solver, init=args.init,
         max_iter=args.max_iter, tol=args.tol, seed=args.seed, layer=args.layer,
         model=args.model, classifier=args.classifier,
+        precision=getattr(args, "precision", D.precision),
         resize_mode=args.resize, threshold=args.threshold, min_area=args.min_area)
 
 
@@ -571,7 +572,8 @@ def run_discover(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"dff discover: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if not args.engine:  # the engine picks its own feature model
+    if not args.engine:  # resolved here so a missing variant is a usage error (exit 2); an
+        # engine resolves options.precision against its own feature source
         import dataclasses
 
         from feature_server.cli import resolve_precision

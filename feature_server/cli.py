@@ -17,10 +17,10 @@ import sys
 
 from dff_protos.errors import DFFError
 
+from feature_server.models.precision import PRECISION_CHOICES
+
 log = logging.getLogger(__name__)
 
-
-PRECISION_CHOICES = ("auto", "fp32", "int8", "fp16")
 PRECISION_HELP = ("feature model precision: auto (default: int8 on CPU, fp16 on CUDA, when "
                   "built), fp32, int8 (static QDQ) or fp16; see README 'Precision'")
 

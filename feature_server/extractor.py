@@ -72,7 +72,7 @@ def choose_model(describe: dict, model: str, precision: str) -> str:
         precision = describe.get("default_precision") or "fp32"
     name = precision_model(model, precision)
     names = [m.get("name") for m in describe.get("models", [])]
-    if name not in names and auto and model in names:
+    if name not in names and auto:
         return model  # auto: a model without that variant (e.g. an imported one) runs as built
     if name not in names:
         raise NotFound(f"model {name!r} ({precision}) is not available from the feature source "

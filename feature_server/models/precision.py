@@ -34,6 +34,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8", "fp16")
+#: what a user may ask for: ``auto`` = the source's default precision (int8 on CPU, fp16 on
+#: CUDA, when that variant is built; else the model as built), or one of PRECISIONS
+PRECISION_CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)
 RANGES_FILE = Path(__file__).with_name("vgg19_int8_ranges.json")
 #: caffe preprocessing of 0..255 pixels: BGR minus the BGR mean -> this exact input range.
 _CAFFE_MEAN = (103.939, 116.779, 123.68)

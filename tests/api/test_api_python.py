@@ -14,6 +14,7 @@ import pytest
 
 import dff
 from concept_engine.drawing import palette
+from feature_server.extractor import precision_model
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +101,9 @@ def test_decisions_and_xarray(cs):
     np.testing.assert_array_equal(ds["heatmaps"].sel(image=cs.image_ids[2]).values,
                                   cs.heatmaps[2])
     np.testing.assert_array_equal(ds["certainties"].values, cs.certainties)
-    assert ds.attrs["model"] == "vgg19" and ds.attrs["layer"] == "conv5_4"
+    # precision "auto": the source's default variant (vgg19_int8 on a CPU)
+    assert ds.attrs["model"] == cs.data.provenance["model"] and ds.attrs["layer"] == "conv5_4"
+    assert ds.attrs["model"] == precision_model("vgg19", cs.data.provenance["precision"])
 
 
 def test_save_load_and_explain(cs, gymnast, tmp_path):

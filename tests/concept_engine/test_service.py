@@ -367,7 +367,11 @@ def test_real_discover_and_explain(real_pair):
         cs = load_concept_set(tmp / "store" / f"{summary.concept_set_id}.h5")
         assert cs.k == summary.k and cs.bases.shape == (summary.k, 512)
         assert cs.n_images == summary.n_kept and cs.heatmaps[0].shape == (summary.k, 14, 14)
-        assert cs.provenance["model"] == "vgg19" and len(cs.provenance["weights_sha256"]) == 64
+        # precision "auto" resolved by the engine against its feature source, as in-process
+        from feature_server.extractor import precision_model
+
+        assert cs.provenance["model"] == precision_model("vgg19", cs.provenance["precision"])
+        assert len(cs.provenance["weights_sha256"]) == 64
         assert cs.provenance["layer"] == "conv5_4" and cs.provenance["k"] == summary.k
         for i, (h, w) in enumerate(cs.original_sizes):
             for polys in cs.polygons[i]:

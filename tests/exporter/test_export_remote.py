@@ -21,7 +21,7 @@ NON_DEFAULT = {
     "size": 256, "model": "resnet_block", "classifier": "other_classifier",
     "wire_dtype": "float16", "threshold": 0.6, "min_area": 0.0,
     "prediction_mode": "calibrated", "prediction_top_n": 3, "temperature": 0.5,
-    "bootstrap": 0, "bootstrap_iters": 7,
+    "bootstrap": 0, "bootstrap_iters": 7, "precision": "fp16",
 }
 
 

@@ -116,6 +116,13 @@ def test_in_process_feature_servers_and_engine_agree(ant_folder, services, tmp_p
         assert sorted(p.name for p in (other / "combined").iterdir()) == \
             sorted(p.name for p in (local / "combined").iterdir())
         assert (other / "index.html").is_file()
+    # precision "auto" is resolved by the library against each feature source: the same
+    # variant everywhere (an engine does not fall back to fp32 next to an int8 CLI)
+    models = set()
+    for d in (local, remote, engine):
+        with h5py.File(d / "concepts.h5") as f:
+            models.add(json.loads(f.attrs["provenance_json"])["model"])
+    assert len(models) == 1, models
     # the engine sent its stored file, written unchanged; nothing was explained again
     s_engine = json.loads((engine / "summary.json").read_text())
     assert explain_calls == [] and "explain" not in s_engine["stage_seconds"]

@@ -20,7 +20,7 @@ ON: FilterMode
 OFF: FilterMode
 
 class DiscoverOptions(_message.Message):
-    __slots__ = ("name", "target_class", "k", "k_min", "k_max", "k_criterion", "prediction_filter", "min_probability", "certainty_filter", "certainty_quantile", "min_images", "solver", "max_iter", "tol", "seed", "data_dir", "resize", "layer", "init", "threshold", "min_area", "prediction_min_images", "certainty_min_images", "model", "classifier", "wire_dtype", "prediction_mode", "prediction_top_n", "temperature", "bootstrap", "bootstrap_iters")
+    __slots__ = ("name", "target_class", "k", "k_min", "k_max", "k_criterion", "prediction_filter", "min_probability", "certainty_filter", "certainty_quantile", "min_images", "solver", "max_iter", "tol", "seed", "data_dir", "resize", "layer", "init", "threshold", "min_area", "prediction_min_images", "certainty_min_images", "model", "classifier", "wire_dtype", "prediction_mode", "prediction_top_n", "temperature", "bootstrap", "bootstrap_iters", "precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TARGET_CLASS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class DiscoverOptions(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     BOOTSTRAP_FIELD_NUMBER: _ClassVar[int]
     BOOTSTRAP_ITERS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     target_class: str
     k: int
@@ -83,7 +84,8 @@ class DiscoverOptions(_message.Message):
     temperature: float
     bootstrap: int
     bootstrap_iters: int
-    def __init__(self, name: _Optional[str] = ..., target_class: _Optional[str] = ..., k: _Optional[int] = ..., k_min: _Optional[int] = ..., k_max: _Optional[int] = ..., k_criterion: _Optional[str] = ..., prediction_filter: _Optional[_Union[FilterMode, str]] = ..., min_probability: _Optional[float] = ..., certainty_filter: _Optional[_Union[FilterMode, str]] = ..., certainty_quantile: _Optional[float] = ..., min_images: _Optional[int] = ..., solver: _Optional[str] = ..., max_iter: _Optional[int] = ..., tol: _Optional[float] = ..., seed: _Optional[int] = ..., data_dir: _Optional[str] = ..., resize: _Optional[_Union[_common_pb2.ResizePolicy, _Mapping]] = ..., layer: _Optional[str] = ..., init: _Optional[str] = ..., threshold: _Optional[float] = ..., min_area: _Optional[float] = ..., prediction_min_images: _Optional[int] = ..., certainty_min_images: _Optional[int] = ..., model: _Optional[str] = ..., classifier: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., prediction_mode: _Optional[str] = ..., prediction_top_n: _Optional[int] = ..., temperature: _Optional[float] = ..., bootstrap: _Optional[int] = ..., bootstrap_iters: _Optional[int] = ...) -> None: ...
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., target_class: _Optional[str] = ..., k: _Optional[int] = ..., k_min: _Optional[int] = ..., k_max: _Optional[int] = ..., k_criterion: _Optional[str] = ..., prediction_filter: _Optional[_Union[FilterMode, str]] = ..., min_probability: _Optional[float] = ..., certainty_filter: _Optional[_Union[FilterMode, str]] = ..., certainty_quantile: _Optional[float] = ..., min_images: _Optional[int] = ..., solver: _Optional[str] = ..., max_iter: _Optional[int] = ..., tol: _Optional[float] = ..., seed: _Optional[int] = ..., data_dir: _Optional[str] = ..., resize: _Optional[_Union[_common_pb2.ResizePolicy, _Mapping]] = ..., layer: _Optional[str] = ..., init: _Optional[str] = ..., threshold: _Optional[float] = ..., min_area: _Optional[float] = ..., prediction_min_images: _Optional[int] = ..., certainty_min_images: _Optional[int] = ..., model: _Optional[str] = ..., classifier: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., prediction_mode: _Optional[str] = ..., prediction_top_n: _Optional[int] = ..., temperature: _Optional[float] = ..., bootstrap: _Optional[int] = ..., bootstrap_iters: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class DiscoverRequest(_message.Message):
     __slots__ = ("options", "image")
