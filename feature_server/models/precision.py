@@ -77,7 +77,6 @@ def vgg19_int8_onnx(weights: dict[str, tuple[np.ndarray, np.ndarray]],
                     opset: int = 17) -> Any:
     """VGG-19 conv stack in QDQ int8; the convs (after ReLU) of :data:`INT8_OUTPUT_BLOCKS` are
     float32 graph outputs."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     nodes: list[Any] = []
@@ -152,20 +151,12 @@ def vgg19_int8_onnx(weights: dict[str, tuple[np.ndarray, np.ndarray]],
         nodes.append(helper.make_node("DequantizeLinear", [f"pool{b}.q", s, z],
                                       [f"pool{b}.dq"], name=f"pool{b}.dequantize"))
         x = f"pool{b}.dq"
-    graph = helper.make_graph(nodes, "vgg19_int8", [helper.make_tensor_value_info(
-        "input", TensorProto.FLOAT, ["batch", 3, "height", "width"])], outputs,
-        initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="dff-concepts")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _vgg_model("vgg19_int8", nodes, outputs, inits, opset)
 
 
 def vgg19_fp16_onnx(weights: dict[str, tuple[np.ndarray, np.ndarray]],
                     blocks: tuple[tuple[int, int, int], ...], opset: int = 17) -> Any:
     """VGG-19 conv stack in float16 with float32 input and float32 outputs."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     nodes: list[Any] = [helper.make_node("Cast", ["input"], ["input.fp16"], name="input_cast",
@@ -194,7 +185,16 @@ def vgg19_fp16_onnx(weights: dict[str, tuple[np.ndarray, np.ndarray]],
         nodes.append(helper.make_node("MaxPool", [x], [f"pool{b}"], name=f"pool{b}",
                                       kernel_shape=[2, 2], strides=[2, 2]))
         x = f"pool{b}"
-    graph = helper.make_graph(nodes, "vgg19_fp16", [helper.make_tensor_value_info(
+    return _vgg_model("vgg19_fp16", nodes, outputs, inits, opset)
+
+
+def _vgg_model(name: str, nodes: list[Any], outputs: list[Any], inits: list[Any],
+               opset: int) -> Any:
+    """The checked ONNX model of a VGG-19 variant graph (float32 NCHW input, dynamic size)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info(
         "input", TensorProto.FLOAT, ["batch", 3, "height", "width"])], outputs,
         initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
