@@ -112,6 +112,8 @@ class ClassReport:
     seconds: float = 0.0
     concept_set_id: str = ""
     n_errors: int = 0  # images that could not be used (unreadable, too large, undecodable)
+    stability: float | None = None  # split-half stability of the set at the chosen k
+    concept_stability: list[float] = field(default_factory=list)  # bootstrap, per concept
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -518,6 +520,17 @@ def write_class_outputs(class_dir: Path, cs: Any, data: dict[str, bytes], report
     report.stage_seconds["render"] = round(time.perf_counter() - t0, 3)
 
 
+def _stabilities(cs: Any) -> tuple[float | None, list[float]]:
+    """(split-half stability of the set, bootstrap stability per concept) for summary.json and
+    the site index; (None, []) when not measured (a version-1 file, bootstrap off)."""
+    import math
+
+    split = getattr(cs, "set_stability", float("nan"))
+    per = getattr(cs, "stability", None)
+    return (None if split is None or math.isnan(float(split)) else round(float(split), 4),
+            [] if per is None else [round(float(v), 4) for v in per])
+
+
 def _summary_table(report: ClassReport, cs: Any) -> dict[str, Any]:
     prov = cs.provenance or {}
     table: dict[str, Any] = {
@@ -610,6 +623,7 @@ def _export_class_locked(name: str, folder: Path, settings: ExportSettings,
         report.n_errors = sum(1 for d in _decision_dicts(cs.decisions)
                               if d.get("stage") == "error" and not d.get("kept", True))
         report.k, report.k_reason, report.k_criterion = cs.k, cs.k_reason, cs.k_criterion
+        report.stability, report.concept_stability = _stabilities(cs)
         report.notices = list(cs.notices)
         report.concept_set_id = cs.id
         partial.mkdir(parents=True)
