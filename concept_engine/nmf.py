@@ -33,9 +33,10 @@ backend.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import math
 import os
-import threading
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
@@ -70,8 +71,17 @@ _NNDSVD_EPS = 1e-6
 #: the GIL). Two blocks per core: on the 2-core benchmark machine 4 blocks beat 2 (the smaller
 #: blocks' outputs stay in cache) and 8. ``DFF_NMF_THREADS`` overrides; 1 = one SciPy call.
 SPARSE_THREADS = int(os.environ.get("DFF_NMF_THREADS", "0")) or min(16, 2 * (os.cpu_count() or 1))
-#: A CSR V is split into row blocks only above this many non-zeros (threads cost ~50 us).
+#: A CSR V is split into row blocks only above this many non-zeros (handing a block to a
+#: worker thread costs tens of microseconds).
 _SPARSE_BLOCK_MIN_NNZ = 1 << 18
+
+
+@functools.lru_cache(maxsize=1)
+def _block_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The worker threads of the host CSR row-block products (created on first use, shared by
+    every fit in the process; idle threads cost nothing)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, SPARSE_THREADS - 1),
+                                                 thread_name_prefix="dff-nmf")
 #: Extra columns of the randomised range finder of the NNDSVD start (see _top_singular).
 _SKETCH_OVERSAMPLE = 10
 _SKETCH_SEED = 0
@@ -151,19 +161,13 @@ class _Operand:
         return blocks
 
     def _parallel(self, fn) -> list[Any]:
-        """fn(start, stop, block) on every row block, one thread each; results in order."""
-        results: list[Any] = [None] * len(self._blocks)
-
-        def work(i: int) -> None:
-            results[i] = fn(*self._blocks[i])
-
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(1, len(results))]
-        for t in threads:
-            t.start()
-        work(0)
-        for t in threads:
-            t.join()
-        return results
+        """fn(start, stop, block) on every row block, the first on this thread and the others
+        on the process's worker threads (started once: a thread started per product cost more
+        than the product itself on small V); results in order."""
+        pool = _block_pool()
+        rest = [pool.submit(fn, *blk) for blk in self._blocks[1:]]
+        first = fn(*self._blocks[0])
+        return [first, *(f.result() for f in rest)]
 
     def _chunks(self):
         """(start, stop, block) with block = V[start:stop] in the compute dtype.
