@@ -93,31 +93,34 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
     serve = serve_sub.add_parser("features", help="run the gRPC feature server")
     from dff_protos.serving import add_network_args
 
-    add_network_args(serve, port=50051, health_port=50061, metrics_port=9101)
+    from feature_server.service import ServerConfig
+
+    d = ServerConfig()  # the defaults are the config's, stated once
+    add_network_args(serve, port=d.port, health_port=50061, metrics_port=9101)
     serve.add_argument("--home", help="cache root of the models (default: $DFF_HOME or "
                        "~/.cache/dff)")
-    serve.add_argument("--max-batch-size", type=int, default=8,
+    serve.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                        help="most images per network run (micro-batch)")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+    serve.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                        help="how long a batch waits to fill")
-    serve.add_argument("--max-pixels", type=int, default=50_000_000,
+    serve.add_argument("--max-pixels", type=int, default=d.max_pixels,
                        help="largest image accepted, in pixels (read from the header)")
-    serve.add_argument("--max-message-mb", type=int, default=64,
+    serve.add_argument("--max-message-mb", type=int, default=d.max_message_mb,
                        help="largest gRPC message, MiB")
-    serve.add_argument("--max-concurrent-streams", type=int, default=16,
+    serve.add_argument("--max-concurrent-streams", type=int, default=d.max_concurrent_streams,
                        help="Extract streams served at once")
-    serve.add_argument("--max-inflight-per-stream", type=int, default=16,
+    serve.add_argument("--max-inflight-per-stream", type=int, default=d.max_inflight_per_stream,
                        help="images of one stream being processed at once")
-    serve.add_argument("--stream-wait-s", type=float, default=10.0,
+    serve.add_argument("--stream-wait-s", type=float, default=d.stream_wait_s,
                        help="a stream waits this long for a free slot, then RESOURCE_EXHAUSTED")
-    serve.add_argument("--max-waiting-streams", type=int, default=16,
+    serve.add_argument("--max-waiting-streams", type=int, default=d.max_waiting_streams,
                        help="streams that may wait for a slot at once")
-    serve.add_argument("--idle-timeout-s", type=float, default=60.0,
+    serve.add_argument("--idle-timeout-s", type=float, default=d.idle_timeout_s,
                        help="close a stream that sends nothing this long with nothing in "
                             "flight")
-    serve.add_argument("--max-input-size", type=int, default=512,
+    serve.add_argument("--max-input-size", type=int, default=d.max_input_size,
                        help="largest network input side a request may ask for (size option)")
-    serve.add_argument("--memory-budget-mb", type=int, default=1024,
+    serve.add_argument("--memory-budget-mb", type=int, default=d.memory_budget_mb,
                        help="bytes of images decoded/run at once (items wait for budget)")
     serve.add_argument("--providers", default="",
                        help="comma-separated ONNX Runtime providers (default: CUDA if "
