@@ -20,7 +20,9 @@ inner products are reduced in float64 and the result is clamped at 0 before the 
 
 V may be held in float16 (half the memory) with float32 compute: the GEMMs then upcast V in row
 chunks of bounded size. V may also be a SciPy CSR matrix on the host (activations after ReLU are
-mostly zeros); see benchmarks/bench_nmf.py for when that pays off.
+mostly zeros): the compiled kernels of :mod:`concept_engine.csr_kernels` then run a whole
+iteration in one read of the non-zeros (the W update fused with W^T V), on row ranges in
+parallel; without Numba, SciPy's products on row blocks. See benchmarks/bench_nmf.py.
 
 The working copy of W is kept transposed, ``Wt`` (k, n), C-contiguous, so the per-component
 updates of HALS touch contiguous rows, and ``H @ V.T`` maps to a single transposed GEMM.
@@ -43,6 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from concept_engine import csr_kernels
 from concept_engine.backend import get_namespace, is_sparse, to_device
 
 __all__ = [
@@ -136,6 +139,11 @@ class _Operand:
         self.chunk = max(1, CHUNK_BYTES // (4 * max(self.C, 1)))
         self._sq_norm: float | None = None
         self._mean: float | None = None
+        self._min = math.inf
+        # host CSR: the compiled kernels (csr_kernels) when Numba is there, else SciPy's
+        # products on row blocks
+        self.kernels = self.sparse and xp is np and csr_kernels.AVAILABLE
+        self._ranges: list[tuple[int, int]] = []
         self._blocks = self._row_blocks() if self.sparse and xp is np else []
 
     def _row_blocks(self) -> list[tuple[int, int, Any]]:
@@ -146,12 +154,22 @@ class _Operand:
         import scipy.sparse as scipy_sparse  # noqa: PLC0415 - host-only path
 
         V = self.V.tocsr() if self.V.format != "csr" else self.V
+        if self.kernels:
+            if not V.has_canonical_format:
+                V = V.copy()
+                V.sum_duplicates()
+            if V.dtype != self.dtype:
+                V = V.astype(self.dtype)
         self.V = V
         parts = SPARSE_THREADS if V.nnz >= _SPARSE_BLOCK_MIN_NNZ else 1
-        if parts <= 1:
-            return []
+        if self.kernels:
+            # a worker per core is enough here: the kernels keep their partial sums in cache
+            parts = min(parts, os.cpu_count() or 1) if parts > 1 else 1
         cuts = np.searchsorted(V.indptr, np.linspace(0, V.nnz, parts + 1)[1:-1])
         bounds = [0, *sorted(set(int(c) for c in cuts) - {0, self.n}), self.n]
+        self._ranges = list(zip(bounds[:-1], bounds[1:], strict=True))
+        if parts <= 1 or self.kernels:
+            return []
         blocks = []
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             lo, hi = int(V.indptr[a]), int(V.indptr[b])
@@ -168,6 +186,35 @@ class _Operand:
         rest = [pool.submit(fn, *blk) for blk in self._blocks[1:]]
         first = fn(*self._blocks[0])
         return [first, *(f.result() for f in rest)]
+
+    def run_ranges(self, fn) -> list[Any]:
+        """fn(start, stop) on every row range of the compiled kernels, in parallel (the first
+        on this thread); results in order."""
+        if len(self._ranges) == 1:
+            return [fn(*self._ranges[0])]
+        pool = _block_pool()
+        rest = [pool.submit(fn, *r) for r in self._ranges[1:]]
+        first = fn(*self._ranges[0])
+        return [first, *(f.result() for f in rest)]
+
+    def _k_gather(self, X: Any) -> Any:
+        """V X (n, m) by the compiled kernel; X (C, m)."""
+        X = np.ascontiguousarray(X, dtype=self.dtype)
+        out = np.empty((self.n, X.shape[1]), dtype=self.dtype)
+        self.run_ranges(lambda a, b: csr_kernels.gather(self.V, a, b, X, out))
+        return out
+
+    def _k_scatter(self, Y: Any) -> Any:
+        """V^T Y (C, m) by the compiled kernel; Y (n, m). Blocks add in a fixed order."""
+        Y = np.ascontiguousarray(Y, dtype=self.dtype)
+
+        def part(a: int, b: int) -> Any:
+            out = np.zeros((self.C, Y.shape[1]), dtype=self.dtype)
+            csr_kernels.scatter(self.V, a, b, Y, out)
+            return out
+
+        parts = self.run_ranges(part)
+        return sum(parts[1:], parts[0])
 
     def _chunks(self):
         """(start, stop, block) with block = V[start:stop] in the compute dtype.
@@ -203,6 +250,8 @@ class _Operand:
         xp = self.xp
         if self.direct:
             return xp.ascontiguousarray((self.V.T @ Wt.T).T)
+        if self.kernels:
+            return np.ascontiguousarray(self._k_scatter(Wt.T).T)
         if self._blocks:
             # each row block adds its V_b^T W_b (C, k); the blocks run on separate threads
             W = xp.ascontiguousarray(Wt.T)
@@ -220,6 +269,8 @@ class _Operand:
         """(V H^T)^T = H V^T: (k, C) -> (k, n)."""
         if self.direct:
             return H @ self.V.T
+        if self.kernels:
+            return np.ascontiguousarray(self._k_gather(H.T).T)
         if self._blocks:
             out = np.empty((H.shape[0], self.n), dtype=self.dtype)
             Ht = np.ascontiguousarray(H.T)
@@ -240,6 +291,8 @@ class _Operand:
         """V X: (C, m) -> (n, m), C-contiguous (row blocks write their own rows: no
         transposed copies of the n x m result)."""
         X = self.xp.ascontiguousarray(X, dtype=self.dtype)
+        if self.kernels:
+            return self._k_gather(X)
         if self._blocks:
             out = np.empty((self.n, X.shape[1]), dtype=self.dtype)
 
@@ -255,6 +308,8 @@ class _Operand:
     def vt_y(self, Y: Any) -> Any:
         """V^T Y: (n, m) -> (C, m)."""
         Y = self.xp.ascontiguousarray(Y, dtype=self.dtype)
+        if self.kernels:
+            return self._k_scatter(Y)
         if self._blocks:
             parts = self._parallel(lambda a, b, blk: blk.T @ Y[a:b])
             return sum(parts[1:], parts[0])
@@ -264,7 +319,13 @@ class _Operand:
 
     def _moments(self) -> None:
         xp = self.xp
-        if self.sparse:
+        if self.kernels:
+            parts = self.run_ranges(lambda a, b: csr_kernels.moments(self.V, a, b))
+            total = math.fsum(p[0] for p in parts)
+            sq = math.fsum(p[1] for p in parts)
+            lows = [p[2] for p in parts]
+            self._min = math.nan if any(math.isnan(v) for v in lows) else min(lows)
+        elif self.sparse:
             data = self.V.data
             total = float(xp.sum(data, dtype=xp.float64))
             sq = float(xp.sum(xp.square(data, dtype=xp.float64)))
@@ -298,7 +359,12 @@ class _Operand:
         if self.sparse:
             if self.V.nnz == 0:
                 return 0.0
-            m = float(xp.min(self.V.data))
+            if self.kernels:
+                if self._mean is None:
+                    self._moments()  # the minimum comes with the moments (one read of values)
+                m = self._min
+            else:
+                m = float(xp.min(self.V.data))
             return min(m, 0.0) if self.V.nnz < self.n * self.C else m
         return float(xp.min(self.V))
 
@@ -376,6 +442,9 @@ def _solve(
     check_every: int,
 ) -> NMFResult:
     """The shared loop. Wt (k, n) and H (k, C) are updated in place or replaced."""
+    if op.kernels and update_H:
+        return _solve_fused(op, Wt, H, solver=solver, max_iter=max_iter, tol=tol,
+                            check_every=check_every)
     xp = op.xp
     HHt = H @ H.T
     HVt = op.h_vt(H)
@@ -412,6 +481,96 @@ def _solve(
     error = _error_from_products(op.sq_norm, Wt, HVt, HHt)
     W = xp.ascontiguousarray(Wt.T)
     return NMFResult(W=W, H=H, n_iter=n_iter, error=error, converged=converged)
+
+
+def _solve_fused(
+    op: _Operand, Wt: Any, H: Any, *, solver: str, max_iter: int, tol: float, check_every: int
+) -> NMFResult:
+    """:func:`_solve` on a host CSR V with the compiled kernels: one read of V per iteration.
+
+    The W half-iteration and the W^T V, W^T W that the H half needs are one pass
+    (:func:`csr_kernels.w_pass`). The pass also returns <W, V H^T> for the incoming and the
+    outgoing W, which is all the error needs: MU (H, then W) gets the error of the state it
+    just reached; HALS (W, then H) gets, during iteration n, the error of the state after
+    iteration n - 1, so W is copied before a pass that will test convergence and restored
+    when the test stops the loop. The iterates, the stopping iteration and the error are
+    those of :func:`_solve` (up to float rounding).
+    """
+    k, C, dt = int(H.shape[0]), op.C, op.dtype
+    kw = -(-k // csr_kernels.WIDE) * csr_kernels.WIDE
+    W = np.zeros((op.n, kw), dtype=dt)
+    W[:, :k] = Wt.T
+    Ht = np.zeros((C, kw), dtype=dt)
+    rule = csr_kernels.HALS if solver == "hals" else csr_kernels.MU
+
+    def set_h(H: Any) -> Any:
+        Ht[:, :k] = H.T
+        return (H @ H.T).astype(np.float64)
+
+    def sweep(rule: int) -> tuple[float, float, Any, Any]:
+        def block(a: int, b: int) -> tuple[tuple[float, float], Any, Any]:
+            wtv = np.zeros((C, kw), dtype=dt)
+            wtw = np.zeros((k, k), dtype=np.float64)
+            cross = csr_kernels.w_pass(op.V, a, b, W, Ht, HHt, rule, True, wtv, wtw)
+            return cross, wtv, wtw
+
+        parts = op.run_ranges(block)
+        old = sum(p[0][0] for p in parts)
+        new = sum(p[0][1] for p in parts)
+        WtV = parts[0][1]
+        WtW = parts[0][2]
+        for p in parts[1:]:
+            WtV += p[1]
+            WtW += p[2]
+        return old, new, np.ascontiguousarray(WtV[:, :k].T), WtW
+
+    def error(cross: float, WtW: Any, HHt: Any) -> float:
+        return math.sqrt(max(op.sq_norm - 2.0 * cross + float(np.sum(WtW * HHt)), 0.0))
+
+    HHt = set_h(H)
+    converged = False
+    n_iter = 0
+    if solver == "mu":
+        _, cross, WtV, WtW = sweep(csr_kernels.NONE)
+        err_init = prev_err = err = error(cross, WtW, HHt)
+        for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is read after the loop
+            H = _mu_update_H(H, WtV, WtW.astype(dt), np)
+            HHt = set_h(H)
+            _, cross, WtV, WtW = sweep(rule)
+            err = error(cross, WtW, HHt)
+            if tol > 0 and n_iter % check_every == 0:
+                if err_init == 0.0 or (prev_err - err) / err_init < tol:
+                    converged = True
+                    break
+                prev_err = err
+    else:
+        WtW = (Wt @ Wt.T).astype(np.float64)
+        err_init = prev_err = err = 0.0
+        for n in range(1, max_iter + 2):
+            # the state after iteration n - 1 is tested during iteration n
+            test = tol > 0 and n - 1 >= 1 and (n - 1) % check_every == 0
+            last = n == max_iter + 1
+            saved = W.copy() if test and not last else None
+            cross, _, WtV, WtW_new = sweep(csr_kernels.NONE if last else rule)
+            err = error(cross, WtW, HHt)
+            if n == 1:
+                err_init = prev_err = err
+            if test and (err_init == 0.0 or (prev_err - err) / err_init < tol):
+                converged = True
+                if saved is not None:
+                    W = saved
+                n_iter = n - 1
+                break
+            if test:
+                prev_err = err
+            if last:
+                n_iter = max_iter
+                break
+            WtW = WtW_new
+            H = _hals_update_rows(H, WtV, WtW.astype(dt), np)
+            HHt = set_h(H)
+    return NMFResult(W=np.ascontiguousarray(W[:, :k]), H=H, n_iter=n_iter, error=err,
+                     converged=converged)
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,10 +616,29 @@ def _top_singular(op: _Operand, k: int) -> tuple[list[float], Any, Any]:
     xp = op.xp
     m = min(op.C, k + _SKETCH_OVERSAMPLE)
     omega = to_device(np.random.default_rng(_SKETCH_SEED).standard_normal((op.C, m)), xp)
-    Z = op.vt_y(op.v_x(omega.astype(op.dtype))).astype(xp.float64)  # (C, m)
-    Q, _ = xp.linalg.qr(Z)
-    B = op.v_x(Q.astype(op.dtype))  # (n, m) = V Q, compute dtype (n x m is V-sized)
-    evals, evecs = xp.linalg.eigh((B.T @ B).astype(xp.float64))  # B^T B = Q^T V^T V Q
+    if op.kernels:
+        # two reads of V: V^T V Omega in one, then V Q
+        Omega = np.ascontiguousarray(omega, dtype=op.dtype)
+
+        def sketch(a: int, b: int) -> Any:
+            Zb = np.zeros((op.C, m), dtype=op.dtype)
+            csr_kernels.sketch(op.V, a, b, Omega, Zb)
+            return Zb
+
+        parts = op.run_ranges(sketch)
+        Z = sum(parts[1:], parts[0]).astype(np.float64)
+        Q, _ = np.linalg.qr(Z)
+        Qc = np.ascontiguousarray(Q, dtype=op.dtype)
+        B = np.empty((op.n, m), dtype=op.dtype)
+
+        op.run_ranges(lambda a, b: csr_kernels.gather(op.V, a, b, Qc, B))
+        G = (B.T @ B).astype(np.float64)
+    else:
+        Z = op.vt_y(op.v_x(omega.astype(op.dtype))).astype(xp.float64)  # (C, m)
+        Q, _ = xp.linalg.qr(Z)
+        B = op.v_x(Q.astype(op.dtype))  # (n, m) = V Q, compute dtype (n x m is V-sized)
+        G = (B.T @ B).astype(xp.float64)
+    evals, evecs = xp.linalg.eigh(G)  # B^T B = Q^T V^T V Q
     order = xp.arange(m - 1, m - 1 - k, -1)
     S = xp.sqrt(xp.maximum(evals[order], 0.0))
     E = evecs[:, order]  # (m, k)

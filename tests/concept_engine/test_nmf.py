@@ -351,7 +351,10 @@ def test_backend_namespace_and_copies():
 
 
 def test_threaded_row_blocks_give_the_same_products_and_fit(monkeypatch):
+    import concept_engine.csr_kernels as kernels
     import concept_engine.nmf as nmf_mod
+
+    monkeypatch.setattr(kernels, "AVAILABLE", False)  # the SciPy fallback's row blocks
 
     V = sp.csr_matrix(conv54_like(n_images=6, C=64, seed=3))
     rng = np.random.default_rng(0)
@@ -415,3 +418,111 @@ def test_activations_are_kept_sparse_as_they_arrive():
     np.testing.assert_array_equal(V.toarray(), dense)
     busy = [_Image("x", _rows(np.abs(a) + 1), (3, 4), (30, 40), (24, 32), None) for a in acts]
     assert isinstance(stack_rows(busy), np.ndarray)  # dense data: dense V, as prepare_v does
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled CSR kernels (concept_engine.csr_kernels): same products, same iterates.
+# --------------------------------------------------------------------------------------------
+
+
+def _kernels_toggle(monkeypatch, on: bool, blocks: int = 3):
+    import concept_engine.csr_kernels as kernels
+    import concept_engine.nmf as nmf_mod
+
+    monkeypatch.setattr(kernels, "AVAILABLE", on)
+    monkeypatch.setattr(nmf_mod, "_SPARSE_BLOCK_MIN_NNZ", 0)  # several row ranges even here
+    monkeypatch.setattr(nmf_mod, "SPARSE_THREADS", blocks)
+    monkeypatch.setattr(nmf_mod.os, "cpu_count", lambda: blocks)
+
+
+def test_kernels_are_installed_and_used_for_host_csr():
+    import concept_engine.csr_kernels as kernels
+    import concept_engine.nmf as nmf_mod
+
+    assert kernels.AVAILABLE, "numba is a dependency: the compiled kernels must be there"
+    op = nmf_mod._Operand(sp.csr_matrix(conv54_like(n_images=2, C=32)), np)
+    assert op.kernels
+    assert not nmf_mod._Operand(conv54_like(n_images=2, C=32), np).kernels  # dense: BLAS
+
+
+@pytest.mark.parametrize("k", [1, 5, 8, 11])
+def test_kernel_products_equal_dense_products(monkeypatch, k):
+    import concept_engine.nmf as nmf_mod
+
+    _kernels_toggle(monkeypatch, True)
+    dense = conv54_like(n_images=5, C=96, seed=k)
+    V = sp.csr_matrix(dense)
+    op = nmf_mod._Operand(V, np)
+    assert op.kernels and len(op._ranges) == 3
+    rng = np.random.default_rng(k)
+    Wt = rng.random((k, V.shape[0])).astype(np.float32)
+    H = rng.random((k, 96)).astype(np.float32)
+    np.testing.assert_allclose(op.wt_v(Wt), Wt @ dense, rtol=2e-5)
+    np.testing.assert_allclose(op.h_vt(H), H @ dense.T, rtol=2e-5, atol=1e-4)
+    np.testing.assert_allclose(op.v_x(H.T), dense @ H.T, rtol=2e-5, atol=1e-4)
+    np.testing.assert_allclose(op.vt_y(Wt.T), dense.T @ Wt.T, rtol=2e-5)
+    assert op.sq_norm == pytest.approx(float(np.sum(dense.astype(np.float64) ** 2)), rel=1e-12)
+    assert op.mean == pytest.approx(float(dense.astype(np.float64).mean()), rel=1e-12)
+    assert op.min() == 0.0
+
+
+@pytest.mark.parametrize("solver", ["hals", "mu"])
+@pytest.mark.parametrize("k", [3, 8, 11])
+@pytest.mark.parametrize("tol", [0.0, 1e-3])
+def test_fused_kernel_fit_follows_the_reference_loop(monkeypatch, solver, k, tol):
+    """One read of V per iteration, yet the iterates, the stopping iteration and the error
+    are those of the two-product loop (the SciPy fallback) up to float rounding."""
+    V = sp.csr_matrix(conv54_like(n_images=4, C=80, seed=k))
+    W0, H0 = nmf_init(V.toarray(), k, init="nndsvda")
+    _kernels_toggle(monkeypatch, False)
+    ref = nmf_fit(V, k, solver=solver, W=W0, H=H0, max_iter=40, tol=tol, check_every=5)
+    _kernels_toggle(monkeypatch, True)
+    got = nmf_fit(V, k, solver=solver, W=W0, H=H0, max_iter=40, tol=tol, check_every=5)
+    assert got.n_iter == ref.n_iter and got.converged == ref.converged
+    if tol:
+        assert got.converged and got.n_iter < 40  # the delayed HALS test did stop the loop
+    assert got.error == pytest.approx(ref.error, rel=1e-5)
+    assert got.error == pytest.approx(reconstruction_error(V.toarray(), got.W, got.H), rel=1e-4)
+    scale_W, scale_H = float(np.abs(ref.W).max()), float(np.abs(ref.H).max())
+    np.testing.assert_allclose(got.W, ref.W, atol=2e-3 * scale_W)
+    np.testing.assert_allclose(got.H, ref.H, atol=2e-3 * scale_H)
+    assert got.W.flags.c_contiguous and got.W.shape == (V.shape[0], k)
+
+
+def test_fused_kernel_matches_the_dense_mu_reference_step_by_step(monkeypatch):
+    _kernels_toggle(monkeypatch, True)
+    V, _, _ = planted(n=400, C=24, k=3, noise=0.02)
+    W0, H0 = nmf_init(V, 3, init="seed", seed=1)
+    ref = reference_mu(V.astype(np.float64), W0.astype(np.float64), H0.astype(np.float64), 12)
+    got = nmf_fit(sp.csr_matrix(V), 3, solver="mu", W=W0, H=H0, max_iter=12, tol=0)
+    np.testing.assert_allclose(got.W, ref[-1][0], rtol=2e-3, atol=1e-6)
+    np.testing.assert_allclose(got.H, ref[-1][1], rtol=2e-3, atol=1e-6)
+
+
+def test_kernel_randomised_start_equals_the_scipy_one(monkeypatch):
+    V = sp.csr_matrix(conv54_like(n_images=6, C=128, seed=2))
+    _kernels_toggle(monkeypatch, False)
+    W_ref, H_ref = nmf_init(V, 5, init="nndsvda")
+    _kernels_toggle(monkeypatch, True)
+    W, H = nmf_init(V, 5, init="nndsvda")
+    np.testing.assert_allclose(H, H_ref, rtol=1e-3, atol=1e-4 * float(H_ref.max()))
+    np.testing.assert_allclose(W, W_ref, rtol=1e-3, atol=1e-4 * float(W_ref.max()))
+
+
+def test_kernels_reject_nan_and_negative_csr(monkeypatch):
+    _kernels_toggle(monkeypatch, True)
+    V = conv54_like(n_images=2, C=16)
+    rows, cols = np.nonzero(V)
+    for bad_value in (np.nan, -1.0):
+        bad = V.copy()
+        bad[rows[len(rows) // 2], cols[len(cols) // 2]] = bad_value
+        with pytest.raises(ValueError, match="non-negative"):
+            nmf_fit(sp.csr_matrix(bad), 2)
+
+
+def test_fixed_bases_inference_uses_one_read_of_csr_v(monkeypatch):
+    """update_H=False keeps the product-once path (V H^T once, then (n, k) work only)."""
+    _kernels_toggle(monkeypatch, True)
+    V, W, H = planted(n=600, C=32, k=4, noise=0.0)
+    got = nmf_transform(sp.csr_matrix(V), H.astype(np.float32), max_iter=300, tol=1e-8)
+    np.testing.assert_allclose(got @ H, V, atol=5e-3 * float(V.max()))

@@ -1,0 +1,323 @@
+"""Compiled kernels for NMF on a host CSR V (n, C): one sweep over the non-zeros per pass.
+
+SciPy's sparse products run on one core, are not blocked for the k << C columns the solvers
+need, and a HALS iteration needs two of them (V H^T for W, then W^T V for H). The kernels here,
+compiled by Numba with ``nogil`` so that the solver's worker threads run them on row blocks in
+parallel, do better in two ways:
+
+* :func:`w_pass` fuses a whole W half-iteration with the product the H half needs. For each row
+  i it computes ``v_i H^T`` (k numbers), applies the HALS (or MU) update to row i of W - the
+  column-by-column Gauss-Seidel sweep of HALS touches each row of W independently, so sweeping
+  a row at a time gives the same W - and, with the new row, accumulates ``W^T V`` and ``W^T W``.
+  One read of V per iteration instead of two, and the same arithmetic.
+* :func:`gather` (``V X``), :func:`scatter` (``V^T Y``) and :func:`sketch` (``V^T V Omega`` in
+  one read) serve the other products and the randomised SVD of the NNDSVD start.
+
+Layouts: W is held row-major (n, KW) and H transposed (C, KW), with KW = k rounded up to a
+multiple of 8 (padding columns are zero), so one row of either is one contiguous run; the
+kernel works on 8 columns at a time with its accumulators in registers. Sums over a row are
+float32 (as SciPy's); W^T W and the error's cross term are float64. Each row block writes its
+own partial sums and the caller adds the blocks in a fixed order, so results do not depend on
+thread timing.
+
+Numba is optional: without it (or with ``DFF_NMF_KERNELS=0``) :data:`AVAILABLE` is False and
+the solvers use SciPy's products, with the same results up to float rounding. Compiled code is
+cached on disk (``NUMBA_CACHE_DIR``, by default ``$XDG_CACHE_HOME/dff/numba`` or
+``~/.cache/dff/numba``), so only the first process on a machine pays the compilation.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+__all__ = ["AVAILABLE", "HALS", "MU", "NONE", "gather", "moments", "scatter", "sketch",
+           "w_pass"]
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "dff", "numba")
+
+
+os.environ.setdefault("NUMBA_CACHE_DIR", _default_cache_dir())
+
+numba: ModuleType | None
+try:
+    import numba
+except ImportError:  # pragma: no cover - exercised only where numba is not installed
+    numba = None
+
+AVAILABLE = numba is not None and os.environ.get("DFF_NMF_KERNELS", "1") != "0"
+
+#: Update rules of :func:`w_pass`: none (products only), HALS, Lee-Seung MU.
+NONE, HALS, MU = 0, 1, 2
+#: Columns per register block of :func:`w_pass`: W and H^T are padded to a multiple of it.
+WIDE = 8
+
+
+def _jit(fn: Any) -> Any:
+    if numba is None:
+        return fn
+    try:
+        return numba.njit(nogil=True, cache=True, boundscheck=False)(fn)
+    except Exception:  # noqa: BLE001 - an unusable cache directory must not break the import
+        return numba.njit(nogil=True, boundscheck=False)(fn)
+
+
+# Column indices are widened to unsigned 64-bit before they index: Numba then needs no
+# negative-index wrap-around test, which otherwise keeps the loops from being vectorised.
+
+
+#: Rows per tile of :func:`w_pass`: the row updates run across a tile's rows (independent, so
+#: they vectorise) instead of down one row's k coordinates (a chain of dependent operations).
+TILE = 256
+
+
+@_jit
+def _tile_update(hvT, wT, nr, HHt, inv_diag, rule, den):
+    """Rows 0..nr of the tile: hvT, wT (kw, TILE) float64; wT updated in place by rule."""
+    k = HHt.shape[0]
+    if rule == 1:  # HALS: coordinate j to its non-negative optimum, in order 0..k-1
+        for j in range(k):
+            if inv_diag[j] == 0.0:
+                continue  # component j is zero on the other side: nothing to solve for
+            for r in range(nr):
+                den[r] = hvT[j, r]
+            for m in range(k):
+                hjm = HHt[j, m]
+                for r in range(nr):
+                    den[r] -= hjm * wT[m, r]
+            inv = inv_diag[j]
+            for r in range(nr):
+                v = wT[j, r] + den[r] * inv
+                wT[j, r] = v if v > 0.0 else 0.0
+    elif rule == 2:  # MU with the seed's zero-denominator guard; all j from the old row
+        for j in range(k):
+            for r in range(nr):
+                den[r] = 0.0
+            for m in range(k):
+                hjm = HHt[j, m]
+                for r in range(nr):
+                    den[r] += hjm * wT[m, r]
+            for r in range(nr):
+                d = den[r] if den[r] != 0.0 else 1e-7
+                hvT[j, r] = hvT[j, r] / d  # the ratio, applied below once every j has its den
+        for j in range(k):
+            for r in range(nr):
+                wT[j, r] = wT[j, r] * hvT[j, r]
+
+
+@_jit
+def _tile_finish(t0, nr, W, hvT, hv_keep, wT, HHt, rule, inv_diag, den, WtW):  # noqa: E501
+    """Everything of a tile between the gather and the scatter; returns (cross_old, cross_new)."""
+    k = HHt.shape[0]
+    cross_old = 0.0
+    for j in range(k):
+        for r in range(nr):
+            wT[j, r] = W[t0 + r, j]
+            cross_old += wT[j, r] * hvT[j, r]
+    cross_new = 0.0
+    if rule != 0:
+        if rule == 2:
+            # MU overwrites hvT with its ratios: keep the products for the new cross term
+            for j in range(k):
+                for r in range(nr):
+                    hv_keep[j, r] = hvT[j, r]
+        else:
+            hv_keep = hvT
+        _tile_update(hvT, wT, nr, HHt, inv_diag, rule, den)
+        for j in range(k):
+            for r in range(nr):
+                W[t0 + r, j] = wT[j, r]
+                wT[j, r] = W[t0 + r, j]  # the stored float32 value is what later products see
+        for j in range(k):
+            for r in range(nr):
+                cross_new += wT[j, r] * hv_keep[j, r]
+    else:
+        cross_new = cross_old
+    for j in range(k):
+        for m in range(j, k):
+            s = 0.0
+            for r in range(nr):
+                s += wT[j, r] * wT[m, r]
+            WtW[j, m] += s
+            if m != j:
+                WtW[m, j] += s
+    return cross_old, cross_new
+
+
+@_jit
+def _inv_diag(HHt):
+    k = HHt.shape[0]
+    out = np.zeros(k, dtype=np.float64)
+    for j in range(k):
+        out[j] = 1.0 / HHt[j, j] if HHt[j, j] > 0.0 else 0.0
+    return out
+
+
+@_jit
+def _w_pass(indptr, indices, data, a, b, W, Hf, HHt, rule, accumulate, WtVf, WtW):  # noqa: E501
+    kw = W.shape[1]  # a multiple of 8: the columns go in groups of 8, kept in registers
+    ukw = np.uint64(kw)
+    hvT = np.zeros((kw, TILE), dtype=np.float64)
+    hv_keep = np.zeros((kw, TILE), dtype=np.float64)
+    wT = np.zeros((kw, TILE), dtype=np.float64)
+    den = np.zeros(TILE, dtype=np.float64)
+    inv_diag = _inv_diag(HHt)
+    cross_old = 0.0
+    cross_new = 0.0
+    for t0 in range(a, b, TILE):
+        nr = min(TILE, b - t0)
+        for r in range(nr):
+            i = t0 + r
+            for g in range(0, kw, 8):
+                ug = np.uint64(g)
+                h0 = h1 = h2 = h3 = h4 = h5 = h6 = h7 = np.float32(0.0)
+                for p in range(indptr[i], indptr[i + 1]):
+                    c = np.uint64(indices[p]) * ukw + ug
+                    d = data[p]
+                    h0 += d * Hf[c]
+                    h1 += d * Hf[c + np.uint64(1)]
+                    h2 += d * Hf[c + np.uint64(2)]
+                    h3 += d * Hf[c + np.uint64(3)]
+                    h4 += d * Hf[c + np.uint64(4)]
+                    h5 += d * Hf[c + np.uint64(5)]
+                    h6 += d * Hf[c + np.uint64(6)]
+                    h7 += d * Hf[c + np.uint64(7)]
+                hvT[g, r], hvT[g + 1, r], hvT[g + 2, r], hvT[g + 3, r] = h0, h1, h2, h3
+                hvT[g + 4, r], hvT[g + 5, r], hvT[g + 6, r], hvT[g + 7, r] = h4, h5, h6, h7
+        co, cn = _tile_finish(t0, nr, W, hvT, hv_keep, wT, HHt, rule, inv_diag, den, WtW)
+        cross_old += co
+        cross_new += cn
+        if accumulate:
+            for r in range(nr):
+                i = t0 + r
+                for g in range(0, kw, 8):
+                    ug = np.uint64(g)
+                    w0, w1, w2, w3 = W[i, g], W[i, g + 1], W[i, g + 2], W[i, g + 3]
+                    w4, w5, w6, w7 = W[i, g + 4], W[i, g + 5], W[i, g + 6], W[i, g + 7]
+                    for p in range(indptr[i], indptr[i + 1]):
+                        c = np.uint64(indices[p]) * ukw + ug
+                        d = data[p]
+                        WtVf[c] += d * w0
+                        WtVf[c + np.uint64(1)] += d * w1
+                        WtVf[c + np.uint64(2)] += d * w2
+                        WtVf[c + np.uint64(3)] += d * w3
+                        WtVf[c + np.uint64(4)] += d * w4
+                        WtVf[c + np.uint64(5)] += d * w5
+                        WtVf[c + np.uint64(6)] += d * w6
+                        WtVf[c + np.uint64(7)] += d * w7
+    return cross_old, cross_new
+
+
+@_jit
+def _gather(indptr, indices, data, a, b, Xf, out):
+    """out[i] = v_i X for rows a..b; X (C, m) flattened."""
+    m = out.shape[1]
+    um = np.uint64(m)
+    acc = np.zeros(m, dtype=out.dtype)
+    for i in range(a, b):
+        for j in range(m):
+            acc[j] = 0.0
+        for p in range(indptr[i], indptr[i + 1]):
+            c = np.uint64(indices[p]) * um
+            d = data[p]
+            for j in range(m):
+                acc[j] += d * Xf[c + np.uint64(j)]
+        for j in range(m):
+            out[i, j] = acc[j]
+
+
+@_jit
+def _scatter(indptr, indices, data, a, b, Y, outf):
+    """outf += (V^T Y) over rows a..b; Y (n, m), outf = (C, m) flattened."""
+    m = Y.shape[1]
+    um = np.uint64(m)
+    for i in range(a, b):
+        for p in range(indptr[i], indptr[i + 1]):
+            c = np.uint64(indices[p]) * um
+            d = data[p]
+            for j in range(m):
+                outf[c + np.uint64(j)] += d * Y[i, j]
+
+
+@_jit
+def _sketch(indptr, indices, data, a, b, Omega, Z):
+    """Z += V^T (V Omega) over rows a..b, reading each row once; Omega, Z (C, m)."""
+    m = Omega.shape[1]
+    um = np.uint64(m)
+    Of = Omega.ravel()
+    Zf = Z.ravel()
+    y = np.zeros(m, dtype=Z.dtype)
+    for i in range(a, b):
+        for j in range(m):
+            y[j] = 0.0
+        for p in range(indptr[i], indptr[i + 1]):
+            c = np.uint64(indices[p]) * um
+            d = data[p]
+            for j in range(m):
+                y[j] += d * Of[c + np.uint64(j)]
+        for p in range(indptr[i], indptr[i + 1]):
+            c = np.uint64(indices[p]) * um
+            d = data[p]
+            for j in range(m):
+                Zf[c + np.uint64(j)] += d * y[j]
+
+
+@_jit
+def _moments(data, lo, hi):
+    """(sum, sum of squares, min) of data[lo:hi], accumulated in float64."""
+    total = 0.0
+    sq = 0.0
+    low = np.inf
+    for p in range(lo, hi):
+        v = np.float64(data[p])
+        total += v
+        sq += v * v
+        if v < low or v != v:  # a NaN sticks (no later value compares below it)
+            low = v
+    return total, sq, low
+
+
+# Typed entry points: the argument order of the compiled functions lives here only.
+
+
+def w_pass(V: Any, a: int, b: int, W: Any, Ht: Any, HHt: Any, rule: int, accumulate: bool,
+           WtV_T: Any, WtW: Any) -> tuple[float, float]:
+    """Rows a..b of one W half-iteration (see the module doc).
+
+    W (n, KW) float32, KW a multiple of :data:`WIDE`, is updated in place by ``rule``;
+    Ht (C, KW) float32 holds H^T (padding columns zero); HHt (k, k) float64. With
+    ``accumulate``, WtV_T (C, KW) float32 gains the rows' V^T W (new W); WtW (k, k) float64
+    always gains their W^T W (new W). Returns the cross terms <W_old, V H^T> and
+    <W_new, V H^T> over the rows (float64).
+    """
+    old, new = _w_pass(V.indptr, V.indices, V.data, a, b, W, Ht.ravel(), HHt, rule, accumulate,
+                    WtV_T.ravel(), WtW)
+    return float(old), float(new)
+
+
+def gather(V: Any, a: int, b: int, X: Any, out: Any) -> None:
+    """out[a:b] = V[a:b] X; X (C, m) C-contiguous, out (n, m) of X's dtype."""
+    _gather(V.indptr, V.indices, V.data, a, b, X.ravel(), out)
+
+
+def scatter(V: Any, a: int, b: int, Y: Any, out: Any) -> None:
+    """out += V[a:b]^T Y[a:b]; Y (n, m), out (C, m) C-contiguous of Y's dtype."""
+    _scatter(V.indptr, V.indices, V.data, a, b, Y, out.ravel())
+
+
+def sketch(V: Any, a: int, b: int, Omega: Any, Z: Any) -> None:
+    """Z += V[a:b]^T V[a:b] Omega; Omega and Z (C, m) C-contiguous, one dtype."""
+    _sketch(V.indptr, V.indices, V.data, a, b, Omega, Z)
+
+
+def moments(V: Any, a: int, b: int) -> tuple[float, float, float]:
+    """(sum, sum of squares, min) of the stored values of rows a..b (float64; min inf when
+    there are none, NaN when one is NaN)."""
+    total, sq, low = _moments(V.data, int(V.indptr[a]), int(V.indptr[b]))
+    return float(total), float(sq), float(low)
