@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AVAILABLE", "HALS", "MU", "NONE", "gather", "moments", "scatter", "sketch",
+__all__ = ["AVAILABLE", "HALS", "MU", "NONE", "WIDE", "gather", "moments", "scatter", "sketch",
            "w_pass"]
 
 
@@ -44,10 +44,17 @@ def _default_cache_dir() -> str:
 
 
 os.environ.setdefault("NUMBA_CACHE_DIR", _default_cache_dir())
+# Numba leaves LLVM's SLP vectoriser off by default; it is what turns the 8-column register
+# blocks below into single vector operations (measured: both sweeps ~2x faster).
+os.environ.setdefault("NUMBA_SLP_VECTORIZE", "1")
 
 numba: ModuleType | None
 try:
     import numba
+    import numba.core.config as _numba_config
+
+    if os.environ["NUMBA_SLP_VECTORIZE"] != "0":
+        _numba_config.SLP_VECTORIZE = 1  # type: ignore[attr-defined]  # configured earlier
 except ImportError:  # pragma: no cover - exercised only where numba is not installed
     numba = None
 
@@ -215,57 +222,63 @@ def _w_pass(indptr, indices, data, a, b, W, Hf, HHt, rule, accumulate, WtVf, WtW
 
 
 @_jit
-def _gather(indptr, indices, data, a, b, Xf, out):
-    """out[i] = v_i X for rows a..b; X (C, m) flattened."""
+def _gather(indptr, indices, data, a, b, Xf, out, row0):
+    """out[i - row0] = v_i X for rows a..b; X (C, m) flattened, m a multiple of 8."""
     m = out.shape[1]
     um = np.uint64(m)
-    acc = np.zeros(m, dtype=out.dtype)
+    zero = out.dtype.type(0.0)
     for i in range(a, b):
-        for j in range(m):
-            acc[j] = 0.0
-        for p in range(indptr[i], indptr[i + 1]):
-            c = np.uint64(indices[p]) * um
-            d = data[p]
-            for j in range(m):
-                acc[j] += d * Xf[c + np.uint64(j)]
-        for j in range(m):
-            out[i, j] = acc[j]
+        o = i - row0
+        for g in range(0, m, 8):
+            ug = np.uint64(g)
+            h0 = h1 = h2 = h3 = h4 = h5 = h6 = h7 = zero
+            for p in range(indptr[i], indptr[i + 1]):
+                c = np.uint64(indices[p]) * um + ug
+                d = data[p]
+                h0 += d * Xf[c]
+                h1 += d * Xf[c + np.uint64(1)]
+                h2 += d * Xf[c + np.uint64(2)]
+                h3 += d * Xf[c + np.uint64(3)]
+                h4 += d * Xf[c + np.uint64(4)]
+                h5 += d * Xf[c + np.uint64(5)]
+                h6 += d * Xf[c + np.uint64(6)]
+                h7 += d * Xf[c + np.uint64(7)]
+            out[o, g], out[o, g + 1], out[o, g + 2], out[o, g + 3] = h0, h1, h2, h3
+            out[o, g + 4], out[o, g + 5], out[o, g + 6], out[o, g + 7] = h4, h5, h6, h7
 
 
 @_jit
-def _scatter(indptr, indices, data, a, b, Y, outf):
-    """outf += (V^T Y) over rows a..b; Y (n, m), outf = (C, m) flattened."""
+def _scatter(indptr, indices, data, a, b, Y, outf, row0):
+    """outf += V^T Y over rows a..b (row i of V meets row i - row0 of Y); Y (., m),
+    outf = (C, m) flattened, m a multiple of 8."""
     m = Y.shape[1]
     um = np.uint64(m)
     for i in range(a, b):
-        for p in range(indptr[i], indptr[i + 1]):
-            c = np.uint64(indices[p]) * um
-            d = data[p]
-            for j in range(m):
-                outf[c + np.uint64(j)] += d * Y[i, j]
+        r = i - row0
+        for g in range(0, m, 8):
+            ug = np.uint64(g)
+            w0, w1, w2, w3 = Y[r, g], Y[r, g + 1], Y[r, g + 2], Y[r, g + 3]
+            w4, w5, w6, w7 = Y[r, g + 4], Y[r, g + 5], Y[r, g + 6], Y[r, g + 7]
+            for p in range(indptr[i], indptr[i + 1]):
+                c = np.uint64(indices[p]) * um + ug
+                d = data[p]
+                outf[c] += d * w0
+                outf[c + np.uint64(1)] += d * w1
+                outf[c + np.uint64(2)] += d * w2
+                outf[c + np.uint64(3)] += d * w3
+                outf[c + np.uint64(4)] += d * w4
+                outf[c + np.uint64(5)] += d * w5
+                outf[c + np.uint64(6)] += d * w6
+                outf[c + np.uint64(7)] += d * w7
 
 
 @_jit
-def _sketch(indptr, indices, data, a, b, Omega, Z):
-    """Z += V^T (V Omega) over rows a..b, reading each row once; Omega, Z (C, m)."""
-    m = Omega.shape[1]
-    um = np.uint64(m)
-    Of = Omega.ravel()
-    Zf = Z.ravel()
-    y = np.zeros(m, dtype=Z.dtype)
+def _sketch(indptr, indices, data, a, b, Of, Zf, y):
+    """Zf += V^T (V Omega) over rows a..b, reading each row once (it stays in cache between
+    the two halves); Omega, Z (C, m) flattened, y (1, m) scratch, m a multiple of 8."""
     for i in range(a, b):
-        for j in range(m):
-            y[j] = 0.0
-        for p in range(indptr[i], indptr[i + 1]):
-            c = np.uint64(indices[p]) * um
-            d = data[p]
-            for j in range(m):
-                y[j] += d * Of[c + np.uint64(j)]
-        for p in range(indptr[i], indptr[i + 1]):
-            c = np.uint64(indices[p]) * um
-            d = data[p]
-            for j in range(m):
-                Zf[c + np.uint64(j)] += d * y[j]
+        _gather(indptr, indices, data, i, i + 1, Of, y, i)
+        _scatter(indptr, indices, data, i, i + 1, y, Zf, i)
 
 
 @_jit
@@ -301,19 +314,34 @@ def w_pass(V: Any, a: int, b: int, W: Any, Ht: Any, HHt: Any, rule: int, accumul
     return float(old), float(new)
 
 
+def _padded(X: Any) -> Any:
+    """X (r, m) C-contiguous with m rounded up to a multiple of 8 (zero columns added)."""
+    m = X.shape[1]
+    mw = -(-m // WIDE) * WIDE
+    if mw == m:
+        return np.ascontiguousarray(X)
+    out = np.zeros((X.shape[0], mw), dtype=X.dtype)
+    out[:, :m] = X
+    return out
+
+
 def gather(V: Any, a: int, b: int, X: Any, out: Any) -> None:
-    """out[a:b] = V[a:b] X; X (C, m) C-contiguous, out (n, m) of X's dtype."""
-    _gather(V.indptr, V.indices, V.data, a, b, X.ravel(), out)
+    """out[a:b] = V[a:b] X; X (C, m) and out (n, m) of one dtype, m a multiple of 8 (see
+    :func:`_padded`)."""
+    _gather(V.indptr, V.indices, V.data, a, b, X.ravel(), out, 0)
 
 
 def scatter(V: Any, a: int, b: int, Y: Any, out: Any) -> None:
-    """out += V[a:b]^T Y[a:b]; Y (n, m), out (C, m) C-contiguous of Y's dtype."""
-    _scatter(V.indptr, V.indices, V.data, a, b, Y, out.ravel())
+    """out += V[a:b]^T Y[a:b]; Y (n, m), out (C, m) C-contiguous of Y's dtype, m a multiple
+    of 8."""
+    _scatter(V.indptr, V.indices, V.data, a, b, Y, out.ravel(), 0)
 
 
 def sketch(V: Any, a: int, b: int, Omega: Any, Z: Any) -> None:
-    """Z += V[a:b]^T V[a:b] Omega; Omega and Z (C, m) C-contiguous, one dtype."""
-    _sketch(V.indptr, V.indices, V.data, a, b, Omega, Z)
+    """Z += V[a:b]^T V[a:b] Omega; Omega and Z (C, m) C-contiguous, one dtype, m a multiple
+    of 8."""
+    y = np.zeros((1, Omega.shape[1]), dtype=Z.dtype)
+    _sketch(V.indptr, V.indices, V.data, a, b, Omega.ravel(), Z.ravel(), y)
 
 
 def moments(V: Any, a: int, b: int) -> tuple[float, float, float]:

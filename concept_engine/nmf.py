@@ -199,22 +199,25 @@ class _Operand:
 
     def _k_gather(self, X: Any) -> Any:
         """V X (n, m) by the compiled kernel; X (C, m)."""
-        X = np.ascontiguousarray(X, dtype=self.dtype)
-        out = np.empty((self.n, X.shape[1]), dtype=self.dtype)
-        self.run_ranges(lambda a, b: csr_kernels.gather(self.V, a, b, X, out))
-        return out
+        m = X.shape[1]
+        Xp = csr_kernels._padded(np.asarray(X, dtype=self.dtype))
+        out = np.empty((self.n, Xp.shape[1]), dtype=self.dtype)
+        self.run_ranges(lambda a, b: csr_kernels.gather(self.V, a, b, Xp, out))
+        return out if out.shape[1] == m else np.ascontiguousarray(out[:, :m])
 
     def _k_scatter(self, Y: Any) -> Any:
         """V^T Y (C, m) by the compiled kernel; Y (n, m). Blocks add in a fixed order."""
-        Y = np.ascontiguousarray(Y, dtype=self.dtype)
+        m = Y.shape[1]
+        Yp = csr_kernels._padded(np.asarray(Y, dtype=self.dtype))
 
         def part(a: int, b: int) -> Any:
-            out = np.zeros((self.C, Y.shape[1]), dtype=self.dtype)
-            csr_kernels.scatter(self.V, a, b, Y, out)
+            out = np.zeros((self.C, Yp.shape[1]), dtype=self.dtype)
+            csr_kernels.scatter(self.V, a, b, Yp, out)
             return out
 
         parts = self.run_ranges(part)
-        return sum(parts[1:], parts[0])
+        total = sum(parts[1:], parts[0])
+        return total if total.shape[1] == m else np.ascontiguousarray(total[:, :m])
 
     def _chunks(self):
         """(start, stop, block) with block = V[start:stop] in the compute dtype.
@@ -617,21 +620,23 @@ def _top_singular(op: _Operand, k: int) -> tuple[list[float], Any, Any]:
     m = min(op.C, k + _SKETCH_OVERSAMPLE)
     omega = to_device(np.random.default_rng(_SKETCH_SEED).standard_normal((op.C, m)), xp)
     if op.kernels:
-        # two reads of V: V^T V Omega in one, then V Q
-        Omega = np.ascontiguousarray(omega, dtype=op.dtype)
+        # two reads of V: V^T V Omega in one, then V Q (both m wide, padded with zero columns
+        # to the kernels' multiple of 8)
+        Omega = csr_kernels._padded(np.asarray(omega, dtype=op.dtype))
+        mw = Omega.shape[1]
 
         def sketch(a: int, b: int) -> Any:
-            Zb = np.zeros((op.C, m), dtype=op.dtype)
+            Zb = np.zeros((op.C, mw), dtype=op.dtype)
             csr_kernels.sketch(op.V, a, b, Omega, Zb)
             return Zb
 
         parts = op.run_ranges(sketch)
-        Z = sum(parts[1:], parts[0]).astype(np.float64)
+        Z = sum(parts[1:], parts[0])[:, :m].astype(np.float64)
         Q, _ = np.linalg.qr(Z)
-        Qc = np.ascontiguousarray(Q, dtype=op.dtype)
-        B = np.empty((op.n, m), dtype=op.dtype)
-
-        op.run_ranges(lambda a, b: csr_kernels.gather(op.V, a, b, Qc, B))
+        Qc = csr_kernels._padded(np.asarray(Q, dtype=op.dtype))
+        Bw = np.empty((op.n, mw), dtype=op.dtype)
+        op.run_ranges(lambda a, b: csr_kernels.gather(op.V, a, b, Qc, Bw))
+        B = Bw[:, :m]
         G = (B.T @ B).astype(np.float64)
     else:
         Z = op.vt_y(op.v_x(omega.astype(op.dtype))).astype(xp.float64)  # (C, m)
@@ -693,13 +698,15 @@ def _nndsvd_init(op: _Operand, k: int, seed: int, variant: str) -> tuple[Any, An
             scale = math.sqrt(S_host[j] * m_n) / xnn if m_n > 0 else 0.0
             xp.multiply(xp.minimum(x, 0, out=x_p), -scale, out=Wt[j])
             H[j] = (math.sqrt(S_host[j] * m_n) / ynn) * y_n if m_n > 0 else 0.0
+    if variant == "nndsvda":
+        # Wt, H >= 0 here: "zero the entries below eps, then fill the zeros" in one sweep
+        avg = op.mean
+        xp.putmask(Wt, Wt < _NNDSVD_EPS, avg)
+        xp.putmask(H, H < _NNDSVD_EPS, avg)
+        return Wt, H.astype(op.dtype)
     Wt[Wt < _NNDSVD_EPS] = 0
     H[H < _NNDSVD_EPS] = 0
-    if variant == "nndsvda":
-        avg = op.mean
-        Wt[Wt == 0] = avg
-        H[H == 0] = avg
-    elif variant == "nndsvdar":
+    if variant == "nndsvdar":
         avg = op.mean
         rng = np.random.RandomState(seed)
         for X in (Wt, H):
