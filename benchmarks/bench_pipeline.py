@@ -18,6 +18,7 @@ process):
   side (the seed drew grids), so the ratio is conservative.
 
     .venv/bin/python benchmarks/bench_pipeline.py [--folder DIR] [--limit 40]
+    .venv/bin/python benchmarks/bench_pipeline.py --images 5000     # memory of a 5000-image class
 """
 
 from __future__ import annotations
@@ -128,13 +129,21 @@ def seed_pipeline(folder: Path, limit: int, target_index: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- our side
-def ours_pipeline(folder: Path, limit: int) -> dict:
+def ours_pipeline(folder: Path, limit: int, images: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data" / folder.name
         data.mkdir(parents=True)
         paths = sorted(p for p in folder.iterdir() if p.is_file())
-        for p in paths[:limit] if limit else paths:
-            (data / p.name).symlink_to(p)
+        paths = paths[:limit] if limit else paths
+        if images:
+            # a class of `images` photos: the folder's photos again and again, each copy a
+            # distinct file name (the memory benchmark of a 5000-image class)
+            for j in range(images):
+                p = paths[j % len(paths)]
+                (data / f"r{j // len(paths):03d}_{p.name}").symlink_to(p)
+        else:
+            for p in paths:
+                (data / p.name).symlink_to(p)
         from exporter.cli import main as dff
 
         rc = dff(["discover", str(data), "--out", str(Path(tmp) / "out"), "--no-progress"])
@@ -145,12 +154,12 @@ def ours_pipeline(folder: Path, limit: int) -> dict:
             "n_kept": summary.get("n_kept"), "k": summary.get("k")}
 
 
-def child(side: str, folder: Path, limit: int, target_index: int) -> dict:
+def child(side: str, folder: Path, limit: int, target_index: int, images: int = 0) -> dict:
     """Run one side in a fresh interpreter; wall time, peak RSS and its result."""
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, __file__, "--child", side, "--folder", str(folder),
-         "--limit", str(limit), "--target-index", str(target_index)],
+         "--limit", str(limit), "--target-index", str(target_index), "--images", str(images)],
         capture_output=True, text=True, check=False,
         env={**os.environ, "PYTHONPATH": f"{ROOT / 'protos'}:{ROOT}"})
     wall = time.perf_counter() - t0
@@ -166,33 +175,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", type=Path, default=ANT)
     parser.add_argument("--limit", type=int, default=40, help="photos (0 = all)")
     parser.add_argument("--target-index", type=int, default=310, help="ImageNet class (ant)")
+    parser.add_argument("--images", type=int, default=0,
+                        help="run ours on a class of this many images, the photos repeated "
+                             "(memory at scale; implies --no-seed)")
+    parser.add_argument("--no-seed", action="store_true", help="skip the seed side")
     parser.add_argument("--child", choices=("seed", "ours"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         if args.child == "seed":
             result = seed_pipeline(args.folder, args.limit, args.target_index)
         else:
-            result = ours_pipeline(args.folder, args.limit)
+            result = ours_pipeline(args.folder, args.limit, args.images)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         sys.stdout.write("\n" + json.dumps(result) + "\n")
         return 0
     load0 = os.getloadavg()[0]
-    ours = child("ours", args.folder, args.limit, args.target_index)
-    seed = child("seed", args.folder, args.limit, args.target_index)
+    ours = child("ours", args.folder, args.limit, args.target_index, args.images)
+    seed = (None if args.no_seed or args.images
+            else child("seed", args.folder, args.limit, args.target_index))
     load1 = os.getloadavg()[0]
     out = sys.stdout
     out.write(f"{cpu_description()}; load average {load0:.1f} -> {load1:.1f}\n")
     out.write(f"folder {args.folder} ({ours['n_images']} photos)\n\n")
     out.write(f"{'side':<6}{'wall s':>9}{'peak RSS MiB':>14}{'kept':>6}{'k':>3}  stage shares\n")
     for name, r in (("ours", ours), ("seed", seed)):
+        if r is None:
+            continue
         total = sum(r["stages"].values()) or 1.0
         shares = ", ".join(f"{k} {v:.1f}s ({100 * v / total:.0f}%)"
                            for k, v in r["stages"].items())
         out.write(f"{name:<6}{r['wall']:>9.1f}{r['peak_rss_mib']:>14.0f}{r['n_kept']:>6}"
                   f"{r['k']:>3}  {shares}\n")
-    out.write(f"\n`dff discover` is {seed['wall'] / ours['wall']:.2f}x faster than the seed's "
-              "algorithm end to end (wall, process start included; the seed side draws no "
-              "pictures)\n")
+    if seed is not None:
+        out.write(f"\n`dff discover` is {seed['wall'] / ours['wall']:.2f}x faster than the "
+                  "seed's algorithm end to end (wall, process start included; the seed side "
+                  "draws no pictures)\n")
+    out.write(f"peak RSS of `dff discover` on {ours['n_images']} images: "
+              f"{ours['peak_rss_mib'] / 1024:.2f} GiB\n")
     return 0
 
 

@@ -20,45 +20,24 @@ float32 (as SciPy's); W^T W and the error's cross term are float64. Each row blo
 own partial sums and the caller adds the blocks in a fixed order, so results do not depend on
 thread timing.
 
-Numba is optional: without it (or with ``DFF_NMF_KERNELS=0``) :data:`AVAILABLE` is False and
-the solvers use SciPy's products, with the same results up to float rounding. Compiled code is
-cached on disk (``NUMBA_CACHE_DIR``, by default ``$XDG_CACHE_HOME/dff/numba`` or
-``~/.cache/dff/numba``), so only the first process on a machine pays the compilation.
+Numba is optional: without it (or with ``DFF_KERNELS=0``) :data:`AVAILABLE` is False and the
+solvers use SciPy's products, with the same results up to float rounding. Numba's set-up (disk
+cache, vectoriser, background warm-up) is :mod:`concept_engine.compiled`.
 """
 
 from __future__ import annotations
 
-import os
-from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from concept_engine import compiled
 
 __all__ = ["AVAILABLE", "HALS", "MU", "NONE", "WIDE", "gather", "moments", "scatter", "sketch",
            "w_pass"]
 
 
-def _default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "dff", "numba")
-
-
-os.environ.setdefault("NUMBA_CACHE_DIR", _default_cache_dir())
-# Numba leaves LLVM's SLP vectoriser off by default; it is what turns the 8-column register
-# blocks below into single vector operations (measured: both sweeps ~2x faster).
-os.environ.setdefault("NUMBA_SLP_VECTORIZE", "1")
-
-numba: ModuleType | None
-try:
-    import numba
-    import numba.core.config as _numba_config
-
-    if os.environ["NUMBA_SLP_VECTORIZE"] != "0":
-        _numba_config.SLP_VECTORIZE = 1  # type: ignore[attr-defined]  # configured earlier
-except ImportError:  # pragma: no cover - exercised only where numba is not installed
-    numba = None
-
-AVAILABLE = numba is not None and os.environ.get("DFF_NMF_KERNELS", "1") != "0"
+AVAILABLE = compiled.AVAILABLE
 
 #: Update rules of :func:`w_pass`: none (products only), HALS, Lee-Seung MU.
 NONE, HALS, MU = 0, 1, 2
@@ -66,13 +45,7 @@ NONE, HALS, MU = 0, 1, 2
 WIDE = 8
 
 
-def _jit(fn: Any) -> Any:
-    if numba is None:
-        return fn
-    try:
-        return numba.njit(nogil=True, cache=True, boundscheck=False)(fn)
-    except Exception:  # noqa: BLE001 - an unusable cache directory must not break the import
-        return numba.njit(nogil=True, boundscheck=False)(fn)
+_jit = compiled.jit
 
 
 # Column indices are widened to unsigned 64-bit before they index: Numba then needs no
@@ -349,3 +322,18 @@ def moments(V: Any, a: int, b: int) -> tuple[float, float, float]:
     there are none, NaN when one is NaN)."""
     total, sq, low = _moments(V.data, int(V.indptr[a]), int(V.indptr[b]))
     return float(total), float(sq), float(low)
+
+
+@compiled.register_warmer
+def _warm_up() -> None:
+    import scipy.sparse as sp  # noqa: PLC0415
+
+    V = sp.csr_matrix(np.eye(4, 8, dtype=np.float32))
+    W = np.zeros((4, WIDE), np.float32)
+    Ht = np.zeros((8, WIDE), np.float32)
+    Z = np.zeros((8, WIDE), np.float32)
+    w_pass(V, 0, 4, W, Ht, np.eye(1), HALS, True, Z, np.zeros((1, 1)))
+    gather(V, 0, 4, Ht, W)
+    scatter(V, 0, 4, W, Z)
+    sketch(V, 0, 4, Ht, Z)
+    moments(V, 0, 4)

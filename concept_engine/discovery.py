@@ -49,6 +49,7 @@ from typing import Any, cast
 import numpy as np
 from dff_protos.errors import DFFError, InvalidInput, TooFewImages
 
+from concept_engine import compiled
 from concept_engine import heatmaps as hm
 from concept_engine.backend import compute_namespace, get_namespace, to_device, to_host
 from concept_engine.finegrain import (
@@ -641,6 +642,7 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
 
     options.validate()
     options = resolve_model(options, source)
+    compiled.warm_up()  # the NMF kernels load on a background thread while features arrive
     run = _Run(options, progress, cache=cache if cache is not None else FitCache())
     t_start = time.perf_counter()
     items = list(items)

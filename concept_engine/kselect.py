@@ -37,7 +37,7 @@ import numpy as np
 from concept_engine.backend import get_namespace, to_device
 from concept_engine.certainty import SEED_SIZE, concept_certainty
 from concept_engine.matching import match_bases
-from concept_engine.nmf import NMFResult, nmf_fit
+from concept_engine.nmf import NMFResult, nmf_fit, nmf_fit_many
 
 __all__ = [
     "CRITERIA",
@@ -190,6 +190,9 @@ class StabilityCriterion:
         xp = get_namespace(sweep.V) if not _is_host_sparse(sweep.V) else np
         off = sweep.offsets
         scores: dict[int, list[float]] = {k: [] for k in sweep.ks}
+        jobs: list[tuple[Any, int, dict[str, Any]]] = []
+        labels: list[tuple[int, int]] = []
+        kw = {**sweep.fit_kwargs, "init": self.init}
         for split in range(self.n_splits):
             halves = _split_images(sweep.n_images, sweep.seed + split)
             parts = [sweep.V[to_device(_rows(idx, off), xp)] for idx in halves]
@@ -197,12 +200,20 @@ class StabilityCriterion:
                 # Each half starts from its OWN random point: from a deterministic (NNDSVD)
                 # start, two similar halves split an over-complete k the same arbitrary way
                 # and look stable; independent starts expose such splits.
-                kw = {**sweep.fit_kwargs, "init": self.init}
-                Ha = nmf_fit(parts[0], k, **{**kw, "seed": _half_seed(sweep.seed, split, 0)}).H
-                Hb = nmf_fit(parts[1], k, **{**kw, "seed": _half_seed(sweep.seed, split, 1)}).H
-                _, cos = match_bases(Ha, Hb)
-                scores[k].append(float(np.mean(cos)))
+                for half in (0, 1):
+                    jobs.append((parts[half], k,
+                                 {**kw, "seed": _half_seed(sweep.seed, split, half)}))
+                labels.append((split, k))
+
+        def done(i: int) -> None:
+            if i % 2:
+                split, k = labels[i // 2]
                 sweep.tick(f"stability split {split + 1}/{self.n_splits}, k={k}")
+
+        fits = nmf_fit_many(jobs, done)  # all independent: side by side where that pays
+        for j, (_, k) in enumerate(labels):
+            _, cos = match_bases(fits[2 * j].H, fits[2 * j + 1].H)
+            scores[k].append(float(np.mean(cos)))
         return {k: float(np.mean(v)) for k, v in scores.items()}
 
     def choose(self, curve: dict[int, float]) -> tuple[int, str]:
@@ -235,12 +246,14 @@ class InstabilityCriterion:
     def curve(self, sweep: Sweep) -> dict[int, float]:
         out: dict[int, float] = {}
         for k in sweep.ks:
-            bases = []
-            for r in range(self.n_restarts):
-                kw = {**sweep.fit_kwargs, "init": self.init,
-                      "seed": _half_seed(sweep.seed, 1000 + r, k)}
-                bases.append(nmf_fit(sweep.V, k, **kw).H)
+            jobs = [(sweep.V, k, {**sweep.fit_kwargs, "init": self.init,
+                                  "seed": _half_seed(sweep.seed, 1000 + r, k)})
+                    for r in range(self.n_restarts)]
+
+            def done(r: int, k: int = k) -> None:
                 sweep.tick(f"instability restart {r + 1}/{self.n_restarts}, k={k}")
+
+            bases = [f.H for f in nmf_fit_many(jobs, done)]
             diss = [1.0 - float(np.mean(match_bases(bases[a], bases[b])[1]))
                     for a in range(len(bases)) for b in range(a + 1, len(bases))]
             out[k] = float(np.mean(diss)) if diss else 0.0
@@ -444,9 +457,9 @@ def select_k(
         if progress is not None:
             progress(done, total, message)
 
-    for k in missing:
-        all_fits[k] = nmf_fit(V, k, **fit_kwargs)
-        tick(f"fit k={k}")
+    fitted = nmf_fit_many([(V, k, fit_kwargs) for k in missing],
+                          lambda i: tick(f"fit k={missing[i]}"))
+    all_fits.update(zip(missing, fitted, strict=True))
     sweep = Sweep(
         V=V, n_images=n_images, sizes=sizes, ks=ks_t,
         input_sizes=(tuple((int(h), int(w)) for h, w in input_sizes)

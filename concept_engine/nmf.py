@@ -39,6 +39,8 @@ import concurrent.futures
 import functools
 import math
 import os
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
@@ -53,6 +55,7 @@ __all__ = [
     "NMF",
     "NMFResult",
     "nmf_fit",
+    "nmf_fit_many",
     "nmf_init",
     "nmf_transform",
     "prepare_v",
@@ -85,6 +88,18 @@ def _block_pool() -> concurrent.futures.ThreadPoolExecutor:
     every fit in the process; idle threads cost nothing)."""
     return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, SPARSE_THREADS - 1),
                                                  thread_name_prefix="dff-nmf")
+#: Set in the threads of :func:`nmf_fit_many`: their fits run their products on one range (the
+#: fits themselves are the parallel units).
+_LOCAL = threading.local()
+
+
+@functools.lru_cache(maxsize=1)
+def _fit_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads that run whole fits side by side (:func:`nmf_fit_many`)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1),
+                                                 thread_name_prefix="dff-fit")
+
+
 #: Extra columns of the randomised range finder of the NNDSVD start (see _top_singular).
 _SKETCH_OVERSAMPLE = 10
 _SKETCH_SEED = 0
@@ -162,6 +177,8 @@ class _Operand:
                 V = V.astype(self.dtype)
         self.V = V
         parts = SPARSE_THREADS if V.nnz >= _SPARSE_BLOCK_MIN_NNZ else 1
+        if getattr(_LOCAL, "serial", False):
+            parts = 1
         if self.kernels:
             # a worker per core is enough here: the kernels keep their partial sums in cache
             parts = min(parts, os.cpu_count() or 1) if parts > 1 else 1
@@ -857,6 +874,44 @@ def nmf_fit(
         tol=tol,
         check_every=check_every,
     )
+
+
+def nmf_fit_many(
+    jobs: Sequence[tuple[Any, int, dict[str, Any]]],
+    done: Callable[[int], None] | None = None,
+) -> list[NMFResult]:
+    """``[nmf_fit(V, k, **kwargs) for V, k, kwargs in jobs]``, side by side where that pays.
+
+    Fits of host CSR V with the compiled kernels run on one thread per core, each fit with its
+    products on a single row range: for the many small fits of a k sweep (tens of thousands of
+    rows) this beats splitting every product over the cores, whose per-product hand-offs cost
+    ~0.1 ms against ~1 ms of work. Other jobs run one after another. Every fit is the same
+    deterministic computation whichever thread runs it; ``done(i)`` is called in job order.
+    """
+    parallel = (len(jobs) > 1 and (os.cpu_count() or 1) > 1
+                and all(is_sparse(V) and csr_kernels.AVAILABLE for V, _, _ in jobs))
+    if not parallel:
+        out = []
+        for i, (V, k, kw) in enumerate(jobs):
+            out.append(nmf_fit(V, k, **kw))
+            if done is not None:
+                done(i)
+        return out
+
+    def run(V: Any, k: int, kw: dict[str, Any]) -> NMFResult:
+        _LOCAL.serial = True
+        try:
+            return nmf_fit(V, k, **kw)
+        finally:
+            _LOCAL.serial = False
+
+    futures = [_fit_pool().submit(run, V, k, kw) for V, k, kw in jobs]
+    results = []
+    for i, f in enumerate(futures):
+        results.append(f.result())
+        if done is not None:
+            done(i)
+    return results
 
 
 def nmf_transform(

@@ -38,6 +38,7 @@ Training statistics for explanations (see :func:`training_statistics`):
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -97,7 +98,7 @@ def bootstrap_stability(V: Any, sizes: Sequence[tuple[int, int]], W: Any, H: Any
 
     V (sum h_i*w_i, C) rows image by image (NumPy, CuPy or SciPy CSR), sizes the (h, w) of each
     image, W (rows, k), H (k, C) the final fit. Returns (stability (k,), interval (k, 2))."""
-    from concept_engine.nmf import nmf_fit
+    from concept_engine.nmf import nmf_fit_many
 
     k = int(H.shape[0])
     n = len(sizes)
@@ -110,18 +111,23 @@ def bootstrap_stability(V: Any, sizes: Sequence[tuple[int, int]], W: Any, H: Any
     import scipy.sparse as sp
 
     xp_like = None if sp.issparse(V) else V
-    for b in range(n_boot):
-        pick = np.sort(rng.integers(0, n, size=n))
-        rows = _row_index(pick, offsets)
-        idx = rows if xp_like is None else to_device(rows, _ns(xp_like))
-        Vb = V[idx]
-        W0 = np.ascontiguousarray(W_host[rows])
-        if xp_like is not None:
-            W0 = to_device(W0, _ns(xp_like))
-        fit = nmf_fit(Vb, k, solver=solver, W=W0, H=H, max_iter=iters, tol=0.0,  # type: ignore[arg-type]
-                      seed=seed)
-        _, c = match_bases(H, fit.H)
-        cos[b] = c
+    # resamples are fitted side by side (nmf_fit_many), as many at a time as there are cores,
+    # so at most that many resampled copies of V exist at once
+    batch = max(1, os.cpu_count() or 1)
+    for start in range(0, n_boot, batch):
+        jobs = []
+        for _ in range(start, min(n_boot, start + batch)):
+            pick = np.sort(rng.integers(0, n, size=n))
+            rows = _row_index(pick, offsets)
+            idx = rows if xp_like is None else to_device(rows, _ns(xp_like))
+            W0 = np.ascontiguousarray(W_host[rows])
+            if xp_like is not None:
+                W0 = to_device(W0, _ns(xp_like))
+            jobs.append((V[idx], k, {"solver": solver, "W": W0, "H": H, "max_iter": iters,
+                                     "tol": 0.0, "seed": seed}))
+        for b, fit in enumerate(nmf_fit_many(jobs), start=start):
+            _, c = match_bases(H, fit.H)
+            cos[b] = c
     stab = cos.mean(axis=0).astype(np.float32)
     interval = np.quantile(cos, [0.05, 0.95], axis=0).T.astype(np.float32)
     return stab, interval
