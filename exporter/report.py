@@ -22,6 +22,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 TILE = 176  # grid thumbnail size (px)
+#: Thumbnails per page of a concept's "all images" grid (50 rows of 8: ~9000 px tall). A large
+#: class gets several pages, written as they fill, so memory stays bounded and no page exceeds
+#: what JPEG can encode (65500 px: one grid of a 5000-image class would).
+ALL_GRID_PAGE = 400
 CAPTION = 22  # caption band under each thumbnail (px)
 
 
@@ -259,7 +263,8 @@ class Rendered:
     overlays: list[dict[str, str]] = field(default_factory=list)  # [concept] id -> path
     combined: dict[str, str] = field(default_factory=dict)  # id -> path
     dominant: dict[str, str] = field(default_factory=dict)  # id -> path
-    grid_all: list[str] = field(default_factory=list)
+    grid_all: list[str] = field(default_factory=list)  # per concept: page 1 of "all images"
+    grid_all_pages: list[list[str]] = field(default_factory=list)  # per concept: every page
     grid_top: list[str] = field(default_factory=list)
     crops: list[str] = field(default_factory=list)  # per concept: crops of its strongest regions
     top_ids: list[list[str]] = field(default_factory=list)
@@ -307,10 +312,31 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
     names = [data.label(j) for j in range(k)]
     scales = data.scales if len(data.scales) == k else None
     wanted = {int(i) for node in data.hierarchy.values() for i in node.get("top_image", [])}
-    rendered = Rendered(overlays=[{} for _ in range(k)])
-    # the grids need every overlay again: keep small copies only
+    rendered = Rendered(overlays=[{} for _ in range(k)],
+                        grid_all_pages=[[] for _ in range(k)])
+    # the grids need the overlays again: small copies of one page of them (the "all images"
+    # grid is written a page at a time) and of the top_n by certainty
     grid_tiles: list[list[tuple[np.ndarray, str, float]]] = [[] for _ in range(k)]
+    top_tiles: list[list[tuple[np.ndarray, str, float]]] = [[] for _ in range(k)]
     crop_tiles: list[list[tuple[np.ndarray, str, float]]] = [[] for _ in range(k)]
+    shown = [0] * k  # tiles of concept j already written to full pages
+
+    def write_page(j: int, last: bool) -> None:
+        tiles = grid_tiles[j]
+        pages = rendered.grid_all_pages[j]
+        first, count = shown[j] + 1, shown[j] + len(tiles)
+        if last and not pages:
+            title = f"{names[j]}: all {len(tiles)} images"
+        else:
+            title = f"{names[j]}: images {first}-{count} (page {len(pages) + 1})"
+        grid = make_grid([(t, f"{c:.3g} {i}") for t, i, c in tiles], title=title,
+                         color=colors[j])
+        rel = (f"grids/concept_{j:02d}_all.jpg" if not pages
+               else f"grids/concept_{j:02d}_all_{len(pages) + 1:03d}.jpg")
+        write_image(out_dir / rel, grid)
+        pages.append(rel)
+        shown[j] = count
+        grid_tiles[j] = []
     for n, res in enumerate(results):
         conts = res.polygons
         stem = stems[res.id] if stems is not None else os.path.splitext(safe_name(res.id))[0]
@@ -322,7 +348,11 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
             rendered.overlays[j][res.id] = rel
             score = float(res.certainties[j])
             if present is None or present[j]:
-                grid_tiles[j].append((_small(ov), res.id, score))
+                tile = (_small(ov), res.id, score)
+                grid_tiles[j].append(tile)
+                top_tiles[j] = sorted([*top_tiles[j], tile], key=lambda t: -t[2])[:top_n]
+                if len(grid_tiles[j]) >= ALL_GRID_PAGE:
+                    write_page(j, last=False)
             if res.heatmaps is not None and (present is None or present[j]):
                 crop = strongest_crop(res.image, np.asarray(res.heatmaps[j]))
                 crop_tiles[j].append((_small(crop, CROP), res.id, score))
@@ -346,13 +376,10 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
         if progress:
             progress(n + 1, total)
     for j in range(k):
-        tiles = grid_tiles[j]
-        title = f"{names[j]}: all {len(tiles)} images"
-        all_grid = make_grid([(t, f"{c:.3g} {i}") for t, i, c in tiles], title=title,
-                             color=colors[j])
-        rel_all = f"grids/concept_{j:02d}_all.jpg"
-        write_image(out_dir / rel_all, all_grid)
-        top = sorted(tiles, key=lambda t: -t[2])[:top_n]
+        if grid_tiles[j] or not rendered.grid_all_pages[j]:
+            write_page(j, last=True)
+        rel_all = rendered.grid_all_pages[j][0]
+        top = top_tiles[j]
         top_grid = make_grid([(t, f"{c:.3g} {i}") for t, i, c in top], columns=min(8, top_n),
                              title=f"{names[j]}: top {len(top)} by certainty", color=colors[j])
         rel_top = f"grids/concept_{j:02d}_top.jpg"
@@ -453,6 +480,8 @@ def write_index(out_dir: Path, data: ReportData, rendered: Rendered, *,
             and stab < WARN_BELOW,
             "grid_top": rendered.grid_top[j] if j < len(rendered.grid_top) else "",
             "grid_all": rendered.grid_all[j] if j < len(rendered.grid_all) else "",
+            "grid_pages": (rendered.grid_all_pages[j][1:]
+                           if j < len(rendered.grid_all_pages) else []),
             "crops": rendered.crops[j] if j < len(rendered.crops) else "",
             "overlays": rendered.overlays[j] if j < len(rendered.overlays) else {},
             "exemplar": data.exemplars[j] if j < len(data.exemplars) else ""})

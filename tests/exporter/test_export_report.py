@@ -139,3 +139,26 @@ def test_hierarchy_tree_nests_children_under_parents():
     assert [n["j"] for n in tree] == [0, 1]
     assert [c["j"] for c in tree[1]["children"]] == [0, 2]
     assert tree[1]["children"][1]["label"] == "legs" and tree[0]["thumb"] == "thumbs/0000.jpg"
+
+
+def test_all_images_grid_is_paged_for_large_classes(tmp_path, monkeypatch):
+    """A 5000-image class once failed: its one "all images" grid was taller than JPEG allows
+    (65500 px). Pages are written as they fill; every tile is on exactly one page; the top
+    grid still ranks across all images."""
+    monkeypatch.setattr(report, "ALL_GRID_PAGE", 4)
+    n = 10
+    results = [report.ImageResult(f"{i:02d}.png", np.full((40, 60, 3), 90, np.uint8),
+                                  [[_square(5, 5, 10)]], np.array([i / 10.0]))
+               for i in range(n)]
+    data = report.ReportData(name="c", k=1)
+    rendered = report.write_report(tmp_path, iter(results), data, top_n=3, total=n,
+                                   concepts_file="")
+    pages = rendered.grid_all_pages[0]
+    assert pages == ["grids/concept_00_all.jpg", "grids/concept_00_all_002.jpg",
+                     "grids/concept_00_all_003.jpg"]
+    assert rendered.grid_all == [pages[0]]
+    widths = [cv2.imread(str(tmp_path / p)).shape[1] for p in pages]
+    assert widths[0] == widths[1] > widths[2]  # 4 + 4 + 2 tiles, one row each
+    assert rendered.top_ids[0] == ["09.png", "08.png", "07.png"]
+    html = (tmp_path / "index.html").read_text()
+    assert all(p in html for p in pages) and "3 pages" in html
