@@ -173,7 +173,8 @@ def child(side: str, folder: Path, limit: int, target_index: int, images: int = 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=ANT)
-    parser.add_argument("--limit", type=int, default=40, help="photos (0 = all)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="photos (0 = all; default 40, or all with --images)")
     parser.add_argument("--target-index", type=int, default=310, help="ImageNet class (ant)")
     parser.add_argument("--images", type=int, default=0,
                         help="run ours on a class of this many images, the photos repeated "
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-seed", action="store_true", help="skip the seed side")
     parser.add_argument("--child", choices=("seed", "ours"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.limit is None:
+        args.limit = 0 if args.images else 40
     if args.child:
         if args.child == "seed":
             result = seed_pipeline(args.folder, args.limit, args.target_index)
