@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -217,10 +218,79 @@ _CURVE_TITLES = {
 
 def plot_k_curves(curves: dict[str, dict[int, float]], chosen_k: int, path: Path,
                   reason: str = "") -> None:
-    """The k sweep (see :func:`k_curves_figure`) written to ``path``."""
-    fig = k_curves_figure(curves, chosen_k, reason)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    """The k sweep (:func:`draw_k_curves`) written to ``path`` (PNG)."""
+    write_image(path, draw_k_curves(curves, chosen_k, reason))
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+    if not hi > lo:
+        return [lo]
+    raw = (hi - lo) / n
+    mag = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def draw_k_curves(curves: dict[str, dict[int, float]], chosen_k: int, reason: str = ""
+                  ) -> np.ndarray:
+    """The k sweep as a BGR picture drawn with OpenCV (the exporter's k_sweep.png: no
+    matplotlib import, ~1 ms): one panel per criterion, the chosen k marked in red (dashed line
+    and ring). The notebook's figure is :func:`k_curves_figure`."""
+    names = [n for n, c in curves.items() if c] or ["(no k sweep)"]
+    pw, ph = 420, 330  # panel size (px)
+    left, right, top, bottom = 58, 16, 44, 46
+    head = 28 if reason else 0
+    img = np.full((ph + head, pw * len(names), 3), 255, np.uint8)
+    font, blue, red, grey = cv2.FONT_HERSHEY_SIMPLEX, (180, 119, 31), (40, 39, 214), (90, 90, 90)
+    if reason:
+        cv2.putText(img, f"chosen k = {chosen_k}: {reason}"[:110], (8, 19), font, 0.45,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    for p, name in enumerate(names):
+        x0, y0 = p * pw, head
+        ax_l, ax_r, ax_t, ax_b = x0 + left, x0 + pw - right, y0 + top, y0 + ph - bottom
+        title = _CURVE_TITLES.get(name, name)
+        cv2.putText(img, title[:52], (x0 + 8, y0 + 20), font, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.rectangle(img, (ax_l, ax_t), (ax_r, ax_b), grey, 1)
+        curve = curves.get(name, {})
+        ks = sorted(int(k) for k in curve)
+        vals = [float(curve[k] if k in curve else curve[str(k)]) for k in ks]  # type: ignore[index]
+        if not ks:
+            cv2.putText(img, f"k fixed at {chosen_k}", (ax_l + 90, (ax_t + ax_b) // 2), font,
+                        0.5, (0, 0, 0), 1, cv2.LINE_AA)
+            continue
+        lo, hi = min(vals), max(vals)
+        pad = (hi - lo) * 0.08 or abs(hi) * 0.05 or 1.0
+        lo, hi = lo - pad, hi + pad
+        kmin, kmax = ks[0] - 0.5, ks[-1] + 0.5
+
+        def px(k: float, v: float, kmin: float = kmin, kmax: float = kmax, lo: float = lo,
+               hi: float = hi, ax_l: int = ax_l, ax_r: int = ax_r, ax_t: int = ax_t,
+               ax_b: int = ax_b) -> tuple[int, int]:
+            return (int(round(ax_l + (k - kmin) / (kmax - kmin) * (ax_r - ax_l))),
+                    int(round(ax_b - (v - lo) / (hi - lo) * (ax_b - ax_t))))
+
+        for t in _nice_ticks(lo, hi):
+            _, yt = px(kmin, t)
+            cv2.line(img, (ax_l, yt), (ax_r, yt), (232, 232, 232), 1)
+            cv2.putText(img, f"{t:.4g}", (x0 + 4, yt + 4), font, 0.35, grey, 1, cv2.LINE_AA)
+        for k in ks:
+            xk, _ = px(k, lo)
+            cv2.line(img, (xk, ax_b), (xk, ax_b + 4), grey, 1)
+            cv2.putText(img, str(k), (xk - 4, ax_b + 18), font, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, "k (number of concepts)", (ax_l + 90, ax_b + 38), font, 0.42,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+        if ks[0] <= chosen_k <= ks[-1]:
+            xc, _ = px(chosen_k, lo)
+            for y in range(ax_t, ax_b, 10):  # dashed
+                cv2.line(img, (xc, y), (xc, min(y + 5, ax_b)), red, 1)
+        pts = [px(k, v) for k, v in zip(ks, vals, strict=True)]
+        cv2.polylines(img, [np.array(pts, np.int32)], False, blue, 2, cv2.LINE_AA)
+        for q in pts:
+            cv2.circle(img, q, 4, blue, -1, cv2.LINE_AA)
+        if chosen_k in ks:
+            cv2.circle(img, pts[ks.index(chosen_k)], 9, red, 2, cv2.LINE_AA)
+    return img
 
 
 def k_curves_figure(curves: dict[str, dict[int, float]], chosen_k: int, reason: str = ""):
