@@ -247,11 +247,38 @@ def _scatter(indptr, indices, data, a, b, Y, outf, row0):
 
 @_jit
 def _sketch(indptr, indices, data, a, b, Of, Zf, y):
-    """Zf += V^T (V Omega) over rows a..b, reading each row once (it stays in cache between
-    the two halves); Omega, Z (C, m) flattened, y (1, m) scratch, m a multiple of 8."""
+    """Zf += V^T (V Omega) over rows a..b, reading each row once: per row and group of 8
+    columns, v Omega in registers, then scattered back while the row is in cache. Omega, Z
+    (C, m) flattened, m a multiple of 8 (y: unused scratch kept for the signature)."""
+    m = y.shape[1]
+    um = np.uint64(m)
+    zero = Zf.dtype.type(0.0)
     for i in range(a, b):
-        _gather(indptr, indices, data, i, i + 1, Of, y, i)
-        _scatter(indptr, indices, data, i, i + 1, y, Zf, i)
+        for g in range(0, m, 8):
+            ug = np.uint64(g)
+            h0 = h1 = h2 = h3 = h4 = h5 = h6 = h7 = zero
+            for p in range(indptr[i], indptr[i + 1]):
+                c = np.uint64(indices[p]) * um + ug
+                d = data[p]
+                h0 += d * Of[c]
+                h1 += d * Of[c + np.uint64(1)]
+                h2 += d * Of[c + np.uint64(2)]
+                h3 += d * Of[c + np.uint64(3)]
+                h4 += d * Of[c + np.uint64(4)]
+                h5 += d * Of[c + np.uint64(5)]
+                h6 += d * Of[c + np.uint64(6)]
+                h7 += d * Of[c + np.uint64(7)]
+            for p in range(indptr[i], indptr[i + 1]):
+                c = np.uint64(indices[p]) * um + ug
+                d = data[p]
+                Zf[c] += d * h0
+                Zf[c + np.uint64(1)] += d * h1
+                Zf[c + np.uint64(2)] += d * h2
+                Zf[c + np.uint64(3)] += d * h3
+                Zf[c + np.uint64(4)] += d * h4
+                Zf[c + np.uint64(5)] += d * h5
+                Zf[c + np.uint64(6)] += d * h6
+                Zf[c + np.uint64(7)] += d * h7
 
 
 @_jit
