@@ -273,7 +273,7 @@ def draw_k_curves(curves: dict[str, dict[int, float]], chosen_k: int, reason: st
         for t in _nice_ticks(lo, hi):
             _, yt = px(kmin, t)
             cv2.line(img, (ax_l, yt), (ax_r, yt), (232, 232, 232), 1)
-            cv2.putText(img, f"{t:.4g}", (x0 + 4, yt + 4), font, 0.35, grey, 1, cv2.LINE_AA)
+            cv2.putText(img, f"{t:.6g}", (x0 + 4, yt + 4), font, 0.35, grey, 1, cv2.LINE_AA)
         for k in ks:
             xk, _ = px(k, lo)
             cv2.line(img, (xk, ax_b), (xk, ax_b + 4), grey, 1)
