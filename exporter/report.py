@@ -8,6 +8,8 @@ an index.html that links all of it with relative paths (it works from file://).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
 import logging
 import math
@@ -343,6 +345,22 @@ class Rendered:
 
 
 CROP = 128  # side of a crop tile (px)
+#: Threads that draw and encode the pictures of the images (``DFF_RENDER_THREADS``; default one
+#: per core). Output files do not depend on it.
+RENDER_THREADS = int(os.environ.get("DFF_RENDER_THREADS", "0")) or (os.cpu_count() or 1)
+
+
+@dataclass
+class _Drawn:
+    """What drawing one image produced: paths written and the small tiles the grids need."""
+
+    id: str
+    overlays: list[str] = field(default_factory=list)  # per concept
+    tiles: list[tuple[np.ndarray, str, float] | None] = field(default_factory=list)
+    crops: list[tuple[np.ndarray, str, float] | None] = field(default_factory=list)
+    combined: str = ""
+    dominant: str = ""
+    thumb: str = ""
 
 
 def strongest_crop(image: np.ndarray, heatmap: np.ndarray, frac: float = 0.45) -> np.ndarray:
@@ -407,30 +425,28 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
         pages.append(rel)
         shown[j] = count
         grid_tiles[j] = []
-    for n, res in enumerate(results):
+    def draw(n: int, res: ImageResult) -> _Drawn:
+        """Everything of one image: its pictures written, the small tiles returned (runs on the
+        render threads; OpenCV drawing, resizing and encoding release the GIL)."""
         conts = res.polygons
         stem = stems[res.id] if stems is not None else os.path.splitext(safe_name(res.id))[0]
         present = res.present
+        out = _Drawn(res.id)
         for j in range(k):
             ov = concept_overlay(res.image, conts[j], colors[j])
             rel = f"overlays/concept_{j:02d}/{stem}.jpg"
             write_image(out_dir / rel, ov)
-            rendered.overlays[j][res.id] = rel
+            out.overlays.append(rel)
             score = float(res.certainties[j])
-            if present is None or present[j]:
-                tile = (_small(ov), res.id, score)
-                grid_tiles[j].append(tile)
-                top_tiles[j] = sorted([*top_tiles[j], tile], key=lambda t: -t[2])[:top_n]
-                if len(grid_tiles[j]) >= ALL_GRID_PAGE:
-                    write_page(j, last=False)
-            if res.heatmaps is not None and (present is None or present[j]):
-                crop = strongest_crop(res.image, np.asarray(res.heatmaps[j]))
-                crop_tiles[j].append((_small(crop, CROP), res.id, score))
-                crop_tiles[j] = sorted(crop_tiles[j], key=lambda t: -t[2])[:top_n]
+            shown = present is None or bool(present[j])
+            out.tiles.append((_small(ov), res.id, score) if shown else None)
+            out.crops.append((_small(strongest_crop(res.image, np.asarray(res.heatmaps[j])),
+                                     CROP), res.id, score)
+                             if res.heatmaps is not None and shown else None)
         rel = f"combined/{stem}.jpg"
         write_image(out_dir / rel, _flag_ood(combined_overlay(
             res.image, conts, res.certainties, names=names, present=present), res))
-        rendered.combined[res.id] = rel
+        out.combined = rel
         if res.heatmaps is not None:
             ref = scales or [float(np.max(res.heatmaps[j])) for j in range(k)]
             dom = dominant_view(res.image, res.heatmaps, ref, colors, present)
@@ -438,13 +454,52 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
 
             rel = f"dominant/{stem}.jpg"
             write_image(out_dir / rel, _flag_ood(draw_legend(dom, names, colors), res))
-            rendered.dominant[res.id] = rel
+            out.dominant = rel
         if n in wanted:
             rel = f"thumbs/{n:04d}.jpg"
             write_image(out_dir / rel, _small(res.image, 96))
-            rendered.thumbs[n] = rel
+            out.thumb = rel
+        return out
+
+    def collect(n: int, d: _Drawn) -> None:
+        """In image order (the grids and the top lists do not depend on thread timing)."""
+        for j in range(k):
+            rendered.overlays[j][d.id] = d.overlays[j]
+            tile = d.tiles[j]
+            if tile is not None:
+                grid_tiles[j].append(tile)
+                top_tiles[j] = sorted([*top_tiles[j], tile], key=lambda t: -t[2])[:top_n]
+                if len(grid_tiles[j]) >= ALL_GRID_PAGE:
+                    write_page(j, last=False)
+            if d.crops[j] is not None:
+                crop_tiles[j] = sorted([*crop_tiles[j], d.crops[j]],
+                                       key=lambda t: -t[2])[:top_n]
+        rendered.combined[d.id] = d.combined
+        if d.dominant:
+            rendered.dominant[d.id] = d.dominant
+        if d.thumb:
+            rendered.thumbs[n] = d.thumb
         if progress:
             progress(n + 1, total)
+
+    workers = RENDER_THREADS
+    if workers <= 1:
+        for n, res in enumerate(results):
+            collect(n, draw(n, res))
+    else:
+        # at most 2 images per thread in flight: decoded images are large
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dff-render"
+                                                   ) as pool:
+            pending: collections.deque[tuple[int, concurrent.futures.Future[_Drawn]]] = (
+                collections.deque())
+            for n, res in enumerate(results):
+                pending.append((n, pool.submit(draw, n, res)))
+                if len(pending) >= 2 * workers:
+                    i, fut = pending.popleft()
+                    collect(i, fut.result())
+            while pending:
+                i, fut = pending.popleft()
+                collect(i, fut.result())
     for j in range(k):
         if grid_tiles[j] or not rendered.grid_all_pages[j]:
             write_page(j, last=True)

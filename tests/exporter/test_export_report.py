@@ -162,3 +162,21 @@ def test_all_images_grid_is_paged_for_large_classes(tmp_path, monkeypatch):
     assert rendered.top_ids[0] == ["09.png", "08.png", "07.png"]
     html = (tmp_path / "index.html").read_text()
     assert all(p in html for p in pages) and "3 pages" in html
+
+
+def test_render_threads_do_not_change_any_picture(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    results = [report.ImageResult(f"{i}.png", rng.integers(0, 255, (40, 60, 3), np.uint8),
+                                  [[_square(5, 5, 10)], [_square(30, 10, 12)]],
+                                  rng.random(2), heatmaps=rng.random((2, 4, 6)).astype(np.float32))
+               for i in range(9)]
+    data = report.ReportData(name="c", k=2)
+    outs = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(report, "RENDER_THREADS", threads)
+        out = tmp_path / str(threads)
+        rendered = report.render_images(iter(results), 2, out, top_n=3, total=9, data=data)
+        outs[threads] = ({p.relative_to(out): p.read_bytes() for p in out.rglob("*.jpg")},
+                         rendered.overlays, rendered.top_ids, rendered.grid_all_pages)
+    assert len(outs[1][0]) == 9 * 2 + 9 + 9 + 2 * 3  # overlays, combined, dominant, grids
+    assert outs[1] == outs[3]
