@@ -90,7 +90,7 @@ def main() -> None:
         run(data, Path(tmp) / "warm", ["--k", "2", "--no-certainty-filter",
                                        "--no-prediction-filter", "--shard", "0/3"])
         rows = []
-        for label, extra in (("sequential", ["--no-pipeline"]), ("pipelined", [])):
+        for label, extra in (("sequential", ["--no-pipeline"]), ("pipelined", ["--pipeline"])):
             r = run(data, Path(tmp) / label, [*extra, *a.args.split()])
             rows.append((label, r))
         same = all(_bases(Path(tmp) / "sequential" / c) == _bases(Path(tmp) / "pipelined" / c)

@@ -281,9 +281,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="image files larger than this are refused (an error for that image "
                         "only) from their size, before being read; e.g. 64M, 1G "
                         f"(default: {DEFAULT_MAX_FILE_BYTES >> 20}M)")
-    g.add_argument("--no-pipeline", action="store_true",
-                   help="export the classes strictly one after another (default: class i's "
-                        "fit and pictures overlap class i+1's feature extraction)")
+    pipe = g.add_mutually_exclusive_group()
+    pipe.add_argument("--pipeline", dest="pipeline", action="store_const", const=True,
+                      default=None,
+                      help="overlap class i's fit and pictures with class i+1's feature "
+                           "extraction (default: when the features are computed elsewhere - "
+                           "--feature-server, --engine - or on a GPU; on the CPU the embedded "
+                           "extractor already keeps every core busy)")
+    pipe.add_argument("--no-pipeline", dest="pipeline", action="store_const", const=False,
+                      help="export the classes strictly one after another")
     d.set_defaults(func=run_discover)
 
     e = sub.add_parser("explain", help="heatmaps, certainties and contoured overlays of new "
@@ -589,7 +595,7 @@ def run_discover(args: argparse.Namespace) -> int:
         feature_servers=tuple(args.feature_server), engine=args.engine or "",
         force=args.force, top_n=args.top, timeout=args.timeout,
         show_progress=not args.no_progress, max_file_bytes=args.max_file_size,
-        pipeline=not args.no_pipeline)
+        pipeline=args.pipeline)
     names = ", ".join(n for n, _ in classes[:8]) + (" ..." if len(classes) > 8 else "")
     shard = f" (shard {args.shard[0]}/{args.shard[1]})" if args.shard else ""
     write_line(f"dff discover: {len(classes)} class(es) from {args.data_dir}{shard}: {names}",

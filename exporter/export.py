@@ -21,9 +21,10 @@ Per-file problems (unreadable, larger than ``max_file_bytes`` - checked from the
 reading -, undecodable) are per-image errors recorded as decisions; the rest of the class and
 every other class go on. Output file names come from :func:`output_stems` (collision-free).
 
-Several classes are pipelined (``pipeline=True``): while class i is fitted, rendered and
-written, class i+1's features are extracted (at most two classes in flight; extractions one at
-a time, in class order). Each class's result does not depend on it.
+Several classes are pipelined (``pipeline=True``; by default where it pays, see
+:func:`pipeline_pays`): while class i is fitted, rendered and written, class i+1's features
+are extracted (at most two classes in flight; extractions one at a time, in class order). Each
+class's result does not depend on it.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class ExportSettings:
     ``discovery`` is the typed ``DiscoveryOptions`` of every class (its ``name`` is replaced
     by the class name per class). ``max_file_bytes``: larger files are per-image errors,
     refused from their size before being read. ``pipeline``: overlap class i's fit/render/write
-    with class i+1's feature extraction.
+    with class i+1's feature extraction; None (the default) = where that pays (see
+    :func:`pipeline_pays`).
     """
 
     out: Path
@@ -84,7 +86,7 @@ class ExportSettings:
     timeout: float = 3600.0
     show_progress: bool = True
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
-    pipeline: bool = True
+    pipeline: bool | None = None
 
 
 def _default_options() -> DiscoveryOptions:
@@ -681,6 +683,18 @@ def _publish(partial: Path, final: Path) -> None:
 
 # ---------------------------------------------------------------------------- the batch
 
+def pipeline_pays(discoverer: Any) -> bool:
+    """Whether overlapping classes shortens the export: yes when the features are computed
+    elsewhere (feature servers, an engine) or on a GPU; no for the embedded extractor on the
+    CPU, which already keeps every core busy - on the 2-core benchmark machine the overlapped
+    export was as slow (fp32) or 11% slower (int8) than one class after another
+    (benchmarks/bench_export.py)."""
+    providers = getattr(getattr(discoverer, "source", None), "providers", None)
+    if providers:
+        return str(providers[0]) != "CPUExecutionProvider"
+    return True
+
+
 def make_discoverer(settings: ExportSettings) -> Discoverer:
     if settings.engine:
         from exporter.remote import EngineDiscoverer
@@ -727,7 +741,10 @@ def export(classes: Sequence[tuple[str, Path]], settings: ExportSettings,
                 close()
 
     try:
-        if settings.pipeline and len(pending) > 1:
+        pipeline = settings.pipeline
+        if pipeline is None:
+            pipeline = discoverer is not None and pipeline_pays(discoverer)
+        if pipeline and len(pending) > 1:
             reports = _pipelined(classes, one, on_class)
         else:
             reports = []

@@ -190,3 +190,21 @@ def test_a_rerun_with_every_class_done_skips_without_loading_anything(tmp_path, 
     monkeypatch.setattr(export, "make_source", no_source)
     assert args.func(args) == 0
     assert capsys.readouterr().out.count("skipped (already done") == 3
+
+
+def test_pipeline_default_is_on_only_where_extraction_runs_elsewhere():
+    from types import SimpleNamespace
+
+    from exporter.cli import build_parser
+    from exporter.export import pipeline_pays
+
+    cpu = SimpleNamespace(source=SimpleNamespace(providers=["CPUExecutionProvider"]))
+    gpu = SimpleNamespace(source=SimpleNamespace(
+        providers=["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    remote = SimpleNamespace(source=SimpleNamespace())  # feature servers: no providers here
+    assert not pipeline_pays(cpu) and pipeline_pays(gpu) and pipeline_pays(remote)
+    assert pipeline_pays(SimpleNamespace())  # an engine discoverer
+    parse = build_parser().parse_args
+    assert parse(["discover", "d", "--out", "o"]).pipeline is None
+    assert parse(["discover", "d", "--out", "o", "--pipeline"]).pipeline is True
+    assert parse(["discover", "d", "--out", "o", "--no-pipeline"]).pipeline is False
