@@ -73,9 +73,10 @@ CHUNK_BYTES = 64 * 2**20
 SPARSE_MAX_DENSITY = 0.3
 #: NNDSVD zeroes entries below this (as in Boutsidis & Gallopoulos and scikit-learn).
 _NNDSVD_EPS = 1e-6
-#: Host CSR products run as this many row blocks, one thread each (SciPy's sparsetools release
-#: the GIL). Two blocks per core: on the 2-core benchmark machine 4 blocks beat 2 (the smaller
-#: blocks' outputs stay in cache) and 8. ``DFF_NMF_THREADS`` overrides; 1 = one SciPy call.
+#: Host CSR products run as this many row blocks, one thread each. SciPy fallback: two blocks
+#: per core (on the 2-core benchmark machine 4 beat 2 and 8: the smaller blocks' outputs stay in
+#: cache). The compiled kernels use one range per core (capped by this). ``DFF_NMF_THREADS``
+#: overrides; 1 = one range, on the calling thread.
 SPARSE_THREADS = int(os.environ.get("DFF_NMF_THREADS", "0")) or min(16, 2 * (os.cpu_count() or 1))
 #: A CSR V is split into row blocks only above this many non-zeros (handing a block to a
 #: worker thread costs tens of microseconds).
