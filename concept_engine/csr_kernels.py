@@ -142,7 +142,7 @@ def _inv_diag(HHt):
 @_jit
 def _w_pass(indptr, indices, data, a, b, W, Hf, HHt, rule, accumulate, WtVf, WtW):  # noqa: E501
     kw = W.shape[1]  # a multiple of 8: the columns go in groups of 8, kept in registers
-    ukw = np.uint64(kw)
+    hv_rows = np.zeros((TILE, kw), dtype=W.dtype)
     hvT = np.zeros((kw, TILE), dtype=np.float64)
     hv_keep = np.zeros((kw, TILE), dtype=np.float64)
     wT = np.zeros((kw, TILE), dtype=np.float64)
@@ -152,45 +152,15 @@ def _w_pass(indptr, indices, data, a, b, W, Hf, HHt, rule, accumulate, WtVf, WtW
     cross_new = 0.0
     for t0 in range(a, b, TILE):
         nr = min(TILE, b - t0)
+        _gather(indptr, indices, data, t0, t0 + nr, Hf, hv_rows, t0)  # the tile's V H^T
         for r in range(nr):
-            i = t0 + r
-            for g in range(0, kw, 8):
-                ug = np.uint64(g)
-                h0 = h1 = h2 = h3 = h4 = h5 = h6 = h7 = np.float32(0.0)
-                for p in range(indptr[i], indptr[i + 1]):
-                    c = np.uint64(indices[p]) * ukw + ug
-                    d = data[p]
-                    h0 += d * Hf[c]
-                    h1 += d * Hf[c + np.uint64(1)]
-                    h2 += d * Hf[c + np.uint64(2)]
-                    h3 += d * Hf[c + np.uint64(3)]
-                    h4 += d * Hf[c + np.uint64(4)]
-                    h5 += d * Hf[c + np.uint64(5)]
-                    h6 += d * Hf[c + np.uint64(6)]
-                    h7 += d * Hf[c + np.uint64(7)]
-                hvT[g, r], hvT[g + 1, r], hvT[g + 2, r], hvT[g + 3, r] = h0, h1, h2, h3
-                hvT[g + 4, r], hvT[g + 5, r], hvT[g + 6, r], hvT[g + 7, r] = h4, h5, h6, h7
+            for j in range(kw):
+                hvT[j, r] = hv_rows[r, j]
         co, cn = _tile_finish(t0, nr, W, hvT, hv_keep, wT, HHt, rule, inv_diag, den, WtW)
         cross_old += co
         cross_new += cn
         if accumulate:
-            for r in range(nr):
-                i = t0 + r
-                for g in range(0, kw, 8):
-                    ug = np.uint64(g)
-                    w0, w1, w2, w3 = W[i, g], W[i, g + 1], W[i, g + 2], W[i, g + 3]
-                    w4, w5, w6, w7 = W[i, g + 4], W[i, g + 5], W[i, g + 6], W[i, g + 7]
-                    for p in range(indptr[i], indptr[i + 1]):
-                        c = np.uint64(indices[p]) * ukw + ug
-                        d = data[p]
-                        WtVf[c] += d * w0
-                        WtVf[c + np.uint64(1)] += d * w1
-                        WtVf[c + np.uint64(2)] += d * w2
-                        WtVf[c + np.uint64(3)] += d * w3
-                        WtVf[c + np.uint64(4)] += d * w4
-                        WtVf[c + np.uint64(5)] += d * w5
-                        WtVf[c + np.uint64(6)] += d * w6
-                        WtVf[c + np.uint64(7)] += d * w7
+            _scatter(indptr, indices, data, t0, t0 + nr, W, WtVf, 0)  # with the new rows of W
     return cross_old, cross_new
 
 
