@@ -219,7 +219,10 @@ def _scatter(indptr, indices, data, a, b, Y, outf, row0):
 def _sketch(indptr, indices, data, a, b, Of, Zf, y):
     """Zf += V^T (V Omega) over rows a..b, reading each row once: per row and group of 8
     columns, v Omega in registers, then scattered back while the row is in cache. Omega, Z
-    (C, m) flattened, m a multiple of 8 (y: unused scratch kept for the signature)."""
+    (C, m) flattened, m a multiple of 8 (y: unused scratch kept for the signature).
+
+    The loops repeat :func:`_gather` and :func:`_scatter` on purpose: calling them per tile
+    (as :func:`_w_pass` does) made the start ~10% slower, as v Omega then goes through memory."""
     m = y.shape[1]
     um = np.uint64(m)
     zero = Zf.dtype.type(0.0)
