@@ -36,16 +36,22 @@ backend.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
+
+try:
+    import threadpoolctl
+except ImportError:  # pragma: no cover - a dependency; only a speed matter without it
+    threadpoolctl = None
 
 from concept_engine import csr_kernels
 from concept_engine.backend import get_namespace, is_sparse, to_device
@@ -101,15 +107,16 @@ def _fit_pool() -> concurrent.futures.ThreadPoolExecutor:
                                                  thread_name_prefix="dff-fit")
 
 
-#: Extra columns of the randomised range finder of the NNDSVD start (see _top_singular). Fewer
-#: (k + 2) halve the start's cost and did as well on the real ant activations, but on
-#: bench_nmf's synthetic V (16 latent parts of similar size) the fit from them needed 50
-#: iterations instead of 30 and ended 0.4% higher: not worth it.
+#: Extra columns of the randomised range finder of the NNDSVD start (see _top_singular), at
+#: least; the sketch is rounded up to the kernels' block of 16 columns. Fewer (k + 2) did as
+#: well on the real ant activations, but on bench_nmf's synthetic V (16 latent parts of
+#: similar size) the fit from them needed 50 iterations instead of 30 and ended 0.4% higher.
 _SKETCH_OVERSAMPLE = 10
 _SKETCH_SEED = 0
 
 _SOLVERS = ("mu", "hals")
-_INITS = ("nndsvd", "nndsvda", "nndsvdar", "random", "seed", "ls")
+_NNDSVD_INITS = ("nndsvd", "nndsvda", "nndsvdar")
+_INITS = (*_NNDSVD_INITS, "random", "seed", "ls")
 
 
 class ConvergenceWarning(UserWarning):
@@ -344,12 +351,9 @@ class _Operand:
     def _moments(self) -> None:
         xp = self.xp
         if self.kernels:
-            parts = self.run_ranges(lambda a, b: csr_kernels.moments(self.V, a, b))
-            total = math.fsum(p[0] for p in parts)
-            sq = math.fsum(p[1] for p in parts)
-            lows = [p[2] for p in parts]
-            self._min = math.nan if any(math.isnan(v) for v in lows) else min(lows)
-        elif self.sparse:
+            self._set_moments(self.run_ranges(lambda a, b: csr_kernels.moments(self.V, a, b)))
+            return
+        if self.sparse:
             data = self.V.data
             total = float(xp.sum(data, dtype=xp.float64))
             sq = float(xp.sum(xp.square(data, dtype=xp.float64)))
@@ -363,6 +367,13 @@ class _Operand:
                 sq += float(xp.sum(xp.square(block, dtype=xp.float64)))
         self._mean = total / max(self.n * self.C, 1)
         self._sq_norm = sq
+
+    def _set_moments(self, parts: Sequence[tuple[float, float, float]]) -> None:
+        """Moments from the kernels' (sum, sum of squares, min) of the row ranges, in order."""
+        self._mean = math.fsum(p[0] for p in parts) / max(self.n * self.C, 1)
+        self._sq_norm = math.fsum(p[1] for p in parts)
+        lows = [p[2] for p in parts]
+        self._min = math.nan if any(math.isnan(v) for v in lows) else min(lows)
 
     @property
     def sq_norm(self) -> float:
@@ -627,38 +638,52 @@ def _random_init(op: _Operand, k: int, seed: int, init: str) -> tuple[Any, Any]:
     return to_device(Wt, xp), to_device(H, xp)
 
 
+def _sketch_width(k: int, C: int) -> int:
+    """Columns of the range finder's sketch: k + oversampling, rounded up to the kernels'
+    block of 16 (the extra columns are computed anyway, so they are random, not zero)."""
+    block = csr_kernels.SKETCH_BLOCK
+    return min(C, -(-(k + _SKETCH_OVERSAMPLE) // block) * block)
+
+
 def _top_singular(op: _Operand, k: int) -> tuple[list[float], Any, Any]:
-    """The k leading singular triplets of V: (s (k floats), V_k (k, C), U_k^T (k, n)), float64.
+    """The k leading singular triplets of V: (s (k floats), V_k (k, C), U_k^T (k, n)).
 
     A randomised range finder with one power step (Halko, Martinsson & Tropp 2011), from a
-    fixed sketch (seed 0) of m = k + 10 columns: Z = V^T V Omega spans the
-    dominant right subspace, Q = orth(Z), then the exact SVD of V Q (Rayleigh-Ritz). On a host
-    CSR V that is two reads of the non-zeros (Z in one fused sweep, then V Q), about 2.5 HALS
-    iterations, instead of forming the Gram matrix V^T V (C x C: n C^2 flops, ~4.5 s at 5000
-    images). The sketch is fixed, so the start does not depend on the fit's seed.
+    fixed sketch (seed 0) of m >= k + 10 columns (:func:`_sketch_width`): Z = V^T V Omega spans
+    the dominant right subspace, Q = orth(Z), then the exact SVD of V Q (Rayleigh-Ritz). On a
+    host CSR V that is two reads of the non-zeros (Z in one fused sweep that also takes V's
+    moments, then V Q), instead of forming the Gram matrix V^T V (C x C: n C^2 flops, ~4.5 s
+    at 5000 images). The sketch is fixed, so the start does not depend on the fit's seed.
+    s and V_k are float64, U_k^T (k, n) is in the compute dtype.
     """
     xp = op.xp
-    m = min(op.C, k + _SKETCH_OVERSAMPLE)
+    m = _sketch_width(k, op.C)
     omega = to_device(np.random.default_rng(_SKETCH_SEED).standard_normal((op.C, m)), xp)
     if op.kernels:
-        # two reads of V: V^T V Omega in one, then V Q (both m wide, padded with zero columns
-        # to the kernels' multiple of 8)
-        Omega = csr_kernels._padded(np.asarray(omega, dtype=op.dtype))
-        mw = Omega.shape[1]
+        # two reads of V: V^T V Omega in one (with the moments), then V Q; m is padded with
+        # zero columns to the kernels' block only when C < m
+        block = csr_kernels.SKETCH_BLOCK
+        mw = -(-m // block) * block
+        Omega = np.zeros((op.C, mw), dtype=op.dtype)
+        Omega[:, :m] = omega
 
         def sketch(a: int, b: int) -> Any:
             Zb = np.zeros((op.C, mw), dtype=op.dtype)
-            csr_kernels.sketch(op.V, a, b, Omega, Zb)
-            return Zb
+            return Zb, csr_kernels.sketch(op.V, a, b, Omega, Zb)
 
         parts = op.run_ranges(sketch)
-        Z = sum(parts[1:], parts[0])[:, :m].astype(np.float64)
+        Z = sum((p[0] for p in parts[1:]), parts[0][0])[:, :m].astype(np.float64)
+        if op._mean is None:
+            op._set_moments([p[1] for p in parts])
+            _check_non_negative(op)
         Q, _ = np.linalg.qr(Z)
         Qc = csr_kernels._padded(np.asarray(Q, dtype=op.dtype))
-        Bw = np.empty((op.n, mw), dtype=op.dtype)
+        Bw = np.empty((op.n, Qc.shape[1]), dtype=op.dtype)
         op.run_ranges(lambda a, b: csr_kernels.gather(op.V, a, b, Qc, Bw))
         B = Bw[:, :m]
-        G = (B.T @ B).astype(np.float64)
+        with _one_blas_thread():
+            # B^T B by row range on the engine's own threads (see _one_blas_thread)
+            G = sum(op.run_ranges(lambda a, b: (B[a:b].T @ B[a:b]).astype(np.float64)))
     else:
         Z = op.vt_y(op.v_x(omega.astype(op.dtype))).astype(xp.float64)  # (C, m)
         Q, _ = xp.linalg.qr(Z)
@@ -669,18 +694,38 @@ def _top_singular(op: _Operand, k: int) -> tuple[list[float], Any, Any]:
     S = xp.sqrt(xp.maximum(evals[order], 0.0))
     E = evecs[:, order]  # (m, k)
     Vk = xp.ascontiguousarray((Q @ E).T)  # (k, C) float64
-    Ut = xp.ascontiguousarray(E.T.astype(op.dtype) @ B.T)  # (k, n) = s * U^T, no transpose copy
     S_host = [float(v) for v in S]
-    for j, v in enumerate(S_host):
-        Ut[j] *= 1.0 / v if v > 0 else 0.0
     # the sign of a singular pair is arbitrary: fix it (largest |entry| of v_j positive) so that
-    # every backend and layout picks the same one
+    # every backend and layout picks the same one; U^T = diag(sign / s) E^T B^T in one product
+    signs = []
     for j in range(k):
         idx = int(xp.argmax(xp.abs(Vk[j])))
-        if float(Vk[j, idx]) < 0:
-            Vk[j] = -Vk[j]
-            Ut[j] = -Ut[j]
-    return S_host, Vk, Ut  # Ut in the compute dtype
+        signs.append(-1.0 if float(Vk[j, idx]) < 0 else 1.0)
+        Vk[j] *= signs[j]
+    coef = [sg / v if v > 0 else 0.0 for sg, v in zip(signs, S_host, strict=True)]
+    Et = xp.ascontiguousarray((E * to_device(np.array(coef), xp)[None, :]).T.astype(op.dtype))
+    if op.kernels:
+        Ut = np.empty((k, op.n), dtype=op.dtype)
+        with _one_blas_thread():
+            op.run_ranges(lambda a, b: np.matmul(Et, B[a:b].T, out=Ut[:, a:b]))
+    else:
+        Ut = Et @ B.T  # (k, n), C-contiguous
+    return S_host, Vk, Ut
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """BLAS on one thread inside the block: the engine splits the work over its own threads.
+
+    After a multi-threaded call, OpenBLAS's worker threads spin for a while; on a small
+    machine they then take the cores that the compiled kernels need next (measured: the
+    start's sketch went from 40 to 60-80 ms after a threaded B^T B on 2 cores). Without
+    threadpoolctl the block changes nothing."""
+    if threadpoolctl is None:
+        yield
+        return
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def _nndsvd_init(op: _Operand, k: int, seed: int, variant: str) -> tuple[Any, Any]:
@@ -695,38 +740,50 @@ def _nndsvd_init(op: _Operand, k: int, seed: int, variant: str) -> tuple[Any, An
     if k > op.C:
         raise ValueError(f"NNDSVD needs k <= C ({k} > {op.C}); use init='random'")
     S_host, Vk, Ut = _top_singular(op, k)
-    # W^T (k, n) is built in the compute dtype (it is as large as k columns of V); the norms
-    # of its positive and negative parts come from one pass each (||x_n||^2 = ||x||^2 -
-    # ||x_p||^2), H (k, C) stays float64.
-    Wt = xp.empty((k, op.n), dtype=op.dtype)
+    # W^T (k, n) is built in the compute dtype (it is as large as k columns of V), on whole
+    # (k, n) arrays: the positive parts, then the norms of every row's positive and negative
+    # parts at once (||x_n||^2 = ||x||^2 - ||x_p||^2, sums in float64); H (k, C) is float64.
+    Wt = xp.maximum(Ut, 0)
+    pos2 = _row_sq_norms(Wt, xp)
+    all2 = _row_sq_norms(Ut, xp)
     H = xp.zeros((k, op.C), dtype=xp.float64)
-    xp.multiply(xp.abs(Ut[0]), math.sqrt(S_host[0]), out=Wt[0])
     H[0] = math.sqrt(S_host[0]) * xp.abs(Vk[0])
+    # per row of W^T: which part of u_j (0: |u_0|, 1: positive, -1: negative) and its scale
+    modes, scales = [0], [math.sqrt(S_host[0])]
     for j in range(1, k):
-        x, y = Ut[j], Vk[j]
-        x_p = xp.maximum(x, 0)
+        y = Vk[j]
         y_p, y_n = xp.maximum(y, 0), xp.abs(xp.minimum(y, 0))
-        xpn = float(xp.linalg.norm(x_p))
-        xnn = math.sqrt(max(float(xp.dot(x, x)) - xpn * xpn, 0.0))
+        xpn = math.sqrt(pos2[j])
+        xnn = math.sqrt(max(all2[j] - pos2[j], 0.0))
         ypn, ynn = float(xp.linalg.norm(y_p)), float(xp.linalg.norm(y_n))
         m_p, m_n = xpn * ypn, xnn * ynn
         # Of the two non-negative rank-one parts of u v^T keep the dominant one.
         if m_p > m_n:
-            scale = math.sqrt(S_host[j] * m_p) / xpn if m_p > 0 else 0.0
-            xp.multiply(x_p, scale, out=Wt[j])
+            modes.append(1)
+            scales.append(math.sqrt(S_host[j] * m_p) / xpn if m_p > 0 else 0.0)
             H[j] = (math.sqrt(S_host[j] * m_p) / ypn) * y_p if m_p > 0 else 0.0
         else:
-            scale = math.sqrt(S_host[j] * m_n) / xnn if m_n > 0 else 0.0
-            xp.multiply(xp.minimum(x, 0, out=x_p), -scale, out=Wt[j])
+            modes.append(-1)
+            scales.append(math.sqrt(S_host[j] * m_n) / xnn if m_n > 0 else 0.0)
             H[j] = (math.sqrt(S_host[j] * m_n) / ynn) * y_n if m_n > 0 else 0.0
-    if variant == "nndsvda":
-        # Wt, H >= 0 here: "zero the entries below eps, then fill the zeros" in one sweep
-        avg = op.mean
-        xp.putmask(Wt, Wt < _NNDSVD_EPS, avg)
-        xp.putmask(H, H < _NNDSVD_EPS, avg)
-        return Wt, H.astype(op.dtype)
-    Wt[Wt < _NNDSVD_EPS] = 0
-    H[H < _NNDSVD_EPS] = 0
+    # entries below eps: mean(V) for 'nndsvda' (what MU needs, as zeros never move under it),
+    # zero otherwise
+    fill = op.mean if variant == "nndsvda" else 0.0
+    if xp is np and csr_kernels.AVAILABLE and Ut.dtype == np.float32:
+        # one compiled sweep instead of ~3 NumPy passes per row (the masked fill alone took
+        # ~20 ms at N=5000)
+        csr_kernels.nndsvd_w(Ut, np.array(modes, dtype=np.int64),
+                             np.array(scales, dtype=np.float32), _NNDSVD_EPS, fill, Wt)
+    else:
+        for j in range(k):
+            if modes[j] == 0:
+                xp.abs(Ut[j], out=Wt[j])
+            elif modes[j] < 0:
+                xp.negative(xp.minimum(Ut[j], 0, out=Wt[j]), out=Wt[j])
+            Wt[j] *= scales[j]
+        xp.putmask(Wt, Wt < _NNDSVD_EPS, fill)
+    del Ut
+    xp.putmask(H, H < _NNDSVD_EPS, fill)
     if variant == "nndsvdar":
         avg = op.mean
         rng = np.random.RandomState(seed)
@@ -736,6 +793,17 @@ def _nndsvd_init(op: _Operand, k: int, seed: int, variant: str) -> tuple[Any, An
             fill = np.abs(avg * rng.standard_normal(size=count) / 100)
             X[zeros] = to_device(fill, xp)
     return Wt, H.astype(op.dtype)
+
+
+def _row_sq_norms(X: Any, xp: ModuleType) -> list[float]:
+    """||x_j||^2 of every row of X (k, n), as Python floats (float64 sums over chunks of
+    float32 products)."""
+    out = xp.zeros(X.shape[0], dtype=xp.float64)
+    step = 1 << 16
+    for start in range(0, X.shape[1], step):
+        block = X[:, start : start + step]
+        out += xp.einsum("ij,ij->i", block, block)
+    return [float(v) for v in out.tolist()]
 
 
 def _ls_init_Wt(op: _Operand, H: Any, solver: str) -> Any:
@@ -773,10 +841,15 @@ def nmf_init(V: Any, k: int, *, init: str = "nndsvda", seed: int = 0) -> tuple[A
     return xp.ascontiguousarray(Wt.T), H
 
 
+def _check_non_negative(op: _Operand) -> None:
+    if not op.min() >= 0:  # also catches NaN
+        raise ValueError("V must be non-negative and finite")
+
+
 def _initialise(op: _Operand, k: int, init: str, seed: int) -> tuple[Any, Any]:
     if init in ("random", "seed"):
         return _random_init(op, k, seed, init)
-    if init in ("nndsvd", "nndsvda", "nndsvdar"):
+    if init in _NNDSVD_INITS:
         return _nndsvd_init(op, k, seed, init)
     raise ValueError(f"init {init!r} needs a fixed H (use it through nmf_transform)")
 
@@ -844,8 +917,8 @@ def nmf_fit(
     if V.ndim != 2:
         raise ValueError(f"V must be 2-D (n, C), got shape {V.shape}")
     op = _Operand(V, xp)
-    if not op.min() >= 0:  # also catches NaN
-        raise ValueError("V must be non-negative and finite")
+    if not (op.kernels and W is None and H is None and init in _NNDSVD_INITS):
+        _check_non_negative(op)  # else the start's first read of V takes the moments and checks
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if not update_H and H is None:

@@ -499,14 +499,43 @@ def test_fused_kernel_matches_the_dense_mu_reference_step_by_step(monkeypatch):
     np.testing.assert_allclose(got.H, ref[-1][1], rtol=2e-3, atol=1e-6)
 
 
-def test_kernel_randomised_start_equals_the_scipy_one(monkeypatch):
-    V = sp.csr_matrix(conv54_like(n_images=6, C=128, seed=2))
+@pytest.mark.parametrize(("C", "k", "init"), [
+    (128, 5, "nndsvda"),   # one block of 16 sketch columns
+    (128, 9, "nndsvd"),    # two blocks (k + 10 = 19 -> 32)
+    (12, 3, "nndsvdar"),   # C < 16: the sketch is C wide, padded with zero columns
+])
+def test_kernel_randomised_start_equals_the_scipy_one(monkeypatch, C, k, init):
+    V = sp.csr_matrix(conv54_like(n_images=6, C=C, seed=2))
     _kernels_toggle(monkeypatch, False)
-    W_ref, H_ref = nmf_init(V, 5, init="nndsvda")
+    W_ref, H_ref = nmf_init(V, k, init=init)
     _kernels_toggle(monkeypatch, True)
-    W, H = nmf_init(V, 5, init="nndsvda")
+    W, H = nmf_init(V, k, init=init)
     np.testing.assert_allclose(H, H_ref, rtol=1e-3, atol=1e-4 * float(H_ref.max()))
     np.testing.assert_allclose(W, W_ref, rtol=1e-3, atol=1e-4 * float(W_ref.max()))
+
+
+def test_sketch_kernel_takes_the_moments_along(monkeypatch):
+    import concept_engine.csr_kernels as kernels
+    import concept_engine.nmf as nmf_mod
+
+    _kernels_toggle(monkeypatch, True)
+    V = sp.csr_matrix(conv54_like(n_images=5, C=64, seed=4))
+    rng = np.random.default_rng(0)
+    Omega = rng.standard_normal((64, 32)).astype(np.float32)
+    Z = np.zeros_like(Omega)
+    total, sq, low = kernels.sketch(V, 0, V.shape[0], Omega, Z)
+    np.testing.assert_allclose(Z, V.T @ (V @ Omega), rtol=1e-4, atol=1e-3 * float(abs(Z).max()))
+    assert (total, sq, low) == pytest.approx(kernels.moments(V, 0, V.shape[0]), rel=1e-12)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.sketch(V, 0, V.shape[0], Omega[:, :8], Z[:, :8])
+    # an NNDSVD fit reads V's moments from its start's sketch: no separate read of V ...
+    calls = []
+    monkeypatch.setattr(kernels, "moments", lambda *a: calls.append(a) or (0.0, 0.0, 0.0))
+    res = nmf_fit(V, 3, max_iter=5)
+    assert calls == [] and np.isfinite(res.error)
+    # ... and the error it reports is computed from those moments
+    assert res.error == pytest.approx(nmf_mod.reconstruction_error(V.toarray(), res.W, res.H),
+                                      rel=1e-4)
 
 
 def test_kernels_reject_nan_and_negative_csr(monkeypatch):
