@@ -11,6 +11,13 @@ which is what the seed used; for upsampling this equals ``cv2.resize(..., INTER_
 float32 rounding (both are checked in tests/concept_engine/test_certainty.py). Working on the
 device avoids a host round trip per map, and the matrix form is two batched GEMMs.
 
+On the host, with Numba (:mod:`concept_engine.compiled`), a compiled kernel does the same per
+map without materialising the upsampled map: the rows are upsampled once along x (each output
+pixel mixes two source pixels), then each output row is formed from two of them, twice - once
+for the maximum, once for the selected pixels; the maps are shared out over the cores. ~6x
+faster than the matrix form plus NumPy reductions on one core (which hold and re-read every
+224 x 224 map five times); same values up to float32 rounding (a test compares the two).
+
 Where the seed divides by zero this returns 0: an all-zero (or non-positive) map has no
 normalised values and certainty 0; an empty pixel set (impossible once the max is positive, as
 the max pixel always qualifies) also gives 0.
@@ -22,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from concept_engine import compiled
 from concept_engine.backend import get_namespace, to_device
 
 __all__ = [
@@ -41,8 +49,10 @@ SEED_THRESHOLD = 0.1
 _CHUNK_BYTES = 4 * 2**20
 
 
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) float64 matrix R with ``R @ x`` = bilinear resampling of x (in_size,).
+def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                          np.ndarray]:
+    """(i0, i1, w0, w1): output pixel d = w0[d] * x[i0[d]] + w1[d] * x[i1[d]] (float64
+    weights), the two non-zeros of row d of :func:`bilinear_matrix`.
 
     align_corners=False: output pixel d samples source coordinate (d + 0.5) * in/out - 0.5,
     clamped to [0, in_size - 1] as torch and OpenCV do at the borders.
@@ -54,10 +64,17 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
     lam = src - i0
+    return i0, i1, 1.0 - lam, lam
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float64 matrix R with ``R @ x`` = bilinear resampling of x (in_size,)
+    (see :func:`_bilinear_taps`)."""
+    i0, i1, w0, w1 = _bilinear_taps(in_size, out_size)
     R = np.zeros((out_size, in_size), dtype=np.float64)
     rows = np.arange(out_size)
-    np.add.at(R, (rows, i0), 1.0 - lam)
-    np.add.at(R, (rows, i1), lam)
+    np.add.at(R, (rows, i0), w0)
+    np.add.at(R, (rows, i1), w1)
     return R
 
 
@@ -98,6 +115,17 @@ def concept_certainty(
     N, k, h, w = (int(s) for s in W_maps.shape)
     maps = W_maps.reshape(N * k, h, w)
     H, W = (h, w) if upsample_to is None else (int(upsample_to[0]), int(upsample_to[1]))
+    if xp is np and compiled.AVAILABLE:
+        taps = []
+        for n_in, n_out in ((h, H), (w, W)):
+            i0, i1, w0, w1 = _bilinear_taps(n_in, n_out)
+            taps += [i0, i1, w0.astype(np.float32), w1.astype(np.float32)]
+        flat = np.ascontiguousarray(maps, dtype=np.float32)
+        out_host = np.zeros(N * k, dtype=np.float32)
+        thr = np.float32(threshold)
+        compiled.split_run(lambda a, b: _certainty_kernel(flat[a:b], *taps, thr, out_host[a:b]),
+                           N * k, min_items=16)
+        return out_host.reshape(N, k)
     out = xp.zeros(N * k, dtype=xp.float32)
     step = max(1, _CHUNK_BYTES // (4 * H * W))
     for start in range(0, N * k, step):
@@ -114,3 +142,49 @@ def concept_certainty(
         ok = positive & (count > 0)
         out[start : start + step] = xp.where(ok, total / xp.maximum(count, 1), 0).astype(xp.float32)
     return out.reshape(N, k)
+
+
+# Sums and maxima may be reordered (vectorised); no other arithmetic is changed, so each
+# pixel's value and its "divide, then compare" test are those of a plain loop.
+@compiled.jit(fastmath={"reassoc", "nsz", "nnan", "ninf"})
+def _certainty_kernel(maps, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, threshold, out):
+    """out[m] = certainty of maps[m] (h, w) upsampled to (len(yi0), len(xi0)); see the module
+    doc. float32 pixels, float64 sum of the selected ones. Maps must be finite."""
+    n_maps, h, _ = maps.shape
+    H = yi0.shape[0]
+    W = xi0.shape[0]
+    rows = np.empty((h, W), dtype=np.float32)  # the map upsampled along x
+    line = np.empty(W, dtype=np.float32)
+    zero = np.float32(0.0)
+    for m in range(n_maps):
+        for r in range(h):
+            for x in range(W):
+                rows[r, x] = xw0[x] * maps[m, r, xi0[x]] + xw1[x] * maps[m, r, xi1[x]]
+        peak = zero
+        for y in range(H):
+            a, b = yw0[y], yw1[y]
+            r0, r1 = yi0[y], yi1[y]
+            for x in range(W):
+                v = a * rows[r0, x] + b * rows[r1, x]
+                peak = v if v > peak else peak
+        if not peak > zero:
+            out[m] = 0.0
+            continue
+        count = 0
+        total = 0.0
+        for y in range(H):
+            a, b = yw0[y], yw1[y]
+            r0, r1 = yi0[y], yi1[y]
+            for x in range(W):
+                line[x] = a * rows[r0, x] + b * rows[r1, x]
+            for x in range(W):
+                v = line[x]
+                keep = v / peak >= threshold  # divide, then compare, as the seed does
+                count += 1 if keep else 0
+                total += np.float64(v) if keep else 0.0
+        out[m] = np.float32(total / count) if count > 0 else 0.0
+
+
+@compiled.register_warmer
+def _warm_up() -> None:
+    concept_certainty(np.ones((1, 1, 2, 2), dtype=np.float32), (4, 4))

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import logging
 import os
 import threading
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-__all__ = ["AVAILABLE", "jit", "warm_up"]
+__all__ = ["AVAILABLE", "jit", "split_run", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,24 @@ def jit(fn: Any = None, **options: Any) -> Any:
         return numba.njit(nogil=True, boundscheck=False, **options)(fn)
 
 
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1),
+                                                 thread_name_prefix="dff-kernel")
+
+
+def split_run(fn: Callable[[int, int], Any], n: int, min_items: int = 1) -> None:
+    """fn(start, stop) over range(n) cut into one contiguous part per core (parts of at least
+    min_items), the first on this thread, the others on a shared pool; returns when all are
+    done (fn must release the GIL to gain anything: a ``nogil`` kernel)."""
+    parts = max(1, min(os.cpu_count() or 1, n // max(min_items, 1)))
+    cuts = [n * i // parts for i in range(parts + 1)]
+    rest = [_pool().submit(fn, a, b) for a, b in zip(cuts[1:-1], cuts[2:], strict=True)]
+    fn(cuts[0], cuts[1])
+    for f in rest:
+        f.result()
+
+
 def register_warmer(fn: Callable[[], None]) -> Callable[[], None]:
     """Mark fn (no arguments; calls kernels on tiny inputs) to be run by :func:`warm_up`."""
     _WARMERS.append(fn)
@@ -71,6 +91,7 @@ def register_warmer(fn: Callable[[], None]) -> Callable[[], None]:
 
 def _warm_all() -> None:
     # importing the kernel modules registers their warmers
+    import concept_engine.certainty  # noqa: F401, PLC0415
     import concept_engine.csr_kernels  # noqa: F401, PLC0415
 
     for fn in list(_WARMERS):

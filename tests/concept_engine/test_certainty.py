@@ -115,3 +115,25 @@ def test_cupy_certainty_matches_numpy():
     got = concept_certainty(to_device(maps, cupy))
     assert get_namespace(got) is cupy
     np.testing.assert_allclose(to_host(got), concept_certainty(maps), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("shape", "size"), [
+    ((6, 5, 14, 14), (224, 224)),
+    ((3, 4, 7, 9), (100, 130)),   # keep-aspect maps and inputs
+    ((4, 3, 14, 14), None),       # at feature resolution
+])
+def test_compiled_kernel_matches_the_matrix_form(monkeypatch, shape, size):
+    from concept_engine import compiled
+
+    if not compiled.AVAILABLE:
+        pytest.skip("needs Numba")
+    rng = np.random.default_rng(3)
+    maps = (rng.random(shape) * (rng.random(shape) < 0.3)).astype(np.float32)
+    maps[0, 0] = 0  # an all-zero concept
+    maps[1, 1] = 0.25  # a constant one
+    fast = concept_certainty(maps, size)
+    monkeypatch.setattr(compiled, "AVAILABLE", False)
+    slow = concept_certainty(maps, size)
+    assert fast.dtype == slow.dtype == np.float32 and fast.shape == slow.shape
+    np.testing.assert_allclose(fast, slow, rtol=2e-5, atol=1e-7)
+    assert fast[0, 0] == 0 and fast[1, 1] == pytest.approx(0.25, rel=1e-6)
