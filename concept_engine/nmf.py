@@ -982,13 +982,22 @@ def nmf_fit_many(
         finally:
             _LOCAL.serial = False
 
-    futures = [_fit_pool().submit(run, V, k, kw) for V, k, kw in jobs]
+    # the costliest first (most non-zeros, then the largest k), so that the last fits to
+    # finish are short ones and the cores are not left waiting on one long fit
+    order = sorted(range(len(jobs)), key=lambda i: (-_nnz(jobs[i][0]), -jobs[i][1], i))
+    futures: list[Any] = [None] * len(jobs)
+    for i in order:
+        futures[i] = _fit_pool().submit(run, *jobs[i])
     results = []
     for i, f in enumerate(futures):
         results.append(f.result())
         if done is not None:
             done(i)
     return results
+
+
+def _nnz(V: Any) -> int:
+    return int(V.nnz) if is_sparse(V) else int(V.size)
 
 
 def nmf_transform(
