@@ -686,9 +686,10 @@ def _publish(partial: Path, final: Path) -> None:
 def pipeline_pays(discoverer: Any) -> bool:
     """Whether overlapping classes shortens the export: yes when the features are computed
     elsewhere (feature servers, an engine) or on a GPU; no for the embedded extractor on the
-    CPU, which already keeps every core busy - on the 2-core benchmark machine the overlapped
-    export was as slow (fp32) or 11% slower (int8) than one class after another
-    (benchmarks/bench_export.py)."""
+    CPU, which already keeps every core busy. On the 2-core benchmark machine
+    (benchmarks/bench_export.py, int8, 3 classes) the overlapped export was 11% slower while
+    ONNX Runtime's idle threads spun, and 2-4% faster once they no longer do (40 and 120
+    photos per class): about what one run varies, for two classes held in memory at once."""
     providers = getattr(getattr(discoverer, "source", None), "providers", None)
     if providers:
         return str(providers[0]) != "CPUExecutionProvider"
