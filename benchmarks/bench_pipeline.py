@@ -209,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
                            for k, v in r["stages"].items())
         out.write(f"{name:<6}{r['wall']:>9.1f}{r['peak_rss_mib']:>14.0f}{r['n_kept']:>6}"
                   f"{r['k']:>3}  {shares}\n")
+    sweep = ours["stages"].get("k_sweep")
+    if sweep is not None:
+        out.write(f"\nours: k sweep {sweep:.2f} s = {100 * sweep / ours['wall']:.1f}% of the wall "
+                  f"(process start included), features {ours['stages'].get('features', 0):.2f} s"
+                  "\n")
     if seed is not None:
         out.write(f"\n`dff discover` is {seed['wall'] / ours['wall']:.2f}x faster than the "
                   "seed's algorithm end to end (wall, process start included; the seed side "

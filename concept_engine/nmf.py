@@ -95,9 +95,24 @@ def _block_pool() -> concurrent.futures.ThreadPoolExecutor:
     every fit in the process; idle threads cost nothing)."""
     return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, SPARSE_THREADS - 1),
                                                  thread_name_prefix="dff-nmf")
-#: Set in the threads of :func:`nmf_fit_many`: their fits run their products on one range (the
-#: fits themselves are the parallel units).
+#: Set in the threads of :func:`nmf_fit_many`: their fits are the parallel units (SciPy
+#: products on one block; kernel ranges on this thread while the cores are all busy).
 _LOCAL = threading.local()
+
+
+class _FitCount:
+    """How many fits of :func:`nmf_fit_many` run now (all batches of the process)."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.running += n
+
+
+_FITS = _FitCount()
 
 
 @functools.lru_cache(maxsize=1)
@@ -188,7 +203,7 @@ class _Operand:
                 V = V.astype(self.dtype)
         self.V = V
         parts = SPARSE_THREADS if V.nnz >= _SPARSE_BLOCK_MIN_NNZ else 1
-        if getattr(_LOCAL, "serial", False):
+        if getattr(_LOCAL, "serial", False) and not self.kernels:
             parts = 1
         if self.kernels:
             # a worker per core is enough here: the kernels keep their partial sums in cache
@@ -217,9 +232,16 @@ class _Operand:
 
     def run_ranges(self, fn) -> list[Any]:
         """fn(start, stop) on every row range of the compiled kernels, in parallel (the first
-        on this thread); results in order."""
+        on this thread); results in order.
+
+        In a thread of :func:`nmf_fit_many`, while every core has a fit, the ranges run one
+        after another on this thread instead; when the cores outnumber the fits left (the
+        last fits of a batch), in parallel again. Same ranges, same order of the partial sums
+        either way: the result does not depend on which."""
         if len(self._ranges) == 1:
             return [fn(*self._ranges[0])]
+        if getattr(_LOCAL, "serial", False) and _FITS.running >= (os.cpu_count() or 1):
+            return [fn(a, b) for a, b in self._ranges]
         pool = _block_pool()
         rest = [pool.submit(fn, *r) for r in self._ranges[1:]]
         first = fn(*self._ranges[0])
@@ -959,11 +981,14 @@ def nmf_fit_many(
 ) -> list[NMFResult]:
     """``[nmf_fit(V, k, **kwargs) for V, k, kwargs in jobs]``, side by side where that pays.
 
-    Fits of host CSR V with the compiled kernels run on one thread per core, each fit with its
-    products on a single row range: for the many small fits of a k sweep (tens of thousands of
+    Fits of host CSR V with the compiled kernels run on one thread per core, each running its
+    row ranges on its own thread: for the many small fits of a k sweep (tens of thousands of
     rows) this beats splitting every product over the cores, whose per-product hand-offs cost
-    ~0.1 ms against ~1 ms of work. Other jobs run one after another. Every fit is the same
-    deterministic computation whichever thread runs it; ``done(i)`` is called in job order.
+    ~0.1 ms against ~1 ms of work. Once fewer fits than cores are left, their ranges spread
+    over the cores again (see :meth:`_Operand.run_ranges`), so the batch's last fit does not
+    run on one core while the others wait. Other jobs run one after another. Every fit is the
+    same deterministic computation (that of :func:`nmf_fit`) whichever threads run it;
+    ``done(i)`` is called in job order.
     """
     parallel = (len(jobs) > 1 and (os.cpu_count() or 1) > 1
                 and all(is_sparse(V) and csr_kernels.AVAILABLE for V, _, _ in jobs))
@@ -977,9 +1002,11 @@ def nmf_fit_many(
 
     def run(V: Any, k: int, kw: dict[str, Any]) -> NMFResult:
         _LOCAL.serial = True
+        _FITS.add(1)
         try:
             return nmf_fit(V, k, **kw)
         finally:
+            _FITS.add(-1)
             _LOCAL.serial = False
 
     # the costliest first (most non-zeros, then the largest k), so that the last fits to

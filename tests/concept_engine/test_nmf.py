@@ -555,3 +555,24 @@ def test_fixed_bases_inference_uses_one_read_of_csr_v(monkeypatch):
     V, W, H = planted(n=600, C=32, k=4, noise=0.0)
     got = nmf_transform(sp.csr_matrix(V), H.astype(np.float32), max_iter=300, tol=1e-8)
     np.testing.assert_allclose(got @ H, V, atol=5e-3 * float(V.max()))
+
+
+def test_fits_side_by_side_equal_fits_one_by_one(monkeypatch):
+    # nmf_fit_many runs a fit per core, each on its own thread while every core is busy and
+    # over all cores once fewer fits are left; same row ranges either way, so every result is
+    # bit for bit that of nmf_fit
+    import concept_engine.nmf as nmf_mod
+
+    _kernels_toggle(monkeypatch, True, blocks=2)
+    monkeypatch.setattr(nmf_mod.os, "cpu_count", lambda: 2)
+    V = sp.csr_matrix(conv54_like(n_images=6, C=64, seed=7))
+    jobs = [(V, k, {"init": "random", "seed": s, "max_iter": 40 + 20 * s, "tol": 1e-4})
+            for k, s in ((2, 0), (4, 1), (3, 2), (5, 3), (3, 4))]
+    seen: list[int] = []
+    many = nmf_mod.nmf_fit_many(jobs, seen.append)
+    assert seen == list(range(len(jobs)))
+    for (Vj, k, kw), got in zip(jobs, many, strict=True):
+        ref = nmf_fit(Vj, k, **kw)
+        assert got.n_iter == ref.n_iter and got.error == ref.error
+        np.testing.assert_array_equal(got.W, ref.W)
+        np.testing.assert_array_equal(got.H, ref.H)

@@ -62,3 +62,15 @@ def test_decoding_runs_on_pool_threads(registry):
     assert len([w for w, _ in seen if w.startswith("decode")]) == 4
     assert decode_threads and all(name.startswith("dff-decode") for name in decode_threads)
     assert run_threads == {threading.current_thread().name}
+
+
+def test_onnx_runtime_threads_do_not_spin_unless_asked(registry, monkeypatch):
+    # idle intra-op threads that spin take the cores from the decode threads (and from the
+    # other session); off by default, DFF_ORT_SPIN=1 turns spinning back on
+    key = "session.intra_op.allow_spinning"
+    monkeypatch.delenv("DFF_ORT_SPIN", raising=False)
+    ex = Extractor(registry, precisions=("int8",))
+    assert ex._session_options.get_session_config_entry(key) == "0"
+    monkeypatch.setenv("DFF_ORT_SPIN", "1")
+    ex = Extractor(registry, precisions=("int8",))
+    assert ex._session_options.get_session_config_entry(key) == "1"
