@@ -2,7 +2,7 @@
 
 * Compiled code is cached on disk: ``NUMBA_CACHE_DIR``, by default ``$XDG_CACHE_HOME/dff/numba``
   or ``~/.cache/dff/numba`` (the container images point it at ``/tmp/numba``). Only the first
-  process on a machine compiles (~10 s for all kernels); later ones load them (~0.2 s), and
+  process on a machine compiles (~5 s for all kernels); later ones load them (~0.3 s), and
   :func:`warm_up` does that on a background thread while features are extracted.
 * LLVM's SLP vectoriser is switched on (Numba leaves it off): it is what turns the kernels'
   8-column register blocks into single vector operations (measured: ~2x on the CSR sweeps).

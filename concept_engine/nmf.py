@@ -234,13 +234,13 @@ class _Operand:
         """fn(start, stop) on every row range of the compiled kernels, in parallel (the first
         on this thread); results in order.
 
-        In a thread of :func:`nmf_fit_many`, while every core has a fit, the ranges run one
-        after another on this thread instead; when the cores outnumber the fits left (the
-        last fits of a batch), in parallel again. Same ranges, same order of the partial sums
+        In a thread of :func:`nmf_fit_many`, while as many fits run as there are ranges (one
+        range per core), the ranges run one after another on this thread instead; when fewer
+        fits are left (the last fits of a batch), in parallel again. Same ranges, same order of the partial sums
         either way: the result does not depend on which."""
         if len(self._ranges) == 1:
             return [fn(*self._ranges[0])]
-        if getattr(_LOCAL, "serial", False) and _FITS.running >= (os.cpu_count() or 1):
+        if getattr(_LOCAL, "serial", False) and _FITS.running >= len(self._ranges):
             return [fn(a, b) for a, b in self._ranges]
         pool = _block_pool()
         rest = [pool.submit(fn, *r) for r in self._ranges[1:]]
