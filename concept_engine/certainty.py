@@ -115,7 +115,8 @@ def concept_certainty(
     N, k, h, w = (int(s) for s in W_maps.shape)
     maps = W_maps.reshape(N * k, h, w)
     H, W = (h, w) if upsample_to is None else (int(upsample_to[0]), int(upsample_to[1]))
-    if xp is np and compiled.AVAILABLE:
+    if xp is np and compiled.AVAILABLE and bool(np.isfinite(maps).all()):
+        # (the kernel's sums assume finite maps; others take the NumPy path below)
         taps = []
         for n_in, n_out in ((h, H), (w, W)):
             i0, i1, w0, w1 = _bilinear_taps(n_in, n_out)

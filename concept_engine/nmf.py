@@ -236,8 +236,8 @@ class _Operand:
 
         In a thread of :func:`nmf_fit_many`, while as many fits run as there are ranges (one
         range per core), the ranges run one after another on this thread instead; when fewer
-        fits are left (the last fits of a batch), in parallel again. Same ranges, same order of the partial sums
-        either way: the result does not depend on which."""
+        fits are left (the last fits of a batch), in parallel again. Same ranges, same order
+        of the partial sums either way: the result does not depend on which."""
         if len(self._ranges) == 1:
             return [fn(*self._ranges[0])]
         if getattr(_LOCAL, "serial", False) and _FITS.running >= len(self._ranges):

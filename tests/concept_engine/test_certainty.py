@@ -137,3 +137,17 @@ def test_compiled_kernel_matches_the_matrix_form(monkeypatch, shape, size):
     assert fast.dtype == slow.dtype == np.float32 and fast.shape == slow.shape
     np.testing.assert_allclose(fast, slow, rtol=2e-5, atol=1e-7)
     assert fast[0, 0] == 0 and fast[1, 1] == pytest.approx(0.25, rel=1e-6)
+
+
+def test_non_finite_maps_take_the_numpy_path(monkeypatch):
+    from concept_engine import compiled
+
+    maps = np.random.default_rng(5).random((2, 3, 7, 7)).astype(np.float32)
+    maps[1, 2, 3, 3] = np.nan
+    maps[0, 1, 0, 0] = np.inf
+    with np.errstate(all="ignore"):  # NaN and inf meet in the products, as they would
+        fast = concept_certainty(maps, (28, 28))
+        monkeypatch.setattr(compiled, "AVAILABLE", False)
+        slow = concept_certainty(maps, (28, 28))
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(slow))
+    np.testing.assert_allclose(fast[np.isfinite(slow)], slow[np.isfinite(slow)], rtol=2e-5)
