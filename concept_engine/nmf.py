@@ -812,8 +812,8 @@ def _nndsvd_init(op: _Operand, k: int, seed: int, variant: str) -> tuple[Any, An
         for X in (Wt, H):
             zeros = X == 0
             count = int(xp.sum(zeros))
-            fill = np.abs(avg * rng.standard_normal(size=count) / 100)
-            X[zeros] = to_device(fill, xp)
+            small = np.abs(avg * rng.standard_normal(size=count) / 100)
+            X[zeros] = to_device(small, xp)
     return Wt, H.astype(op.dtype)
 
 
