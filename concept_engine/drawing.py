@@ -93,22 +93,32 @@ def dominant_view(image: np.ndarray, maps: np.ndarray, scales: Sequence[float],
     img = to_uint8_bgr(image)
     maps = np.asarray(maps, np.float32)
     k = maps.shape[0]
-    colors = list(colors) if colors is not None else palette(k)
-    height, width = img.shape[:2]
-    up = np.stack([cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR)
-                   for m in maps]) if k else np.zeros((0, height, width), np.float32)
-    ref = np.asarray(scales, np.float32).reshape(k, 1, 1)
-    strength = np.clip(up / np.where(ref > 0, ref, 1), 0, 1)
-    if present is not None:
-        strength[~np.asarray(present, bool)] = 0
     if k == 0:
         return img.copy()
-    dom = np.argmax(strength, axis=0)
-    alpha = (np.max(strength, axis=0) * max_alpha)[:, :, None]
-    lut = np.asarray(colors, np.float32)
-    color = lut[dom]
-    out = img.astype(np.float32) * (1 - alpha) + color * alpha
-    return np.clip(out, 0, 255).astype(np.uint8)
+    colors = list(colors) if colors is not None else palette(k)
+    height, width = img.shape[:2]
+    # one upsampled map at a time, in place: the strongest strength so far and its concept
+    # (ties keep the lower index, as argmax does)
+    best = np.zeros((height, width), np.float32)
+    dom = np.zeros((height, width), np.uint8 if k < 256 else np.int32)
+    for j in range(k):
+        if present is not None and not present[j]:
+            continue
+        strength = cv2.resize(maps[j], (width, height), interpolation=cv2.INTER_LINEAR)
+        ref = np.float32(scales[j])
+        if ref > 0:
+            np.divide(strength, ref, out=strength)
+        np.clip(strength, 0, 1, out=strength)
+        np.copyto(dom, j, where=strength > best, casting="unsafe")
+        np.maximum(best, strength, out=best)
+    best *= np.float32(max_alpha)  # the opacity
+    out = img.astype(np.float32)
+    blend = np.asarray(colors, np.float32)[dom]
+    blend -= out
+    blend *= best[:, :, None]
+    out += blend  # img * (1 - alpha) + colour * alpha
+    np.clip(out, 0, 255, out=out)
+    return out.astype(np.uint8)
 
 
 def overlay(image: np.ndarray, polygons: Sequence[Sequence[np.ndarray]],
