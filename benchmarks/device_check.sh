@@ -35,10 +35,9 @@ if [[ "${1:-}" == "--prepare" ]]; then
     rm -rf "$CACHE" && mkdir -p "$CACHE/wheels"
     PYTHONPATH="$ROOT/protos:$ROOT" "$PY" "$ROOT/benchmarks/device_models.py" \
         --prepare "$CACHE" --photos "${DFF_DEVICE_PHOTOS:-48}" || exit 1
-    # the generated stubs check their protobuf/grpcio versions: carry the ones used here; and
-    # threadpoolctl (pure Python, a few KiB), which keeps the NMF start off OpenBLAS's threads
+    # the generated stubs check their protobuf/grpcio versions: carry the ones used here
     pins=$("$PY" -m pip list --format=freeze 2>/dev/null \
-        | grep -E '^(grpcio|grpcio-health-checking|grpcio-reflection|protobuf|threadpoolctl)==')
+        | grep -E '^(grpcio|grpcio-health-checking|grpcio-reflection|protobuf)==')
     # shellcheck disable=SC2086
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \

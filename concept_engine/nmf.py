@@ -36,22 +36,16 @@ backend.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
-
-try:
-    import threadpoolctl
-except ImportError:  # pragma: no cover - a dependency; only a speed matter without it
-    threadpoolctl = None
 
 from concept_engine import csr_kernels
 from concept_engine.backend import get_namespace, is_sparse, to_device
@@ -703,9 +697,20 @@ def _top_singular(op: _Operand, k: int) -> tuple[list[float], Any, Any]:
         Bw = np.empty((op.n, Qc.shape[1]), dtype=op.dtype)
         op.run_ranges(lambda a, b: csr_kernels.gather(op.V, a, b, Qc, Bw))
         B = Bw[:, :m]
-        with _one_blas_thread():
-            # B^T B by row range on the engine's own threads (see _one_blas_thread)
-            G = sum(op.run_ranges(lambda a, b: (B[a:b].T @ B[a:b]).astype(np.float64)))
+        # B^T B (and U^T below) on the engine's threads, in BLAS calls small enough to stay on
+        # the calling thread: after a threaded call OpenBLAS's idle workers spin for a while
+        # and took the cores from the next kernel sweep (the sketch ran 60-80 ms instead of 40
+        # at N=5000 on 2 cores)
+        step = _small_blas_rows(m, m)
+
+        def gram(a: int, b: int) -> Any:
+            G = np.zeros((m, m))
+            for s in range(a, b, step):
+                blk = B[s : min(s + step, b)]
+                G += blk.T @ blk
+            return G
+
+        G = sum(op.run_ranges(gram))
     else:
         Z = op.vt_y(op.v_x(omega.astype(op.dtype))).astype(xp.float64)  # (C, m)
         Q, _ = xp.linalg.qr(Z)
@@ -728,26 +733,23 @@ def _top_singular(op: _Operand, k: int) -> tuple[list[float], Any, Any]:
     Et = xp.ascontiguousarray((E * to_device(np.array(coef), xp)[None, :]).T.astype(op.dtype))
     if op.kernels:
         Ut = np.empty((k, op.n), dtype=op.dtype)
-        with _one_blas_thread():
-            op.run_ranges(lambda a, b: np.matmul(Et, B[a:b].T, out=Ut[:, a:b]))
+        step = _small_blas_rows(k, m)
+
+        def project(a: int, b: int) -> None:
+            for s in range(a, b, step):
+                e = min(s + step, b)
+                np.matmul(Et, B[s:e].T, out=Ut[:, s:e])
+
+        op.run_ranges(project)
     else:
         Ut = Et @ B.T  # (k, n), C-contiguous
     return S_host, Vk, Ut
 
 
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """BLAS on one thread inside the block: the engine splits the work over its own threads.
-
-    After a multi-threaded call, OpenBLAS's worker threads spin for a while; on a small
-    machine they then take the cores that the compiled kernels need next (measured: the
-    start's sketch went from 40 to 60-80 ms after a threaded B^T B on 2 cores). Without
-    threadpoolctl the block changes nothing."""
-    if threadpoolctl is None:
-        yield
-        return
-    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-        yield
+def _small_blas_rows(*widths: int) -> int:
+    """Rows per BLAS call small enough that OpenBLAS runs the call on the calling thread (it
+    threads a GEMM only above 4 * 65536 multiply-adds)."""
+    return max(64, (1 << 18) // max(1, math.prod(widths)))
 
 
 def _nndsvd_init(op: _Operand, k: int, seed: int, variant: str) -> tuple[Any, Any]:

@@ -576,3 +576,20 @@ def test_fits_side_by_side_equal_fits_one_by_one(monkeypatch):
         assert got.n_iter == ref.n_iter and got.error == ref.error
         np.testing.assert_array_equal(got.W, ref.W)
         np.testing.assert_array_equal(got.H, ref.H)
+
+
+
+def test_kernel_start_in_small_blas_blocks_equals_the_scipy_one(monkeypatch):
+    # the kernel start forms B^T B and U^T in BLAS calls of a few rows each (so that OpenBLAS
+    # stays on the calling thread): blocks of 64 rows here, many per row range
+    import concept_engine.nmf as nmf_mod
+
+    V = sp.csr_matrix(conv54_like(n_images=6, C=128, seed=2))
+    _kernels_toggle(monkeypatch, False)
+    W_ref, H_ref = nmf_init(V, 5, init="nndsvda")
+    _kernels_toggle(monkeypatch, True)
+    monkeypatch.setattr(nmf_mod, "_small_blas_rows", lambda *widths: 64)
+    W, H = nmf_init(V, 5, init="nndsvda")
+    np.testing.assert_allclose(H, H_ref, rtol=1e-3, atol=1e-4 * float(H_ref.max()))
+    np.testing.assert_allclose(W, W_ref, rtol=1e-3, atol=1e-4 * float(W_ref.max()))
+    assert nmf_mod._small_blas_rows(16, 16) * 16 * 16 <= 1 << 18
