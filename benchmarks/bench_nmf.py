@@ -221,12 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     if "ours-hals-f16" in runs:
         V16 = V.astype(np.float16)
 
-    (Ws, Hs), seed_init_s, _ = timed(lambda: nmf_init(V, k, init="seed", seed=args.seed), False)
-    (Wn, Hn), nndsvd_s, _ = timed(lambda: nmf_init(V, k, init="nndsvda", seed=args.seed), False)
     csr_init_s = None
     if Vcsr is not None:
         # the compiled kernels load (or compile, on a machine's first run) once per process:
-        # timed on its own, then the start is the best of 3
+        # timed on its own, then the start is the best of 3 - before the dense starts, whose
+        # threaded BLAS calls leave OpenBLAS's workers spinning for a while (measured: the
+        # next CSR starts took 105-270 ms instead of 90 for about half a second)
         t = time.perf_counter()
         tiny = sp.csr_matrix(np.eye(16, 8, dtype=np.float32))
         nmf_fit(tiny, 2, max_iter=2, tol=0)
@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         csr_init_s = min(
             timed(lambda: nmf_init(Vcsr, k, init="nndsvda", seed=args.seed), False)[1]
             for _ in range(3))
+    (Ws, Hs), seed_init_s, _ = timed(lambda: nmf_init(V, k, init="seed", seed=args.seed), False)
+    (Wn, Hn), nndsvd_s, _ = timed(lambda: nmf_init(V, k, init="nndsvda", seed=args.seed), False)
     print(f"init: seed {seed_init_s:.2f} s, nndsvda (randomised SVD) dense V {nndsvd_s:.2f} s"
           + ("" if csr_init_s is None else f", CSR V {csr_init_s:.2f} s"))
 
