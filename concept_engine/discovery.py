@@ -38,8 +38,10 @@ The numerics use the array namespace of the backend (NumPy here, CuPy when V is 
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -605,11 +607,20 @@ def _regions_stage(images: list[_Image], fit: Any, run: _Run
     options = run.options
     maps = [np.asarray(to_host(m), np.float32) for m in _maps(fit.W, images)]
     certainties = image_certainties(maps, [im.input_size for im in images])
+
+    def one(i: int) -> list:
+        return hm.concept_polygons(maps[i], images[i].original_size, options.threshold,
+                                   options.min_area)
+
+    # the images are independent and OpenCV/NumPy release the GIL: one thread per core,
+    # results collected in image order
     polygons = []
-    for i, (im, m) in enumerate(zip(images, maps, strict=True)):
-        polygons.append(hm.concept_polygons(m, im.original_size, options.threshold,
-                                            options.min_area))
-        run.emit(Progress("regions", i + 1, len(images), im.id))
+    workers = min(len(images), os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers),
+                                               thread_name_prefix="dff-regions") as pool:
+        for i, polys in enumerate(pool.map(one, range(len(images)))):
+            polygons.append(polys)
+            run.emit(Progress("regions", i + 1, len(images), images[i].id))
     return maps, certainties, polygons
 
 
