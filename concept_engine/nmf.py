@@ -691,7 +691,7 @@ def _top_singular(op: _Operand, k: int) -> tuple[list[float], Any, Any]:
         Z = sum((p[0] for p in parts[1:]), parts[0][0])[:, :m].astype(np.float64)
         if op._mean is None:
             op._set_moments([p[1] for p in parts])
-            _check_non_negative(op)
+        _check_non_negative(op)  # nmf_fit leaves the check of an NNDSVD fit on CSR to here
         Q, _ = np.linalg.qr(Z)
         Qc = csr_kernels._padded(np.asarray(Q, dtype=op.dtype))
         Bw = np.empty((op.n, Qc.shape[1]), dtype=op.dtype)
