@@ -17,11 +17,11 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-__all__ = ["AVAILABLE", "jit", "split_run", "warm_up"]
+__all__ = ["AVAILABLE", "jit", "run_parts", "split_run", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,25 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
                                                  thread_name_prefix="dff-kernel")
 
 
+def run_parts(fn: Callable[..., Any], parts: Sequence[tuple[Any, ...]],
+              pool: concurrent.futures.Executor | None = None) -> list[Any]:
+    """``[fn(*p) for p in parts]`` with the first part on this thread and the others on
+    ``pool`` (default: a shared one of cores - 1 threads), results in order. fn must release
+    the GIL (a ``nogil`` kernel, NumPy, SciPy) for the parts to overlap."""
+    if len(parts) == 1:
+        return [fn(*parts[0])]
+    pool = pool if pool is not None else _pool()
+    rest = [pool.submit(fn, *p) for p in parts[1:]]
+    first = fn(*parts[0])
+    return [first, *(f.result() for f in rest)]
+
+
 def split_run(fn: Callable[[int, int], Any], n: int, min_items: int = 1) -> None:
     """fn(start, stop) over range(n) cut into one contiguous part per core (parts of at least
-    min_items), the first on this thread, the others on a shared pool; returns when all are
-    done (fn must release the GIL to gain anything: a ``nogil`` kernel)."""
-    parts = max(1, min(os.cpu_count() or 1, n // max(min_items, 1)))
-    cuts = [n * i // parts for i in range(parts + 1)]
-    rest = [_pool().submit(fn, a, b) for a, b in zip(cuts[1:-1], cuts[2:], strict=True)]
-    fn(cuts[0], cuts[1])
-    for f in rest:
-        f.result()
+    min_items), with :func:`run_parts`."""
+    count = max(1, min(os.cpu_count() or 1, n // max(min_items, 1)))
+    cuts = [n * i // count for i in range(count + 1)]
+    run_parts(fn, list(zip(cuts[:-1], cuts[1:], strict=True)))
 
 
 def register_warmer(fn: Callable[[], None]) -> Callable[[], None]:

@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from concept_engine import csr_kernels
+from concept_engine import compiled, csr_kernels
 from concept_engine.backend import get_namespace, is_sparse, to_device
 
 __all__ = [
@@ -219,10 +219,7 @@ class _Operand:
         """fn(start, stop, block) on every row block, the first on this thread and the others
         on the process's worker threads (started once: a thread started per product cost more
         than the product itself on small V); results in order."""
-        pool = _block_pool()
-        rest = [pool.submit(fn, *blk) for blk in self._blocks[1:]]
-        first = fn(*self._blocks[0])
-        return [first, *(f.result() for f in rest)]
+        return compiled.run_parts(fn, self._blocks, _block_pool())
 
     def run_ranges(self, fn) -> list[Any]:
         """fn(start, stop) on every row range of the compiled kernels, in parallel (the first
@@ -232,14 +229,9 @@ class _Operand:
         range per core), the ranges run one after another on this thread instead; when fewer
         fits are left (the last fits of a batch), in parallel again. Same ranges, same order
         of the partial sums either way: the result does not depend on which."""
-        if len(self._ranges) == 1:
-            return [fn(*self._ranges[0])]
         if getattr(_LOCAL, "serial", False) and _FITS.running >= len(self._ranges):
             return [fn(a, b) for a, b in self._ranges]
-        pool = _block_pool()
-        rest = [pool.submit(fn, *r) for r in self._ranges[1:]]
-        first = fn(*self._ranges[0])
-        return [first, *(f.result() for f in rest)]
+        return compiled.run_parts(fn, self._ranges, _block_pool())
 
     def _k_gather(self, X: Any) -> Any:
         """V X (n, m) by the compiled kernel; X (C, m)."""
