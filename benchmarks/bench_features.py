@@ -130,10 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-grpc", action="store_true", help="in-process rows only")
     parser.add_argument("--providers", default="", help="ONNX Runtime providers (default: auto)")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
+    parser.add_argument("--data", type=Path, default=DATA,
+                        help="folder of photos (default: ../shared/data/imagenet_sample)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    files = sorted(DATA.glob("*.JPEG"))
+    files = sorted(p for p in args.data.iterdir()
+                   if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    if not files:
+        parser.error(f"no photos (.jpeg, .jpg, .png) in {args.data}")
     files = (files * (args.images // len(files) + 1))[:args.images]
     items = [(f"{i}-{p.name}", p.read_bytes()) for i, p in enumerate(files)]
     extractor = Extractor.from_cache(args.home, batch_size=args.batch_size,
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         null_server.stop(grace=2)
 
     out = sys.stdout
-    out.write(f"\n{n} images (imagenet_sample JPEGs, ~{np.mean([len(d) for _, d in items]):.0f}"
+    out.write(f"\n{n} images ({args.data.name} photos, ~{np.mean([len(d) for _, d in items]):.0f}"
               f" B each), batch {args.batch_size}, layer {args.layer}, provider "
               f"{extractor.execution_provider}, {args.repeat} interleaved repeats (median), "
               f"load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores"

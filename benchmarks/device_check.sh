@@ -46,16 +46,52 @@ if [[ "${1:-}" == "--prepare" ]]; then
     exit 0
 fi
 
+ORT_PACK="$ROOT/.device-ort/ort-gpu.tar.xz"
+ORT_DIR="${DFF_DEVICE_ORT:-/tmp/dff-ort}"
+if [[ "${1:-}" == "--prepare-ort" ]]; then
+    # onnxruntime-gpu cut to one carry (device code for sm_90 only): see device_ort.py
+    PY="${PYTHON:-$ROOT/.venv/bin/python}"
+    [[ -x "$PY" ]] || PY=python3
+    rm -rf "$ROOT/.device-ort"
+    exec "$PY" "$ROOT/benchmarks/device_ort.py" --prepare "$ROOT/.device-ort"
+fi
+
 step() { echo "== $1 ($(date +%T))" >&2; }
+use_ort_gpu() {  # the carried CUDA provider, once unpacked and checked on this machine
+    [[ -f "$ORT_DIR/.ok" ]] || return 1
+    export PYTHONPATH="$ORT_DIR${PYTHONPATH:+:$PYTHONPATH}"
+    export LD_LIBRARY_PATH="$(cat "$ORT_DIR/.lib-dirs")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}
+if [[ "${1:-}" == "--install-ort" || ( "$REDUCED" != "1" && -f "$ORT_PACK" && ! -f "$ORT_DIR/.ok" ) ]]; then
+    # the carry of `--prepare-ort` (a call of its own: the models need the next carry); the
+    # machine keeps /tmp between calls while it is warm
+    step "onnxruntime-gpu"
+    PY="${PYTHON:-python3}"
+    rm -rf "$ORT_DIR"
+    "$PY" "$ROOT/benchmarks/device_ort.py" --install "$ORT_PACK" --target "$ORT_DIR" || exit 1
+    "$PY" "$ROOT/benchmarks/device_ort.py" --lib-dirs >"$ORT_DIR/.lib-dirs"
+    touch "$ORT_DIR/.ok"
+    if ! (use_ort_gpu && cd /tmp && "$PY" "$ROOT/benchmarks/device_ort.py" --check); then
+        rm -f "$ORT_DIR/.ok"
+        echo "the carried CUDA provider does not run here; the check will use the CPU provider" >&2
+    fi
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+        --format=csv,noheader
+    "$PY" -m pip list 2>/dev/null | grep -i -E '^(numpy|numba|cupy|onnx|onnxruntime|torch|grpcio|protobuf|opencv|h5py|scipy|scikit-learn) '
+    [[ "${1:-}" == "--install-ort" ]] && exit 0
+fi
 export DFF_HOME="$WORK/home"
 if [[ "$REDUCED" == "1" ]]; then
     PY="${PYTHON:-$ROOT/.venv/bin/python}"
     [[ -x "$PY" ]] || PY=python3
     N_IMAGES=16; NMF_N=200; NMF_ITERS=5; BATCHES="8"; PHOTOS=12; TEST_SELECT="-m gpu"
 else
-    N_IMAGES=512; NMF_N=5000; NMF_ITERS=20; BATCHES="8,32,64,128"; PHOTOS=48
+    N_IMAGES=512; NMF_N=5000; NMF_ITERS=20; BATCHES="32,128,256"; PHOTOS=48
     TEST_SELECT="-m gpu"
 fi
+# a GPU runs the network in batches of 64 from 4 client streams; the CPU form keeps 8 and 1
+BATCH=8; STREAMS=1; PRECISIONS=""
+if [[ "$REDUCED" != "1" ]]; then BATCH=64; STREAMS=4; PRECISIONS="fp32,fp16"; fi
 if ls "$CACHE"/wheels/*.whl >/dev/null 2>&1 && [[ "$REDUCED" != "1" ]]; then
     step "carried wheels"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -64,6 +100,7 @@ if ls "$CACHE"/wheels/*.whl >/dev/null 2>&1 && [[ "$REDUCED" != "1" ]]; then
 else
     export PYTHONPATH="$ROOT/protos:$ROOT"
 fi
+[[ "$REDUCED" != "1" ]] && use_ort_gpu && echo "using the carried onnxruntime-gpu" >&2
 cd "$ROOT" || exit 1
 
 step "models"
@@ -93,29 +130,30 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
     --format=csv,noheader >"$LOGS/gpu.txt" 2>&1
 
 step "gpu tests"
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider $TEST_SELECT tests >"$LOGS/tests.log" 2>&1
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider $TEST_SELECT tests >"$LOGS/tests.log" 2>&1
 echo "tests rc=$?" >>"$LOGS/tests.log"
 
 step "feature benchmark"
-timeout 240 "$PY" benchmarks/bench_features.py --images "$N_IMAGES" --batch-size 8 \
-    --batch-sizes "$BATCHES" --repeat 1 --json "$LOGS/features.json" \
+timeout 200 "$PY" benchmarks/bench_features.py --images "$N_IMAGES" --batch-size "$BATCH" \
+    --batch-sizes "$BATCHES" --streams "$STREAMS" ${PRECISIONS:+--precisions "$PRECISIONS"} \
+    --repeat 1 --data "$WORK/photos/ant" --json "$LOGS/features.json" \
     >"$LOGS/features.log" 2>&1 || echo "feature benchmark failed (see features.log)" >&2
 if "$PY" -c "import torch,sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
     step "torch fp16 reference"
-    timeout 90 "$PY" benchmarks/torch_vgg.py --gpu-reference --batch-sizes 64,128,256 \
+    timeout 60 "$PY" benchmarks/torch_vgg.py --gpu-reference --batch-sizes 64,128,256 \
         --json "$LOGS/torch_ref.json" >"$LOGS/torch_ref.log" 2>&1
 fi
 
 step "NMF benchmark"
 RUNS="ours-hals-csr,ours-hals-cupy,sklearn-cd"
 [[ "$REDUCED" == "1" ]] && RUNS="ours-hals-csr,ours-hals-cupy"
-timeout 200 "$PY" benchmarks/bench_nmf.py --n-images "$NMF_N" --k 6 --iters "$NMF_ITERS" \
+timeout 120 "$PY" benchmarks/bench_nmf.py --n-images "$NMF_N" --k 6 --iters "$NMF_ITERS" \
     --tol 0 --runs "$RUNS" --json "$LOGS/nmf.json" >"$LOGS/nmf.log" 2>&1 \
     || echo "NMF benchmark failed (see nmf.log)" >&2
 
 step "dff discover"
 start=$(date +%s%N)
-timeout 240 "$PY" -m exporter.cli discover "$WORK/photos/ant" --out "$WORK/out" --no-progress \
+timeout 120 "$PY" -m exporter.cli discover "$WORK/photos/ant" --out "$WORK/out" --no-progress \
     --k-range 2-4 >"$LOGS/discover.log" 2>&1
 echo "discover rc=$? wall_ms=$(( ($(date +%s%N) - start) / 1000000 ))" >>"$LOGS/discover.log"
 
