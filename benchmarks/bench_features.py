@@ -115,6 +115,31 @@ class NullCompute:
         return Extractor._run_chunk(self, chunk, prepared, options)  # type: ignore[arg-type]
 
 
+def served(args: argparse.Namespace, items: list[tuple[str, bytes]], precisions: list[str]
+           ) -> dict[str, float]:
+    """img/s per precision through `dff serve features` started in its own process."""
+    from benchmarks.load_test import start_replica
+
+    env = os.environ.copy()
+    if args.home:
+        env["DFF_HOME"] = args.home
+    proc, address = start_replica(argparse.Namespace(batch=args.batch_size), env=env,
+                                  extra=["--max-inflight-per-stream", str(4 * args.batch_size),
+                                         "--max-wait-ms", "5"])
+    try:
+        out = {}
+        for prec in precisions:
+            opts = ExtractOptions(layers=(args.layer,), precision=prec)
+            over_grpc(address, items[:2 * args.batch_size], opts, args.streams)  # warm-up
+            runs = [over_grpc(address, items, opts, args.streams)[0]
+                    for _ in range(args.repeat)]
+            out[prec] = len(items) / statistics.median(runs)
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=32)
@@ -130,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-grpc", action="store_true", help="in-process rows only")
     parser.add_argument("--providers", default="", help="ONNX Runtime providers (default: auto)")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
+    parser.add_argument("--server-process", action="store_true",
+                        help="also time the gRPC rows against `dff serve features` in its own "
+                             "process (as deployed: the server does not share this process's "
+                             "GIL with the clients)")
     parser.add_argument("--data", type=Path, default=DATA,
                         help="folder of photos (default: ../shared/data/imagenet_sample)")
     args = parser.parse_args(argv)
@@ -197,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                     in_process(null, items, options))  # type: ignore[arg-type]
                 times.setdefault((f"no-compute gRPC x{args.streams}", dtype), []).append(
                     over_grpc(null_address, items, options, args.streams)[0])
+        if args.server_process and not args.no_grpc:
+            for prec, ips in served(args, items, precisions).items():
+                times[(f"gRPC served {prec} x{args.streams}", "float32")] = [n / ips]
         load_after = os.getloadavg()[0]
         rows = []
         for (name, dtype), ts in times.items():
@@ -227,14 +259,15 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({
             "provider": extractor.execution_provider, "images": n, "cpu": cpu_description(),
             "rows": [{"path": r[0], "wire": r[1], "img_s": r[2]} for r in rows]}, indent=1))
-    compute_ms = 1e3 / ips_of[f"ORT only fp32 b{args.batch_size}"]
+    ref_prec = "fp32" if "fp32" in precisions else precisions[0]
+    compute_ms = 1e3 / ips_of[f"ORT only {ref_prec} b{args.batch_size}"]
     for dtype in (() if args.no_grpc else ("float32", "float16")):
         ratio = by[("in-process", dtype)] / by[("gRPC loopback", dtype)]
         extra_ms = 1e3 * (1 / by[("no-compute gRPC", dtype)]
                           - 1 / by[("no-compute in-process", dtype)])
         out.write(f"overhead {dtype}: in-process / gRPC throughput = {ratio:.3f}; "
                   f"gRPC path without compute costs {extra_ms:+.1f} ms/image more than "
-                  f"in-process (fp32 compute: {compute_ms:.0f} "
+                  f"in-process ({ref_prec} compute: {compute_ms:.0f} "
                   "ms/image)\n")
     return 0
 

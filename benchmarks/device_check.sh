@@ -130,13 +130,19 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
     --format=csv,noheader >"$LOGS/gpu.txt" 2>&1
 
 step "gpu tests"
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider $TEST_SELECT tests >"$LOGS/tests.log" 2>&1
+# the gpu tests read real photos from ../shared/data, which does not travel: the carried ones
+SHARED_ANT="$ROOT/../shared/data/imagenet_data/ant"
+if [[ ! -d "$SHARED_ANT" ]]; then mkdir -p "$SHARED_ANT" && cp "$WORK/photos/ant/"* "$SHARED_ANT/"; fi
+# only the modules that hold gpu tests: others may import what the machine lacks; warnings are
+# shown, not errors (the machine's package versions are not the pinned ones)
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider -W default $TEST_SELECT \
+    $(grep -rl --include='test_*.py' 'mark.gpu' tests) >"$LOGS/tests.log" 2>&1
 echo "tests rc=$?" >>"$LOGS/tests.log"
 
 step "feature benchmark"
-timeout 200 "$PY" benchmarks/bench_features.py --images "$N_IMAGES" --batch-size "$BATCH" \
+timeout 240 "$PY" benchmarks/bench_features.py --images "$N_IMAGES" --batch-size "$BATCH" \
     --batch-sizes "$BATCHES" --streams "$STREAMS" ${PRECISIONS:+--precisions "$PRECISIONS"} \
-    --repeat 1 --data "$WORK/photos/ant" --json "$LOGS/features.json" \
+    --repeat 1 --data "$WORK/photos/ant" --server-process --json "$LOGS/features.json" \
     >"$LOGS/features.log" 2>&1 || echo "feature benchmark failed (see features.log)" >&2
 if "$PY" -c "import torch,sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
     step "torch fp16 reference"
@@ -152,11 +158,21 @@ timeout 120 "$PY" benchmarks/bench_nmf.py --n-images "$NMF_N" --k 6 --iters "$NM
     || echo "NMF benchmark failed (see nmf.log)" >&2
 
 step "dff discover"
-start=$(date +%s%N)
-timeout 120 "$PY" -m exporter.cli discover "$WORK/photos/ant" --out "$WORK/out" --no-progress \
-    --k-range 2-4 >"$LOGS/discover.log" 2>&1
-echo "discover rc=$? wall_ms=$(( ($(date +%s%N) - start) / 1000000 ))" >>"$LOGS/discover.log"
+# twice: the first run on a fresh machine compiles CuPy's kernels (NVRTC) and the host
+# kernels (Numba), both cached on disk; the second is what every later run costs
+for run in cold warm; do
+    start=$(date +%s%N)
+    timeout 120 "$PY" -m exporter.cli discover "$WORK/photos/ant" --out "$WORK/out-$run" \
+        --no-progress --k-range 2-4 >>"$LOGS/discover.log" 2>&1
+    echo "discover $run rc=$? wall_ms=$(( ($(date +%s%N) - start) / 1000000 ))" \
+        >>"$LOGS/discover.log"
+done
 
 step "table"
-"$PY" benchmarks/device_report.py "$LOGS" "$WORK/out" | tee "$LOGS/table.txt"
+"$PY" benchmarks/device_report.py "$LOGS" "$WORK/out-warm" | tee "$LOGS/table.txt"
 rm -rf "$WORK"
+if [[ -n "${OUT:-}" && "$LOGS" == "$OUT" ]]; then
+    # the device tool brings back at most 8 files: the table, and the logs in one archive
+    (cd "$LOGS" && tar -czf logs.tar.gz --exclude table.txt --exclude logs.tar.gz \
+        --remove-files -- *)
+fi

@@ -31,7 +31,8 @@ import zipfile
 from pathlib import Path
 
 FATBIN_MAGIC = 0xBA55ED50
-KEEP = ("onnxruntime/capi/onnxruntime_pybind11_state", "onnxruntime/capi/libonnxruntime_providers_cuda.so",
+KEEP = ("onnxruntime/capi/onnxruntime_pybind11_state",
+        "onnxruntime/capi/libonnxruntime_providers_cuda.so",
         "onnxruntime/capi/libonnxruntime_providers_shared.so")
 LINKED = ("libcublas.so.13", "libcublasLt.so.13", "libcudart.so.13", "libcurand.so.10",
           "libcudnn.so.9", "libcufft.so.12", "libnvrtc.so.13")
@@ -50,12 +51,25 @@ def _section(path: Path, name: str) -> tuple[int, int]:
 
 
 def blank_other_archs(path: Path, keep_arch: int) -> tuple[int, int]:
-    """Zero the payload of every fatbin entry not built for ``keep_arch``; bytes (kept, zeroed)."""
+    """Zero the device code of every architecture but ``keep_arch`` in a shared library's
+    ``.nv_fatbin`` section, in place; bytes (kept, zeroed)."""
     data = bytearray(path.read_bytes())
     start, size = _section(path, ".nv_fatbin")
+    kept, zeroed = blank_fatbin(data, start, size, keep_arch)
+    if kept == 0:
+        raise ValueError(f"{path}: no device code for sm_{keep_arch}")
+    path.write_bytes(bytes(data))
+    return kept, zeroed
+
+
+def blank_fatbin(data: bytearray, start: int, size: int, keep_arch: int) -> tuple[int, int]:
+    """Zero, in ``data[start:start + size]`` (a run of fatbin blobs), the payload of every entry
+    not built for ``keep_arch``; bytes (kept, zeroed). Blob: magic, version (u16), header size
+    (u16), size (u64); entry: kind (u16), version (u16), header size (u32), payload size (u64),
+    ..., architecture (u32 at offset 28)."""
     kept = zeroed = 0
     i, end = start, start + size
-    while i < end:
+    while i + 16 <= end:
         magic, _version, header, fat_size = struct.unpack_from("<IHHQ", data, i)
         if magic != FATBIN_MAGIC:  # blobs are 8-byte aligned with padding between them
             i += 8
@@ -71,9 +85,6 @@ def blank_other_archs(path: Path, keep_arch: int) -> tuple[int, int]:
                 zeroed += payload
             j += entry_header + payload
         i = blob_end
-    if kept == 0:
-        raise ValueError(f"{path}: no device code for sm_{keep_arch}")
-    path.write_bytes(bytes(data))
     return kept, zeroed
 
 

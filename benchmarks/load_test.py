@@ -33,11 +33,16 @@ from feature_server.convert import options_to_proto  # noqa: E402
 from feature_server.extractor import ExtractOptions  # noqa: E402
 
 
-def start_replica(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'protos'}{os.pathsep}{ROOT}")
+def start_replica(args: argparse.Namespace, env: dict[str, str] | None = None,
+                  extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    env = dict(env or os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "protos"), str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(
+            os.pathsep) if p])
     proc = subprocess.Popen(
         [sys.executable, "-m", "exporter.cli", "-v", "serve", "features", "--host",
-         "127.0.0.1", "--port", "0", "--no-build", "--max-batch-size", str(args.batch)],
+         "127.0.0.1", "--port", "0", "--no-build", "--max-batch-size", str(args.batch),
+         *(extra or [])],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     deadline = time.monotonic() + 120

@@ -7,11 +7,15 @@ and device (:func:`to_host`, :func:`to_device`); the compute modules call these 
 boundaries only.
 
 SciPy sparse matrices are host arrays: :func:`get_namespace` maps them to NumPy.
+
+``DFF_GPU=0`` in the environment keeps every computation on the host even where CuPy sees a
+device (``DFF_GPU=1``, the default, uses it when present).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from types import ModuleType
 from typing import Any
 
@@ -30,7 +34,10 @@ __all__ = [
 
 @functools.cache
 def _cupy() -> ModuleType | None:
-    """CuPy if it is installed and sees at least one CUDA device, else None (cached)."""
+    """CuPy if it is installed and sees at least one CUDA device (and ``DFF_GPU`` is not
+    ``0``), else None (cached)."""
+    if os.environ.get("DFF_GPU", "1").strip() == "0":
+        return None
     try:
         import cupy  # noqa: PLC0415 - the one place CuPy is imported
 

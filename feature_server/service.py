@@ -73,7 +73,7 @@ class ServerConfig:
     max_queue: int = 256
     formats: frozenset[str] = field(default=DEFAULT_FORMATS)
     grace_s: float = 30.0
-    decode_workers: int = 0  # threads decoding images for all streams; 0 = min(8, cores)
+    decode_workers: int = 0  # threads decoding images for all streams; 0 = min(16, cores)
     intra_op_threads: int = 0
 
     @property
@@ -213,7 +213,7 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
                                             config.max_waiting_streams, metrics)
         self.budget = MemoryBudget(config.memory_budget_bytes, metrics)
         self._decoders = futures.ThreadPoolExecutor(
-            max_workers=config.decode_workers or min(8, os.cpu_count() or 1),
+            max_workers=config.decode_workers or min(16, os.cpu_count() or 1),
             thread_name_prefix="decode")
 
     @map_errors

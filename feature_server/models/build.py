@@ -204,6 +204,37 @@ def vgg19_onnx(weights: dict[str, tuple[np.ndarray, np.ndarray]],
     return model
 
 
+def with_outputs(model, outputs: Iterable[str]):
+    """A copy of ``model`` (onnx.ModelProto) whose graph outputs are only ``outputs``, without
+    the nodes and initializers none of them needs.
+
+    The feature models expose every conv layer as an output, so that a request can name any.
+    A session over the whole graph computes (and, in fp16, casts to float32) every one of them
+    and cannot reuse their buffers; measured on an H200 with the fp16 VGG-19 at batch 128:
+    4822 -> 5390 img/s with the graph cut at conv5_4 (6834 with NHWC convolutions too)."""
+    import onnx
+
+    keep = set(outputs)
+    missing = keep - {o.name for o in model.graph.output}
+    if missing:
+        raise InvalidInput(f"model {model.graph.name!r} has no output(s) {sorted(missing)}")
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    graph = cut.graph
+    kept_outputs = [o for o in graph.output if o.name in keep]
+    needed, nodes = set(keep), []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            nodes.append(node)
+            needed.update(node.input)
+    inits = [i for i in graph.initializer if i.name in needed]
+    del graph.output[:], graph.node[:], graph.initializer[:]
+    graph.output.extend(kept_outputs)
+    graph.node.extend(reversed(nodes))
+    graph.initializer.extend(inits)
+    return cut
+
+
 def _save_onnx(model, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".onnx.tmp")

@@ -69,7 +69,11 @@ def test_report_table_from_step_outputs(tmp_path):
         "N": 5000, "k": 6, "read_ms": 80.0, "csr_init_s": 0.2, "nndsvda_s": 1.0,
         "rows": [{"name": "ours-hals-cupy", "n_iter": 20, "seconds": 0.05,
                   "ms_per_iter": 2.5, "error": 1.0}]}))
-    (logs / "discover.log").write_text("...\ndiscover rc=0 wall_ms=12345\n")
+    (logs / "discover.log").write_text(
+        "...\n    time: features 9.0s, k_sweep 20.0s (total 29.0s)\n"
+        "discover cold rc=0 wall_ms=31000\n"
+        "...\n    time: features 3.0s, k_sweep 1.0s (total 4.0s)\n"
+        "discover warm rc=0 wall_ms=12345\n")
     (out / "ant" / "summary.json").write_text(json.dumps({
         "n_images": 48, "k": 3, "stage_seconds": {"features": 3.0, "k_sweep": 1.0,
                                                   "total": 4.0}}))
@@ -79,3 +83,25 @@ def test_report_table_from_step_outputs(tmp_path):
     assert "no-compute" not in table
     assert "NMF ours-hals-cupy N=5000 k=6" in table and "2.5 ms" in table
     assert "12.3 s" in table and "features 75%, k_sweep 25%" in table
+    assert "dff discover, cold (rc 0)" in table and "31.0 s" in table
+    assert "stage seconds (warm run): features 3.0s, k_sweep 1.0s" in table
+
+
+def test_fatbin_blanking_keeps_only_the_asked_architecture():
+    import struct
+
+    from benchmarks.device_ort import FATBIN_MAGIC, blank_fatbin
+
+    def entry(arch: int, payload: bytes) -> bytes:
+        header = bytearray(64)
+        struct.pack_into("<HHIQ", header, 0, 2, 0x101, 64, len(payload))
+        struct.pack_into("<I", header, 28, arch)
+        return bytes(header) + payload
+
+    body = entry(80, b"\x11" * 24) + entry(90, b"\x22" * 16) + entry(120, b"\x33" * 8)
+    blob = struct.pack("<IHHQ", FATBIN_MAGIC, 1, 16, len(body)) + body
+    data = bytearray(b"\x00" * 8 + blob + b"\x00" * 8)  # aligned padding around the blob
+    kept, zeroed = blank_fatbin(data, 0, len(data), 90)
+    assert (kept, zeroed) == (16, 32)
+    assert data.count(b"\x22") == 16 and b"\x11" not in data and b"\x33" not in data
+    assert len(data) == 16 + len(blob)  # the layout is unchanged

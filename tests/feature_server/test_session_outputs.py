@@ -1,0 +1,48 @@
+"""A request for some conv layers runs a session over the graph cut to those layers: same
+activations as the whole graph, fewer nodes, one session per distinct set of layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from dff_protos.errors import InvalidInput
+
+from feature_server.extractor import ExtractOptions, Extractor
+from feature_server.models.build import with_outputs
+
+
+def test_with_outputs_keeps_only_what_the_outputs_need(registry):
+    model = onnx.load(str(registry["vgg19_int8"].onnx_path))
+    cut = with_outputs(model, ["conv4_1"])
+    assert [o.name for o in cut.graph.output] == ["conv4_1"]
+    assert 0 < len(cut.graph.node) < len(model.graph.node)
+    assert len(cut.graph.initializer) < len(model.graph.initializer)
+    onnx.checker.check_model(cut)
+    assert len(model.graph.output) > 1  # the original is not touched
+    with pytest.raises(InvalidInput, match="no output"):
+        with_outputs(model, ["conv9_9"])
+
+
+def test_cut_sessions_give_the_whole_graph_activations(registry):
+    import onnxruntime as ort
+
+    ex = Extractor(registry, batch_size=2, precisions=("int8",))
+    x = np.random.default_rng(0).uniform(-100, 100, (2, 3, 64, 64)).astype(np.float32)
+    whole = ort.InferenceSession(str(registry["vgg19_int8"].onnx_path),
+                                 providers=["CPUExecutionProvider"])
+    for layers in (["conv5_4"], ["conv4_1", "conv5_4"]):
+        got = ex.run("vgg19_int8", x, layers)
+        want = whole.run(layers, {"input": x})
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+    keys = {key for key in ex._sessions if key[0] == "vgg19_int8"}
+    assert keys == {("vgg19_int8", frozenset({"conv5_4"})),
+                    ("vgg19_int8", frozenset({"conv4_1", "conv5_4"}))}
+
+
+def test_default_session_is_cut_at_the_default_layer(registry):
+    ex = Extractor(registry, batch_size=2, precisions=("int8",))
+    assert ("vgg19_int8", frozenset(ExtractOptions().layers)) in ex._sessions
+    session = ex._sessions[("vgg19_int8", frozenset(ExtractOptions().layers))]
+    assert [o.name for o in session.get_outputs()] == list(ExtractOptions().layers)
