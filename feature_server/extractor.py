@@ -301,7 +301,8 @@ class Extractor:
 
                     from feature_server.models.build import with_outputs
 
-                    source = with_outputs(onnx.load(source), wanted).SerializeToString()
+                    source = with_outputs(onnx.load(str(spec.onnx_path)),
+                                          wanted).SerializeToString()
                 session = ort.InferenceSession(source, self._session_options,
                                                providers=provider_options(self.providers))
                 self._sessions[(name, wanted)] = session

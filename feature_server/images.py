@@ -224,6 +224,9 @@ def _jpeg_complete(data: bytes) -> bool:
 
 def to_bgr_float(img: np.ndarray) -> np.ndarray:
     """Any decoded OpenCV array -> (H, W, 3) float32 BGR, 0..255 (alpha over white)."""
+    if img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
+        # what every colour JPEG decodes to: 0..255 already, nothing to scale, clip or blend
+        return img.astype(np.float32)
     if img.dtype == np.uint8:
         scale = 1.0
     elif img.dtype == np.uint16:
@@ -287,12 +290,18 @@ def preprocess(img: np.ndarray, pre: Preprocessing, mode: str | None = None,
     else:
         th, tw = input_size(img.shape[:2], mode, size)
         x = _resize(img, tw, th)
-    if pre.color_order == "RGB":
-        x = x[:, :, ::-1]
-    elif pre.color_order != "BGR":
+    if pre.color_order not in ("RGB", "BGR"):
         raise InvalidInput(f"unknown colour order {pre.color_order!r}")
-    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+    # straight into the (3, h, w) layout, one plane at a time: the same float32 operations
+    # as (x - mean) / std on the whole image, without its temporaries and transposed copy
+    mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
+    out = np.empty((3, x.shape[0], x.shape[1]), np.float32)
+    for c in range(3):
+        src = 2 - c if pre.color_order == "RGB" else c
+        np.subtract(x[:, :, src], mean[c], out=out[c])
+        if std[c] != 1:
+            np.divide(out[c], std[c], out=out[c])
+    return out
 
 
 def read_items(paths_or_dir: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]

@@ -138,3 +138,38 @@ def test_read_items(shared_data):
     items = read_items(shared_data / "gymnast")
     assert len(items) == 6 and items == sorted(items)
     assert all(path.is_file() for _, path in items)
+
+
+@pytest.mark.parametrize("pre", [VGG_CAFFE_PREPROCESSING, EFFICIENTNET_PREPROCESSING],
+                         ids=["caffe-BGR", "RGB-std"])
+def test_preprocess_is_the_plain_formula_bit_for_bit(pre):
+    """preprocess writes (3, h, w) plane by plane; the values are those of the whole-image
+    formula (x[colour order] - mean) / std, transposed."""
+    from feature_server.images import _resize, input_size
+
+    img = np.random.default_rng(3).uniform(0, 255, (300, 410, 3)).astype(np.float32)
+    got = preprocess(img, pre)
+    if pre.resize_mode == "shorter_crop":
+        scale = pre.resize_shorter / 300
+        nh, nw = max(pre.size, round(300 * scale)), max(pre.size, round(410 * scale))
+        top, left = (nh - pre.size) // 2, (nw - pre.size) // 2
+        x = _resize(img, nw, nh)[top:top + pre.size, left:left + pre.size]
+    else:
+        th, tw = input_size(img.shape[:2], pre.resize_mode, pre.size)
+        x = _resize(img, tw, th)
+    if pre.color_order == "RGB":
+        x = x[:, :, ::-1]
+    want = ((x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+            ).transpose(2, 0, 1)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+
+
+def test_colour_jpeg_fast_path_equals_the_general_conversion():
+    from feature_server.images import to_bgr_float
+
+    img = np.random.default_rng(4).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    fast = to_bgr_float(img)
+    general = np.clip(img.astype(np.float32) * np.float32(1.0), 0.0, 255.0)
+    assert fast.dtype == np.float32 and fast.flags.c_contiguous
+    np.testing.assert_array_equal(fast, general)
