@@ -67,10 +67,12 @@ def result_to_proto(result: ExtractResult, options: ExtractOptions
     dtype = wire.dtype_from_name(options.wire_dtype)
     resp = features_pb2.ExtractResponse(id=result.id)
     for layer, act in result.activations.items():
-        resp.activations.append(features_pb2.Activation(layer=layer,
-                                                        tensor=wire.to_tensor(act, dtype)))
+        # filled in place: building an Activation and appending it copies the bytes twice more
+        msg = resp.activations.add()
+        msg.layer = layer
+        wire.fill_tensor(msg.tensor, act, dtype)
     if result.probabilities is not None:
-        resp.probabilities.CopyFrom(wire.to_tensor(result.probabilities))
+        wire.fill_tensor(resp.probabilities, result.probabilities)
     for index, name, p in result.top_k:
         resp.top_k.append(features_pb2.ClassScore(index=index, name=name, probability=p))
     h, w = result.original_size

@@ -219,7 +219,9 @@ def _jpeg_complete(data: bytes) -> bool:
     first SOS is the EOI (an EXIF thumbnail's EOI comes before it); trailing bytes are fine.
     """
     _, sos = _jpeg_markers(data)
-    return sos >= 0 and data.find(b"\xff\xd9", sos) >= 0
+    # the last FFD9 is at or after the SOS exactly when any is; searched from the end it is
+    # found at once in a normal file, instead of after a scan of the whole entropy-coded data
+    return sos >= 0 and data.rfind(b"\xff\xd9") >= sos
 
 
 def to_bgr_float(img: np.ndarray) -> np.ndarray:

@@ -25,10 +25,18 @@ def dtype_from_name(name: str) -> common_pb2.DType:
 def to_tensor(array: np.ndarray, dtype: common_pb2.DType = common_pb2.FLOAT32
               ) -> common_pb2.Tensor:
     """Encode an array (any float dtype) as a Tensor of the given wire dtype."""
+    return fill_tensor(common_pb2.Tensor(), array, dtype)
+
+
+def fill_tensor(tensor: common_pb2.Tensor, array: np.ndarray,
+                dtype: common_pb2.DType = common_pb2.FLOAT32) -> common_pb2.Tensor:
+    """Write an array into a Tensor message in place (e.g. one made by ``repeated.add()``):
+    the bytes are copied once into the message, not again into each enclosing message."""
     np_dtype = _TO_NUMPY[dtype]
-    data = np.ascontiguousarray(array, dtype=np_dtype).tobytes()
-    return common_pb2.Tensor(data=data, shape=list(array.shape),
-                             dtype=dtype or common_pb2.FLOAT32)
+    tensor.data = np.ascontiguousarray(array, dtype=np_dtype).tobytes()
+    tensor.shape[:] = list(array.shape)
+    tensor.dtype = dtype or common_pb2.FLOAT32
+    return tensor
 
 
 def from_tensor(tensor: common_pb2.Tensor, *, as_float32: bool = True) -> np.ndarray:
