@@ -4,11 +4,12 @@ Same images, same batch size, same Extractor (one ORT session): the server is st
 process on 127.0.0.1:0 around that Extractor, so the difference is gRPC + serialisation +
 micro-batching. Prints a table (images/s, bytes per image on the wire) and overhead ratios.
 Every precision (fp32, int8, fp16 variants of VGG-19) gets its rows: the network alone on
-preprocessed batches (for each ``--batch-sizes``, to tune the batch on a GPU), in-process with
-decoding, and through the gRPC server, with the ratio to fp32 of the same run.
+preprocessed batches (for each ``--batch-sizes``, to tune the batch on a GPU; on CUDA also with
+the batch already on the device), in-process with decoding, and through the gRPC server (with
+``--server-process`` also a server in its own process), with the ratio to fp32 of the same run.
 
     .venv/bin/python benchmarks/bench_features.py [--images 32] [--batch-size 8] [--repeat 2]
-        [--precisions fp32,int8,fp16] [--batch-sizes 8,32]
+        [--precisions fp32,int8,fp16] [--batch-sizes 8,32] [--server-process] [--data DIR]
 """
 
 from __future__ import annotations
@@ -54,6 +55,31 @@ def ort_only(extractor: Extractor, xs: list[np.ndarray], options: ExtractOptions
     t0 = time.perf_counter()
     for batch in batches:
         extractor.run(options.model, batch, list(options.layers))
+    return time.perf_counter() - t0
+
+
+def on_device(extractor: Extractor, xs: list[np.ndarray], options: ExtractOptions,
+              batch_size: int) -> float:
+    """Seconds for the network alone with its input already on the GPU and its output left
+    there (CUDA provider only): what the device does, without host copies or decoding."""
+    import onnxruntime as ort
+
+    spec = extractor.registry[options.model]
+    session = extractor._session(options.model, options.layers)
+    batches = [ort.OrtValue.ortvalue_from_numpy(np.stack(xs[s:s + batch_size]), "cuda", 0)
+               for s in range(0, len(xs), batch_size)]
+
+    def run(value) -> None:
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(spec.input_name, value)
+        for name in options.layers:
+            binding.bind_output(name, "cuda")
+        session.run_with_iobinding(binding)
+
+    run(batches[0])  # shape warm-up
+    t0 = time.perf_counter()
+    for value in batches:
+        run(value)
     return time.perf_counter() - t0
 
 
@@ -207,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                 for b in sorted({args.batch_size, *extra_batches}):
                     times.setdefault((f"ORT only {prec} b{b}", "-"), []).append(
                         ort_only(extractor, xs, opts, b))
+                    if extractor.execution_provider == "CUDAExecutionProvider":
+                        times.setdefault((f"ORT on GPU {prec} b{b}", "-"), []).append(
+                            on_device(extractor, xs, opts, b))
                 times.setdefault((f"in-process {prec}", "float32"), []).append(
                     in_process(extractor, items, opts))
                 if not args.no_grpc:

@@ -39,8 +39,8 @@ def report(logs: Path, out: Path) -> str:
         provider = feats.get("provider", "?")
         for row in feats.get("rows", []):
             path = row["path"]
-            if path.startswith(("ORT only", "in-process fp", "in-process int", "gRPC fp",
-                                "gRPC int", "gRPC served")):
+            if path.startswith(("ORT only", "ORT on GPU", "in-process fp", "in-process int",
+                                "gRPC fp", "gRPC int", "gRPC served")):
                 lines.append(f"{'features ' + path:<44}{row['img_s']:>10.1f} img/s  "
                              f"{provider}, {feats.get('images')} images")
     else:
