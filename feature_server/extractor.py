@@ -189,6 +189,10 @@ def provider_options(providers: Sequence[str], home: str | os.PathLike[str] | No
     return out
 
 
+#: Cut sessions (graph cut to a set of layers) kept per model; see ``Extractor._session``.
+MAX_CUT_SESSIONS = 4
+
+
 def round_wire(array: np.ndarray, wire_dtype: str) -> np.ndarray:
     """float32 array as it arrives after the wire: float16 rounds through half precision."""
     if wire_dtype == "float16":
@@ -285,7 +289,11 @@ class Extractor:
 
         A feature model outputs every conv layer; a request for some of them gets a session
         over the graph cut to those (:func:`~feature_server.models.build.with_outputs`), made
-        on first use and kept: the whole graph would compute, and hold, all sixteen."""
+        on first use and kept: the whole graph would compute, and hold, all sixteen.
+
+        At most :data:`MAX_CUT_SESSIONS` cut sessions are made per model (each holds its own
+        weights): further layer sets, which only a client trying every combination of layers
+        would ask for, run on the whole graph instead of growing the server's memory."""
         import onnxruntime as ort
 
         spec = get_spec(self.registry, name)
@@ -293,6 +301,9 @@ class Extractor:
         if spec.kind != "features" or wanted >= set(spec.layers):
             wanted = frozenset()
         with self._lock:
+            if wanted and (name, wanted) not in self._sessions and sum(
+                    1 for n, w in self._sessions if n == name and w) >= MAX_CUT_SESSIONS:
+                wanted = frozenset()
             session = self._sessions.get((name, wanted))
             if session is None:
                 source: str | bytes = str(spec.onnx_path)

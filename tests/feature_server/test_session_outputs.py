@@ -46,3 +46,19 @@ def test_default_session_is_cut_at_the_default_layer(registry):
     assert ("vgg19_int8", frozenset(ExtractOptions().layers)) in ex._sessions
     session = ex._sessions[("vgg19_int8", frozenset(ExtractOptions().layers))]
     assert [o.name for o in session.get_outputs()] == list(ExtractOptions().layers)
+
+
+def test_cut_sessions_are_bounded_per_model(registry):
+    """A client naming every combination of layers cannot make a session (and a copy of the
+    weights) per combination: past MAX_CUT_SESSIONS the whole graph serves the request."""
+    from feature_server import extractor as extractor_module
+
+    ex = Extractor(registry, batch_size=2, precisions=("int8",))
+    layers = list(registry["vgg19_int8"].layers)
+    x = np.random.default_rng(1).uniform(-100, 100, (1, 3, 32, 32)).astype(np.float32)
+    for i in range(len(layers)):
+        got = ex.run("vgg19_int8", x, [layers[i]])[0]
+        assert got.shape[:2] == (1, registry["vgg19_int8"].layers[layers[i]][0])
+    cut = [w for n, w in ex._sessions if n == "vgg19_int8" and w]
+    assert len(cut) == extractor_module.MAX_CUT_SESSIONS
+    assert ("vgg19_int8", frozenset()) in ex._sessions  # the whole graph took the rest
