@@ -240,6 +240,7 @@ class Extractor:
         self.limits = limits
         self.providers = select_providers(providers)
         self._sessions: dict[tuple[str, frozenset[str]], Any] = {}
+        self._uncut: set[str] = set()  # models whose graph cannot be cut (see _session)
         self._lock = threading.Lock()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
@@ -301,22 +302,31 @@ class Extractor:
         if spec.kind != "features" or wanted >= set(spec.layers):
             wanted = frozenset()
         with self._lock:
-            if wanted and (name, wanted) not in self._sessions and sum(
-                    1 for n, w in self._sessions if n == name and w) >= MAX_CUT_SESSIONS:
+            if wanted and (name, wanted) not in self._sessions and (name in self._uncut or sum(
+                    1 for n, w in self._sessions if n == name and w) >= MAX_CUT_SESSIONS):
                 wanted = frozenset()
             session = self._sessions.get((name, wanted))
-            if session is None:
-                source: str | bytes = str(spec.onnx_path)
-                if wanted:
-                    import onnx
+            if session is not None:
+                return session
+            source: str | bytes = str(spec.onnx_path)
+            if wanted:
+                import onnx
 
-                    from feature_server.models.build import with_outputs
+                from feature_server.models.build import with_outputs
 
+                try:
                     source = with_outputs(onnx.load(str(spec.onnx_path)),
                                           wanted).SerializeToString()
-                session = ort.InferenceSession(source, self._session_options,
-                                               providers=provider_options(self.providers))
-                self._sessions[(name, wanted)] = session
+                except Exception as exc:  # noqa: BLE001 - subgraphs, or above protobuf's 2 GiB
+                    log.info("model %s runs on its whole graph: %s", name, exc)
+                    self._uncut.add(name)
+                    wanted = frozenset()
+                    session = self._sessions.get((name, wanted))
+                    if session is not None:
+                        return session
+            session = ort.InferenceSession(source, self._session_options,
+                                           providers=provider_options(self.providers))
+            self._sessions[(name, wanted)] = session
             return session
 
     def _names(self, kind: str) -> list[str]:

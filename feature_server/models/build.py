@@ -218,6 +218,11 @@ def with_outputs(model, outputs: Iterable[str]):
     missing = keep - {o.name for o in model.graph.output}
     if missing:
         raise InvalidInput(f"model {model.graph.name!r} has no output(s) {sorted(missing)}")
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in model.graph.node for a in node.attribute):
+        # control flow (If, Loop, Scan) reads outer values its node's inputs do not list:
+        # such a graph is not cut
+        raise ValueError(f"model {model.graph.name!r} has subgraphs; it is not cut")
     cut = onnx.ModelProto()
     cut.CopyFrom(model)
     graph = cut.graph

@@ -62,3 +62,33 @@ def test_cut_sessions_are_bounded_per_model(registry):
     cut = [w for n, w in ex._sessions if n == "vgg19_int8" and w]
     assert len(cut) == extractor_module.MAX_CUT_SESSIONS
     assert ("vgg19_int8", frozenset()) in ex._sessions  # the whole graph took the rest
+
+
+def test_graphs_with_subgraphs_are_not_cut_and_still_served(registry, tmp_path):
+    """Control flow reads outer values that node inputs do not list, so such a graph is not
+    cut: requests run on the whole graph, with the same activations."""
+    import dataclasses
+
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(registry["vgg19_int8"].onnx_path))
+    branch = helper.make_graph([helper.make_node("Identity", ["conv5_4"], ["b"])], "branch",
+                               [], [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)])
+    flag = helper.make_tensor("flag", TensorProto.BOOL, [], [True])
+    model.graph.initializer.append(flag)
+    model.graph.node.append(helper.make_node("If", ["flag"], ["extra"], then_branch=branch,
+                                             else_branch=branch))
+    model.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, None))
+    with pytest.raises(ValueError, match="subgraphs"):
+        with_outputs(model, ["conv5_4"])
+    path = tmp_path / "with_if.onnx"
+    onnx.save(model, str(path))
+    spec = dataclasses.replace(registry["vgg19_int8"], onnx_path=path)
+    ex = Extractor({**registry, "vgg19_int8": spec}, batch_size=1, precisions=("int8",))
+    x = np.random.default_rng(2).uniform(-100, 100, (1, 3, 32, 32)).astype(np.float32)
+    got = ex.run("vgg19_int8", x, ["conv5_4"])[0]
+    plain = Extractor(registry, batch_size=1, precisions=("int8",))
+    np.testing.assert_allclose(got, plain.run("vgg19_int8", x, ["conv5_4"])[0],
+                               rtol=1e-5, atol=1e-4)
+    assert "vgg19_int8" in ex._uncut
+    assert [w for n, w in ex._sessions if n == "vgg19_int8"] == [frozenset()]
