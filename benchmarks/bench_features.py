@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.no_grpc:
                 continue
             for dtype in ("float32", "float16"):
-                options = ExtractOptions(layers=(args.layer,), wire_dtype=dtype)
+                options = ExtractOptions(layers=(args.layer,), wire_dtype=dtype,
+                                         precision=extractor.default_precision)
                 times.setdefault(("in-process Extractor", dtype), []).append(
                     in_process(extractor, items, options))
                 t, req, resp = over_grpc(address, items, options, args.streams)
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout
     out.write(f"\n{n} images ({args.data.name} photos, ~{np.mean([len(d) for _, d in items]):.0f}"
               f" B each), batch {args.batch_size}, layer {args.layer}, provider "
-              f"{extractor.execution_provider}, {args.repeat} interleaved repeats (median), "
+              f"{extractor.execution_provider}, wire rows at {extractor.default_precision}, "
+              f"{args.repeat} interleaved repeats (median), "
               f"load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores"
               "\n\n")
     out.write(f"{cpu_description()}\n")
