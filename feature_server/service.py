@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -64,7 +64,7 @@ class ServerConfig:
     memory_budget_mb: int = 1024  # bytes of images being decoded/run at once
     home: str | None = None
     providers: tuple[str, ...] = ()
-    max_batch_size: int = 8
+    max_batch_size: int = 0  # 0 = the provider's default (8 on the CPU, 64 on a GPU)
     max_wait_ms: float = 5.0
     max_pixels: int = 50_000_000
     max_message_mb: int = 64
@@ -429,6 +429,8 @@ def start_server(config: ServerConfig, extractor: Extractor | None = None) -> Ru
     if extractor is None:
         extractor = Extractor.from_cache(config.home, providers=config.providers or None,
                                          batch_size=config.max_batch_size, limits=config.limits)
+    if config.max_batch_size == 0:
+        config = replace(config, max_batch_size=extractor.batch_size)
     metrics = Metrics("features")
     batcher = MicroBatcher(extractor.run, max_batch_size=config.max_batch_size,
                            max_wait_s=config.max_wait_ms / 1000.0, max_queue=config.max_queue,

@@ -92,3 +92,25 @@ def test_graphs_with_subgraphs_are_not_cut_and_still_served(registry, tmp_path):
                                rtol=1e-5, atol=1e-4)
     assert "vgg19_int8" in ex._uncut
     assert [w for n, w in ex._sessions if n == "vgg19_int8"] == [frozenset()]
+
+
+def test_default_batch_follows_the_provider(registry):
+    from feature_server import extractor as extractor_module
+
+    ex = Extractor(registry, precisions=("int8",))
+    assert ex.execution_provider == "CPUExecutionProvider"
+    assert ex.batch_size == extractor_module.CPU_BATCH == 8
+    assert Extractor(registry, batch_size=3, precisions=("int8",)).batch_size == 3
+    assert extractor_module.GPU_BATCH > extractor_module.CPU_BATCH
+
+
+def test_server_batch_defaults_to_the_extractor_batch(registry):
+    from feature_server.service import ServerConfig, start_server
+
+    ex = Extractor(registry, precisions=("int8",))
+    running = start_server(ServerConfig(host="127.0.0.1", port=0), ex)
+    try:
+        assert running.batcher.max_batch_size == ex.batch_size == 8
+        assert running.config.max_batch_size == 8  # what DescribeModel reports
+    finally:
+        running.stop(grace=0)
