@@ -100,7 +100,20 @@ if ls "$CACHE"/wheels/*.whl >/dev/null 2>&1 && [[ "$REDUCED" != "1" ]]; then
 else
     export PYTHONPATH="$ROOT/protos:$ROOT"
 fi
-[[ "$REDUCED" != "1" ]] && use_ort_gpu && echo "using the carried onnxruntime-gpu" >&2
+if [[ "$REDUCED" != "1" ]]; then
+    if use_ort_gpu; then
+        echo "using the carried onnxruntime-gpu" >&2
+    elif command -v nvidia-smi >/dev/null && [[ "${DFF_DEVICE_ALLOW_CPU_EP:-0}" != "1" ]] \
+        && ! "$PY" -c "import onnxruntime as o, sys; \
+sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
+        # a GPU, but ONNX Runtime without its CUDA provider: the machine went back between
+        # the --install-ort call and this one (it stays up ~30 s), so /tmp lost the carry.
+        # Stop here rather than spend minutes of device time on CPU-provider rows.
+        echo "no CUDA provider here: run --install-ort first (carry .device-ort), then this" \
+             "within the machine's idle window; DFF_DEVICE_ALLOW_CPU_EP=1 runs anyway" >&2
+        exit 3
+    fi
+fi
 cd "$ROOT" || exit 1
 
 step "models"
