@@ -244,7 +244,6 @@ class Extractor:
                                "run `dff models build`")
         self.registry = dict(registry)
         self.decode_workers = decode_workers or min(16, os.cpu_count() or 1)
-        self.batch_size = batch_size  # 0 until the provider is known (below)
         self.limits = limits
         self.providers = select_providers(providers)
         self._sessions: dict[tuple[str, frozenset[str]], Any] = {}
