@@ -199,10 +199,13 @@ GPU_BATCH = 64
 MAX_CUT_SESSIONS = 4
 
 
-def round_wire(array: np.ndarray, wire_dtype: str) -> np.ndarray:
-    """float32 array as it arrives after the wire: float16 rounds through half precision."""
+def round_wire(array: np.ndarray, wire_dtype: str, *, widen: bool = True) -> np.ndarray:
+    """float32 array as it arrives after the wire: float16 rounds through half precision.
+    With ``widen=False`` a float16 wire gives the float16 array itself (what the server puts
+    on the wire: one conversion instead of three)."""
     if wire_dtype == "float16":
-        return array.astype(np.float16).astype(np.float32)
+        half = np.asarray(array).astype(np.float16)
+        return half.astype(np.float32) if widen else half
     return np.asarray(array, dtype=np.float32)
 
 
@@ -407,9 +410,12 @@ class Extractor:
         return binding.copy_outputs_to_cpu()
 
     def finish(self, prepared: Prepared, activations: dict[str, np.ndarray],
-               probabilities: np.ndarray | None, options: ExtractOptions) -> ExtractResult:
-        """Assemble a result; activations (C, h, w) are rounded through the wire dtype."""
-        acts = {layer: round_wire(activations[layer], options.wire_dtype)
+               probabilities: np.ndarray | None, options: ExtractOptions, *,
+               widen: bool = True) -> ExtractResult:
+        """Assemble a result; activations (C, h, w) are rounded through the wire dtype
+        (float32 arrays; with ``widen=False`` a float16 wire leaves them float16, for the
+        server to send as they are)."""
+        acts = {layer: round_wire(activations[layer], options.wire_dtype, widen=widen)
                 for layer in options.layers}
         probs = None
         top: list[tuple[int, str, float]] = []

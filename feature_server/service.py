@@ -277,7 +277,7 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         try:
             acts = feat_future.result() if feat_future is not None else {}
             probs = cls_future.result()["probabilities"] if cls_future is not None else None
-            result = self.extractor.finish(prepared, acts, probs, options)
+            result = self.extractor.finish(prepared, acts, probs, options, widen=False)
             resp = result_to_proto(result, options)
         except Exception as exc:  # noqa: BLE001 - a per-item INTERNAL error, stream goes on
             return features_pb2.ExtractResponse(id=prepared.id, error=item_error(exc))

@@ -84,6 +84,25 @@ def test_bad_inputs_give_item_errors_and_the_stream_goes_on(address, photos, sha
     assert responses["good-1"].info.original_width == 500
 
 
+
+def test_float16_wire_carries_exactly_the_in_process_rounding(address, extractor, photos):
+    # the server sends the float16 array it rounded (one conversion), the in-process path the
+    # same values widened to float32: bit for bit the same numbers either way
+    items = photos[:2]
+    expect = {r.id: r.activations["conv5_4"]
+              for r in extractor.extract(items, ExtractOptions(wire_dtype="float16"))}
+    with grpc.insecure_channel(address) as channel:
+        stub = features_pb2_grpc.FeatureServiceStub(channel)
+        got = list(stub.Extract(iter([opts(wire_dtype="float16")]
+                                     + [image(i, d) for i, d in items]), timeout=60))
+    assert sorted(r.id for r in got) == sorted(expect)
+    for r in got:
+        tensor = r.activations[0].tensor
+        assert tensor.dtype == common_pb2.FLOAT16 and len(tensor.data) == 2 * 512 * 14 * 14
+        half = wire.from_tensor(tensor, as_float32=False)
+        assert half.dtype == np.float16
+        np.testing.assert_array_equal(half.astype(np.float32), expect[r.id])
+
 def test_bad_options_through_the_client(address, photos):
     with FeatureClient(address) as client:
         results = list(client.extract(photos[:2], ExtractOptions(layers=("pool9",))))
