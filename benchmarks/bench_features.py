@@ -141,9 +141,28 @@ class NullCompute:
         return Extractor._run_chunk(self, chunk, prepared, options)  # type: ignore[arg-type]
 
 
+def _process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _own_cpu_s() -> float:
+    import resource
+
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
 def served(args: argparse.Namespace, items: list[tuple[str, bytes]], precisions: list[str]
-           ) -> dict[str, float]:
-    """img/s per precision through `dff serve features` started in its own process."""
+           ) -> dict[str, tuple[float, float | None, float]]:
+    """Per precision, through `dff serve features` started in its own process: img/s, and the
+    CPU milliseconds per image of the server process and of this (client) process. Where the
+    served throughput stops scaling with cores, these say which side is the serial part (a
+    side near 1000 / img/s ms per image runs on one core)."""
     from benchmarks.load_test import start_replica
 
     env = os.environ.copy()
@@ -157,9 +176,15 @@ def served(args: argparse.Namespace, items: list[tuple[str, bytes]], precisions:
         for prec in precisions:
             opts = ExtractOptions(layers=(args.layer,), precision=prec)
             over_grpc(address, items[:2 * args.batch_size], opts, args.streams)  # warm-up
+            server0, client0 = _process_cpu_s(proc.pid), _own_cpu_s()
             runs = [over_grpc(address, items, opts, args.streams)[0]
                     for _ in range(args.repeat)]
-            out[prec] = len(items) / statistics.median(runs)
+            server1, client1 = _process_cpu_s(proc.pid), _own_cpu_s()
+            count = len(items) * args.repeat
+            server_ms = (None if server0 is None or server1 is None
+                         else 1e3 * (server1 - server0) / count)
+            out[prec] = (len(items) / statistics.median(runs), server_ms,
+                         1e3 * (client1 - client0) / count)
         return out
     finally:
         proc.terminate()
@@ -256,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                     in_process(null, items, options))  # type: ignore[arg-type]
                 times.setdefault((f"no-compute gRPC x{args.streams}", dtype), []).append(
                     over_grpc(null_address, items, options, args.streams)[0])
+        served_cpu: dict[str, tuple[float, float | None, float]] = {}
         if args.server_process and not args.no_grpc:
-            for prec, ips in served(args, items, precisions).items():
+            served_cpu = served(args, items, precisions)
+            for prec, (ips, _, _) in served_cpu.items():
                 times[(f"gRPC served {prec} x{args.streams}", "float32")] = [n / ips]
         load_after = os.getloadavg()[0]
         rows = []
@@ -283,13 +310,20 @@ def main(argv: list[str] | None = None) -> int:
         ref = ips_of.get(name.replace(" int8", " fp32").replace(" fp16", " fp32"))
         ratio = f"{ips / ref:.2f}x" if ref and any(p in name for p in ("int8", "fp16")) else ""
         out.write(f"{name:<26}{dtype:<9}{ips:>8.2f}{ratio:>8}{req:>12.0f}{resp:>12.0f}\n")
+    for prec, (ips, server_ms, client_ms) in served_cpu.items():
+        server = "n/a" if server_ms is None else (
+            f"{server_ms:.2f} ms ({server_ms * ips / 1e3:.1f} cores busy)")
+        out.write(f"served {prec}: CPU per image: server {server}, client {client_ms:.2f} ms "
+                  f"({client_ms * ips / 1e3:.1f} cores busy)\n")
     by = {(r[0].rsplit(" x", 1)[0].split(" Extractor")[0], r[1]): r[2] for r in rows}
     if args.json:
         import json
 
         Path(args.json).write_text(json.dumps({
             "provider": extractor.execution_provider, "images": n, "cpu": cpu_description(),
-            "rows": [{"path": r[0], "wire": r[1], "img_s": r[2]} for r in rows]}, indent=1))
+            "rows": [{"path": r[0], "wire": r[1], "img_s": r[2]} for r in rows],
+            "served_cpu_ms_per_image": {p: {"server": v[1], "client": v[2]}
+                                        for p, v in served_cpu.items()}}, indent=1))
     ref_prec = "fp32" if "fp32" in precisions else precisions[0]
     compute_ms = 1e3 / ips_of[f"ORT only {ref_prec} b{args.batch_size}"]
     for dtype in (() if args.no_grpc else ("float32", "float16")):

@@ -64,7 +64,8 @@ def test_report_table_from_step_outputs(tmp_path):
         "provider": "CUDAExecutionProvider", "images": 512, "cpu": "x",
         "rows": [{"path": "ORT only fp16 b64", "wire": "-", "img_s": 6123.4},
                  {"path": "gRPC fp16 x1", "wire": "float32", "img_s": 2100.0},
-                 {"path": "no-compute gRPC x1", "wire": "float32", "img_s": 9.0}]}))
+                 {"path": "no-compute gRPC x1", "wire": "float32", "img_s": 9.0}],
+        "served_cpu_ms_per_image": {"fp16": {"server": 2.5, "client": 0.4}}}))
     (logs / "nmf.json").write_text(json.dumps({
         "N": 5000, "k": 6, "read_ms": 80.0, "csr_init_s": 0.2, "nndsvda_s": 1.0,
         "rows": [{"name": "ours-hals-cupy", "n_iter": 20, "seconds": 0.05,
@@ -80,7 +81,9 @@ def test_report_table_from_step_outputs(tmp_path):
     table = device_report.report(logs, out)
     assert "NVIDIA H100" in table and "4 passed" in table
     assert "features ORT only fp16 b64" in table and "6123.4 img/s" in table
-    assert "no-compute" not in table
+    # the served path's rows: transport without compute, and where its CPU goes
+    assert "features no-compute gRPC x1 float32" in table and "9.0 img/s" in table
+    assert "served fp16: CPU per image, server" in table and "2.50 ms" in table
     assert "NMF ours-hals-cupy N=5000 k=6" in table and "2.5 ms" in table
     assert "12.3 s" in table and "features 75%, k_sweep 25%" in table
     assert "dff discover, cold (rc 0)" in table and "31.0 s" in table
