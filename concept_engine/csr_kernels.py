@@ -119,7 +119,8 @@ def _tile_finish(t0, nr, W, hvT, hv_keep, wT, HHt, rule, inv_diag, den, WtW):  #
         for j in range(k):
             for r in range(nr):
                 W[row0 + np.uint64(r), j] = wT[j, r]
-                wT[j, r] = W[row0 + np.uint64(r), j]  # the stored float32 value is what later products see
+                # the stored float32 value is what later products see
+                wT[j, r] = W[row0 + np.uint64(r), j]
         for j in range(k):
             for r in range(nr):
                 cross_new += wT[j, r] * hv_keep[j, r]
