@@ -165,6 +165,9 @@ def _add_common_source(p: argparse.ArgumentParser) -> None:
                    help="use running feature servers (host:port, comma-separated; requests "
                         "are balanced over them) instead of running the model in-process "
                         "(default: in-process)")
+    p.add_argument("--client-decode", action="store_true",
+                   help="with --feature-server: decode the images here and send their pixels, "
+                        "so the servers spend no CPU on decoding (same as DFF_CLIENT_DECODE=1)")
     p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="deadline of each service call (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true",
@@ -592,8 +595,8 @@ def run_discover(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     settings = ExportSettings(
         out=args.out, discovery=options,
-        feature_servers=tuple(args.feature_server), engine=args.engine or "",
-        force=args.force, top_n=args.top, timeout=args.timeout,
+        feature_servers=tuple(args.feature_server), client_decode=args.client_decode,
+        engine=args.engine or "", force=args.force, top_n=args.top, timeout=args.timeout,
         show_progress=not args.no_progress, max_file_bytes=args.max_file_size,
         pipeline=args.pipeline)
     names = ", ".join(n for n, _ in classes[:8]) + (" ..." if len(classes) > 8 else "")
@@ -813,6 +816,7 @@ def _explain(args: argparse.Namespace) -> int:
     bar = ProgressBar("explain", len(items), enabled=not args.no_progress, unit="img")
     blobs, read_errors = read_files(items, args.max_file_size)
     explanations = explain_items(cs, blobs, feature_servers=args.feature_server,
+                                 client_decode=args.client_decode,
                                  timeout=args.timeout, threshold=threshold, min_area=min_area,
                                  progress=lambda d, t: bar.update(d, t))
     bar.close()

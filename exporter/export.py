@@ -80,6 +80,7 @@ class ExportSettings:
     out: Path
     discovery: DiscoveryOptions = field(default_factory=lambda: _default_options())
     feature_servers: tuple[str, ...] = ()
+    client_decode: bool = False  # with feature_servers: send decoded pixels (FeatureClient)
     engine: str = ""
     force: bool = False
     top_n: int = 8
@@ -313,12 +314,14 @@ def engine_progress(progress: Progress | None) -> Callable[[Any], None] | None:
     return on_event
 
 
-def make_source(feature_servers: Sequence[str] = (), timeout: float = 3600.0) -> Any:
+def make_source(feature_servers: Sequence[str] = (), timeout: float = 3600.0,
+                client_decode: bool | None = None) -> Any:
     """The FeatureSource: feature servers when addresses are given, else in-process."""
     if feature_servers:
         from feature_server.client import FeatureClient
 
-        return FeatureClient(list(feature_servers), timeout=timeout)
+        return FeatureClient(list(feature_servers), timeout=timeout,
+                             decode_locally=client_decode or None)
     from feature_server.extractor import Extractor
     from feature_server.models.registry import load_registry, models_dir
 
@@ -334,13 +337,14 @@ def make_source(feature_servers: Sequence[str] = (), timeout: float = 3600.0) ->
 
 def explain_items(cs: Any, items: list[tuple[str, bytes]], *,
                   feature_servers: Sequence[str] = (), timeout: float = 3600.0,
-                  threshold: float | None = None, min_area: float | None = None,
+                  client_decode: bool = False, threshold: float | None = None,
+                  min_area: float | None = None,
                   progress: Callable[[int, int], None] | None = None) -> list[Any]:
     """Explanations (concept_engine.discovery.Explanation) of items with cs's bases fixed,
     in the order of items."""
     from concept_engine.discovery import explain
 
-    source = make_source(feature_servers, timeout)
+    source = make_source(feature_servers, timeout, client_decode)
     try:
         out = {}
         for x in explain(cs, items, source, threshold, min_area):
@@ -389,8 +393,9 @@ class LocalDiscoverer:
         return cls(make_source())
 
     @classmethod
-    def remote_features(cls, addresses: Sequence[str], timeout: float) -> LocalDiscoverer:
-        return cls(make_source(addresses, timeout))
+    def remote_features(cls, addresses: Sequence[str], timeout: float,
+                        client_decode: bool = False) -> LocalDiscoverer:
+        return cls(make_source(addresses, timeout, client_decode))
 
     def discover(self, name: str, items: list[tuple[str, bytes]], options: DiscoveryOptions,
                  progress: Progress | None = None) -> Any:
@@ -702,7 +707,8 @@ def make_discoverer(settings: ExportSettings) -> Discoverer:
 
         return EngineDiscoverer(settings.engine, timeout=settings.timeout)
     if settings.feature_servers:
-        return LocalDiscoverer.remote_features(settings.feature_servers, settings.timeout)
+        return LocalDiscoverer.remote_features(settings.feature_servers, settings.timeout,
+                                               settings.client_decode)
     return LocalDiscoverer.embedded()
 
 

@@ -145,6 +145,10 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
     extract.add_argument("--out", required=True, help="output .h5 file")
     extract.add_argument("--feature-server", default="",
                          help="ADDR[,ADDR...]; in-process ONNX Runtime when empty")
+    extract.add_argument("--client-decode", action="store_true",
+                         help="with --feature-server: decode the images here and send their "
+                              "pixels (the servers spend no CPU on decoding; same as "
+                              "DFF_CLIENT_DECODE=1)")
     extract.add_argument("--home", help="cache root of the models (default: $DFF_HOME or "
                          "~/.cache/dff)")
     extract.add_argument("--model", default="vgg19", help="feature model")
@@ -271,7 +275,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         from feature_server.client import FeatureClient
 
         source = FeatureClient(args.feature_server, timeout=args.timeout,
-                               security=client_security_from_args(args))
+                               security=client_security_from_args(args),
+                               decode_locally=args.client_decode or None)
     else:
         source = Extractor.from_cache(args.home, batch_size=args.batch_size)
     try:

@@ -10,10 +10,13 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+import numpy as np
 from dff_protos import status, wire
+from dff_protos.errors import InvalidInput
 from dff_protos.v1 import common_pb2, features_pb2
 
-from feature_server.extractor import ExtractOptions, ExtractResult
+from feature_server.extractor import ExtractOptions, ExtractResult, ImageData
+from feature_server.images import DecodeLimits, check_pixels
 from feature_server.models.registry import DEFAULT_CLASSIFIER, DEFAULT_FEATURE_MODEL
 
 if TYPE_CHECKING:
@@ -31,6 +34,28 @@ _RESIZE_TO_PROTO: dict[str, common_pb2.ResizeMode] = {
     "shorter_crop": common_pb2.SHORTER_CROP}
 _RESIZE_NAME: dict[int, str] = {common_pb2.SQUASH: "squash", common_pb2.KEEP_ASPECT: "keep_aspect",
                                 common_pb2.SHORTER_CROP: "shorter_crop"}
+
+
+def image_request(item_id: str, data: ImageData) -> features_pb2.ExtractRequest:
+    """The request for one image: an ImageInput for an encoded file, a DecodedImage for uint8
+    (H, W, 3) BGR pixels (checked here: InvalidInput before anything is sent)."""
+    if isinstance(data, np.ndarray):
+        check_pixels(data.shape, data.dtype, DecodeLimits(max_pixels=2**62))
+        return features_pb2.ExtractRequest(pixels=features_pb2.DecodedImage(
+            id=item_id, pixels=wire.to_tensor(data, common_pb2.UINT8)))
+    return features_pb2.ExtractRequest(image=common_pb2.ImageInput(id=item_id, data=data))
+
+
+def pixels_from_proto(msg: common_pb2.Tensor, limits: DecodeLimits) -> np.ndarray:
+    """A DecodedImage's pixels as a (H, W, 3) uint8 view of the message's bytes: dtype, shape,
+    byte count and the pixel limit are checked before anything is allocated (InvalidInput,
+    ImageTooLarge)."""
+    if msg.dtype != common_pb2.UINT8:
+        known = msg.dtype in common_pb2.DType.values()
+        name = common_pb2.DType.Name(msg.dtype) if known else f"dtype {msg.dtype}"
+        raise InvalidInput(f"decoded pixels must be UINT8, got {name}")
+    check_pixels(tuple(msg.shape), np.uint8, limits)
+    return wire.from_tensor(msg, as_float32=False)
 
 
 def options_from_proto(msg: features_pb2.ExtractOptions) -> ExtractOptions:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 from dff_protos.errors import DFFError, InvalidInput, NotFound
 
-from feature_server.images import DecodeLimits, decode_image, preprocess
+from feature_server.images import DecodeLimits, decode_image, pixels_to_image, preprocess
 from feature_server.models.precision import PRECISIONS, variant_name
 from feature_server.models.registry import (
     DEFAULT_CLASSIFIER,
@@ -129,10 +129,16 @@ class Prepared:
     input_size: tuple[int, int]
 
 
+#: One image as the sources take it: an encoded file (JPEG, PNG, ...), or pixels the caller
+#: decoded itself - uint8 (height, width, 3), BGR order (see images.decode_pixels) - which skip
+#: decoding and go on exactly as the decoded file would.
+ImageData = bytes | np.ndarray
+
+
 class FeatureSource(Protocol):
     """What the concept engine consumes: in-process Extractor or gRPC FeatureClient."""
 
-    def extract(self, items: Iterable[tuple[str, bytes]], options: ExtractOptions
+    def extract(self, items: Iterable[tuple[str, ImageData]], options: ExtractOptions
                 ) -> Iterator[ExtractResult]: ...
 
     def describe(self) -> dict: ...
@@ -374,9 +380,11 @@ class Extractor:
                 raise InvalidInput(f"unknown classifier {options.classifier!r}; available: "
                                    f"{self._names('classifier')}")
 
-    def prepare(self, item_id: str, data: bytes, options: ExtractOptions) -> Prepared:
-        """Decode and preprocess one image (options must be validated)."""
-        img = decode_image(data, self.limits)
+    def prepare(self, item_id: str, data: ImageData, options: ExtractOptions) -> Prepared:
+        """Decode (unless ``data`` is pixels already) and preprocess one image (options must
+        be validated)."""
+        img = (pixels_to_image(data, self.limits) if isinstance(data, np.ndarray)
+               else decode_image(data, self.limits))
         spec = self.registry[options.model]
         x = cx = None
         if options.layers:
@@ -431,7 +439,7 @@ class Extractor:
         return ExtractResult(prepared.id, acts, probs, top, prepared.original_size,
                              prepared.input_size)
 
-    def extract(self, items: Iterable[tuple[str, bytes]], options: ExtractOptions
+    def extract(self, items: Iterable[tuple[str, ImageData]], options: ExtractOptions
                 ) -> Iterator[ExtractResult]:
         """One result per item (in input order), batching consecutive images by shape."""
         try:
@@ -450,7 +458,7 @@ class Extractor:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="dff-decode") as pool:
-            pending: deque[tuple[list[tuple[str, bytes]], list[Any]]] = deque()
+            pending: deque[tuple[list[tuple[str, ImageData]], list[Any]]] = deque()
             for chunk in chunks:
                 pending.append((chunk, [pool.submit(self._prepare_or_error, i, d, options)
                                         for i, d in chunk]))
@@ -461,8 +469,9 @@ class Extractor:
                 done, futures = pending.popleft()
                 yield from self._run_chunk(done, [f.result() for f in futures], options)
 
-    def _chunks(self, items: Iterable[tuple[str, bytes]]) -> Iterator[list[tuple[str, bytes]]]:
-        chunk: list[tuple[str, bytes]] = []
+    def _chunks(self, items: Iterable[tuple[str, ImageData]]
+                ) -> Iterator[list[tuple[str, ImageData]]]:
+        chunk: list[tuple[str, ImageData]] = []
         for item in items:
             chunk.append(item)
             if len(chunk) >= self.batch_size:
@@ -471,19 +480,19 @@ class Extractor:
         if chunk:
             yield chunk
 
-    def _prepare_or_error(self, item_id: str, data: bytes, options: ExtractOptions
+    def _prepare_or_error(self, item_id: str, data: ImageData, options: ExtractOptions
                           ) -> Prepared | DFFError:
         try:
             return self.prepare(item_id, data, options)
         except DFFError as exc:
             return exc
 
-    def _extract_chunk(self, chunk: list[tuple[str, bytes]], options: ExtractOptions
+    def _extract_chunk(self, chunk: list[tuple[str, ImageData]], options: ExtractOptions
                        ) -> Iterator[ExtractResult]:
         prepared = [self._prepare_or_error(i, d, options) for i, d in chunk]
         yield from self._run_chunk(chunk, prepared, options)
 
-    def _run_chunk(self, chunk: list[tuple[str, bytes]], prepared: list[Prepared | DFFError],
+    def _run_chunk(self, chunk: list[tuple[str, ImageData]], prepared: list[Prepared | DFFError],
                    options: ExtractOptions) -> Iterator[ExtractResult]:
         """Run the network over a decoded chunk (images batched by input shape)."""
         results: dict[int, ExtractResult] = {}

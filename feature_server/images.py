@@ -194,6 +194,50 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
     Raises InvalidInput (empty, unknown/refused format, undecodable, truncated) or
     ImageTooLarge (pixel count above ``limits.max_pixels``, checked from the header first).
     """
+    return to_bgr_float(_decode(data, limits))
+
+
+def decode_pixels(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray | None:
+    """For a client that decodes before it sends (a DecodedImage): the (H, W, 3) uint8 BGR
+    pixels that :func:`decode_image` makes of ``data``, or None where its result is not plain
+    8-bit colour (16-bit, float, alpha: send the file itself). Raises what decode_image
+    raises, so a bad file is refused the same way on either side."""
+    img = _decode(data, limits)
+    if img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
+        return np.ascontiguousarray(img)
+    if img.dtype == np.uint8 and img.ndim == 2:  # grey PNG/TIFF: to_bgr_float repeats it
+        return np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
+    return None
+
+
+def check_pixels(shape: tuple[int, ...], dtype: np.dtype | type, limits: DecodeLimits
+                 = DecodeLimits()) -> tuple[int, int]:
+    """(height, width) of decoded pixels given instead of a file, which must be uint8
+    (height, width, 3) BGR within ``limits.max_pixels``; InvalidInput / ImageTooLarge
+    otherwise (checked before anything is allocated)."""
+    if np.dtype(dtype) != np.uint8:
+        raise InvalidInput(f"decoded pixels must be uint8, got {np.dtype(dtype).name}")
+    if len(shape) != 3 or shape[2] != 3:
+        raise InvalidInput(f"decoded pixels must have shape (height, width, 3) in BGR order, "
+                           f"got {tuple(int(v) for v in shape)}")
+    h, w = int(shape[0]), int(shape[1])
+    if h < 1 or w < 1:
+        raise InvalidInput(f"decoded pixels are empty ({w}x{h})")
+    if h * w > limits.max_pixels:
+        raise ImageTooLarge(f"decoded pixels {w}x{h} = {w * h} pixels, above the limit of "
+                            f"{limits.max_pixels}")
+    return h, w
+
+
+def pixels_to_image(pixels: np.ndarray, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Decoded pixels (uint8 (H, W, 3) BGR, see :func:`check_pixels`) -> what
+    :func:`decode_image` returns for an 8-bit colour file of those pixels."""
+    check_pixels(pixels.shape, pixels.dtype, limits)
+    return to_bgr_float(pixels)
+
+
+def _decode(data: bytes, limits: DecodeLimits) -> np.ndarray:
+    """The checked OpenCV decode of ``data`` (any depth and channel count)."""
     fmt, _, _ = check_header(data, limits)
     buf = np.frombuffer(data, dtype=np.uint8)
     if fmt == "jpeg":
@@ -208,7 +252,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
     if img.shape[0] * img.shape[1] > limits.max_pixels:
         raise ImageTooLarge(f"decoded image {img.shape[1]}x{img.shape[0]} is above the limit "
                             f"of {limits.max_pixels} pixels")
-    return to_bgr_float(img)
+    return img
 
 
 def _jpeg_complete(data: bytes) -> bool:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
+import numpy as np
 from dff_protos import serving
 from dff_protos.errors import DeadlineExceeded, DFFError, ImageTooLarge, InvalidInput
 from dff_protos.metrics import Metrics
@@ -40,6 +41,7 @@ from feature_server.convert import (
     describe_to_proto,
     item_error,
     options_from_proto,
+    pixels_from_proto,
     result_to_proto,
 )
 from feature_server.extractor import ExtractOptions, Extractor, Prepared
@@ -132,6 +134,13 @@ def image_cost(data: bytes, limits: DecodeLimits, options: ExtractOptions) -> in
     _, w, h = check_header(data, limits)
     network_input = 2 * 3 * options.size * options.size * 4  # features + classifier
     return len(data) + w * h * (3 + 12) + network_input
+
+
+def pixels_cost(pixels: np.ndarray, options: ExtractOptions) -> int:
+    """Bytes a DecodedImage holds while it is run: its uint8 and float32 pixels and the
+    network inputs."""
+    network_input = 2 * 3 * options.size * options.size * 4  # features + classifier
+    return pixels.nbytes * (1 + 4) + network_input
 
 
 class _Stream:
@@ -304,7 +313,8 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         try:
             for request in request_iterator:
                 stream.last_request = time.monotonic()
-                if request.HasField("options"):
+                kind = request.WhichOneof("kind")
+                if kind == "options":
                     options = options_from_proto(request.options)
                     try:
                         self._check_options(options)
@@ -312,28 +322,33 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
                     except DFFError as exc:
                         options_error = exc
                     continue
-                if not request.HasField("image"):
+                if kind not in ("image", "pixels"):
                     continue
                 stream.slots.acquire()
                 if stream.stop.is_set() or not context.is_active():
                     break
                 stream.started()
-                image = request.image
+                item_id = request.image.id if kind == "image" else request.pixels.id
                 if options_error is not None:
-                    stream.put(("error", (image.id, options_error, False)))
+                    stream.put(("error", (item_id, options_error, False)))
                     continue
+                data: bytes | np.ndarray
                 try:
-                    cost = image_cost(image.data, self.config.limits, options)
+                    if kind == "image":
+                        data = request.image.data
+                        cost = image_cost(data, self.config.limits, options)
+                    else:  # decoded by the client: checked, then a view of the message
+                        data = pixels_from_proto(request.pixels.pixels, self.config.limits)
+                        cost = pixels_cost(data, options)
                     if not self.budget.acquire(cost, stream.stop):
-                        stream.put(("error", (image.id, DeadlineExceeded("stream ended"),
+                        stream.put(("error", (item_id, DeadlineExceeded("stream ended"),
                                               False)))
                         break
                 except DFFError as exc:  # refused from its header: never decoded
-                    stream.put(("error", (image.id, exc, True)))
+                    stream.put(("error", (item_id, exc, True)))
                     continue
                 # decoding runs on the shared pool, so one stream can use several cores
-                self._decoders.submit(self._prepare, image.id, image.data, options, stream,
-                                      cost)
+                self._decoders.submit(self._prepare, item_id, data, options, stream, cost)
         except grpc.RpcError:
             log.info("client stream ended early (cancelled or deadline)")
         except Exception:  # noqa: BLE001 - the reader must always end the stream
@@ -341,7 +356,8 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         finally:
             stream.reading_done()
 
-    def _prepare(self, item_id: str, data: bytes, options: ExtractOptions, stream: _Stream,
+    def _prepare(self, item_id: str, data: bytes | np.ndarray, options: ExtractOptions,
+                 stream: _Stream,
                  cost: int) -> None:
         try:
             prepared = self.extractor.prepare(item_id, data, options)

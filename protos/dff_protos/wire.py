@@ -11,6 +11,7 @@ _TO_NUMPY: dict[int, np.dtype] = {
     common_pb2.DTYPE_UNSPECIFIED: np.dtype("<f4"),
     common_pb2.FLOAT32: np.dtype("<f4"),
     common_pb2.FLOAT16: np.dtype("<f2"),
+    common_pb2.UINT8: np.dtype("u1"),  # decoded pixels (features.DecodedImage)
 }
 
 

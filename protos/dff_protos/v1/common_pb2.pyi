@@ -12,6 +12,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     FLOAT32: _ClassVar[DType]
     FLOAT16: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
 
 class ResizeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -22,6 +23,7 @@ class ResizeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
+UINT8: DType
 RESIZE_MODE_UNSPECIFIED: ResizeMode
 SQUASH: ResizeMode
 KEEP_ASPECT: ResizeMode

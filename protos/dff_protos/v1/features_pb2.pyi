@@ -28,12 +28,22 @@ class ExtractOptions(_message.Message):
     def __init__(self, model: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., resize: _Optional[_Union[_common_pb2.ResizePolicy, _Mapping]] = ..., return_probabilities: _Optional[bool] = ..., top_k: _Optional[int] = ..., classifier: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ExtractRequest(_message.Message):
-    __slots__ = ("options", "image")
+    __slots__ = ("options", "image", "pixels")
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
     options: ExtractOptions
     image: _common_pb2.ImageInput
-    def __init__(self, options: _Optional[_Union[ExtractOptions, _Mapping]] = ..., image: _Optional[_Union[_common_pb2.ImageInput, _Mapping]] = ...) -> None: ...
+    pixels: DecodedImage
+    def __init__(self, options: _Optional[_Union[ExtractOptions, _Mapping]] = ..., image: _Optional[_Union[_common_pb2.ImageInput, _Mapping]] = ..., pixels: _Optional[_Union[DecodedImage, _Mapping]] = ...) -> None: ...
+
+class DecodedImage(_message.Message):
+    __slots__ = ("id", "pixels")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    pixels: _common_pb2.Tensor
+    def __init__(self, id: _Optional[str] = ..., pixels: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class Activation(_message.Message):
     __slots__ = ("layer", "tensor")

@@ -1,0 +1,171 @@
+"""Decoded pixels instead of files (DecodedImage): the same activations as the files they come
+from, in process, through the server and through the client that decodes locally; hostile
+pixel messages refused per item, before anything is allocated."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from dff_protos import wire
+from dff_protos.errors import ImageTooLarge, InvalidInput
+from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
+
+from feature_server.client import FeatureClient
+from feature_server.convert import image_request, options_to_proto
+from feature_server.extractor import ExtractOptions
+from feature_server.images import check_pixels, decode_image, decode_pixels, pixels_to_image
+from tests.feature_server.test_images import encode
+
+ItemError = common_pb2.ItemError
+
+
+@pytest.fixture(scope="module")
+def photos(shared_data) -> list[tuple[str, bytes]]:
+    files = sorted((shared_data / "imagenet_sample").glob("*.JPEG"))[:3]
+    return [(p.name, p.read_bytes()) for p in files]
+
+
+def acts(results) -> dict[str, np.ndarray]:
+    out = {}
+    for r in results:
+        assert r.error is None, (r.id, r.error)
+        out[r.id] = r.activations["conv5_4"]
+    return out
+
+
+def test_decode_pixels_is_what_the_decoder_computes_on(photos):
+    rng = np.random.default_rng(0)
+    for _, data in photos:
+        pixels = decode_pixels(data)
+        assert pixels.dtype == np.uint8 and pixels.shape[2] == 3
+        np.testing.assert_array_equal(pixels_to_image(pixels), decode_image(data))
+    grey = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    np.testing.assert_array_equal(pixels_to_image(decode_pixels(encode(grey, ".png"))),
+                                  decode_image(encode(grey, ".png")))
+    # not plain 8-bit colour: the file itself must be sent (alpha is blended, 16 bit scaled)
+    assert decode_pixels(encode(rng.integers(0, 256, (8, 8, 4), dtype=np.uint8), ".png")) is None
+    assert decode_pixels(encode(rng.integers(0, 65536, (8, 8, 3), dtype=np.uint16), ".png")) \
+        is None
+    with pytest.raises(InvalidInput, match="truncated"):
+        decode_pixels(photos[0][1][:2000])
+
+
+@pytest.mark.parametrize("shape,dtype,error,text", [
+    ((10, 10, 3), np.float32, InvalidInput, "uint8"),
+    ((10, 10), np.uint8, InvalidInput, "(height, width, 3)"),
+    ((10, 10, 4), np.uint8, InvalidInput, "(height, width, 3)"),
+    ((0, 10, 3), np.uint8, InvalidInput, "empty"),
+    ((100_000, 100_000, 3), np.uint8, ImageTooLarge, "100000x100000"),
+])
+def test_bad_pixels_are_refused_from_their_shape(shape, dtype, error, text):
+    with pytest.raises(error, match=text.replace("(", r"\(").replace(")", r"\)")):
+        check_pixels(shape, dtype)
+
+
+def test_pixels_in_process_match_the_files(extractor, photos):
+    from_files = acts(extractor.extract(photos, ExtractOptions()))
+    as_pixels = [(i, decode_pixels(d)) for i, d in photos]
+    np.testing.assert_equal(acts(extractor.extract(as_pixels, ExtractOptions())), from_files)
+    # the pixels of a PNG of them: the same numbers again
+    as_png = [(i, encode(p, ".png")) for i, p in as_pixels]
+    np.testing.assert_equal(acts(extractor.extract(as_png, ExtractOptions())), from_files)
+    # keep-aspect works from pixels too (the size comes from the array)
+    opts = ExtractOptions(resize_mode="keep_aspect")
+    a = acts(extractor.extract(photos[:1], opts))
+    b = acts(extractor.extract(as_pixels[:1], opts))
+    np.testing.assert_equal(a, b)
+
+
+def pixels_request(item_id: str, data: bytes, shape, dtype=common_pb2.UINT8
+                   ) -> features_pb2.ExtractRequest:
+    return features_pb2.ExtractRequest(pixels=features_pb2.DecodedImage(
+        id=item_id, pixels=common_pb2.Tensor(data=data, shape=list(shape), dtype=dtype)))
+
+
+@pytest.mark.slow
+def test_server_takes_pixels_and_refuses_hostile_ones_per_item(address, extractor, photos):
+    expect = acts(extractor.extract(photos[:2], ExtractOptions()))
+    p0 = decode_pixels(photos[0][1])
+    h, w, _ = p0.shape
+    requests = [
+        features_pb2.ExtractRequest(options=options_to_proto(ExtractOptions())),
+        image_request(photos[0][0], p0),
+        pixels_request("float", p0.astype(np.float32).tobytes(), p0.shape, common_pb2.FLOAT32),
+        pixels_request("short", p0.tobytes()[:-1], p0.shape),
+        pixels_request("grey", p0[:, :, 0].tobytes(), (h, w)),
+        pixels_request("rgba", b"\0" * (4 * 16), (4, 4, 4)),
+        # a tiny message that claims 8 Gpixels: refused from the shape, nothing allocated
+        pixels_request("bomb", b"\0" * 3, (100_000, 80_000, 3)),
+        pixels_request("negative", b"", (-5, 10, 3)),
+        pixels_request("unknown-dtype", p0.tobytes(), p0.shape, 77),
+        image_request(photos[1][0], photos[1][1]),  # a file after them: the stream goes on
+    ]
+    with grpc.insecure_channel(address) as channel:
+        stub = features_pb2_grpc.FeatureServiceStub(channel)
+        got = {r.id: r for r in stub.Extract(iter(requests), timeout=60)}
+    assert len(got) == 9, sorted(got)
+    for item_id in (photos[0][0], photos[1][0]):
+        assert not got[item_id].HasField("error")
+        np.testing.assert_array_equal(wire.from_tensor(got[item_id].activations[0].tensor),
+                                      expect[item_id])
+    assert got[photos[0][0]].info.original_width == w
+    expected = {"float": (ItemError.INVALID_IMAGE, "must be UINT8, got FLOAT32"),
+                "short": (ItemError.INVALID_IMAGE, "bytes"),
+                "grey": (ItemError.INVALID_IMAGE, "(height, width, 3)"),
+                "rgba": (ItemError.INVALID_IMAGE, "(height, width, 3)"),
+                "bomb": (ItemError.IMAGE_TOO_LARGE, "80000x100000"),
+                "negative": (ItemError.INVALID_IMAGE, "empty"),
+                "unknown-dtype": (ItemError.INVALID_IMAGE, "dtype 77")}
+    for item_id, (code, text) in expected.items():
+        err = got[item_id].error
+        assert err.code == code and text in err.message, (item_id, err)
+        assert not got[item_id].activations
+
+
+@pytest.mark.slow
+def test_client_sends_arrays_and_decodes_locally(address, extractor, photos, shared_data):
+    expect = acts(extractor.extract(photos, ExtractOptions()))
+    gif = (shared_data / "imagenet_data" / "ant" / "imageNotFound.gif").read_bytes()
+    with FeatureClient(address, timeout=60) as plain:
+        arrays = [(i, decode_pixels(d)) for i, d in photos]
+        np.testing.assert_equal(acts(plain.extract(arrays, ExtractOptions())), expect)
+        # refused here, before anything is sent; the other items are answered
+        bad = list(plain.extract([("f", np.zeros((4, 4, 3), np.float64)), photos[0]],
+                                 ExtractOptions()))
+        by_id = {r.id: r for r in bad}
+        assert isinstance(by_id["f"].error, InvalidInput) and "uint8" in str(by_id["f"].error)
+        assert by_id[photos[0][0]].error is None
+        server_says = {r.id: r.error for r in plain.extract([("gif", gif)], ExtractOptions())}
+    with FeatureClient(address, timeout=60, decode_locally=True) as local:
+        np.testing.assert_equal(acts(local.extract(photos, ExtractOptions())), expect)
+        # a file the client cannot turn into pixels goes as it is: the server's own answer
+        again = {r.id: r.error for r in local.extract([("gif", gif)], ExtractOptions())}
+        assert type(again["gif"]) is type(server_says["gif"])
+        assert str(again["gif"]) == str(server_says["gif"])
+
+
+def test_decode_locally_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("DFF_CLIENT_DECODE", "1")
+    with FeatureClient("127.0.0.1:1") as client:
+        assert client.decode_locally
+    monkeypatch.setenv("DFF_CLIENT_DECODE", "0")
+    with FeatureClient("127.0.0.1:1", decode_locally=True) as client:
+        assert client.decode_locally
+    with FeatureClient("127.0.0.1:1") as client:
+        assert not client.decode_locally
+
+
+def test_request_kinds():
+    req = image_request("a", b"\xff\xd8\xff")
+    assert req.WhichOneof("kind") == "image"
+    px = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    req = image_request("b", px)
+    assert req.WhichOneof("kind") == "pixels" and req.pixels.pixels.dtype == common_pb2.UINT8
+    np.testing.assert_array_equal(wire.from_tensor(req.pixels.pixels, as_float32=False), px)
+    with pytest.raises(InvalidInput):
+        image_request("c", px.astype(np.int16))
+    # a non-contiguous view is sent as its values
+    view = np.ascontiguousarray(np.dstack([px[:, :, 2], px[:, :, 1], px[:, :, 0]]))[:, ::-1]
+    req = image_request("d", view)
+    np.testing.assert_array_equal(wire.from_tensor(req.pixels.pixels, as_float32=False), view)
