@@ -24,13 +24,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
+from dff_protos.v1 import features_pb2, features_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.sysinfo import cpu_description  # noqa: E402
-from feature_server.convert import options_to_proto  # noqa: E402
+from feature_server.convert import image_request, options_to_proto  # noqa: E402
 from feature_server.extractor import ExtractOptions, Extractor  # noqa: E402
+from feature_server.images import decode_pixels  # noqa: E402
 from feature_server.service import ServerConfig, start_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,8 +94,7 @@ def over_grpc(address: str, items: list[tuple[str, bytes]], options: ExtractOpti
 
     def run(k: int, stub: features_pb2_grpc.FeatureServiceStub) -> None:
         reqs = [features_pb2.ExtractRequest(options=options_to_proto(options))]
-        reqs += [features_pb2.ExtractRequest(image=common_pb2.ImageInput(id=i, data=d))
-                 for i, d in shards[k]]
+        reqs += [image_request(i, d) for i, d in shards[k]]  # files, or decoded pixels
         sizes[k][0] = sum(r.ByteSize() for r in reqs)
         for resp in stub.Extract(iter(reqs), timeout=600):
             assert not resp.HasField("error"), resp.error
@@ -157,12 +157,14 @@ def _own_cpu_s() -> float:
     return use.ru_utime + use.ru_stime
 
 
-def served(args: argparse.Namespace, items: list[tuple[str, bytes]], precisions: list[str]
+def served(args: argparse.Namespace, items: list[tuple[str, bytes]], precisions: list[str],
+           pixels: list[tuple[str, np.ndarray]] | None = None
            ) -> dict[str, tuple[float, float | None, float]]:
     """Per precision, through `dff serve features` started in its own process: img/s, and the
     CPU milliseconds per image of the server process and of this (client) process. Where the
     served throughput stops scaling with cores, these say which side is the serial part (a
-    side near 1000 / img/s ms per image runs on one core)."""
+    side near 1000 / img/s ms per image runs on one core). With ``pixels`` (the items decoded
+    here), the first precision again with them: key '<precision> pixels'."""
     from benchmarks.load_test import start_replica
 
     env = os.environ.copy()
@@ -173,22 +175,76 @@ def served(args: argparse.Namespace, items: list[tuple[str, bytes]], precisions:
                                          "--max-wait-ms", "5"])
     try:
         out = {}
-        for prec in precisions:
-            opts = ExtractOptions(layers=(args.layer,), precision=prec)
-            over_grpc(address, items[:2 * args.batch_size], opts, args.streams)  # warm-up
-            server0, client0 = _process_cpu_s(proc.pid), _own_cpu_s()
-            runs = [over_grpc(address, items, opts, args.streams)[0]
-                    for _ in range(args.repeat)]
-            server1, client1 = _process_cpu_s(proc.pid), _own_cpu_s()
-            count = len(items) * args.repeat
-            server_ms = (None if server0 is None or server1 is None
-                         else 1e3 * (server1 - server0) / count)
-            out[prec] = (len(items) / statistics.median(runs), server_ms,
-                         1e3 * (client1 - client0) / count)
+        runs_of = [(prec, items) for prec in precisions]
+        if pixels:
+            runs_of.append((f"{precisions[0]} pixels", pixels))
+        for name, payload in runs_of:
+            opts = ExtractOptions(layers=(args.layer,), precision=name.split()[0])
+            out[name] = _measure(address, proc.pid, payload, opts, args)
         return out
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _measure(address: str, pid: int, payload: list, options: ExtractOptions,
+             args: argparse.Namespace) -> tuple[float, float | None, float]:
+    """img/s (median of the repeats) and CPU ms per image of process ``pid`` and of this one."""
+    over_grpc(address, payload[:2 * args.batch_size], options, args.streams)  # warm-up
+    server0, client0 = _process_cpu_s(pid), _own_cpu_s()
+    runs = [over_grpc(address, payload, options, args.streams)[0] for _ in range(args.repeat)]
+    server1, client1 = _process_cpu_s(pid), _own_cpu_s()
+    count = len(payload) * args.repeat
+    server_ms = None if server0 is None or server1 is None else 1e3 * (server1 - server0) / count
+    return len(payload) / statistics.median(runs), server_ms, 1e3 * (client1 - client0) / count
+
+
+def served_null(args: argparse.Namespace, items: list[tuple[str, bytes]],
+                pixels: list[tuple[str, np.ndarray]]) -> dict[str, tuple[float, float | None,
+                                                                         float]]:
+    """The serving path without the network, in its own process (``--serve-null``), fed files
+    and then the same photos as decoded pixels: img/s and CPU ms per image of the server and
+    of this client, for each. What the server's CPU costs per image is what caps a GPU
+    server's throughput (cores / that cost)."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-null",
+           "--batch-size", str(args.batch_size), "--providers", args.providers or ""]
+    if args.home:
+        cmd += ["--home", args.home]
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "protos"), str(ROOT)])
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        assert proc.stdout is not None
+        address = f"127.0.0.1:{int(proc.stdout.readline())}"
+        options = ExtractOptions(layers=(args.layer,))
+        return {name: _measure(address, proc.pid, payload, options, args)
+                for name, payload in (("files", items), ("pixels", pixels))}
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def serve_null(args: argparse.Namespace) -> int:
+    """``--serve-null``: a feature server over :class:`NullCompute` on a free loopback port,
+    printed on stdout; it serves until stdin closes."""
+    extractor = Extractor.from_cache(args.home, batch_size=args.batch_size,
+                                     providers=[p for p in args.providers.split(",") if p]
+                                     or None)
+    server = start_server(ServerConfig(host="127.0.0.1", port=0,
+                                       max_batch_size=args.batch_size, max_wait_ms=5,
+                                       max_inflight_per_stream=4 * args.batch_size),
+                          NullCompute(extractor))  # type: ignore[arg-type]
+    print(server.port, flush=True)
+    sys.stdin.read()
+    server.stop(grace=1)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,10 +266,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the gRPC rows against `dff serve features` in its own "
                              "process (as deployed: the server does not share this process's "
                              "GIL with the clients)")
+    parser.add_argument("--serve-null", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, default=DATA,
                         help="folder of photos (default: ../shared/data/imagenet_sample)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.serve_null:
+        return serve_null(args)
 
     files = sorted(p for p in args.data.iterdir()
                    if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
@@ -221,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no photos (.jpeg, .jpg, .png) in {args.data}")
     files = (files * (args.images // len(files) + 1))[:args.images]
     items = [(f"{i}-{p.name}", p.read_bytes()) for i, p in enumerate(files)]
+    # the same photos decoded here (DecodedImage requests: the server does not decode)
+    pixels = [(i, px) for i, px in ((i, decode_pixels(d)) for i, d in items) if px is not None]
     extractor = Extractor.from_cache(args.home, batch_size=args.batch_size,
                                      providers=[p for p in args.providers.split(",") if p]
                                      or None)
@@ -281,15 +342,29 @@ def main(argv: list[str] | None = None) -> int:
                     in_process(null, items, options))  # type: ignore[arg-type]
                 times.setdefault((f"no-compute gRPC x{args.streams}", dtype), []).append(
                     over_grpc(null_address, items, options, args.streams)[0])
+                if dtype == "float32":  # decoded by the client: the server's share without it
+                    t, req, resp = over_grpc(null_address, pixels, options, args.streams)
+                    times.setdefault((f"no-compute gRPC px x{args.streams}", dtype), []
+                                     ).append(t * n / len(pixels))
+                    t, req, resp = over_grpc(address, pixels, options, args.streams)
+                    times.setdefault((f"gRPC pixels x{args.streams}", dtype), []).append(
+                        t * n / len(pixels))
+                    wire_bytes["pixels"] = (req * n // len(pixels), resp * n // len(pixels))
         served_cpu: dict[str, tuple[float, float | None, float]] = {}
         if args.server_process and not args.no_grpc:
-            served_cpu = served(args, items, precisions)
+            served_cpu = served(args, items, precisions, pixels)
             for prec, (ips, _, _) in served_cpu.items():
                 times[(f"gRPC served {prec} x{args.streams}", "float32")] = [n / ips]
+            for kind, figures in served_null(args, items, pixels).items():
+                served_cpu[f"no-compute {kind}"] = figures
+                times[(f"no-compute served {kind} x{args.streams}", "float32")] = [
+                    n / figures[0]]
         load_after = os.getloadavg()[0]
         rows = []
         for (name, dtype), ts in times.items():
-            req, resp = wire_bytes.get(dtype, (0, 0)) if "gRPC" in name else (0, 0)
+            kind = "pixels" if "px" in name or "pixels" in name else dtype
+            req, resp = (wire_bytes.get(kind, (0, 0)) if "gRPC" in name or "served" in name
+                         else (0, 0))
             rows.append((name, dtype, n / statistics.median(ts), req / n, resp / n))
     finally:
         server.stop(grace=2)
@@ -303,13 +378,13 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores"
               "\n\n")
     out.write(f"{cpu_description()}\n")
-    out.write(f"{'path':<26}{'wire':<9}{'img/s':>8}{'vs fp32':>8}{'req B/img':>12}"
+    out.write(f"{'path':<29}{'wire':<9}{'img/s':>8}{'vs fp32':>8}{'req B/img':>12}"
               f"{'resp B/img':>12}\n")
     ips_of = {r[0]: r[2] for r in rows}
     for name, dtype, ips, req, resp in rows:
         ref = ips_of.get(name.replace(" int8", " fp32").replace(" fp16", " fp32"))
         ratio = f"{ips / ref:.2f}x" if ref and any(p in name for p in ("int8", "fp16")) else ""
-        out.write(f"{name:<26}{dtype:<9}{ips:>8.2f}{ratio:>8}{req:>12.0f}{resp:>12.0f}\n")
+        out.write(f"{name:<29}{dtype:<9}{ips:>8.2f}{ratio:>8}{req:>12.0f}{resp:>12.0f}\n")
     for prec, (ips, server_ms, client_ms) in served_cpu.items():
         server = "n/a" if server_ms is None else (
             f"{server_ms:.2f} ms ({server_ms * ips / 1e3:.1f} cores busy)")

@@ -40,7 +40,7 @@ def report(logs: Path, out: Path) -> str:
         for row in feats.get("rows", []):
             path = row["path"]
             if path.startswith(("ORT only", "ORT on GPU", "in-process fp", "in-process int",
-                                "gRPC fp", "gRPC int", "gRPC served", "no-compute")):
+                                "gRPC fp", "gRPC int", "gRPC served", "gRPC pixels", "no-compute")):
                 label = path if row.get("wire", "-") == "-" else f"{path} {row['wire']}"
                 lines.append(f"{'features ' + label:<44}{row['img_s']:>10.1f} img/s  "
                              f"{provider}, {feats.get('images')} images")
