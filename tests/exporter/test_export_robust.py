@@ -358,3 +358,18 @@ def test_explain_unreadable_file_is_a_per_image_error(tmp_path, fake_source, cap
     record = json.loads((tmp_path / "ex" / "explanations.json").read_text())
     assert len(record["images"]) == 2
     assert [e["id"] for e in record["errors"]] == ["dangling.png"]
+
+
+def test_client_decode_reaches_the_feature_client(tmp_path):
+    from exporter.cli import build_parser
+
+    args = build_parser().parse_args(["discover", str(tmp_path), "--out", str(tmp_path / "o"),
+                                      "--feature-server", "127.0.0.1:1", "--client-decode"])
+    assert args.client_decode
+    for flag in (True, False):
+        d = export.make_discoverer(export.ExportSettings(
+            out=tmp_path, feature_servers=("127.0.0.1:1",), client_decode=flag))
+        try:
+            assert d.source.decode_locally is flag
+        finally:
+            d.source.close()
