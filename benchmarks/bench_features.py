@@ -158,13 +158,14 @@ def _own_cpu_s() -> float:
 
 
 def served(args: argparse.Namespace, items: list[tuple[str, bytes]], precisions: list[str],
-           pixels: list[tuple[str, np.ndarray]] | None = None
+           pixels: list[tuple[str, np.ndarray]] | None = None, pixel_precision: str = ""
            ) -> dict[str, tuple[float, float | None, float]]:
     """Per precision, through `dff serve features` started in its own process: img/s, and the
     CPU milliseconds per image of the server process and of this (client) process. Where the
     served throughput stops scaling with cores, these say which side is the serial part (a
     side near 1000 / img/s ms per image runs on one core). With ``pixels`` (the items decoded
-    here), the first precision again with them: key '<precision> pixels'."""
+    here), ``pixel_precision`` (default: the first) again with them: key '<precision>
+    pixels'."""
     from benchmarks.load_test import start_replica
 
     env = os.environ.copy()
@@ -177,7 +178,7 @@ def served(args: argparse.Namespace, items: list[tuple[str, bytes]], precisions:
         out = {}
         runs_of = [(prec, items) for prec in precisions]
         if pixels:
-            runs_of.append((f"{precisions[0]} pixels", pixels))
+            runs_of.append((f"{pixel_precision or precisions[0]} pixels", pixels))
         for name, payload in runs_of:
             opts = ExtractOptions(layers=(args.layer,), precision=name.split()[0])
             out[name] = _measure(address, proc.pid, payload, opts, args)
@@ -352,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                     wire_bytes["pixels"] = (req * n // len(pixels), resp * n // len(pixels))
         served_cpu: dict[str, tuple[float, float | None, float]] = {}
         if args.server_process and not args.no_grpc:
-            served_cpu = served(args, items, precisions, pixels)
+            served_cpu = served(args, items, precisions, pixels,
+                                extractor.default_precision
+                                if extractor.default_precision in precisions else "")
             for prec, (ips, _, _) in served_cpu.items():
                 times[(f"gRPC served {prec} x{args.streams}", "float32")] = [n / ips]
             for kind, figures in served_null(args, items, pixels).items():

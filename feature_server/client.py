@@ -40,6 +40,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import cv2
 import grpc
 import numpy as np
 from dff_protos import errors
@@ -64,6 +65,16 @@ _NOT_RETRYABLE = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UN
                             grpc.StatusCode.PERMISSION_DENIED,
                             grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND,
                             grpc.StatusCode.FAILED_PRECONDITION})
+
+
+def _as_file(data: ImageData) -> bytes:
+    """An item as an encoded file: pixels become a PNG (lossless: decoded, the same pixels)."""
+    if not isinstance(data, np.ndarray):
+        return data
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(data))
+    if not ok:
+        raise errors.InvalidInput("could not encode the pixels as PNG")
+    return buf.tobytes()
 
 
 def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
@@ -111,6 +122,7 @@ class FeatureClient:
         self._decode_threads = min(8, os.cpu_count() or 1)
         self._decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._accepts_pixels: bool | None = None
         self.timeout = timeout
         self.timeout_per_item = timeout_per_item
         self.item_deadline = item_deadline
@@ -285,18 +297,22 @@ class FeatureClient:
                   ) -> Iterator[ImageData]:
         """What is sent for each of ``indices``, in order: the item itself, or with
         ``decode_locally`` a file's pixels, decoded on the client's threads a few items ahead
-        (bounded: at most ``2 * threads`` decoded images wait)."""
-        if not self.decode_locally:
+        (bounded: at most ``2 * threads`` decoded images wait). Where the server does not
+        take decoded images (it predates them), files go as they are and arrays as PNGs of
+        their pixels, which it decodes to the very same pixels."""
+        arrays = any(isinstance(items[i][1], np.ndarray) for i in indices)
+        pixels_ok = (self.decode_locally or arrays) and self.accepts_decoded_images()
+        if not arrays and not (self.decode_locally and pixels_ok):
             for i in indices:
                 yield items[i][1]
             return
+        convert = self._local_pixels if pixels_ok else _as_file
         pool = self._pool()
         ahead = 2 * self._decode_threads
         window: collections.deque[concurrent.futures.Future[ImageData]] = collections.deque()
-        upcoming = iter(indices)
         try:
-            for i in upcoming:
-                window.append(pool.submit(self._local_pixels, items[i][1]))
+            for i in indices:
+                window.append(pool.submit(convert, items[i][1]))
                 if len(window) >= ahead:
                     yield window.popleft().result()
             while window:
@@ -305,10 +321,24 @@ class FeatureClient:
             for fut in window:
                 fut.cancel()
 
+    def accepts_decoded_images(self) -> bool:
+        """Whether the servers take DecodedImage requests (DescribeModel says so; False when
+        it cannot be asked). Asked once."""
+        if self._accepts_pixels is None:
+            try:
+                self._accepts_pixels = bool(self.describe().get("accepts_decoded_images"))
+            except errors.DFFError as exc:
+                log.warning("DescribeModel failed (%s): sending encoded images", exc)
+                self._accepts_pixels = False
+            if not self._accepts_pixels:
+                log.warning("the feature server does not take decoded images (it predates "
+                            "them): sending encoded images")
+        return self._accepts_pixels
+
     def _local_pixels(self, data: ImageData) -> ImageData:
         """A file's decoded pixels when that is what the server would compute on; otherwise
         the item unchanged (pixels already, not 8-bit colour, undecodable, too large)."""
-        if isinstance(data, np.ndarray):
+        if isinstance(data, np.ndarray) or not self.decode_locally:
             return data
         try:
             pixels = decode_pixels(data)

@@ -116,7 +116,8 @@ def describe_to_proto(desc: dict, config: ServerConfig, server_version: str
             max_message_bytes=config.max_message_bytes, max_pixels=config.max_pixels,
             max_batch_size=config.max_batch_size,
             max_concurrent_streams=config.max_concurrent_streams),
-        precisions=desc.get("precisions", []), default_precision=desc.get("default_precision", ""))
+        precisions=desc.get("precisions", []), default_precision=desc.get("default_precision", ""),
+        accepts_decoded_images=True)
     for m in desc["models"]:
         pre = m["preprocessing"]
         info = features_pb2.ModelInfo(
@@ -186,6 +187,7 @@ def describe_from_proto(resp: features_pb2.DescribeModelResponse) -> dict:
             "available_providers": list(resp.available_providers),
             "server_version": resp.server_version,
             "precisions": list(resp.precisions), "default_precision": resp.default_precision,
+            "accepts_decoded_images": resp.accepts_decoded_images,
             "limits": {"max_message_bytes": resp.limits.max_message_bytes,
                        "max_pixels": resp.limits.max_pixels,
                        "max_batch_size": resp.limits.max_batch_size,

@@ -554,4 +554,5 @@ class Extractor:
         return {"models": models, "execution_provider": self.execution_provider,
                 "available_providers": ort.get_available_providers(),
                 "precisions": list(self.precisions),
-                "default_precision": self.default_precision}
+                "default_precision": self.default_precision,
+                "accepts_decoded_images": True}  # (id, uint8 BGR array) items

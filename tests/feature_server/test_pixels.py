@@ -169,3 +169,34 @@ def test_request_kinds():
     view = np.ascontiguousarray(np.dstack([px[:, :, 2], px[:, :, 1], px[:, :, 0]]))[:, ::-1]
     req = image_request("d", view)
     np.testing.assert_array_equal(wire.from_tensor(req.pixels.pixels, as_float32=False), view)
+
+
+@pytest.mark.slow
+def test_a_server_without_decoded_images_gets_files(address, extractor, photos, monkeypatch):
+    import feature_server.client as client_module
+
+    assert FeatureClient(address).describe()["accepts_decoded_images"] is True
+    sent: list[str] = []
+    real = client_module.image_request
+
+    def spy(item_id, data):
+        req = real(item_id, data)
+        sent.append(req.WhichOneof("kind"))
+        return req
+
+    monkeypatch.setattr(client_module, "image_request", spy)
+    expect = acts(extractor.extract(photos, ExtractOptions()))
+    arrays = [(i, decode_pixels(d)) for i, d in photos]
+    with FeatureClient(address, timeout=60, decode_locally=True) as new:
+        np.testing.assert_equal(acts(new.extract(photos, ExtractOptions())), expect)
+    assert sent == ["pixels"] * len(photos)
+    sent.clear()
+    with FeatureClient(address, timeout=60, decode_locally=True) as old:
+        # as a server from before DecodedImage answers DescribeModel
+        monkeypatch.setattr(old, "describe", lambda: {"models": []})
+        np.testing.assert_equal(acts(old.extract(photos, ExtractOptions())), expect)
+        assert sent == ["image"] * len(photos)
+        sent.clear()
+        # arrays go as PNGs of their pixels: the same numbers
+        np.testing.assert_equal(acts(old.extract(arrays, ExtractOptions())), expect)
+        assert sent == ["image"] * len(photos)

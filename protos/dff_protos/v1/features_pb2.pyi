@@ -152,7 +152,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("models", "execution_provider", "available_providers", "server_version", "limits", "precisions", "default_precision")
+    __slots__ = ("models", "execution_provider", "available_providers", "server_version", "limits", "precisions", "default_precision", "accepts_decoded_images")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class DescribeModelResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     PRECISIONS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_DECODED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     execution_provider: str
     available_providers: _containers.RepeatedScalarFieldContainer[str]
@@ -167,4 +168,5 @@ class DescribeModelResponse(_message.Message):
     limits: ServerLimits
     precisions: _containers.RepeatedScalarFieldContainer[str]
     default_precision: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., precisions: _Optional[_Iterable[str]] = ..., default_precision: _Optional[str] = ...) -> None: ...
+    accepts_decoded_images: bool
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., precisions: _Optional[_Iterable[str]] = ..., default_precision: _Optional[str] = ..., accepts_decoded_images: _Optional[bool] = ...) -> None: ...
