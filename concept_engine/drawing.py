@@ -27,7 +27,8 @@ def palette(k: int) -> list[tuple[int, int, int]]:
 
 
 def to_uint8_bgr(image: np.ndarray) -> np.ndarray:
-    """Any (H, W), (H, W, 1|3|4) image on the 0..255 scale as contiguous uint8 BGR."""
+    """Any (H, W), (H, W, 1|3|4) image on the 0..255 scale as a new contiguous uint8 BGR
+    array (never the caller's own: it may be drawn on)."""
     img = np.asarray(image)
     if img.ndim == 2:
         img = img[:, :, None]
@@ -35,6 +36,8 @@ def to_uint8_bgr(image: np.ndarray) -> np.ndarray:
         img = np.repeat(img, 3, axis=2)
     elif img.shape[2] == 4:
         img = img[:, :, :3]
+    if img.dtype == np.uint8:  # 0..255 already: a plain copy (the callers draw on it)
+        return np.array(img, order="C", copy=True)
     return np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
@@ -42,7 +45,7 @@ def draw_contours(image: np.ndarray, polygons: Sequence[Sequence[np.ndarray]],
                   colors: Sequence[tuple[int, int, int]] | None = None,
                   thickness: int = 2) -> np.ndarray:
     """A copy of ``image`` with polygons[j] (list of (n, 2) x, y) drawn in colors[j]."""
-    out = to_uint8_bgr(image).copy()
+    out = to_uint8_bgr(image)
     colors = list(colors) if colors is not None else palette(len(polygons))
     for j, polys in enumerate(polygons):
         pts = [np.asarray(p, np.int32).reshape(-1, 1, 2) for p in polys if len(p)]

@@ -463,11 +463,11 @@ def dropped_counts(decisions: Sequence[Any]) -> dict[str, int]:
 
 
 def _image_results(cs: Any, data: dict[str, bytes]) -> Iterator[Any]:
-    from exporter.report import ImageResult, decode_image
+    """The kept images' results, each with its encoded bytes: the render threads decode them."""
+    from exporter.report import ImageResult
 
     for i, image_id in enumerate(cs.image_ids):
-        image = decode_image(data[image_id])
-        yield ImageResult(id=image_id, image=image, polygons=cs.polygons[i],
+        yield ImageResult(id=image_id, image=data[image_id], polygons=cs.polygons[i],
                           certainties=np.asarray(cs.certainties[i]))
 
 

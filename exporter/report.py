@@ -53,7 +53,10 @@ class ImageResult:
     """
 
     id: str
-    image: np.ndarray  # (H, W, 3) uint8 BGR, the decoded original
+    # (H, W, 3) uint8 BGR, the decoded original; or its encoded bytes, which the render thread
+    # that draws the image decodes (so that decoding runs on every render thread, not serially
+    # where the results are produced)
+    image: np.ndarray | bytes
     polygons: list[list[np.ndarray]]
     certainties: np.ndarray
     heatmaps: np.ndarray | None = None  # (k, h, w) raw maps: dominant view and crops
@@ -123,10 +126,14 @@ def safe_name(image_id: str) -> str:
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded bytes -> (H, W, 3) uint8 BGR, decoded exactly as the feature server does (EXIF
     orientation, grayscale/CMYK/16-bit/alpha handled), so contours land where they belong."""
-    from feature_server.images import ALL_FORMATS, DecodeLimits
+    from feature_server.images import ALL_FORMATS, DecodeLimits, decode_pixels
     from feature_server.images import decode_image as decode_float
 
-    img = decode_float(data, DecodeLimits(formats=ALL_FORMATS))
+    limits = DecodeLimits(formats=ALL_FORMATS)
+    pixels = decode_pixels(data, limits)  # 8-bit colour: the decoder's own pixels, as they are
+    if pixels is not None:
+        return pixels
+    img = decode_float(data, limits)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -429,27 +436,28 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
         """Everything of one image: its pictures written, the small tiles returned (runs on the
         render threads; OpenCV drawing, resizing and encoding release the GIL)."""
         conts = res.polygons
+        image = res.image if isinstance(res.image, np.ndarray) else decode_image(res.image)
         stem = stems[res.id] if stems is not None else os.path.splitext(safe_name(res.id))[0]
         present = res.present
         out = _Drawn(res.id)
         for j in range(k):
-            ov = concept_overlay(res.image, conts[j], colors[j])
+            ov = concept_overlay(image, conts[j], colors[j])
             rel = f"overlays/concept_{j:02d}/{stem}.jpg"
             write_image(out_dir / rel, ov)
             out.overlays.append(rel)
             score = float(res.certainties[j])
             shown = present is None or bool(present[j])
             out.tiles.append((_small(ov), res.id, score) if shown else None)
-            out.crops.append((_small(strongest_crop(res.image, np.asarray(res.heatmaps[j])),
+            out.crops.append((_small(strongest_crop(image, np.asarray(res.heatmaps[j])),
                                      CROP), res.id, score)
                              if res.heatmaps is not None and shown else None)
         rel = f"combined/{stem}.jpg"
         write_image(out_dir / rel, _flag_ood(combined_overlay(
-            res.image, conts, res.certainties, names=names, present=present), res))
+            image, conts, res.certainties, names=names, present=present), res))
         out.combined = rel
         if res.heatmaps is not None:
             ref = scales or [float(np.max(res.heatmaps[j])) for j in range(k)]
-            dom = dominant_view(res.image, res.heatmaps, ref, colors, present)
+            dom = dominant_view(image, res.heatmaps, ref, colors, present)
             from concept_engine.drawing import draw_legend
 
             rel = f"dominant/{stem}.jpg"
@@ -457,7 +465,7 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
             out.dominant = rel
         if n in wanted:
             rel = f"thumbs/{n:04d}.jpg"
-            write_image(out_dir / rel, _small(res.image, 96))
+            write_image(out_dir / rel, _small(image, 96))
             out.thumb = rel
         return out
 

@@ -180,3 +180,41 @@ def test_render_threads_do_not_change_any_picture(tmp_path, monkeypatch):
                          rendered.overlays, rendered.top_ids, rendered.grid_all_pages)
     assert len(outs[1][0]) == 9 * 2 + 9 + 9 + 2 * 3  # overlays, combined, dominant, grids
     assert outs[1] == outs[3]
+
+
+def test_results_may_carry_encoded_images_decoded_on_the_render_threads(tmp_path,
+                                                                        monkeypatch):
+    # the same pictures whether a result holds the decoded image or the file's bytes
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 255, (40, 60, 3), np.uint8) for _ in range(5)]
+    files = [cv2.imencode(".png", im)[1].tobytes() for im in images]
+
+    def results(payloads):
+        r = np.random.default_rng(5)
+        return [report.ImageResult(f"{i}.png", p, [[_square(5, 5, 10)], [_square(30, 10, 12)]],
+                                   r.random(2), heatmaps=r.random((2, 4, 6)).astype(np.float32))
+                for i, p in enumerate(payloads)]
+
+    data = report.ReportData(name="c", k=2)
+    outs = []
+    for payloads in (images, files):
+        out = tmp_path / str(len(outs))
+        monkeypatch.setattr(report, "RENDER_THREADS", 2)
+        report.render_images(iter(results(payloads)), 2, out, top_n=3, total=5, data=data)
+        outs.append({p.relative_to(out): p.read_bytes() for p in out.rglob("*.jpg")})
+    assert len(outs[0]) == 5 * 2 + 5 + 5 + 2 * 3 and outs[0] == outs[1]
+
+
+def test_report_decoding_takes_8_bit_pixels_as_they_are():
+    from feature_server.images import ALL_FORMATS, DecodeLimits, decode_image
+
+    rng = np.random.default_rng(6)
+    cases = [rng.integers(0, 256, (9, 7, 3), np.uint8), rng.integers(0, 256, (9, 7), np.uint8),
+             rng.integers(0, 256, (9, 7, 4), np.uint8),
+             rng.integers(0, 65536, (9, 7, 3), np.uint16)]
+    for img in cases:
+        data = cv2.imencode(".png", img)[1].tobytes()
+        slow = np.clip(np.rint(decode_image(data, DecodeLimits(formats=ALL_FORMATS))), 0, 255)
+        got = report.decode_image(data)
+        assert got.dtype == np.uint8 and got.shape == (9, 7, 3)
+        np.testing.assert_array_equal(got, slow.astype(np.uint8))
