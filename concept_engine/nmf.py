@@ -202,7 +202,10 @@ class _Operand:
         if self.kernels:
             # a worker per core is enough here: the kernels keep their partial sums in cache
             parts = min(parts, os.cpu_count() or 1) if parts > 1 else 1
-        cuts = np.searchsorted(V.indptr, np.linspace(0, V.nnz, parts + 1)[1:-1])
+        # integer targets (the first row pointer >= x is the first >= ceil(x)): with float
+        # targets NumPy converted all of indptr to float64 first (1.6 ms at 5000 images)
+        targets = np.ceil(np.linspace(0, V.nnz, parts + 1)[1:-1]).astype(V.indptr.dtype)
+        cuts = np.searchsorted(V.indptr, targets)
         bounds = [0, *sorted(set(int(c) for c in cuts) - {0, self.n}), self.n]
         self._ranges = list(zip(bounds[:-1], bounds[1:], strict=True))
         if parts <= 1 or self.kernels:
