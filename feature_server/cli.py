@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from dff_protos.errors import DFFError
@@ -131,7 +132,13 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
     serve.add_argument("--grace-s", type=float, default=30.0,
                        help="seconds in-flight streams get on SIGTERM")
     serve.add_argument("--decode-workers", type=int, default=0,
-                       help="image decoding threads shared by all streams (0 = min(8, cores))")
+                       help="image decoding threads shared by all streams (0 = min(16, cores))")
+    serve.add_argument("--workers", type=int, default=int(os.environ.get("DFF_WORKERS") or 1),
+                       help="server processes on the one port (SO_REUSEPORT), each with its "
+                            "own sessions: one process holds the GIL ~0.45 ms per image, so "
+                            "a GPU needs several to be kept busy; clients then open as many "
+                            "connections (env DFF_CONNECTIONS_PER_ADDRESS) (default 1; env "
+                            "DFF_WORKERS)")
     serve.add_argument("--precision", default="",
                        help="comma-separated feature-model precisions to load (fp32,int8,fp16; "
                             "default: every one built); the first is the server's "
@@ -244,14 +251,19 @@ def cmd_serve_features(args: argparse.Namespace) -> int:
         max_inflight_per_stream=args.max_inflight_per_stream, formats=formats,
         grace_s=args.grace_s, decode_workers=args.decode_workers)
     if args.precision:
-        import os
-
         # read by Extractor.from_cache (the server builds its Extractor from ServerConfig)
         os.environ["DFF_PRECISIONS"] = args.precision
     if args.no_build:
         from feature_server.models.registry import ensure_models
 
         ensure_models(args.home, build=False)
+    if args.workers > 1:
+        from feature_server.workers import serve_workers
+
+        return serve_workers(config, args.workers)
+    if args.workers < 1:
+        sys.stderr.write("dff serve features: error: --workers must be >= 1\n")
+        return 2
     return serve(config)
 
 

@@ -17,6 +17,10 @@ in-process Extractor, over one or several feature-server addresses.
 - A stream refused before any item was delivered (RESOURCE_EXHAUSTED, UNAVAILABLE on connect)
   is retried with exponential backoff + jitter within ``retry_budget`` seconds (default: the
   call ``timeout``, at most 60 s), rotating the addresses; the final error says what was tried.
+- ``connections_per_address`` (or ``DFF_CONNECTIONS_PER_ADDRESS``) opens that many TCP
+  connections to each address, each with ``streams_per_address`` streams: a feature server
+  run with ``--workers N`` (N processes on one port, SO_REUSEPORT) gets each connection on one
+  of its processes, so a client needs about N connections to use them all.
 - Items are encoded files or decoded pixels (uint8 (H, W, 3) BGR arrays, sent as DecodedImage
   messages). With ``decode_locally`` (or ``DFF_CLIENT_DECODE=1``) the client decodes files
   itself, on its own threads a few items ahead of the stream, and sends the pixels: the server
@@ -115,7 +119,8 @@ class FeatureClient:
                  max_attempts: int = 3, max_message_mb: int = 64,
                  item_deadline: float = 30.0, retry_budget: float | None = None,
                  security: ClientSecurity | None = None,
-                 decode_locally: bool | None = None) -> None:
+                 decode_locally: bool | None = None,
+                 connections_per_address: int | None = None) -> None:
         self.addresses = parse_addresses(addresses)
         self.decode_locally = (os.environ.get("DFF_CLIENT_DECODE", "0") == "1"
                                if decode_locally is None else decode_locally)
@@ -143,7 +148,18 @@ class FeatureClient:
                    ("grpc.keepalive_time_ms", 30_000),
                    ("grpc.keepalive_timeout_ms", 10_000)]
         self.security = security if security is not None else default_client_security()
-        self._channels = [self.security.channel(a, options) for a in self.addresses]
+        if connections_per_address is None:
+            connections_per_address = int(os.environ.get("DFF_CONNECTIONS_PER_ADDRESS") or 1)
+        self.connections_per_address = max(1, connections_per_address)
+        if self.connections_per_address > 1:
+            # each channel its own TCP connection (gRPC otherwise shares one between channels
+            # of equal arguments): a server with several worker processes on one port
+            # (SO_REUSEPORT) gets each connection on one of them
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        # address-major: stub i + 1 is the next address, so fail-over moves to another server
+        self._stub_addresses = [a for _ in range(self.connections_per_address)
+                                for a in self.addresses]
+        self._channels = [self.security.channel(a, options) for a in self._stub_addresses]
         self._stubs = [features_pb2_grpc.FeatureServiceStub(c) for c in self._channels]
         self._describe: dict | None = None
 
@@ -165,7 +181,8 @@ class FeatureClient:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         out = {}
-        for address, channel in zip(self.addresses, self._channels, strict=True):
+        for address, channel in zip(self.addresses, self._channels[:len(self.addresses)],
+                                    strict=True):
             try:
                 resp = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=timeout)
@@ -238,7 +255,7 @@ class FeatureClient:
             started = time.monotonic()
             backoff = 0.1
             while pending:
-                address = self.addresses[address_index]
+                address = self._stub_addresses[address_index]
                 # items that were in flight on a failed replica go first, one at a time; the
                 # others (never in flight on a failure) follow in a normal stream
                 struck = [i for i in pending if i in failed_on]
@@ -274,7 +291,7 @@ class FeatureClient:
                     pending = [i for i in pending if i not in set(dead)]
                     if pending:
                         log.warning("stream to %s failed (%s); re-sending %d items to %s",
-                                    address, name, len(pending), self.addresses[nxt])
+                                    address, name, len(pending), self._stub_addresses[nxt])
                 else:
                     elapsed = time.monotonic() - started
                     if elapsed + backoff > self.retry_budget:
@@ -286,7 +303,7 @@ class FeatureClient:
                         break
                     pause = backoff * (0.5 + random.random())  # jitter: 0.5x..1.5x
                     log.info("stream to %s refused (%s); retrying on %s in %.2fs", address,
-                             name, self.addresses[nxt], pause)
+                             name, self._stub_addresses[nxt], pause)
                     time.sleep(pause)
                     backoff = min(backoff * 2, 5.0)
                 address_index = nxt

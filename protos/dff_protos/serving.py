@@ -45,6 +45,9 @@ class NetworkConfig:
     max_connection_age_s: float = 1800.0  # then GOAWAY (clients reconnect / rebalance)
     max_connection_age_grace_s: float = 7200.0  # streams still running get this long
     max_connection_idle_s: float = 300.0
+    # several processes serve one port (SO_REUSEPORT; see feature_server.workers): only for
+    # such a group, as otherwise a second server would silently share the port
+    reuse_port: bool = False
 
 
 def add_network_args(p: argparse.ArgumentParser, *, port: int, health_port: int,
@@ -140,7 +143,8 @@ def create_server(*, max_message_bytes: int, max_workers: int, thread_name_prefi
     net = network or NetworkConfig()
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
-               ("grpc.so_reuseport", 0),  # a second server must not silently share a port
+               # a second server must not silently share a port, unless it is one of a group
+               ("grpc.so_reuseport", 1 if net.reuse_port else 0),
                ("grpc.keepalive_time_ms", int(net.keepalive_s * 1000)),
                ("grpc.keepalive_timeout_ms", int(net.keepalive_timeout_s * 1000)),
                ("grpc.keepalive_permit_without_calls", 1),
