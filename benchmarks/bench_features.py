@@ -85,8 +85,9 @@ def on_device(extractor: Extractor, xs: list[np.ndarray], options: ExtractOption
 
 
 def over_grpc(address: str, items: list[tuple[str, bytes]], options: ExtractOptions,
-              streams: int) -> tuple[float, int, int]:
-    """Seconds, request bytes and response bytes for ``streams`` concurrent Extract streams."""
+              streams: int, connections: int = 1) -> tuple[float, int, int]:
+    """Seconds, request bytes and response bytes for ``streams`` concurrent Extract streams
+    over ``connections`` TCP connections (several reach several worker processes)."""
     import threading
 
     shards = [items[k::streams] for k in range(streams)]
@@ -101,17 +102,26 @@ def over_grpc(address: str, items: list[tuple[str, bytes]], options: ExtractOpti
             sizes[k][1] += resp.ByteSize()
 
     limit = 64 * 1024 * 1024
-    with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", limit)]
-                               ) as channel:
-        stub = features_pb2_grpc.FeatureServiceStub(channel)
-        grpc.channel_ready_future(channel).result(timeout=10)
-        threads = [threading.Thread(target=run, args=(k, stub)) for k in range(streams)]
+    options_ = [("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit)]
+    if connections > 1:
+        options_.append(("grpc.use_local_subchannel_pool", 1))  # one connection per channel
+    channels = [grpc.insecure_channel(address, options=options_) for _ in range(connections)]
+    try:
+        stubs = [features_pb2_grpc.FeatureServiceStub(c) for c in channels]
+        for c in channels:
+            grpc.channel_ready_future(c).result(timeout=10)
+        threads = [threading.Thread(target=run, args=(k, stubs[k % connections]))
+                   for k in range(streams)]
         t0 = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - t0
+    finally:
+        for c in channels:
+            c.close()
     return elapsed, sum(s[0] for s in sizes), sum(s[1] for s in sizes)
 
 
@@ -232,6 +242,74 @@ def served_null(args: argparse.Namespace, items: list[tuple[str, bytes]],
             proc.kill()
 
 
+def scale_out(args: argparse.Namespace, precision: str) -> tuple[float, float | None, int]:
+    """The served path as deployed for throughput: ``--server-workers`` server processes on one
+    port, ``--client-procs`` client processes each sending every photo as decoded pixels over
+    ``--streams`` streams on as many connections, all started together. Returns img/s over
+    the whole run, the server group's CPU ms per image, and the images sent."""
+    import json
+    import subprocess
+
+    from benchmarks.load_test import start_replica
+
+    env = os.environ.copy()
+    if args.home:
+        env["DFF_HOME"] = args.home
+    server, address = start_replica(
+        argparse.Namespace(batch=args.batch_size), env=env, workers=args.server_workers,
+        extra=["--max-inflight-per-stream", str(4 * args.batch_size), "--max-wait-ms", "5",
+               "--max-concurrent-streams", str(max(16, args.client_procs * args.streams))])
+    pids = server.worker_pids  # type: ignore[attr-defined]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--client-run", address,
+           "--precision", precision, "--images", str(args.images), "--data", str(args.data),
+           "--streams", str(args.streams), "--layer", args.layer]
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "protos"), str(ROOT)])
+    clients = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env=env) for _ in range(args.client_procs)]
+    try:
+        for c in clients:  # each has its pixels and requests ready, and has warmed up
+            assert c.stdout is not None
+            if c.stdout.readline().strip() != "ready":
+                raise SystemExit("a benchmark client did not start")
+        cpu0 = [_process_cpu_s(p) for p in pids]
+        t0 = time.perf_counter()
+        for c in clients:
+            assert c.stdin is not None
+            c.stdin.write("go\n")
+            c.stdin.flush()
+        sent = sum(json.loads(c.stdout.readline())["images"] for c in clients
+                   if c.stdout is not None)
+        wall = time.perf_counter() - t0
+        cpu1 = [_process_cpu_s(p) for p in pids]
+    finally:
+        for c in clients:
+            c.kill()
+            c.wait(timeout=30)
+        server.terminate()
+        server.wait(timeout=60)
+    server_ms = (None if None in cpu0 or None in cpu1 else
+                 1e3 * sum(b - a for a, b in zip(cpu0, cpu1, strict=True)) / sent)  # type: ignore[operator]
+    return sent / wall, server_ms, sent
+
+
+def client_run(args: argparse.Namespace) -> int:
+    """``--client-run ADDRESS``: one scale-out client (see :func:`scale_out`)."""
+    import json
+
+    files = sorted(p for p in args.data.iterdir()
+                   if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    files = (files * (args.images // len(files) + 1))[:args.images]
+    pixels = [(f"{i}", px) for i, px in ((i, decode_pixels(p.read_bytes()))
+                                         for i, p in enumerate(files)) if px is not None]
+    opts = ExtractOptions(layers=(args.layer,), precision=args.precision)
+    over_grpc(args.client_run, pixels[:2 * args.streams], opts, args.streams, args.streams)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    over_grpc(args.client_run, pixels, opts, args.streams, args.streams)
+    print(json.dumps({"images": len(pixels)}), flush=True)
+    return 0
+
+
 def serve_null(args: argparse.Namespace) -> int:
     """``--serve-null``: a feature server over :class:`NullCompute` on a free loopback port,
     printed on stdout; it serves until stdin closes."""
@@ -268,12 +346,22 @@ def main(argv: list[str] | None = None) -> int:
                              "process (as deployed: the server does not share this process's "
                              "GIL with the clients)")
     parser.add_argument("--serve-null", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--client-run", metavar="ADDRESS", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--server-workers", type=int, default=0,
+                        help="with --server-process: also a scale-out row, this many server "
+                             "processes (dff serve features --workers) fed decoded pixels by "
+                             "--client-procs client processes")
+    parser.add_argument("--client-procs", type=int, default=2,
+                        help="client processes of the scale-out row (each sends every photo)")
     parser.add_argument("--data", type=Path, default=DATA,
                         help="folder of photos (default: ../shared/data/imagenet_sample)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.serve_null:
         return serve_null(args)
+    if args.client_run:
+        return client_run(args)
 
     files = sorted(p for p in args.data.iterdir()
                    if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
@@ -351,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                     times.setdefault((f"gRPC pixels x{args.streams}", dtype), []).append(
                         t * n / len(pixels))
                     wire_bytes["pixels"] = (req * n // len(pixels), resp * n // len(pixels))
-        served_cpu: dict[str, tuple[float, float | None, float]] = {}
+        served_cpu: dict[str, tuple[float, float | None, float | None]] = {}
         if args.server_process and not args.no_grpc:
             served_cpu = served(args, items, precisions, pixels,
                                 extractor.default_precision
@@ -362,6 +450,14 @@ def main(argv: list[str] | None = None) -> int:
                 served_cpu[f"no-compute {kind}"] = figures
                 times[(f"no-compute served {kind} x{args.streams}", "float32")] = [
                     n / figures[0]]
+            if args.server_workers > 0:
+                prec = (extractor.default_precision if extractor.default_precision in precisions
+                        else precisions[0])
+                ips, server_ms, _ = scale_out(args, prec)
+                name = (f"scale-out {prec} px w{args.server_workers} "
+                        f"c{args.client_procs}x{args.streams}")
+                times[(name, "float32")] = [n / ips]
+                served_cpu[name] = (ips, server_ms, None)
         load_after = os.getloadavg()[0]
         rows = []
         for (name, dtype), ts in times.items():
@@ -391,8 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     for prec, (ips, server_ms, client_ms) in served_cpu.items():
         server = "n/a" if server_ms is None else (
             f"{server_ms:.2f} ms ({server_ms * ips / 1e3:.1f} cores busy)")
-        out.write(f"served {prec}: CPU per image: server {server}, client {client_ms:.2f} ms "
-                  f"({client_ms * ips / 1e3:.1f} cores busy)\n")
+        client = "" if client_ms is None else (
+            f", client {client_ms:.2f} ms ({client_ms * ips / 1e3:.1f} cores busy)")
+        out.write(f"served {prec}: CPU per image: server {server}{client}\n")
     by = {(r[0].rsplit(" x", 1)[0].split(" Extractor")[0], r[1]): r[2] for r in rows}
     if args.json:
         import json

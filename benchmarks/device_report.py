@@ -40,15 +40,16 @@ def report(logs: Path, out: Path) -> str:
         for row in feats.get("rows", []):
             path = row["path"]
             if path.startswith(("ORT only", "ORT on GPU", "in-process fp", "in-process int",
-                                "gRPC fp", "gRPC int", "gRPC served", "gRPC pixels", "no-compute")):
+                                "gRPC fp", "gRPC int", "gRPC served", "gRPC pixels", "no-compute",
+                                "scale-out")):
                 label = path if row.get("wire", "-") == "-" else f"{path} {row['wire']}"
                 lines.append(f"{'features ' + label:<44}{row['img_s']:>10.1f} img/s  "
                              f"{provider}, {feats.get('images')} images")
         for prec, cpu in feats.get("served_cpu_ms_per_image", {}).items():
             for side in ("server", "client"):
                 if cpu.get(side) is not None:
-                    lines.append(f"{'served ' + prec + ': CPU per image, ' + side:<44}"
-                                 f"{cpu[side]:>11.2f} ms")
+                    label = f"{side} CPU per image, {prec}"
+                    lines.append(f"{label:<44}{cpu[side]:>11.2f} ms")
     else:
         lines.append(f"{'features':<44}{'-':>14}  benchmark failed (features.log)")
     ref = _json(logs / "torch_ref.json")

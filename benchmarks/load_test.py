@@ -34,7 +34,10 @@ from feature_server.extractor import ExtractOptions  # noqa: E402
 
 
 def start_replica(args: argparse.Namespace, env: dict[str, str] | None = None,
-                  extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+                  extra: list[str] | None = None, workers: int = 1
+                  ) -> tuple[subprocess.Popen, str]:
+    """`dff serve features` on a free loopback port; with ``workers`` > 1 a group of that many
+    processes (``proc.worker_pids`` lists them), returned once every one listens."""
     env = dict(env or os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT / "protos"), str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(
@@ -42,15 +45,19 @@ def start_replica(args: argparse.Namespace, env: dict[str, str] | None = None,
     proc = subprocess.Popen(
         [sys.executable, "-m", "exporter.cli", "-v", "serve", "features", "--host",
          "127.0.0.1", "--port", "0", "--no-build", "--max-batch-size", str(args.batch),
-         *(extra or [])],
+         "--workers", str(workers), *(extra or [])],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     deadline = time.monotonic() + 120
+    ready = (r"feature server listening on 127\.0\.0\.1:(\d+)" if workers == 1 else
+             r"listening on 127\.0\.0\.1:(\d+) \(\d+ worker processes, pids \[([\d, ]+)\]")
     for line in proc.stderr:
-        m = re.search(r"feature server listening on 127\.0\.0\.1:(\d+)", line)
+        m = re.search(ready, line)
         if m:
             threading.Thread(target=lambda: [None for _ in proc.stderr],  # type: ignore[union-attr]
                              daemon=True).start()
+            proc.worker_pids = ([int(p) for p in m.group(2).split(",")]  # type: ignore[attr-defined]
+                                if workers > 1 else [proc.pid])
             return proc, f"127.0.0.1:{m.group(1)}"
         if time.monotonic() > deadline:
             break

@@ -83,7 +83,7 @@ def test_report_table_from_step_outputs(tmp_path):
     assert "features ORT only fp16 b64" in table and "6123.4 img/s" in table
     # the served path's rows: transport without compute, and where its CPU goes
     assert "features no-compute gRPC x1 float32" in table and "9.0 img/s" in table
-    assert "served fp16: CPU per image, server" in table and "2.50 ms" in table
+    assert "server CPU per image, fp16" in table and "2.50 ms" in table
     assert "NMF ours-hals-cupy N=5000 k=6" in table and "2.5 ms" in table
     assert "12.3 s" in table and "features 75%, k_sweep 25%" in table
     assert "dff discover, cold (rc 0)" in table and "31.0 s" in table
