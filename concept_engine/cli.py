@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from dff_protos.errors import DFFError
+    from dff_protos.serving import bind_failure
 
     from concept_engine.service import serve
 
@@ -90,4 +91,11 @@ def run(args: argparse.Namespace) -> int:
     except DFFError as exc:
         print(f"dff serve engine: error: {exc}", file=sys.stderr)
         return 2
-    return serve(config)
+    try:
+        return serve(config)
+    except (OSError, RuntimeError) as exc:
+        reason = bind_failure(exc)
+        if reason is None:
+            raise
+        print(f"dff serve engine: error: {args.host}:{args.port}: {reason}", file=sys.stderr)
+        return 2

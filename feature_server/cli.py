@@ -257,14 +257,23 @@ def cmd_serve_features(args: argparse.Namespace) -> int:
         from feature_server.models.registry import ensure_models
 
         ensure_models(args.home, build=False)
-    if args.workers > 1:
-        from feature_server.workers import serve_workers
-
-        return serve_workers(config, args.workers)
     if args.workers < 1:
         sys.stderr.write("dff serve features: error: --workers must be >= 1\n")
         return 2
-    return serve(config)
+    from dff_protos.serving import bind_failure
+
+    try:
+        if args.workers > 1:
+            from feature_server.workers import serve_workers
+
+            return serve_workers(config, args.workers)
+        return serve(config)
+    except (OSError, RuntimeError) as exc:
+        reason = bind_failure(exc)
+        if reason is None:
+            raise
+        sys.stderr.write(f"dff serve features: error: {args.host}:{args.port}: {reason}\n")
+        return 2
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

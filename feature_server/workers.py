@@ -104,7 +104,7 @@ def serve_workers(config: ServerConfig, workers: int) -> int:
         if started:
             log.info("feature server listening on %s:%d (%d worker processes, pids %s)",
                      host, port, workers, [p.pid for p in procs])
-        code = 0 if started else 1
+        code = 0 if started or stop.is_set() else 1  # a stop asked for while starting is 0
         while started and not stop.wait(0.5):
             dead = [p for p in procs if not p.is_alive()]
             if dead:

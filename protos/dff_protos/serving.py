@@ -6,6 +6,7 @@ running until SIGTERM/SIGINT with a graceful stop."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import queue
@@ -322,6 +323,20 @@ def idle_timeout_iter(iterator: Iterator[T], idle_s: float, what: str = "request
             yield value
     finally:
         stop.set()
+
+
+def bind_failure(exc: BaseException) -> str | None:
+    """A one-line reason when ``exc`` is a failure to bind the server's port (the port is in
+    use, or the address is not this machine's), else None: the CLIs print it instead of a
+    traceback."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL,
+                                                   errno.EACCES):
+        return f"could not bind the port: {exc.strerror}"
+    if isinstance(exc, (OSError, RuntimeError)) and (
+            "Failed to bind" in text or text.startswith("could not bind")):
+        return "could not bind the port (in use, or not an address of this machine)"
+    return None
 
 
 def run_until_signal(stop: Callable[[], Any]) -> int:
