@@ -71,15 +71,18 @@ class Group:
 @pytest.mark.slow
 def test_connections_spread_over_the_workers_and_sigterm_drains(models_home, extractor,
                                                                 shared_data):
-    files = sorted((shared_data / "imagenet_sample").glob("*.JPEG"))[:8]
-    items = [(p.name, p.read_bytes()) for p in files]
+    # 24 images on 24 connections: the kernel hashes each connection to one of the 2 workers,
+    # so one of them gets none with probability 2 ** -23 (4 connections: 1 in 8)
+    files = sorted((shared_data / "imagenet_sample").glob("*.JPEG"))
+    files = (files * 24)[:24]
+    items = [(f"{i}-{p.name}", p.read_bytes()) for i, p in enumerate(files)]
     expect = {r.id: r.activations["conv5_4"] for r in extractor.extract(items, ExtractOptions())}
     group = Group(models_home)
     try:
         assert len(group.pids) == 2 and group.port > 0
         before = [cpu_seconds(p) for p in group.pids]
         with FeatureClient(f"127.0.0.1:{group.port}", timeout=120,
-                           connections_per_address=4) as client:
+                           connections_per_address=24) as client:
             got = {r.id: r for r in client.extract(items, ExtractOptions())}
         used = [cpu_seconds(p) - b for p, b in zip(group.pids, before, strict=True)]
         assert sorted(got) == sorted(expect)
@@ -87,8 +90,8 @@ def test_connections_spread_over_the_workers_and_sigterm_drains(models_home, ext
             assert r.error is None
             np.testing.assert_allclose(r.activations["conv5_4"], expect[item_id], rtol=1e-5,
                                        atol=1e-5)
-        # 4 connections over 2 processes: both ran the network (8 images of ~20+ ms each)
-        assert min(used) > 0.05, used
+        # both ran the network (~12 images of 20+ ms each; an idle worker uses ~0)
+        assert min(used) > 0.02, used
         group.proc.send_signal(signal.SIGTERM)
         assert group.proc.wait(timeout=60) == 0
         for pid in group.pids:
