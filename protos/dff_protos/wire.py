@@ -48,11 +48,12 @@ def from_tensor(tensor: common_pb2.Tensor, *, as_float32: bool = True) -> np.nda
         raise InvalidInput(f"unknown tensor dtype {tensor.dtype}") from None
     shape = tuple(int(s) for s in tensor.shape)
     expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
-    if len(tensor.data) != expected:
+    data = tensor.data  # each access copies the bytes out of the message: once
+    if len(data) != expected:
         raise InvalidInput(
             f"tensor of shape {shape} and dtype {np_dtype.name} needs {expected} bytes, "
-            f"got {len(tensor.data)}")
-    array = np.frombuffer(tensor.data, dtype=np_dtype).reshape(shape)
+            f"got {len(data)}")
+    array = np.frombuffer(data, dtype=np_dtype).reshape(shape)
     if as_float32 and array.dtype != np.float32:
         return array.astype(np.float32)
     return array
