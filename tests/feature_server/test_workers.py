@@ -130,3 +130,21 @@ def test_worker_configs_share_the_port_and_split_the_side_ports():
     assert [c.network.metrics_port for c in off] == [0, 0]
     # a single server never shares its port
     assert not ServerConfig().network.reuse_port
+
+
+def test_a_secure_config_reaches_the_workers(tmp_path):
+    # workers are spawned: their config (TLS material, tokens included) travels pickled
+    import pickle
+
+    from dff_protos.security import ServerSecurity
+
+    from tests.services.certs import make_certs
+
+    certs = make_certs(tmp_path)
+    (tmp_path / "tokens.txt").write_text("abcdefghijklmnopqrstu read\n")
+    security = ServerSecurity.from_files(str(certs.server.cert), str(certs.server.key),
+                                         str(certs.ca.cert), str(tmp_path / "tokens.txt"))
+    config = ServerConfig(network=NetworkConfig(security=security))
+    for worker in worker_configs(config, 2, 40000):
+        back = pickle.loads(pickle.dumps(worker))
+        assert back == worker and back.network.security.mtls and back.network.security.tokens
