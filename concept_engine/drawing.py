@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from concept_engine import compiled
+
 #: The seed draws green contours of width 2; with several concepts each gets its own colour.
 SEED_COLOR = (0, 255, 0)
 
@@ -115,13 +117,51 @@ def dominant_view(image: np.ndarray, maps: np.ndarray, scales: Sequence[float],
         np.copyto(dom, j, where=strength > best, casting="unsafe")
         np.maximum(best, strength, out=best)
     best *= np.float32(max_alpha)  # the opacity
+    table = np.asarray(colors, np.float32)
+    if compiled.AVAILABLE:
+        # one pass per pixel instead of seven array passes and an (H, W, 3) colour gather
+        # (4 of the 5.6 ms of a 500 x 375 picture); the same float32 operations, bit for bit
+        result = np.empty_like(img)
+        _blend_kernel(img, dom, best, table, result)
+        return result
+    return _blend_numpy(img, dom, best, table)
+
+
+def _blend_numpy(img: np.ndarray, dom: np.ndarray, alpha: np.ndarray, table: np.ndarray
+                 ) -> np.ndarray:
+    """img * (1 - alpha) + table[dom] * alpha, as img + (colour - img) * alpha in float32,
+    clipped to 0..255 and truncated to uint8."""
     out = img.astype(np.float32)
-    blend = np.asarray(colors, np.float32)[dom]
+    blend = table[dom]
     blend -= out
-    blend *= best[:, :, None]
-    out += blend  # img * (1 - alpha) + colour * alpha
+    blend *= alpha[:, :, None]
+    out += blend
     np.clip(out, 0, 255, out=out)
     return out.astype(np.uint8)
+
+
+@compiled.jit
+def _blend_kernel(img, dom, alpha, table, out):
+    """:func:`_blend_numpy` pixel by pixel (no fast-math: the same float32 operations)."""
+    height, width, channels = img.shape
+    low = np.float32(0.0)
+    high = np.float32(255.0)
+    for y in range(height):
+        for x in range(width):
+            a = alpha[y, x]
+            d = dom[y, x]
+            for c in range(channels):
+                o = np.float32(img[y, x, c])
+                v = o + (table[d, c] - o) * a
+                v = low if v < low else (high if v > high else v)
+                out[y, x, c] = np.uint8(v)
+
+
+@compiled.register_warmer
+def _warm_up() -> None:
+    pixel = np.zeros((1, 1, 3), np.uint8)
+    _blend_kernel(pixel, np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.float32),
+                  np.zeros((1, 3), np.float32), np.empty_like(pixel))
 
 
 def overlay(image: np.ndarray, polygons: Sequence[Sequence[np.ndarray]],

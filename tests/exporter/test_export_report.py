@@ -218,3 +218,21 @@ def test_report_decoding_takes_8_bit_pixels_as_they_are():
         got = report.decode_image(data)
         assert got.dtype == np.uint8 and got.shape == (9, 7, 3)
         np.testing.assert_array_equal(got, slow.astype(np.uint8))
+
+
+def test_dominant_view_blend_kernel_is_the_numpy_blend_bit_for_bit():
+    from concept_engine.drawing import _blend_kernel, _blend_numpy, palette
+
+    rng = np.random.default_rng(7)
+    for trial in range(20):
+        h, w, k = int(rng.integers(1, 60)), int(rng.integers(1, 60)), int(rng.integers(1, 6))
+        img = rng.integers(0, 256, (h, w, 3), np.uint8)
+        for dtype in (np.uint8, np.int32):
+            dom = rng.integers(0, k, (h, w)).astype(dtype)
+            alpha = (rng.random((h, w)) * 0.8).astype(np.float32)
+            alpha[rng.random((h, w)) < 0.2] = np.float32(0.8)
+            table = np.asarray(palette(k), np.float32)
+            out = np.empty_like(img)
+            _blend_kernel(img, dom, alpha, table, out)
+            np.testing.assert_array_equal(out, _blend_numpy(img, dom, alpha, table),
+                                          err_msg=str(trial))
