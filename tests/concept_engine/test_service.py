@@ -433,13 +433,12 @@ def test_serve_engine_process_sigterm(tmp_path):
     """`dff serve engine` as a process whose only feature server is down: health NOT_SERVING,
     Discover UNAVAILABLE naming the address, List still answers; SIGTERM -> graceful exit 0."""
     import signal
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.ports import free_port
+
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "exporter.cli", "serve", "engine", "--host", "127.0.0.1",
          "--port", str(port), "--store", str(tmp_path / "store"),

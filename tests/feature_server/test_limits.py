@@ -22,24 +22,18 @@ from tests.feature_server.test_server import image, opts
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
 from certs import make_certs  # noqa: E402
 
+from tests.ports import free_port
+
 
 def _photo(shared_data) -> tuple[str, bytes]:
     p = sorted((shared_data / "imagenet_sample").glob("*.JPEG"))[0]
     return p.name, p.read_bytes()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_size_option_and_memory_budget_fail_only_the_item(extractor, shared_data):
     running = start_server(ServerConfig(host="127.0.0.1", port=0, max_input_size=256,
                                         memory_budget_mb=1,
-                                        network=NetworkConfig(metrics_port=_free_port())),
+                                        network=NetworkConfig(metrics_port=free_port())),
                            extractor)
     name, data = _photo(shared_data)
     try:

@@ -3,7 +3,6 @@ reflection, limits, client fail-over."""
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import grpc
@@ -20,6 +19,7 @@ from feature_server.convert import options_to_proto
 from feature_server.extractor import ExtractOptions
 from feature_server.service import ServerConfig, start_server
 from tests.feature_server.test_images import png_claiming
+from tests.ports import free_port
 
 ItemError = common_pb2.ItemError
 
@@ -163,12 +163,6 @@ def test_health_reflection_and_describe(address, registry):
     cls = models["efficientnet_lite0"]
     assert cls.num_classes == 1000 and cls.class_names[310] == "ant"
     assert desc.limits.max_pixels == 40_000_000 and desc.limits.max_batch_size == 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -17,6 +17,8 @@ import pytest
 from certs import make_certs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.ports import free_port
+
 pytestmark = pytest.mark.slow
 
 
@@ -44,7 +46,7 @@ def test_discover_through_a_mutual_tls_engine_and_feature_server(tmp_path, model
             "--feature-server", f"localhost:{features.port}", *tls,
             "--feature-tls-ca", str(certs.ca.cert), "--feature-tls-cert", str(certs.client.cert),
             "--feature-tls-key", str(certs.client.key),
-            "--feature-token-file", str(engine_token), "--health-port", str(_free_port()),
+            "--feature-token-file", str(engine_token), "--health-port", str(free_port()),
             env=env)
         health_port = int(next(line.split("health-only port ")[1].split(",")[0].split()[0]
                                for line in engine.lines if "health-only port" in line))
@@ -78,9 +80,3 @@ def test_discover_through_a_mutual_tls_engine_and_feature_server(tmp_path, model
         assert int(f.attrs["k"]) == 2
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from concept_engine.service import EngineConfig, RunningEngine, start_server
+from tests.ports import free_port
 
 TOKENS = {"read": "r" * 24, "write": "w" * 24, "admin": "a" * 24}
 
@@ -59,18 +60,10 @@ def tls_engine(tmp_path_factory, certs) -> Iterator[RunningEngine]:
     tmp = tmp_path_factory.mktemp("tls")
     security = ServerSecurity.from_files(str(certs.server.cert), str(certs.server.key))
     # any free port for the extras: bind 0 and read the bound ports back
-    running = _engine(tmp, security, health_port=_free_port(), metrics_port=_free_port(),
+    running = _engine(tmp, security, health_port=free_port(), metrics_port=free_port(),
                       reflection=False)
     yield running
     running.stop(grace=1)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _client(certs: Certs, *, ca: bool = True, cert: bool = True, token: str | None = None,
