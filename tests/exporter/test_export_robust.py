@@ -373,3 +373,21 @@ def test_client_decode_reaches_the_feature_client(tmp_path):
             assert d.source.decode_locally is flag
         finally:
             d.source.close()
+
+
+def test_client_decode_reaches_explain(tmp_path, monkeypatch):
+    seen = []
+
+    class Source:
+        def close(self):
+            pass
+
+    def fake_make_source(servers, timeout, client_decode=None):
+        seen.append((tuple(servers), client_decode))
+        return Source()
+
+    monkeypatch.setattr(export, "make_source", fake_make_source)
+    monkeypatch.setattr("concept_engine.discovery.explain", lambda *a, **k: iter(()))
+    assert export.explain_items(object(), [], feature_servers=["127.0.0.1:1"],
+                                client_decode=True) == []
+    assert seen == [(("127.0.0.1:1",), True)]
