@@ -71,6 +71,16 @@ _NOT_RETRYABLE = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UN
                             grpc.StatusCode.FAILED_PRECONDITION})
 
 
+#: Decoded images the client may hold ahead of the stream (besides the count bound).
+LOOKAHEAD_BYTES = 256 * 1024 * 1024
+
+
+def _ready_bytes(window: Iterable[concurrent.futures.Future[ImageData]]) -> int:
+    """Bytes of the decoded images already waiting in ``window``."""
+    return sum(len(f.result()) if isinstance(f.result(), bytes) else f.result().nbytes
+               for f in window if f.done() and not f.cancelled() and f.exception() is None)
+
+
 def _as_file(data: ImageData) -> bytes:
     """An item as an encoded file: pixels become a PNG (lossless: decoded, the same pixels)."""
     if not isinstance(data, np.ndarray):
@@ -314,9 +324,9 @@ class FeatureClient:
                   ) -> Iterator[ImageData]:
         """What is sent for each of ``indices``, in order: the item itself, or with
         ``decode_locally`` a file's pixels, decoded on the client's threads a few items ahead
-        (bounded: at most ``2 * threads`` decoded images wait). Where the server does not
-        take decoded images (it predates them), files go as they are and arrays as PNGs of
-        their pixels, which it decodes to the very same pixels."""
+        (bounded: at most ``2 * threads`` images and :data:`LOOKAHEAD_BYTES` wait). Where the
+        server does not take decoded images (it predates them), files go as they are and
+        arrays as PNGs of their pixels, which it decodes to the very same pixels."""
         arrays = any(isinstance(items[i][1], np.ndarray) for i in indices)
         pixels_ok = (self.decode_locally or arrays) and self.accepts_decoded_images()
         if not arrays and not (self.decode_locally and pixels_ok):
@@ -330,7 +340,8 @@ class FeatureClient:
         try:
             for i in indices:
                 window.append(pool.submit(convert, items[i][1]))
-                if len(window) >= ahead:
+                while len(window) >= ahead or (len(window) > 1 and
+                                               _ready_bytes(window) > LOOKAHEAD_BYTES):
                     yield window.popleft().result()
             while window:
                 yield window.popleft().result()

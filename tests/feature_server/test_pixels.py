@@ -200,3 +200,19 @@ def test_a_server_without_decoded_images_gets_files(address, extractor, photos, 
         # arrays go as PNGs of their pixels: the same numbers
         np.testing.assert_equal(acts(old.extract(arrays, ExtractOptions())), expect)
         assert sent == ["image"] * len(photos)
+
+
+def test_local_decoding_under_a_tiny_byte_budget_keeps_order_and_loses_nothing(monkeypatch,
+                                                                          photos):
+    import feature_server.client as client_module
+
+    # a 1-byte budget: every decoded image is sent as soon as it is ready
+    monkeypatch.setattr(client_module, "LOOKAHEAD_BYTES", 1)
+    client = FeatureClient("127.0.0.1:1", decode_locally=True)
+    try:
+        monkeypatch.setattr(client, "accepts_decoded_images", lambda: True)
+        items = photos * 4
+        got = list(client._payloads(items, list(range(len(items)))))
+        assert [p.shape for p in got] == [decode_pixels(d).shape for _, d in items]
+    finally:
+        client.close()
