@@ -65,11 +65,12 @@ def report(logs: Path, out: Path) -> str:
         if nmf.get("csr_init_s") is not None:
             lines.append(f"{'NNDSVDa start on CSR V':<44}{nmf['csr_init_s'] * 1e3:>11.1f} ms")
     disc = _read(logs / "discover.log")
-    walls = re.findall(r"discover (cold|warm) rc=(\d+) wall_ms=(\d+)", disc)
+    walls = re.findall(r"discover (cold|gpu-engine|warm) rc=(\d+) wall_ms=(\d+)", disc)
     summaries = sorted(out.glob("*/summary.json")) if out.is_dir() else []
     for run, rc, ms in walls:
-        note = ("first run: compiles CuPy/Numba kernels" if run == "cold"
-                else "kernels cached on disk")
+        note = {"cold": "first run: compiles CuPy/Numba kernels",
+                "gpu-engine": "concept engine forced onto the GPU (DFF_GPU_MIN_ROWS=0)",
+                }.get(run, "kernels cached on disk")
         lines.append(f"{'dff discover, ' + run + ' (rc ' + rc + ')':<44}"
                      f"{int(ms) / 1e3:>12.1f} s  wall, process start included; {note}")
     times = re.findall(r"time: (.*)", disc)

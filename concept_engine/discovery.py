@@ -240,6 +240,22 @@ class _Run:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def gpu_min_rows() -> int:
+    """Feature rows (images x h x w) below which discovery stays on the host even where CuPy
+    sees a GPU (``DFF_GPU_MIN_ROWS``, default 10000, about 51 images at 224 x 224).
+
+    Measured on an H200 (README, GPU): at 48 images one CuPy fit ran no faster than the host
+    kernels (1.0x), and the whole k sweep took 1.1 s there, as the CuPy HALS updates one row at
+    a time (1520 small launches) and runs the sweep's 25 fits one after another; the host
+    kernels run them side by side, one per core (0.2 s for 50 images on 2 cores). From 200
+    images on the GPU's fits were faster (1.53x; 2.0x at 1000). Where the crossover lies
+    between 50 and 200 images was not measured, so the default keeps only the measured side."""
+    try:
+        return max(0, int(os.environ.get("DFF_GPU_MIN_ROWS", "10000")))
+    except ValueError:
+        return 10000
+
+
 def stack_rows(images: Sequence[_Image], xp=np):
     """V (sum h_i*w_i, C) in the form the solvers run fastest on: on the host a SciPy CSR
     matrix when sparse enough (ReLU features are ~93% zeros; see nmf.prepare_v), on a device a
@@ -675,8 +691,14 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
         images = _prediction_stage(images, target, run)
     _check_enough(images, options.k if options.k > 0 else options.k_min,
                   "after the prediction filter")
-    # Activations arrive on the host; on a CUDA machine V moves to the device once, here.
+    # Activations arrive on the host; on a CUDA machine V moves to the device once, here -
+    # unless the class is small, where the host's kernels are the faster (see gpu_min_rows).
     xp = compute_namespace()
+    rows = sum(int(im.rows.shape[0]) for im in images)
+    if xp is not np and rows < gpu_min_rows():
+        log.info("discover %r: %d feature rows, below DFF_GPU_MIN_ROWS=%d: the concept engine "
+                 "runs on the host", options.name, rows, gpu_min_rows())
+        xp = np
     with run.timer("certainty_filter"):
         images = _certainty_stage(images, run, xp)
     V = stack_rows(images, xp)

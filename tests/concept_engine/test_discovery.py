@@ -218,3 +218,24 @@ def test_missing_classifier_skips_auto_filter(items):
     with pytest.raises(InvalidInput, match="not built"):
         discover(items[:4], NoClassifier(), DiscoveryOptions(name="ant", k=2,
                                                              prediction_filter="on"))
+
+
+def test_a_small_class_stays_on_the_host_where_a_gpu_is_seen(monkeypatch, caplog):
+    import logging
+
+    from concept_engine import discovery
+
+    class FakeDevice:  # stands for CuPy: any use of it would fail the run
+        pass
+
+    monkeypatch.setattr(discovery, "compute_namespace", lambda: FakeDevice)
+    items = make_items(12)
+    with caplog.at_level(logging.INFO, logger="concept_engine.discovery"):
+        cs = discover(items, FakeSource(), DiscoveryOptions(name="ant", k=2, seed=1))
+    reference = discover(items, FakeSource(), DiscoveryOptions(name="ant", k=2, seed=1))
+    np.testing.assert_array_equal(cs.bases, reference.bases)
+    assert "below DFF_GPU_MIN_ROWS=10000: the concept engine runs on the host" in caplog.text
+    monkeypatch.setenv("DFF_GPU_MIN_ROWS", "50")
+    assert discovery.gpu_min_rows() == 50
+    monkeypatch.setenv("DFF_GPU_MIN_ROWS", "many")
+    assert discovery.gpu_min_rows() == 10000
