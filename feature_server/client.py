@@ -77,8 +77,12 @@ LOOKAHEAD_BYTES = 256 * 1024 * 1024
 
 def _ready_bytes(window: Iterable[concurrent.futures.Future[ImageData]]) -> int:
     """Bytes of the decoded images already waiting in ``window``."""
-    return sum(len(f.result()) if isinstance(f.result(), bytes) else f.result().nbytes
-               for f in window if f.done() and not f.cancelled() and f.exception() is None)
+    total = 0
+    for f in window:
+        if f.done() and not f.cancelled() and f.exception() is None:
+            payload = f.result()
+            total += payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
+    return total
 
 
 def _as_file(data: ImageData) -> bytes:
