@@ -27,6 +27,9 @@ in-process Extractor, over one or several feature-server addresses.
   then spends no CPU on decoding (~2 ms a photo), which is what limits a GPU server's
   throughput. Files whose decoded form is not plain 8-bit colour, or that fail to decode here,
   are sent as they are (the server answers them as always).
+- With ``prepare_locally`` (or ``DFF_CLIENT_PREPARE=1``) the client also preprocesses, with
+  the server's own code and the preprocessing DescribeModel states, and sends the network
+  inputs (PreparedImage): the server then spends no CPU on the image at all.
 - TLS / mutual TLS / bearer token come from ``security`` (default: the process default, see
   :mod:`dff_protos.security`).
 """
@@ -35,14 +38,16 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import logging
 import os
 import queue
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import grpc
@@ -53,14 +58,22 @@ from dff_protos.status import error_from_rpc
 from dff_protos.v1 import features_pb2, features_pb2_grpc
 
 from feature_server.convert import (
+    PreparedInputs,
     describe_from_proto,
     image_request,
     options_to_proto,
     result_from_proto,
 )
 from feature_server.extractor import ExtractOptions, ExtractResult, ImageData
-from feature_server.images import DecodeLimits, check_pixels, decode_pixels
-from feature_server.models.registry import DEFAULT_CLASSIFIER
+from feature_server.images import (
+    DecodeLimits,
+    check_pixels,
+    decode_image,
+    decode_pixels,
+    pixels_to_image,
+    preprocess,
+)
+from feature_server.models.registry import DEFAULT_CLASSIFIER, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +88,22 @@ _NOT_RETRYABLE = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UN
 LOOKAHEAD_BYTES = 256 * 1024 * 1024
 
 
-def _ready_bytes(window: Iterable[concurrent.futures.Future[ImageData]]) -> int:
+def _ready_bytes(window: Iterable[concurrent.futures.Future[Any]]) -> int:
     """Bytes of the decoded images already waiting in ``window``."""
     total = 0
     for f in window:
         if f.done() and not f.cancelled() and f.exception() is None:
-            payload = f.result()
-            total += payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
+            total += _payload_bytes(f.result())
     return total
+
+
+def _payload_bytes(payload: Any) -> int:
+    if isinstance(payload, np.ndarray):
+        return int(payload.nbytes)
+    if isinstance(payload, PreparedInputs):
+        return sum(int(a.nbytes) for a in (payload.features_input, payload.classifier_input)
+                   if a is not None)
+    return len(payload)
 
 
 def _as_file(data: ImageData) -> bytes:
@@ -134,14 +155,17 @@ class FeatureClient:
                  item_deadline: float = 30.0, retry_budget: float | None = None,
                  security: ClientSecurity | None = None,
                  decode_locally: bool | None = None,
-                 connections_per_address: int | None = None) -> None:
+                 connections_per_address: int | None = None,
+                 prepare_locally: bool | None = None) -> None:
         self.addresses = parse_addresses(addresses)
         self.decode_locally = (os.environ.get("DFF_CLIENT_DECODE", "0") == "1"
                                if decode_locally is None else decode_locally)
         self._decode_threads = min(8, os.cpu_count() or 1)
         self._decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self._accepts_pixels: bool | None = None
+        self._capabilities: dict[str, bool] = {}
+        self.prepare_locally = (os.environ.get("DFF_CLIENT_PREPARE", "0") == "1"
+                                if prepare_locally is None else prepare_locally)
         self.timeout = timeout
         self.timeout_per_item = timeout_per_item
         self.item_deadline = item_deadline
@@ -324,23 +348,30 @@ class FeatureClient:
         finally:
             results.put(None)
 
-    def _payloads(self, items: list[tuple[str, ImageData]], indices: list[int]
-                  ) -> Iterator[ImageData]:
-        """What is sent for each of ``indices``, in order: the item itself, or with
-        ``decode_locally`` a file's pixels, decoded on the client's threads a few items ahead
-        (bounded: at most ``2 * threads`` images and :data:`LOOKAHEAD_BYTES` wait). Where the
-        server does not take decoded images (it predates them), files go as they are and
-        arrays as PNGs of their pixels, which it decodes to the very same pixels."""
+    def _payloads(self, items: list[tuple[str, ImageData]], indices: list[int],
+                  options: ExtractOptions) -> Iterator[ImageData | PreparedInputs]:
+        """What is sent for each of ``indices``, in order: the item itself; with
+        ``decode_locally`` a file's pixels; with ``prepare_locally`` the network inputs made
+        here - converted on the client's threads a few items ahead (bounded: at most
+        ``2 * threads`` images and :data:`LOOKAHEAD_BYTES` wait). What a server does not take
+        (it predates it) is not sent to it: files go as they are, arrays as PNGs of their
+        pixels, which it decodes to the very same pixels."""
         arrays = any(isinstance(items[i][1], np.ndarray) for i in indices)
-        pixels_ok = (self.decode_locally or arrays) and self.accepts_decoded_images()
-        if not arrays and not (self.decode_locally and pixels_ok):
+        convert: Callable[[ImageData], ImageData | PreparedInputs] | None = None
+        if self.prepare_locally and self._accepts("accepts_prepared_images"):
+            pre = self._preprocessing(options)
+            if pre is not None:
+                convert = functools.partial(self._local_inputs, options=options, pre=pre)
+        if convert is None and (self.decode_locally or self.prepare_locally or arrays):
+            convert = (self._local_pixels if self._accepts("accepts_decoded_images")
+                       else _as_file)
+        if convert is None or (convert == _as_file and not arrays):
             for i in indices:
                 yield items[i][1]
             return
-        convert = self._local_pixels if pixels_ok else _as_file
         pool = self._pool()
         ahead = 2 * self._decode_threads
-        window: collections.deque[concurrent.futures.Future[ImageData]] = collections.deque()
+        window: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
         try:
             for i in indices:
                 window.append(pool.submit(convert, items[i][1]))
@@ -353,24 +384,73 @@ class FeatureClient:
             for fut in window:
                 fut.cancel()
 
+    def _preprocessing(self, options: ExtractOptions
+                       ) -> tuple[Preprocessing | None, Preprocessing | None] | None:
+        """The feature model's and the classifier's preprocessing as DescribeModel states
+        them (None for a network the options do not ask for); None when one asked for is
+        not described (the images then go as pixels or files)."""
+        try:
+            described = {m["name"]: m for m in self.describe()["models"]}
+        except errors.DFFError:
+            return None
+        out: list[Preprocessing | None] = []
+        for name, wanted in ((options.model, bool(options.layers)),
+                             (options.classifier, options.wants_classifier)):
+            if not wanted:
+                out.append(None)
+                continue
+            model = described.get(name)
+            if model is None:
+                return None
+            p = model["preprocessing"]
+            out.append(Preprocessing(color_order=p["color_order"], mean=tuple(p["mean"]),
+                                     std=tuple(p["std"]), resize_mode=p["resize_mode"],
+                                     size=int(p["size"]),
+                                     resize_shorter=int(p["resize_shorter"])))
+        return out[0], out[1]
+
+    def _local_inputs(self, data: ImageData, *, options: ExtractOptions,
+                      pre: tuple[Preprocessing | None, Preprocessing | None]
+                      ) -> ImageData | PreparedInputs:
+        """The network inputs the server would make of ``data`` (its own preprocessing code);
+        the item unchanged where they cannot be made here (the server answers it)."""
+        try:
+            img = (pixels_to_image(data) if isinstance(data, np.ndarray)
+                   else decode_image(data))
+        except errors.DFFError:
+            return data
+        features_pre, classifier_pre = pre
+        x = (None if features_pre is None
+             else preprocess(img, features_pre, options.resize_mode, options.size))
+        cx = None if classifier_pre is None else preprocess(img, classifier_pre)
+        inputs = PreparedInputs(x, cx, (int(img.shape[0]), int(img.shape[1])))
+        if sum(a.nbytes for a in (x, cx) if a is not None) > self.max_image_bytes:
+            return data
+        return inputs
+
     def accepts_decoded_images(self) -> bool:
         """Whether the servers take DecodedImage requests (DescribeModel says so; False when
         it cannot be asked). Asked once."""
-        if self._accepts_pixels is None:
+        return self._accepts("accepts_decoded_images")
+
+    def _accepts(self, capability: str) -> bool:
+        """A capability DescribeModel states (False when it cannot be asked); asked once."""
+        if capability not in self._capabilities:
             try:
-                self._accepts_pixels = bool(self.describe().get("accepts_decoded_images"))
+                self._capabilities[capability] = bool(self.describe().get(capability))
             except errors.DFFError as exc:
                 log.warning("DescribeModel failed (%s): sending encoded images", exc)
-                self._accepts_pixels = False
-            if not self._accepts_pixels:
-                log.warning("the feature server does not take decoded images (it predates "
-                            "them): sending encoded images")
-        return self._accepts_pixels
+                self._capabilities[capability] = False
+            if not self._capabilities[capability]:
+                log.warning("the feature server does not state %s (it predates it): sending "
+                            "%s", capability, "encoded images" if "decoded" in capability
+                            else "decoded images or files")
+        return self._capabilities[capability]
 
     def _local_pixels(self, data: ImageData) -> ImageData:
         """A file's decoded pixels when that is what the server would compute on; otherwise
         the item unchanged (pixels already, not 8-bit colour, undecodable, too large)."""
-        if isinstance(data, np.ndarray) or not self.decode_locally:
+        if isinstance(data, np.ndarray) or not (self.decode_locally or self.prepare_locally):
             return data
         try:
             pixels = decode_pixels(data)
@@ -402,7 +482,7 @@ class FeatureClient:
         progressed = threading.Semaphore(0)
         stuck: list[bool] = []
 
-        payloads = self._payloads(items, indices)
+        payloads = self._payloads(items, indices, options)
 
         def requests() -> Iterator[features_pb2.ExtractRequest]:
             yield features_pb2.ExtractRequest(options=options_to_proto(options))

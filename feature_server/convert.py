@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,9 +37,28 @@ _RESIZE_NAME: dict[int, str] = {common_pb2.SQUASH: "squash", common_pb2.KEEP_ASP
                                 common_pb2.SHORTER_CROP: "shorter_crop"}
 
 
-def image_request(item_id: str, data: ImageData) -> features_pb2.ExtractRequest:
+@dataclass(frozen=True)
+class PreparedInputs:
+    """Network inputs a client made itself (sent as a PreparedImage): float32 (3, h, w) each,
+    None where the options do not ask for that network; the decoded image's (height, width)."""
+
+    features_input: np.ndarray | None
+    classifier_input: np.ndarray | None
+    original_size: tuple[int, int]
+
+
+def image_request(item_id: str, data: ImageData | PreparedInputs) -> features_pb2.ExtractRequest:
     """The request for one image: an ImageInput for an encoded file, a DecodedImage for uint8
-    (H, W, 3) BGR pixels (checked here: InvalidInput before anything is sent)."""
+    (H, W, 3) BGR pixels (checked here: InvalidInput before anything is sent), a
+    PreparedImage for :class:`PreparedInputs`."""
+    if isinstance(data, PreparedInputs):
+        msg = features_pb2.PreparedImage(id=item_id, original_height=data.original_size[0],
+                                         original_width=data.original_size[1])
+        if data.features_input is not None:
+            wire.fill_tensor(msg.features_input, data.features_input)
+        if data.classifier_input is not None:
+            wire.fill_tensor(msg.classifier_input, data.classifier_input)
+        return features_pb2.ExtractRequest(prepared=msg)
     if isinstance(data, np.ndarray):
         check_pixels(data.shape, data.dtype, DecodeLimits(max_pixels=2**62))
         return features_pb2.ExtractRequest(pixels=features_pb2.DecodedImage(
@@ -56,6 +76,24 @@ def pixels_from_proto(msg: common_pb2.Tensor, limits: DecodeLimits) -> np.ndarra
         raise InvalidInput(f"decoded pixels must be UINT8, got {name}")
     check_pixels(tuple(msg.shape), np.uint8, limits)
     return wire.from_tensor(msg, as_float32=False)
+
+
+def prepared_from_proto(msg: features_pb2.PreparedImage) -> PreparedInputs:
+    """A PreparedImage's inputs as float32 views of the message's bytes (dtype, rank and byte
+    count checked before anything is allocated; shapes are checked by Extractor.adopt)."""
+    def tensor(field: str) -> np.ndarray | None:
+        if not msg.HasField(field):
+            return None
+        t = getattr(msg, field)
+        if t.dtype not in (common_pb2.FLOAT32, common_pb2.DTYPE_UNSPECIFIED):
+            raise InvalidInput(f"prepared image: {field} must be FLOAT32")
+        if len(t.shape) != 3 or any(v < 1 for v in t.shape):
+            raise InvalidInput(f"prepared image: {field} must have shape (3, h, w), got "
+                               f"{list(t.shape)}")
+        return wire.from_tensor(t, as_float32=False)
+
+    return PreparedInputs(tensor("features_input"), tensor("classifier_input"),
+                          (int(msg.original_height), int(msg.original_width)))
 
 
 def options_from_proto(msg: features_pb2.ExtractOptions) -> ExtractOptions:
@@ -117,7 +155,7 @@ def describe_to_proto(desc: dict, config: ServerConfig, server_version: str
             max_batch_size=config.max_batch_size,
             max_concurrent_streams=config.max_concurrent_streams),
         precisions=desc.get("precisions", []), default_precision=desc.get("default_precision", ""),
-        accepts_decoded_images=True)
+        accepts_decoded_images=True, accepts_prepared_images=True)
     for m in desc["models"]:
         pre = m["preprocessing"]
         info = features_pb2.ModelInfo(
@@ -188,6 +226,7 @@ def describe_from_proto(resp: features_pb2.DescribeModelResponse) -> dict:
             "server_version": resp.server_version,
             "precisions": list(resp.precisions), "default_precision": resp.default_precision,
             "accepts_decoded_images": resp.accepts_decoded_images,
+            "accepts_prepared_images": resp.accepts_prepared_images,
             "limits": {"max_message_bytes": resp.limits.max_message_bytes,
                        "max_pixels": resp.limits.max_pixels,
                        "max_batch_size": resp.limits.max_batch_size,

@@ -16,9 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from dff_protos.errors import DFFError, InvalidInput, NotFound
+from dff_protos.errors import DFFError, ImageTooLarge, InvalidInput, NotFound
 
-from feature_server.images import DecodeLimits, decode_image, pixels_to_image, preprocess
+from feature_server.images import (
+    DecodeLimits,
+    decode_image,
+    network_input_size,
+    pixels_to_image,
+    preprocess,
+)
 from feature_server.models.precision import PRECISIONS, variant_name
 from feature_server.models.registry import (
     DEFAULT_CLASSIFIER,
@@ -133,6 +139,20 @@ class Prepared:
 #: decoded itself - uint8 (height, width, 3), BGR order (see images.decode_pixels) - which skip
 #: decoding and go on exactly as the decoded file would.
 ImageData = bytes | np.ndarray
+
+
+def _checked_input(x: np.ndarray | None, want: tuple[int, int], what: str) -> np.ndarray:
+    """A client-made network input: float32, shape (3, *want), finite."""
+    if x is None:
+        raise InvalidInput(f"prepared image: {what} missing")
+    if x.dtype != np.float32:
+        raise InvalidInput(f"prepared image: {what} must be float32, got {x.dtype}")
+    if tuple(x.shape) != (3, *want):
+        raise InvalidInput(f"prepared image: {what} has shape {tuple(x.shape)}, expected "
+                           f"{(3, *want)} for these options and the original size")
+    if not bool(np.isfinite(x).all()):
+        raise InvalidInput(f"prepared image: {what} is not finite")
+    return x
 
 
 class FeatureSource(Protocol):
@@ -402,6 +422,43 @@ class Extractor:
         return Prepared(item_id, x, cx, (img.shape[0], img.shape[1]),
                         (net_in.shape[1], net_in.shape[2]))
 
+    def adopt(self, item_id: str, features_input: np.ndarray | None,
+              classifier_input: np.ndarray | None, original_size: tuple[int, int],
+              options: ExtractOptions) -> Prepared:
+        """Network inputs a client made itself (a PreparedImage), checked against what
+        :meth:`prepare` makes of an image of ``original_size`` under ``options`` (validated):
+        each input present exactly when asked for, float32 (3, h, w) of the expected (h, w),
+        finite. InvalidInput / ImageTooLarge otherwise."""
+        h, w = (int(v) for v in original_size)
+        if h < 1 or w < 1:
+            raise InvalidInput(f"prepared image: original size {w}x{h} is not positive")
+        if h * w > self.limits.max_pixels:
+            raise ImageTooLarge(f"prepared image: original size {w}x{h} is above the limit of "
+                                f"{self.limits.max_pixels} pixels")
+        spec = self.registry[options.model]
+        x = cx = None
+        if options.layers:
+            want = network_input_size((h, w), spec.preprocessing, options.resize_mode,
+                                      options.size)
+            x = _checked_input(features_input, want, "features_input")
+            need = max(spec.layers[layer][1] for layer in options.layers)
+            if min(want) < need:
+                raise InvalidInput(
+                    f"image {w}x{h} becomes {want[1]}x{want[0]} with {options.resize_mode} "
+                    f"{options.size}: too thin for {list(options.layers)} (stride {need})")
+        elif features_input is not None:
+            raise InvalidInput("prepared image: features_input given, but no layers asked for")
+        if options.wants_classifier:
+            pre = self.registry[options.classifier].preprocessing
+            cx = _checked_input(classifier_input, network_input_size((h, w), pre),
+                                "classifier_input")
+        elif classifier_input is not None:
+            raise InvalidInput("prepared image: classifier_input given, but no class output "
+                               "asked for")
+        net_in = x if x is not None else cx
+        assert net_in is not None  # validate() requires layers or the classifier
+        return Prepared(item_id, x, cx, (h, w), (net_in.shape[1], net_in.shape[2]))
+
     def run(self, model: str, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """(N, 3, H, W) float32 through ``model``; one (N, ...) float32 array per output."""
         spec = self.registry[model]
@@ -555,4 +612,5 @@ class Extractor:
                 "available_providers": ort.get_available_providers(),
                 "precisions": list(self.precisions),
                 "default_precision": self.default_precision,
-                "accepts_decoded_images": True}  # (id, uint8 BGR array) items
+                "accepts_decoded_images": True,  # (id, uint8 BGR array) items
+                "accepts_prepared_images": True}  # network inputs made elsewhere: adopt()

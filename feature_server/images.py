@@ -318,6 +318,16 @@ def input_size(original: tuple[int, int], mode: str, size: int) -> tuple[int, in
     raise InvalidInput(f"unknown resize mode {mode!r} (squash, keep_aspect)")
 
 
+def network_input_size(original: tuple[int, int], pre: Preprocessing, mode: str | None = None,
+                       size: int | None = None) -> tuple[int, int]:
+    """(height, width) of what :func:`preprocess` makes of an image of ``original`` size."""
+    mode = mode or pre.resize_mode
+    size = size or pre.size
+    if mode == "shorter_crop":
+        return size, size
+    return input_size(original, mode, size)
+
+
 def preprocess(img: np.ndarray, pre: Preprocessing, mode: str | None = None,
                size: int | None = None) -> np.ndarray:
     """(H, W, 3) float32 BGR 0..255 -> (3, h, w) float32 network input per ``pre``.

@@ -42,6 +42,7 @@ from feature_server.convert import (
     item_error,
     options_from_proto,
     pixels_from_proto,
+    prepared_from_proto,
     result_to_proto,
 )
 from feature_server.extractor import ExtractOptions, Extractor, Prepared
@@ -322,15 +323,18 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
                     except DFFError as exc:
                         options_error = exc
                     continue
-                if kind not in ("image", "pixels"):
+                if kind not in ("image", "pixels", "prepared"):
                     continue
                 stream.slots.acquire()
                 if stream.stop.is_set() or not context.is_active():
                     break
                 stream.started()
-                item_id = request.image.id if kind == "image" else request.pixels.id
+                item_id = getattr(request, kind).id
                 if options_error is not None:
                     stream.put(("error", (item_id, options_error, False)))
+                    continue
+                if kind == "prepared":  # nothing to decode: checked and batched from here
+                    self._adopt(request.prepared, options, stream)
                     continue
                 data: bytes | np.ndarray
                 try:
@@ -355,6 +359,28 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
             log.exception("reading the request stream failed")
         finally:
             stream.reading_done()
+
+    def _adopt(self, msg: features_pb2.PreparedImage, options: ExtractOptions,
+               stream: _Stream) -> None:
+        """A PreparedImage: its inputs checked against the options and the original size,
+        then straight to the batcher (no decoding, no preprocessing)."""
+        try:
+            inputs = prepared_from_proto(msg)
+            prepared = self.extractor.adopt(msg.id, inputs.features_input,
+                                            inputs.classifier_input, inputs.original_size,
+                                            options)
+            cost = sum(x.nbytes for x in (prepared.features_input, prepared.classifier_input)
+                       if x is not None)
+            if not self.budget.acquire(cost, stream.stop):
+                stream.put(("error", (msg.id, DeadlineExceeded("stream ended"), False)))
+                return
+        except DFFError as exc:
+            stream.put(("error", (msg.id, exc, True)))
+            return
+        try:
+            self._submit(prepared, options, stream, cost)
+        except Exception as exc:  # noqa: BLE001 - e.g. the batcher is shut down
+            stream.put(("error", (msg.id, exc, False)), cost)
 
     def _prepare(self, item_id: str, data: bytes | np.ndarray, options: ExtractOptions,
                  stream: _Stream,

@@ -210,9 +210,119 @@ def test_local_decoding_under_a_tiny_byte_budget_keeps_order_and_loses_nothing(m
     monkeypatch.setattr(client_module, "LOOKAHEAD_BYTES", 1)
     client = FeatureClient("127.0.0.1:1", decode_locally=True)
     try:
-        monkeypatch.setattr(client, "accepts_decoded_images", lambda: True)
+        monkeypatch.setattr(client, "_accepts", lambda capability: True)
         items = photos * 4
-        got = list(client._payloads(items, list(range(len(items)))))
+        got = list(client._payloads(items, list(range(len(items))), ExtractOptions()))
         assert [p.shape for p in got] == [decode_pixels(d).shape for _, d in items]
     finally:
         client.close()
+
+
+# ------------------------------------------------------------------ prepared network inputs
+def made_here(extractor, data: bytes, options: ExtractOptions):
+    """What the server's own code makes of a file: the inputs a prepare_locally client sends."""
+    from feature_server.convert import PreparedInputs
+
+    p = extractor.prepare("x", data, options)
+    return PreparedInputs(p.features_input, p.classifier_input, p.original_size)
+
+
+@pytest.mark.slow
+def test_server_runs_prepared_inputs_and_refuses_inconsistent_ones(address, extractor, photos):
+    from feature_server.convert import PreparedInputs
+
+    opts = ExtractOptions(top_k=3, resize_mode="keep_aspect")
+    expect = {r.id: r for r in extractor.extract(photos[:2], opts)}
+    good = made_here(extractor, photos[0][1], opts)
+    x, cx, (h, w) = good.features_input, good.classifier_input, good.original_size
+    nan = x.copy()
+    nan[0, 0, 0] = np.nan
+    bad = {
+        "no-classifier": PreparedInputs(x, None, (h, w)),
+        "no-features": PreparedInputs(None, cx, (h, w)),
+        "wrong-size": PreparedInputs(x, cx, (h + 50, w)),  # keep-aspect of another image
+        "nan": PreparedInputs(nan, cx, (h, w)),
+        "double-bytes": PreparedInputs(x.astype(np.float64), cx, (h, w)),
+        "zero-size": PreparedInputs(x, cx, (0, w)),
+        "huge": PreparedInputs(x, cx, (100_000, 100_000)),
+    }
+    requests = [features_pb2.ExtractRequest(options=options_to_proto(opts)),
+                image_request(photos[0][0], good)]
+    for item_id, inputs in bad.items():
+        req = image_request(item_id, PreparedInputs(None, None, inputs.original_size))
+        msg = req.prepared
+        for field, arr in (("features_input", inputs.features_input),
+                           ("classifier_input", inputs.classifier_input)):
+            if arr is not None:  # written raw, as a hostile client would
+                t = getattr(msg, field)
+                t.data = arr.tobytes()
+                t.shape[:] = list(arr.shape)
+                t.dtype = common_pb2.FLOAT32
+        requests.append(req)
+    # a claimed shape far larger than the bytes sent: refused before any allocation
+    bomb = features_pb2.ExtractRequest(prepared=features_pb2.PreparedImage(
+        id="bomb", original_height=h, original_width=w,
+        features_input=common_pb2.Tensor(data=b"\0" * 12, shape=[3, 40000, 40000],
+                                         dtype=common_pb2.FLOAT32)))
+    half = features_pb2.ExtractRequest(prepared=features_pb2.PreparedImage(
+        id="float16", original_height=h, original_width=w,
+        features_input=common_pb2.Tensor(data=x.astype(np.float16).tobytes(),
+                                         shape=list(x.shape), dtype=common_pb2.FLOAT16)))
+    requests += [bomb, half, image_request(photos[1][0], photos[1][1])]
+    with grpc.insecure_channel(address) as channel:
+        stub = features_pb2_grpc.FeatureServiceStub(channel)
+        got = {r.id: r for r in stub.Extract(iter(requests), timeout=60)}
+    assert len(got) == 2 + len(bad) + 2, sorted(got)
+    for item_id in (photos[0][0], photos[1][0]):
+        r = got[item_id]
+        assert not r.HasField("error"), r.error
+        np.testing.assert_array_equal(wire.from_tensor(r.activations[0].tensor),
+                                      expect[item_id].activations["conv5_4"])
+        assert [c.index for c in r.top_k] == [c[0] for c in expect[item_id].top_k]
+    assert got[photos[0][0]].info.original_width == w
+    texts = {"no-classifier": "classifier_input missing", "no-features": "features_input missing",
+             "wrong-size": "expected", "nan": "not finite", "double-bytes": "bytes",
+             "float16": "must be FLOAT32", "zero-size": "not positive",
+             "huge": "above the limit", "bomb": "bytes"}
+    for item_id, text in texts.items():
+        err = got[item_id].error
+        assert err.code != 0 and text in err.message, (item_id, err)
+
+
+@pytest.mark.slow
+def test_client_prepares_locally_with_the_servers_preprocessing(address, extractor, photos,
+                                                                shared_data, monkeypatch):
+    import feature_server.client as client_module
+
+    opts = ExtractOptions(top_k=2)
+    expect = {r.id: r for r in extractor.extract(photos, opts)}
+    sent: list[str] = []
+    real = client_module.image_request
+
+    def spy(item_id, data):
+        req = real(item_id, data)
+        sent.append(req.WhichOneof("kind"))
+        return req
+
+    monkeypatch.setattr(client_module, "image_request", spy)
+    gif = (shared_data / "imagenet_data" / "ant" / "imageNotFound.gif").read_bytes()
+    with FeatureClient(address, timeout=60, prepare_locally=True) as client:
+        assert client.describe()["accepts_prepared_images"] is True
+        got = {r.id: r for r in client.extract([*photos, ("gif", gif)], opts)}
+    assert sent == ["prepared"] * len(photos) + ["image"]  # the GIF: the server's answer
+    assert got["gif"].error is not None and "GIF" in str(got["gif"].error)
+    for item_id, r in expect.items():
+        np.testing.assert_array_equal(got[item_id].activations["conv5_4"],
+                                      r.activations["conv5_4"])
+        assert got[item_id].top_k == r.top_k
+        assert got[item_id].original_size == r.original_size
+    sent.clear()
+    with FeatureClient(address, timeout=60, prepare_locally=True) as old:
+        # a server that takes pixels but not prepared inputs gets pixels
+        monkeypatch.setattr(old, "describe", lambda: {"models": [],
+                                                      "accepts_decoded_images": True})
+        got = {r.id: r for r in old.extract(photos, opts)}
+    assert sent == ["pixels"] * len(photos)
+    for item_id, r in expect.items():
+        np.testing.assert_array_equal(got[item_id].activations["conv5_4"],
+                                      r.activations["conv5_4"])

@@ -28,14 +28,16 @@ class ExtractOptions(_message.Message):
     def __init__(self, model: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., resize: _Optional[_Union[_common_pb2.ResizePolicy, _Mapping]] = ..., return_probabilities: _Optional[bool] = ..., top_k: _Optional[int] = ..., classifier: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ExtractRequest(_message.Message):
-    __slots__ = ("options", "image", "pixels")
+    __slots__ = ("options", "image", "pixels", "prepared")
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     PIXELS_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_FIELD_NUMBER: _ClassVar[int]
     options: ExtractOptions
     image: _common_pb2.ImageInput
     pixels: DecodedImage
-    def __init__(self, options: _Optional[_Union[ExtractOptions, _Mapping]] = ..., image: _Optional[_Union[_common_pb2.ImageInput, _Mapping]] = ..., pixels: _Optional[_Union[DecodedImage, _Mapping]] = ...) -> None: ...
+    prepared: PreparedImage
+    def __init__(self, options: _Optional[_Union[ExtractOptions, _Mapping]] = ..., image: _Optional[_Union[_common_pb2.ImageInput, _Mapping]] = ..., pixels: _Optional[_Union[DecodedImage, _Mapping]] = ..., prepared: _Optional[_Union[PreparedImage, _Mapping]] = ...) -> None: ...
 
 class DecodedImage(_message.Message):
     __slots__ = ("id", "pixels")
@@ -44,6 +46,20 @@ class DecodedImage(_message.Message):
     id: str
     pixels: _common_pb2.Tensor
     def __init__(self, id: _Optional[str] = ..., pixels: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class PreparedImage(_message.Message):
+    __slots__ = ("id", "features_input", "classifier_input", "original_height", "original_width")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_INPUT_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFIER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    features_input: _common_pb2.Tensor
+    classifier_input: _common_pb2.Tensor
+    original_height: int
+    original_width: int
+    def __init__(self, id: _Optional[str] = ..., features_input: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., classifier_input: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., original_height: _Optional[int] = ..., original_width: _Optional[int] = ...) -> None: ...
 
 class Activation(_message.Message):
     __slots__ = ("layer", "tensor")
@@ -152,7 +168,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("models", "execution_provider", "available_providers", "server_version", "limits", "precisions", "default_precision", "accepts_decoded_images")
+    __slots__ = ("models", "execution_provider", "available_providers", "server_version", "limits", "precisions", "default_precision", "accepts_decoded_images", "accepts_prepared_images")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +177,7 @@ class DescribeModelResponse(_message.Message):
     PRECISIONS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_PRECISION_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_DECODED_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_PREPARED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     execution_provider: str
     available_providers: _containers.RepeatedScalarFieldContainer[str]
@@ -169,4 +186,5 @@ class DescribeModelResponse(_message.Message):
     precisions: _containers.RepeatedScalarFieldContainer[str]
     default_precision: str
     accepts_decoded_images: bool
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., precisions: _Optional[_Iterable[str]] = ..., default_precision: _Optional[str] = ..., accepts_decoded_images: _Optional[bool] = ...) -> None: ...
+    accepts_prepared_images: bool
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., precisions: _Optional[_Iterable[str]] = ..., default_precision: _Optional[str] = ..., accepts_decoded_images: _Optional[bool] = ..., accepts_prepared_images: _Optional[bool] = ...) -> None: ...
