@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -29,7 +30,11 @@ from dff_protos.v1 import features_pb2, features_pb2_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.sysinfo import cpu_description  # noqa: E402
-from feature_server.convert import image_request, options_to_proto  # noqa: E402
+from feature_server.convert import (  # noqa: E402
+    PreparedInputs,
+    image_request,
+    options_to_proto,
+)
 from feature_server.extractor import ExtractOptions, Extractor  # noqa: E402
 from feature_server.images import decode_pixels  # noqa: E402
 from feature_server.service import ServerConfig, start_server  # noqa: E402
@@ -211,12 +216,12 @@ def _measure(address: str, pid: int, payload: list, options: ExtractOptions,
 
 
 def served_null(args: argparse.Namespace, items: list[tuple[str, bytes]],
-                pixels: list[tuple[str, np.ndarray]]) -> dict[str, tuple[float, float | None,
-                                                                         float]]:
-    """The serving path without the network, in its own process (``--serve-null``), fed files
-    and then the same photos as decoded pixels: img/s and CPU ms per image of the server and
-    of this client, for each. What the server's CPU costs per image is what caps a GPU
-    server's throughput (cores / that cost)."""
+                pixels: list[tuple[str, np.ndarray]], prepared: list[tuple[str, Any]]
+                ) -> dict[str, tuple[float, float | None, float]]:
+    """The serving path without the network, in its own process (``--serve-null``), fed files,
+    then the same photos as decoded pixels and as network inputs made here: img/s and CPU ms
+    per image of the server and of this client, for each. What the server's CPU costs per
+    image is what caps a GPU server's throughput (cores / that cost)."""
     import subprocess
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-null",
@@ -232,7 +237,8 @@ def served_null(args: argparse.Namespace, items: list[tuple[str, bytes]],
         address = f"127.0.0.1:{int(proc.stdout.readline())}"
         options = ExtractOptions(layers=(args.layer,))
         return {name: _measure(address, proc.pid, payload, options, args)
-                for name, payload in (("files", items), ("pixels", pixels))}
+                for name, payload in (("files", items), ("pixels", pixels),
+                                      ("prepared", prepared))}
     finally:
         if proc.stdin is not None:
             proc.stdin.close()
@@ -446,7 +452,14 @@ def main(argv: list[str] | None = None) -> int:
                                 if extractor.default_precision in precisions else "")
             for prec, (ips, _, _) in served_cpu.items():
                 times[(f"gRPC served {prec} x{args.streams}", "float32")] = [n / ips]
-            for kind, figures in served_null(args, items, pixels).items():
+            made = [(i, extractor.prepare(i, d, ExtractOptions(layers=(args.layer,))))
+                    for i, d in items]
+            prepared = [(i, PreparedInputs(p.features_input, p.classifier_input,
+                                           p.original_size)) for i, p in made]
+            sent = [image_request(i, p).ByteSize() for i, p in prepared]
+            wire_bytes["prepared"] = (sum(sent) * n // len(sent),  # totals over n, as above
+                                      wire_bytes.get("float32", (0, 0))[1])
+            for kind, figures in served_null(args, items, pixels, prepared).items():
                 served_cpu[f"no-compute {kind}"] = figures
                 times[(f"no-compute served {kind} x{args.streams}", "float32")] = [
                     n / figures[0]]
@@ -461,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         load_after = os.getloadavg()[0]
         rows = []
         for (name, dtype), ts in times.items():
-            kind = "pixels" if "px" in name or "pixels" in name else dtype
+            kind = ("pixels" if "px" in name or "pixels" in name
+                    else "prepared" if "prepared" in name else dtype)
             req, resp = (wire_bytes.get(kind, (0, 0)) if "gRPC" in name or "served" in name
                          else (0, 0))
             rows.append((name, dtype, n / statistics.median(ts), req / n, resp / n))
@@ -477,13 +491,13 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores"
               "\n\n")
     out.write(f"{cpu_description()}\n")
-    out.write(f"{'path':<29}{'wire':<9}{'img/s':>8}{'vs fp32':>8}{'req B/img':>12}"
+    out.write(f"{'path':<31}{'wire':<9}{'img/s':>8}{'vs fp32':>8}{'req B/img':>12}"
               f"{'resp B/img':>12}\n")
     ips_of = {r[0]: r[2] for r in rows}
     for name, dtype, ips, req, resp in rows:
         ref = ips_of.get(name.replace(" int8", " fp32").replace(" fp16", " fp32"))
         ratio = f"{ips / ref:.2f}x" if ref and any(p in name for p in ("int8", "fp16")) else ""
-        out.write(f"{name:<29}{dtype:<9}{ips:>8.2f}{ratio:>8}{req:>12.0f}{resp:>12.0f}\n")
+        out.write(f"{name:<31}{dtype:<9}{ips:>8.2f}{ratio:>8}{req:>12.0f}{resp:>12.0f}\n")
     for prec, (ips, server_ms, client_ms) in served_cpu.items():
         server = "n/a" if server_ms is None else (
             f"{server_ms:.2f} ms ({server_ms * ips / 1e3:.1f} cores busy)")
