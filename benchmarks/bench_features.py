@@ -250,7 +250,8 @@ def served_null(args: argparse.Namespace, items: list[tuple[str, bytes]],
 
 def scale_out(args: argparse.Namespace, precision: str) -> tuple[float, float | None, int]:
     """The served path as deployed for throughput: ``--server-workers`` server processes on one
-    port, ``--client-procs`` client processes each sending every photo as decoded pixels over
+    port, ``--client-procs`` client processes each sending every photo as prepared network
+    inputs (decoded and preprocessed by the client: the server spends no CPU on images) over
     ``--streams`` streams on as many connections, all started together. Returns img/s over
     the whole run, the server group's CPU ms per image, and the images sent."""
     import json
@@ -305,14 +306,23 @@ def client_run(args: argparse.Namespace) -> int:
     files = sorted(p for p in args.data.iterdir()
                    if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
     files = (files * (args.images // len(files) + 1))[:args.images]
-    pixels = [(f"{i}", px) for i, px in ((i, decode_pixels(p.read_bytes()))
-                                         for i, p in enumerate(files)) if px is not None]
     opts = ExtractOptions(layers=(args.layer,), precision=args.precision)
-    over_grpc(args.client_run, pixels[:2 * args.streams], opts, args.streams, args.streams)
+    # the network inputs made here, with the server's preprocessing code and the model's
+    # preprocessing (from the registry: no sessions are created in the clients)
+    from feature_server.images import decode_image, preprocess
+    from feature_server.models.registry import load_registry
+
+    pre = load_registry(args.home)[opts.model].preprocessing
+    payload = []
+    for i, p in enumerate(files):
+        img = decode_image(p.read_bytes())
+        payload.append((f"{i}", PreparedInputs(preprocess(img, pre, opts.resize_mode, opts.size),
+                                               None, (img.shape[0], img.shape[1]))))
+    over_grpc(args.client_run, payload[:2 * args.streams], opts, args.streams, args.streams)
     print("ready", flush=True)
     sys.stdin.readline()
-    over_grpc(args.client_run, pixels, opts, args.streams, args.streams)
-    print(json.dumps({"images": len(pixels)}), flush=True)
+    over_grpc(args.client_run, payload, opts, args.streams, args.streams)
+    print(json.dumps({"images": len(payload)}), flush=True)
     return 0
 
 
@@ -356,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="", help=argparse.SUPPRESS)
     parser.add_argument("--server-workers", type=int, default=0,
                         help="with --server-process: also a scale-out row, this many server "
-                             "processes (dff serve features --workers) fed decoded pixels by "
+                             "processes (dff serve features --workers) fed prepared inputs by "
                              "--client-procs client processes")
     parser.add_argument("--client-procs", type=int, default=2,
                         help="client processes of the scale-out row (each sends every photo)")
@@ -467,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                 prec = (extractor.default_precision if extractor.default_precision in precisions
                         else precisions[0])
                 ips, server_ms, _ = scale_out(args, prec)
-                name = (f"scale-out {prec} px w{args.server_workers} "
+                name = (f"scale-out {prec} prep w{args.server_workers} "
                         f"c{args.client_procs}x{args.streams}")
                 times[(name, "float32")] = [n / ips]
                 served_cpu[name] = (ips, server_ms, None)

@@ -91,7 +91,8 @@ else
 fi
 # a GPU runs the network in batches of 64 from 4 client streams; the CPU form keeps 8 and 1
 # the scale-out row: WORKERS server processes on one port, as many client processes sending
-# decoded pixels (one Python process holds the GIL ~0.45 ms per image: ~2000 img/s at most)
+# prepared network inputs (one Python process holds the GIL ~0.45 ms per image: ~2000 img/s
+# at most)
 BATCH=8; STREAMS=1; PRECISIONS=""; WORKERS=2
 if [[ "$REDUCED" != "1" ]]; then BATCH=64; STREAMS=4; PRECISIONS="fp32,fp16"; WORKERS=4; fi
 if ls "$CACHE"/wheels/*.whl >/dev/null 2>&1 && [[ "$REDUCED" != "1" ]]; then
