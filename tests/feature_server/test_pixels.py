@@ -171,20 +171,27 @@ def test_request_kinds():
     np.testing.assert_array_equal(wire.from_tensor(req.pixels.pixels, as_float32=False), view)
 
 
-@pytest.mark.slow
-def test_a_server_without_decoded_images_gets_files(address, extractor, photos, monkeypatch):
+@pytest.fixture
+def sent(monkeypatch) -> list[str]:
+    """The kind of every image request the client builds (image, pixels or prepared)."""
     import feature_server.client as client_module
 
-    assert FeatureClient(address).describe()["accepts_decoded_images"] is True
-    sent: list[str] = []
+    kinds: list[str] = []
     real = client_module.image_request
 
     def spy(item_id, data):
         req = real(item_id, data)
-        sent.append(req.WhichOneof("kind"))
+        kinds.append(req.WhichOneof("kind"))
         return req
 
     monkeypatch.setattr(client_module, "image_request", spy)
+    return kinds
+
+
+@pytest.mark.slow
+def test_a_server_without_decoded_images_gets_files(address, extractor, photos, monkeypatch,
+                                                    sent):
+    assert FeatureClient(address).describe()["accepts_decoded_images"] is True
     expect = acts(extractor.extract(photos, ExtractOptions()))
     arrays = [(i, decode_pixels(d)) for i, d in photos]
     with FeatureClient(address, timeout=60, decode_locally=True) as new:
@@ -291,20 +298,10 @@ def test_server_runs_prepared_inputs_and_refuses_inconsistent_ones(address, extr
 
 @pytest.mark.slow
 def test_client_prepares_locally_with_the_servers_preprocessing(address, extractor, photos,
-                                                                shared_data, monkeypatch):
-    import feature_server.client as client_module
-
+                                                                shared_data, monkeypatch,
+                                                                sent):
     opts = ExtractOptions(top_k=2)
     expect = {r.id: r for r in extractor.extract(photos, opts)}
-    sent: list[str] = []
-    real = client_module.image_request
-
-    def spy(item_id, data):
-        req = real(item_id, data)
-        sent.append(req.WhichOneof("kind"))
-        return req
-
-    monkeypatch.setattr(client_module, "image_request", spy)
     gif = (shared_data / "imagenet_data" / "ant" / "imageNotFound.gif").read_bytes()
     with FeatureClient(address, timeout=60, prepare_locally=True) as client:
         assert client.describe()["accepts_prepared_images"] is True
