@@ -168,6 +168,10 @@ def _add_common_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-decode", action="store_true",
                    help="with --feature-server: decode the images here and send their pixels, "
                         "so the servers spend no CPU on decoding (same as DFF_CLIENT_DECODE=1)")
+    p.add_argument("--client-prepare", action="store_true",
+                   help="with --feature-server: decode AND preprocess the images here and send "
+                        "the network inputs, so the servers spend no CPU on the images at all "
+                        "(same as DFF_CLIENT_PREPARE=1)")
     p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="deadline of each service call (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true",
@@ -596,6 +600,7 @@ def run_discover(args: argparse.Namespace) -> int:
     settings = ExportSettings(
         out=args.out, discovery=options,
         feature_servers=tuple(args.feature_server), client_decode=args.client_decode,
+        client_prepare=args.client_prepare,
         engine=args.engine or "", force=args.force, top_n=args.top, timeout=args.timeout,
         show_progress=not args.no_progress, max_file_bytes=args.max_file_size,
         pipeline=args.pipeline)
@@ -817,6 +822,7 @@ def _explain(args: argparse.Namespace) -> int:
     blobs, read_errors = read_files(items, args.max_file_size)
     explanations = explain_items(cs, blobs, feature_servers=args.feature_server,
                                  client_decode=args.client_decode,
+                                 client_prepare=args.client_prepare,
                                  timeout=args.timeout, threshold=threshold, min_area=min_area,
                                  progress=lambda d, t: bar.update(d, t))
     bar.close()

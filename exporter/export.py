@@ -81,6 +81,7 @@ class ExportSettings:
     discovery: DiscoveryOptions = field(default_factory=lambda: _default_options())
     feature_servers: tuple[str, ...] = ()
     client_decode: bool = False  # with feature_servers: send decoded pixels (FeatureClient)
+    client_prepare: bool = False  # ... or the network inputs made here (PreparedImage)
     engine: str = ""
     force: bool = False
     top_n: int = 8
@@ -315,13 +316,14 @@ def engine_progress(progress: Progress | None) -> Callable[[Any], None] | None:
 
 
 def make_source(feature_servers: Sequence[str] = (), timeout: float = 3600.0,
-                client_decode: bool | None = None) -> Any:
+                client_decode: bool | None = None, client_prepare: bool | None = None) -> Any:
     """The FeatureSource: feature servers when addresses are given, else in-process."""
     if feature_servers:
         from feature_server.client import FeatureClient
 
         return FeatureClient(list(feature_servers), timeout=timeout,
-                             decode_locally=client_decode or None)
+                             decode_locally=client_decode or None,
+                             prepare_locally=client_prepare or None)
     from feature_server.extractor import Extractor
     from feature_server.models.registry import load_registry, models_dir
 
@@ -337,14 +339,15 @@ def make_source(feature_servers: Sequence[str] = (), timeout: float = 3600.0,
 
 def explain_items(cs: Any, items: list[tuple[str, bytes]], *,
                   feature_servers: Sequence[str] = (), timeout: float = 3600.0,
-                  client_decode: bool = False, threshold: float | None = None,
+                  client_decode: bool = False, client_prepare: bool = False,
+                  threshold: float | None = None,
                   min_area: float | None = None,
                   progress: Callable[[int, int], None] | None = None) -> list[Any]:
     """Explanations (concept_engine.discovery.Explanation) of items with cs's bases fixed,
     in the order of items."""
     from concept_engine.discovery import explain
 
-    source = make_source(feature_servers, timeout, client_decode)
+    source = make_source(feature_servers, timeout, client_decode, client_prepare)
     try:
         out = {}
         for x in explain(cs, items, source, threshold, min_area):
@@ -394,8 +397,9 @@ class LocalDiscoverer:
 
     @classmethod
     def remote_features(cls, addresses: Sequence[str], timeout: float,
-                        client_decode: bool = False) -> LocalDiscoverer:
-        return cls(make_source(addresses, timeout, client_decode))
+                        client_decode: bool = False, client_prepare: bool = False
+                        ) -> LocalDiscoverer:
+        return cls(make_source(addresses, timeout, client_decode, client_prepare))
 
     def discover(self, name: str, items: list[tuple[str, bytes]], options: DiscoveryOptions,
                  progress: Progress | None = None) -> Any:
@@ -708,7 +712,8 @@ def make_discoverer(settings: ExportSettings) -> Discoverer:
         return EngineDiscoverer(settings.engine, timeout=settings.timeout)
     if settings.feature_servers:
         return LocalDiscoverer.remote_features(settings.feature_servers, settings.timeout,
-                                               settings.client_decode)
+                                               settings.client_decode,
+                                               settings.client_prepare)
     return LocalDiscoverer.embedded()
 
 

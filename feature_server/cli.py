@@ -156,6 +156,10 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
                          help="with --feature-server: decode the images here and send their "
                               "pixels (the servers spend no CPU on decoding; same as "
                               "DFF_CLIENT_DECODE=1)")
+    extract.add_argument("--client-prepare", action="store_true",
+                         help="with --feature-server: decode and preprocess the images here "
+                              "and send the network inputs (the servers spend no CPU on the "
+                              "images; same as DFF_CLIENT_PREPARE=1)")
     extract.add_argument("--home", help="cache root of the models (default: $DFF_HOME or "
                          "~/.cache/dff)")
     extract.add_argument("--model", default="vgg19", help="feature model")
@@ -297,7 +301,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
         source = FeatureClient(args.feature_server, timeout=args.timeout,
                                security=client_security_from_args(args),
-                               decode_locally=args.client_decode or None)
+                               decode_locally=args.client_decode or None,
+                               prepare_locally=args.client_prepare or None)
     else:
         source = Extractor.from_cache(args.home, batch_size=args.batch_size)
     try:

@@ -364,13 +364,15 @@ def test_client_decode_reaches_the_feature_client(tmp_path):
     from exporter.cli import build_parser
 
     args = build_parser().parse_args(["discover", str(tmp_path), "--out", str(tmp_path / "o"),
-                                      "--feature-server", "127.0.0.1:1", "--client-decode"])
-    assert args.client_decode
+                                      "--feature-server", "127.0.0.1:1", "--client-decode",
+                                      "--client-prepare"])
+    assert args.client_decode and args.client_prepare
     for flag in (True, False):
         d = export.make_discoverer(export.ExportSettings(
-            out=tmp_path, feature_servers=("127.0.0.1:1",), client_decode=flag))
+            out=tmp_path, feature_servers=("127.0.0.1:1",), client_decode=flag,
+            client_prepare=not flag))
         try:
-            assert d.source.decode_locally is flag
+            assert d.source.decode_locally is flag and d.source.prepare_locally is not flag
         finally:
             d.source.close()
 
@@ -382,12 +384,12 @@ def test_client_decode_reaches_explain(tmp_path, monkeypatch):
         def close(self):
             pass
 
-    def fake_make_source(servers, timeout, client_decode=None):
-        seen.append((tuple(servers), client_decode))
+    def fake_make_source(servers, timeout, client_decode=None, client_prepare=None):
+        seen.append((tuple(servers), client_decode, client_prepare))
         return Source()
 
     monkeypatch.setattr(export, "make_source", fake_make_source)
     monkeypatch.setattr("concept_engine.discovery.explain", lambda *a, **k: iter(()))
     assert export.explain_items(object(), [], feature_servers=["127.0.0.1:1"],
-                                client_decode=True) == []
-    assert seen == [(("127.0.0.1:1",), True)]
+                                client_decode=True, client_prepare=True) == []
+    assert seen == [(("127.0.0.1:1",), True, True)]

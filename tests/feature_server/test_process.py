@@ -110,16 +110,21 @@ def test_extract_cli_in_process_and_remote(models_home, address, shared_data, tm
         np.testing.assert_allclose(b["activations/conv5_4"][:6], acts[()], rtol=1e-2, atol=1e-2)
         errors = [s.decode() for s in b["errors"][()]]
         assert errors[:6] == [""] * 6 and "GIF" in errors[6]
-    # decoded here, sent as pixels: the same numbers and the server's own error for the GIF
-    pixels_out = tmp_path / "pixels.h5"
-    assert main(["extract", str(folder), str(shared_data / "imagenet_data" / "ant" /
-                                             "imageNotFound.gif"),
-                 "--out", str(pixels_out), "--feature-server", address, "--client-decode",
-                 "--dtype", "float16", "--probabilities"]) == 0
-    with h5py.File(remote_out) as b, h5py.File(pixels_out) as c:
-        assert [s.decode() for s in c["ids"][()]] == [s.decode() for s in b["ids"][()]]
-        np.testing.assert_allclose(c["activations/conv5_4"][()], b["activations/conv5_4"][()],
-                                   rtol=1e-3, atol=1e-3)
-        np.testing.assert_array_equal(c["original_size"][()], b["original_size"][()])
-        assert [s.decode() for s in c["errors"][()]] == [s.decode() for s in b["errors"][()]]
+    # decoded (or also preprocessed) here, sent as pixels (network inputs): the same numbers
+    # and the server's own error for the GIF
+    for flag in ("--client-decode", "--client-prepare"):
+        local_out = tmp_path / f"{flag.strip('-')}.h5"
+        assert main(["extract", str(folder), str(shared_data / "imagenet_data" / "ant" /
+                                                 "imageNotFound.gif"),
+                     "--out", str(local_out), "--feature-server", address, flag,
+                     "--dtype", "float16", "--probabilities"]) == 0
+        with h5py.File(remote_out) as b, h5py.File(local_out) as c:
+            assert [s.decode() for s in c["ids"][()]] == [s.decode() for s in b["ids"][()]]
+            np.testing.assert_allclose(c["activations/conv5_4"][()],
+                                       b["activations/conv5_4"][()], rtol=1e-3, atol=1e-3)
+            np.testing.assert_allclose(c["probabilities"][()], b["probabilities"][()],
+                                       rtol=1e-3, atol=1e-5)
+            np.testing.assert_array_equal(c["original_size"][()], b["original_size"][()])
+            assert ([s.decode() for s in c["errors"][()]]
+                    == [s.decode() for s in b["errors"][()]]), flag
     assert not list(tmp_path.glob(".*tmp*"))  # temp files renamed away
