@@ -85,6 +85,8 @@ def serve_workers(config: ServerConfig, workers: int) -> int:
     (exit 0) or until one of them exits on its own (the others are stopped; exit 1)."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise OSError("--workers needs SO_REUSEPORT (Linux): run one server per port instead")
     host = config.host
     reserved = _reserve_port(host, config.port)
     port = reserved.getsockname()[1]
