@@ -272,6 +272,9 @@ def cmd_serve_features(args: argparse.Namespace) -> int:
 
             return serve_workers(config, args.workers)
         return serve(config)
+    except DFFError as exc:
+        sys.stderr.write(f"dff serve features: error: {exc}\n")
+        return 2
     except (OSError, RuntimeError) as exc:
         reason = bind_failure(exc)
         if reason is None:

@@ -32,6 +32,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from dff_protos.errors import InvalidInput
+
 from feature_server.service import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,8 @@ def serve_workers(config: ServerConfig, workers: int) -> int:
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not hasattr(socket, "SO_REUSEPORT"):
-        raise OSError("--workers needs SO_REUSEPORT (Linux): run one server per port instead")
+        raise InvalidInput("--workers needs SO_REUSEPORT (Linux): run one server per port "
+                           "instead")
     host = config.host
     reserved = _reserve_port(host, config.port)
     port = reserved.getsockname()[1]
