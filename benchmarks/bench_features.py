@@ -251,7 +251,7 @@ def served_null(args: argparse.Namespace, items: list[tuple[str, bytes]],
 def scale_out(args: argparse.Namespace, precision: str) -> tuple[float, float | None, int]:
     """The served path as deployed for throughput: ``--server-workers`` server processes on one
     port, ``--client-procs`` client processes each sending every photo as prepared network
-    inputs (decoded and preprocessed by the client: the server spends no CPU on images) over
+    inputs (decoded and preprocessed by the client, so the server does neither) over
     ``--streams`` streams on as many connections, all started together. Returns img/s over
     the whole run, the server group's CPU ms per image, and the images sent."""
     import json

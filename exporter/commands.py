@@ -170,7 +170,7 @@ def _add_common_source(p: argparse.ArgumentParser) -> None:
                         "so the servers spend no CPU on decoding (same as DFF_CLIENT_DECODE=1)")
     p.add_argument("--client-prepare", action="store_true",
                    help="with --feature-server: decode AND preprocess the images here and send "
-                        "the network inputs, so the servers spend no CPU on the images at all "
+                        "the network inputs, so the servers neither decode nor preprocess "
                         "(same as DFF_CLIENT_PREPARE=1)")
     p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="deadline of each service call (default: %(default)s)")

@@ -158,8 +158,8 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
                               "DFF_CLIENT_DECODE=1)")
     extract.add_argument("--client-prepare", action="store_true",
                          help="with --feature-server: decode and preprocess the images here "
-                              "and send the network inputs (the servers spend no CPU on the "
-                              "images; same as DFF_CLIENT_PREPARE=1)")
+                              "and send the network inputs (the servers neither decode nor "
+                              "preprocess; same as DFF_CLIENT_PREPARE=1)")
     extract.add_argument("--home", help="cache root of the models (default: $DFF_HOME or "
                          "~/.cache/dff)")
     extract.add_argument("--model", default="vgg19", help="feature model")

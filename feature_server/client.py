@@ -29,7 +29,7 @@ in-process Extractor, over one or several feature-server addresses.
   are sent as they are (the server answers them as always).
 - With ``prepare_locally`` (or ``DFF_CLIENT_PREPARE=1``) the client also preprocesses, with
   the server's own code and the preprocessing DescribeModel states, and sends the network
-  inputs (PreparedImage): the server then spends no CPU on the image at all.
+  inputs (PreparedImage): the server then neither decodes nor preprocesses.
 - TLS / mutual TLS / bearer token come from ``security`` (default: the process default, see
   :mod:`dff_protos.security`).
 """
