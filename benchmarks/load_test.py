@@ -2,6 +2,7 @@
 feature-server processes it starts on loopback (or an address you give).
 
     python benchmarks/load_test.py --clients 8 --seconds 20 --replicas 2 [--size 224]
+    python benchmarks/load_test.py --clients 8 --seconds 20 --workers 2
     python benchmarks/load_test.py --address 127.0.0.1:50051 --clients 4 --seconds 10
 
 Each client sends one image per Extract call (real photos from ../shared/data), so a call's
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes per replica (dff serve features --workers)")
     p.add_argument("--address", default="", help="use running server(s) ADDR[,ADDR...]")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=8, help="server max batch size")
@@ -94,19 +97,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.address:
         addresses = [a for a in args.address.split(",") if a]
     else:
-        started = [start_replica(args) for _ in range(args.replicas)]
+        started = [start_replica(args, workers=args.workers) for _ in range(args.replicas)]
         procs = [s[0] for s in started]
         addresses = [s[1] for s in started]
+    # every process that serves: the workers of a group (their parent only watches)
+    servers = [pid for pr in procs for pid in getattr(pr, "worker_pids", [pr.pid])]
     options = options_to_proto(ExtractOptions(size=args.size))
     latencies: list[float] = []
     codes: Counter[str] = Counter()
     lock = threading.Lock()
-    peak = {pr.pid: rss(pr.pid) for pr in procs}
+    peak = {pid: rss(pid) for pid in servers}
     end = time.monotonic() + args.seconds
     stop = threading.Event()
 
     def client(n: int) -> None:
-        channel = grpc.insecure_channel(addresses[n % len(addresses)])
+        # each client its own connection (gRPC would otherwise share one between channels of a
+        # process), as independent clients have, and as a worker group needs to be reached
+        channel = grpc.insecure_channel(addresses[n % len(addresses)],
+                                        options=[("grpc.use_local_subchannel_pool", 1)])
         stub = features_pb2_grpc.FeatureServiceStub(channel)
         i = n
         while time.monotonic() < end:
@@ -129,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def watch() -> None:
         while not stop.wait(0.1):
-            for pr in procs:
-                peak[pr.pid] = max(peak[pr.pid], rss(pr.pid))
+            for pid in servers:
+                peak[pid] = max(peak[pid], rss(pid))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -147,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         pr.terminate()
         pr.wait(30)
     lat = np.asarray(latencies) * 1000
-    print(f"servers: {len(addresses)} ({', '.join(addresses)}), clients {args.clients}, "
+    print(f"servers: {len(addresses)} ({', '.join(addresses)}; {args.workers} process(es) "
+          f"each), clients {args.clients}, "
           f"{args.seconds:g}s, size {args.size}, server max batch {args.batch}")
     print(f"throughput: {len(latencies) / wall:.2f} images/s ({len(latencies)} ok in "
           f"{wall:.1f}s)")
