@@ -102,7 +102,6 @@ def _warm_all() -> None:
     # importing the kernel modules registers their warmers
     import concept_engine.certainty  # noqa: F401, PLC0415
     import concept_engine.csr_kernels  # noqa: F401, PLC0415
-    import concept_engine.drawing  # noqa: F401, PLC0415
 
     for fn in list(_WARMERS):
         try:

@@ -694,10 +694,10 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
     # Activations arrive on the host; on a CUDA machine V moves to the device once, here -
     # unless the class is small, where the host's kernels are the faster (see gpu_min_rows).
     xp = compute_namespace()
-    rows = sum(int(im.rows.shape[0]) for im in images)
-    if xp is not np and rows < gpu_min_rows():
+    rows, min_rows = sum(int(im.rows.shape[0]) for im in images), gpu_min_rows()
+    if xp is not np and rows < min_rows:
         log.info("discover %r: %d feature rows, below DFF_GPU_MIN_ROWS=%d: the concept engine "
-                 "runs on the host", options.name, rows, gpu_min_rows())
+                 "runs on the host", options.name, rows, min_rows)
         xp = np
     with run.timer("certainty_filter"):
         images = _certainty_stage(images, run, xp)

@@ -388,6 +388,10 @@ class LocalDiscoverer:
     Safe to call from two threads at once: extractions are serialised, fits run in parallel."""
 
     def __init__(self, source: Any) -> None:
+        # the pictures' compiled kernel joins the warm-up that discover() starts (the numeric
+        # core does not import drawing itself)
+        import concept_engine.drawing  # noqa: F401, PLC0415
+
         self.source = source
         self._gated = _GatedSource(source)
 

@@ -402,11 +402,7 @@ class FeatureClient:
             model = described.get(name)
             if model is None:
                 return None
-            p = model["preprocessing"]
-            out.append(Preprocessing(color_order=p["color_order"], mean=tuple(p["mean"]),
-                                     std=tuple(p["std"]), resize_mode=p["resize_mode"],
-                                     size=int(p["size"]),
-                                     resize_shorter=int(p["resize_shorter"])))
+            out.append(Preprocessing.from_dict(model["preprocessing"]))
         return out[0], out[1]
 
     def _local_inputs(self, data: ImageData, *, options: ExtractOptions,

@@ -155,7 +155,8 @@ def describe_to_proto(desc: dict, config: ServerConfig, server_version: str
             max_batch_size=config.max_batch_size,
             max_concurrent_streams=config.max_concurrent_streams),
         precisions=desc.get("precisions", []), default_precision=desc.get("default_precision", ""),
-        accepts_decoded_images=True, accepts_prepared_images=True)
+        accepts_decoded_images=desc.get("accepts_decoded_images", False),
+        accepts_prepared_images=desc.get("accepts_prepared_images", False))
     for m in desc["models"]:
         pre = m["preprocessing"]
         info = features_pb2.ModelInfo(

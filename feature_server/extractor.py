@@ -141,6 +141,17 @@ class Prepared:
 ImageData = bytes | np.ndarray
 
 
+def _check_stride(spec: ModelSpec, options: ExtractOptions, original: tuple[int, int],
+                  net_in: Sequence[int]) -> None:
+    """InvalidInput when the network input (h, w) is thinner than the asked layers' stride."""
+    need = max(spec.layers[layer][1] for layer in options.layers)
+    if min(net_in) < need:
+        raise InvalidInput(
+            f"image {original[1]}x{original[0]} becomes {net_in[1]}x{net_in[0]} with "
+            f"{options.resize_mode} {options.size}: too thin for {list(options.layers)} "
+            f"(stride {need}); use squash or a larger size")
+
+
 def _checked_input(x: np.ndarray | None, want: tuple[int, int], what: str) -> np.ndarray:
     """A client-made network input: float32, shape (3, *want), finite."""
     if x is None:
@@ -409,12 +420,7 @@ class Extractor:
         x = cx = None
         if options.layers:
             x = preprocess(img, spec.preprocessing, options.resize_mode, options.size)
-            need = max(spec.layers[layer][1] for layer in options.layers)
-            if min(x.shape[1:]) < need:
-                raise InvalidInput(
-                    f"image {img.shape[1]}x{img.shape[0]} becomes {x.shape[2]}x{x.shape[1]} "
-                    f"with {options.resize_mode} {options.size}: too thin for "
-                    f"{list(options.layers)} (stride {need}); use squash or a larger size")
+            _check_stride(spec, options, (img.shape[0], img.shape[1]), x.shape[1:])
         if options.wants_classifier:
             cx = preprocess(img, self.registry[options.classifier].preprocessing)
         net_in = x if x is not None else cx
@@ -441,11 +447,7 @@ class Extractor:
             want = network_input_size((h, w), spec.preprocessing, options.resize_mode,
                                       options.size)
             x = _checked_input(features_input, want, "features_input")
-            need = max(spec.layers[layer][1] for layer in options.layers)
-            if min(want) < need:
-                raise InvalidInput(
-                    f"image {w}x{h} becomes {want[1]}x{want[0]} with {options.resize_mode} "
-                    f"{options.size}: too thin for {list(options.layers)} (stride {need})")
+            _check_stride(spec, options, (h, w), want)
         elif features_input is not None:
             raise InvalidInput("prepared image: features_input given, but no layers asked for")
         if options.wants_classifier:

@@ -133,15 +133,18 @@ def image_cost(data: bytes, limits: DecodeLimits, options: ExtractOptions) -> in
     """Bytes one image holds while it is decoded and run: encoded + uint8 + float32 pixels +
     the network inputs. Raises the header errors (too large, unparseable, refused format)."""
     _, w, h = check_header(data, limits)
-    network_input = 2 * 3 * options.size * options.size * 4  # features + classifier
-    return len(data) + w * h * (3 + 12) + network_input
+    return len(data) + w * h * (3 + 12) + _network_input_bytes(options)
 
 
 def pixels_cost(pixels: np.ndarray, options: ExtractOptions) -> int:
     """Bytes a DecodedImage holds while it is run: its uint8 and float32 pixels and the
     network inputs."""
-    network_input = 2 * 3 * options.size * options.size * 4  # features + classifier
-    return pixels.nbytes * (1 + 4) + network_input
+    return pixels.nbytes * (1 + 4) + _network_input_bytes(options)
+
+
+def _network_input_bytes(options: ExtractOptions) -> int:
+    """float32 network inputs of one image, features and classifier (an upper bound)."""
+    return 2 * 3 * options.size * options.size * 4
 
 
 class _Stream:

@@ -70,6 +70,14 @@ class Preprocessing:
     resize_shorter: int = 0
     description: str = ""
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        """From its JSON form (a model's metadata, or DescribeModel as a dict)."""
+        return cls(color_order=data["color_order"], mean=tuple(data["mean"]),
+                   std=tuple(data["std"]), resize_mode=data["resize_mode"],
+                   size=int(data["size"]), resize_shorter=int(data.get("resize_shorter", 0)),
+                   description=data.get("description", ""))
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -102,17 +110,12 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], directory: Path) -> ModelSpec:
-        pre = data["preprocessing"]
         return cls(
             name=data["name"], kind=data["kind"], onnx_path=directory / data["onnx_path"],
             weights_sha256=data["weights_sha256"], onnx_sha256=data["onnx_sha256"],
             source=data["source"],
             layers={k: (int(v[0]), int(v[1])) for k, v in data["layers"].items()},
-            preprocessing=Preprocessing(
-                color_order=pre["color_order"], mean=tuple(pre["mean"]), std=tuple(pre["std"]),
-                resize_mode=pre["resize_mode"], size=int(pre["size"]),
-                resize_shorter=int(pre.get("resize_shorter", 0)),
-                description=pre.get("description", "")),
+            preprocessing=Preprocessing.from_dict(data["preprocessing"]),
             input_name=data.get("input_name", "input"),
             default_layers=tuple(data.get("default_layers", ())),
             class_names=tuple(data.get("class_names", ())),
