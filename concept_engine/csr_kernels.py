@@ -34,8 +34,8 @@ import numpy as np
 
 from concept_engine import compiled
 
-__all__ = ["AVAILABLE", "HALS", "MU", "NONE", "SKETCH_BLOCK", "WIDE", "gather", "moments",
-           "nndsvd_w", "scatter", "sketch", "w_pass"]
+__all__ = ["AVAILABLE", "HALS", "MU", "NONE", "SKETCH_BLOCK", "WIDE", "gather", "gather_gram",
+           "moments", "nndsvd_w", "part_sq_norms", "scatter", "sketch", "w_pass"]
 
 
 AVAILABLE = compiled.AVAILABLE
@@ -187,10 +187,16 @@ def _gather(indptr, indices, data, a, b, Xf, out, row0):
         o = i - row0
         g = 0
         while g + 16 <= m:
+            # two sets of accumulators (even and odd non-zeros), as in the block of 8 below
+            # (1.1x faster here)
             ug = np.uint64(g)
             h0 = h1 = h2 = h3 = h4 = h5 = h6 = h7 = zero
             h8 = h9 = h10 = h11 = h12 = h13 = h14 = h15 = zero
-            for p in range(np.uint64(indptr[i]), np.uint64(indptr[i + 1])):
+            e0 = e1 = e2 = e3 = e4 = e5 = e6 = e7 = zero
+            e8 = e9 = e10 = e11 = e12 = e13 = e14 = e15 = zero
+            p = np.uint64(indptr[i])
+            end = np.uint64(indptr[i + 1])
+            while p + np.uint64(1) < end:
                 c = np.uint64(indices[p]) * um + ug
                 d = data[p]
                 h0 += d * Xf[c]
@@ -209,10 +215,52 @@ def _gather(indptr, indices, data, a, b, Xf, out, row0):
                 h13 += d * Xf[c + np.uint64(13)]
                 h14 += d * Xf[c + np.uint64(14)]
                 h15 += d * Xf[c + np.uint64(15)]
-            out[o, g], out[o, g + 1], out[o, g + 2], out[o, g + 3] = h0, h1, h2, h3
-            out[o, g + 4], out[o, g + 5], out[o, g + 6], out[o, g + 7] = h4, h5, h6, h7
-            out[o, g + 8], out[o, g + 9], out[o, g + 10], out[o, g + 11] = h8, h9, h10, h11
-            out[o, g + 12], out[o, g + 13], out[o, g + 14], out[o, g + 15] = h12, h13, h14, h15
+                c = np.uint64(indices[p + np.uint64(1)]) * um + ug
+                d = data[p + np.uint64(1)]
+                e0 += d * Xf[c]
+                e1 += d * Xf[c + np.uint64(1)]
+                e2 += d * Xf[c + np.uint64(2)]
+                e3 += d * Xf[c + np.uint64(3)]
+                e4 += d * Xf[c + np.uint64(4)]
+                e5 += d * Xf[c + np.uint64(5)]
+                e6 += d * Xf[c + np.uint64(6)]
+                e7 += d * Xf[c + np.uint64(7)]
+                e8 += d * Xf[c + np.uint64(8)]
+                e9 += d * Xf[c + np.uint64(9)]
+                e10 += d * Xf[c + np.uint64(10)]
+                e11 += d * Xf[c + np.uint64(11)]
+                e12 += d * Xf[c + np.uint64(12)]
+                e13 += d * Xf[c + np.uint64(13)]
+                e14 += d * Xf[c + np.uint64(14)]
+                e15 += d * Xf[c + np.uint64(15)]
+                p += np.uint64(2)
+            if p < end:
+                c = np.uint64(indices[p]) * um + ug
+                d = data[p]
+                h0 += d * Xf[c]
+                h1 += d * Xf[c + np.uint64(1)]
+                h2 += d * Xf[c + np.uint64(2)]
+                h3 += d * Xf[c + np.uint64(3)]
+                h4 += d * Xf[c + np.uint64(4)]
+                h5 += d * Xf[c + np.uint64(5)]
+                h6 += d * Xf[c + np.uint64(6)]
+                h7 += d * Xf[c + np.uint64(7)]
+                h8 += d * Xf[c + np.uint64(8)]
+                h9 += d * Xf[c + np.uint64(9)]
+                h10 += d * Xf[c + np.uint64(10)]
+                h11 += d * Xf[c + np.uint64(11)]
+                h12 += d * Xf[c + np.uint64(12)]
+                h13 += d * Xf[c + np.uint64(13)]
+                h14 += d * Xf[c + np.uint64(14)]
+                h15 += d * Xf[c + np.uint64(15)]
+            out[o, g], out[o, g + 1] = h0 + e0, h1 + e1
+            out[o, g + 2], out[o, g + 3] = h2 + e2, h3 + e3
+            out[o, g + 4], out[o, g + 5] = h4 + e4, h5 + e5
+            out[o, g + 6], out[o, g + 7] = h6 + e6, h7 + e7
+            out[o, g + 8], out[o, g + 9] = h8 + e8, h9 + e9
+            out[o, g + 10], out[o, g + 11] = h10 + e10, h11 + e11
+            out[o, g + 12], out[o, g + 13] = h12 + e12, h13 + e13
+            out[o, g + 14], out[o, g + 15] = h14 + e14, h15 + e15
             g += 16
         if g < m:
             # two sets of accumulators (even and odd non-zeros), added at the end: two
@@ -259,6 +307,70 @@ def _gather(indptr, indices, data, a, b, Xf, out, row0):
             out[o, g + 2], out[o, g + 3] = h2 + e2, h3 + e3
             out[o, g + 4], out[o, g + 5] = h4 + e4, h5 + e5
             out[o, g + 6], out[o, g + 7] = h6 + e6, h7 + e7
+
+
+#: Rows per tile of :func:`_gather_gram`: the tile's products are still in the L1 cache when
+#: their Gram sums are taken (256 rows x 16 columns: 16 KiB).
+_GRAM_TILE = 256
+
+
+@_jit
+def _gather_gram(indptr, indices, data, a, b, Xf, out, G):
+    """out[i] = v_i X for rows a..b (:func:`_gather`, row0 = 0) and G (m, m) float64 += the
+    rows' out^T out: summed in out's dtype over a tile of rows while the tile is in cache, the
+    tiles' sums in float64 (the NNDSVD start's B = V Q and B^T B in one pass)."""
+    m = out.shape[1]
+    T = np.zeros((m, m), dtype=out.dtype)
+    for t0 in range(a, b, _GRAM_TILE):
+        t1 = min(t0 + _GRAM_TILE, b)
+        _gather(indptr, indices, data, t0, t1, Xf, out, 0)
+        T[:] = 0
+        if m % 16 == 0:
+            # 16 columns of the row in registers, then one vector update per row of T
+            for i in range(t0, t1):
+                for cb in range(0, m, 16):
+                    x0 = out[i, cb + 0]
+                    x1 = out[i, cb + 1]
+                    x2 = out[i, cb + 2]
+                    x3 = out[i, cb + 3]
+                    x4 = out[i, cb + 4]
+                    x5 = out[i, cb + 5]
+                    x6 = out[i, cb + 6]
+                    x7 = out[i, cb + 7]
+                    x8 = out[i, cb + 8]
+                    x9 = out[i, cb + 9]
+                    x10 = out[i, cb + 10]
+                    x11 = out[i, cb + 11]
+                    x12 = out[i, cb + 12]
+                    x13 = out[i, cb + 13]
+                    x14 = out[i, cb + 14]
+                    x15 = out[i, cb + 15]
+                    for r in range(m):
+                        xr = out[i, r]
+                        T[r, cb + 0] += xr * x0
+                        T[r, cb + 1] += xr * x1
+                        T[r, cb + 2] += xr * x2
+                        T[r, cb + 3] += xr * x3
+                        T[r, cb + 4] += xr * x4
+                        T[r, cb + 5] += xr * x5
+                        T[r, cb + 6] += xr * x6
+                        T[r, cb + 7] += xr * x7
+                        T[r, cb + 8] += xr * x8
+                        T[r, cb + 9] += xr * x9
+                        T[r, cb + 10] += xr * x10
+                        T[r, cb + 11] += xr * x11
+                        T[r, cb + 12] += xr * x12
+                        T[r, cb + 13] += xr * x13
+                        T[r, cb + 14] += xr * x14
+                        T[r, cb + 15] += xr * x15
+        else:
+            for i in range(t0, t1):
+                for r in range(m):
+                    for c in range(m):
+                        T[r, c] += out[i, r] * out[i, c]
+        for r in range(m):
+            for c in range(m):
+                G[r, c] += T[r, c]
 
 
 @_jit
@@ -322,28 +434,28 @@ def _sketch(indptr, indices, data, a, b, Of, Zf, m):
 
     The loops repeat :func:`_gather` and :func:`_scatter` on purpose: calling them per tile
     (as :func:`_w_pass` does) made the start ~10% slower, as v Omega then goes through memory;
-    and the moments ride along with the first block's products (one read of V fewer)."""
+    and the moments ride along with the first block's scatter (one read of V fewer). In the
+    scatter's loop, not the product's: their float64 chains of dependent additions set the
+    pace of the product's loop, while the scatter's waits on memory anyway (with the product's
+    two accumulator sets, the sketch of 2500 images on one thread: 36 -> 32 ms)."""
     um = np.uint64(m)
     zero = Zf.dtype.type(0.0)
     total = 0.0
     sq = 0.0
     low = np.inf
     for i in range(a, b):
+        start = np.uint64(indptr[i])
+        end = np.uint64(indptr[i + 1])
         for g in range(0, m, 16):
             ug = np.uint64(g)
             h0 = h1 = h2 = h3 = h4 = h5 = h6 = h7 = zero
             h8 = h9 = h10 = h11 = h12 = h13 = h14 = h15 = zero
-            t = 0.0
-            s = 0.0
-            lo = np.inf
-            for p in range(np.uint64(indptr[i]), np.uint64(indptr[i + 1])):
+            e0 = e1 = e2 = e3 = e4 = e5 = e6 = e7 = zero
+            e8 = e9 = e10 = e11 = e12 = e13 = e14 = e15 = zero
+            p = start
+            while p + np.uint64(1) < end:
                 c = np.uint64(indices[p]) * um + ug
                 d = data[p]
-                v = np.float64(d)
-                t += v
-                s += v * v
-                if v < lo or v != v:  # a NaN sticks (no later value compares below it)
-                    lo = v
                 h0 += d * Of[c]
                 h1 += d * Of[c + np.uint64(1)]
                 h2 += d * Of[c + np.uint64(2)]
@@ -360,14 +472,60 @@ def _sketch(indptr, indices, data, a, b, Of, Zf, m):
                 h13 += d * Of[c + np.uint64(13)]
                 h14 += d * Of[c + np.uint64(14)]
                 h15 += d * Of[c + np.uint64(15)]
-            if g == 0:
-                total += t
-                sq += s
-                if lo < low or lo != lo:
-                    low = lo
-            for p in range(np.uint64(indptr[i]), np.uint64(indptr[i + 1])):
+                c = np.uint64(indices[p + np.uint64(1)]) * um + ug
+                d = data[p + np.uint64(1)]
+                e0 += d * Of[c]
+                e1 += d * Of[c + np.uint64(1)]
+                e2 += d * Of[c + np.uint64(2)]
+                e3 += d * Of[c + np.uint64(3)]
+                e4 += d * Of[c + np.uint64(4)]
+                e5 += d * Of[c + np.uint64(5)]
+                e6 += d * Of[c + np.uint64(6)]
+                e7 += d * Of[c + np.uint64(7)]
+                e8 += d * Of[c + np.uint64(8)]
+                e9 += d * Of[c + np.uint64(9)]
+                e10 += d * Of[c + np.uint64(10)]
+                e11 += d * Of[c + np.uint64(11)]
+                e12 += d * Of[c + np.uint64(12)]
+                e13 += d * Of[c + np.uint64(13)]
+                e14 += d * Of[c + np.uint64(14)]
+                e15 += d * Of[c + np.uint64(15)]
+                p += np.uint64(2)
+            if p < end:
                 c = np.uint64(indices[p]) * um + ug
                 d = data[p]
+                h0 += d * Of[c]
+                h1 += d * Of[c + np.uint64(1)]
+                h2 += d * Of[c + np.uint64(2)]
+                h3 += d * Of[c + np.uint64(3)]
+                h4 += d * Of[c + np.uint64(4)]
+                h5 += d * Of[c + np.uint64(5)]
+                h6 += d * Of[c + np.uint64(6)]
+                h7 += d * Of[c + np.uint64(7)]
+                h8 += d * Of[c + np.uint64(8)]
+                h9 += d * Of[c + np.uint64(9)]
+                h10 += d * Of[c + np.uint64(10)]
+                h11 += d * Of[c + np.uint64(11)]
+                h12 += d * Of[c + np.uint64(12)]
+                h13 += d * Of[c + np.uint64(13)]
+                h14 += d * Of[c + np.uint64(14)]
+                h15 += d * Of[c + np.uint64(15)]
+            h0, h1, h2, h3 = h0 + e0, h1 + e1, h2 + e2, h3 + e3
+            h4, h5, h6, h7 = h4 + e4, h5 + e5, h6 + e6, h7 + e7
+            h8, h9, h10, h11 = h8 + e8, h9 + e9, h10 + e10, h11 + e11
+            h12, h13, h14, h15 = h12 + e12, h13 + e13, h14 + e14, h15 + e15
+            t = 0.0
+            s = 0.0
+            lo = np.inf
+            for p in range(start, end):
+                c = np.uint64(indices[p]) * um + ug
+                d = data[p]
+                if g == 0:
+                    v = np.float64(d)
+                    t += v
+                    s += v * v
+                    if v < lo or v != v:  # a NaN sticks (no later value compares below it)
+                        lo = v
                 Zf[c] += d * h0
                 Zf[c + np.uint64(1)] += d * h1
                 Zf[c + np.uint64(2)] += d * h2
@@ -384,6 +542,11 @@ def _sketch(indptr, indices, data, a, b, Of, Zf, m):
                 Zf[c + np.uint64(13)] += d * h13
                 Zf[c + np.uint64(14)] += d * h14
                 Zf[c + np.uint64(15)] += d * h15
+            if g == 0:
+                total += t
+                sq += s
+                if lo < low or lo != lo:
+                    low = lo
     return total, sq, low
 
 
@@ -402,24 +565,42 @@ def _moments(data, lo, hi):
     return total, sq, low
 
 
+@_jit(fastmath={"reassoc"})
+def _part_sq_norms(Ut, a, b, out):
+    """out[j] = (||max(u_j, 0)||^2, ||u_j||^2) over columns a..b of Ut (k, n): float64 sums,
+    vectorised (any order within the vector)."""
+    for j in range(Ut.shape[0]):
+        pos = 0.0
+        tot = 0.0
+        row = Ut[j]
+        for i in range(np.uint64(a), np.uint64(b)):
+            v = np.float64(row[i])
+            sq = v * v
+            tot += sq
+            pos += sq if v > 0.0 else 0.0
+        out[j, 0] = pos
+        out[j, 1] = tot
+
+
 @_jit
-def _nndsvd_w(Ut, mode, scale, eps, fill, Wt):
-    """Wt[j] = part_j(Ut[j]) * scale[j], entries below eps set to fill; part: |x| (mode 0),
-    max(x, 0) (mode 1), max(-x, 0) (mode -1). float32 throughout, as NumPy does it."""
-    k, n = Ut.shape
-    for j in range(k):
+def _nndsvd_w(Ut, mode, scale, eps, fill, Wt, a, b):
+    """Wt[j, a:b] = part_j(Ut[j, a:b]) * scale[j], entries below eps set to fill; part: |x|
+    (mode 0), max(x, 0) (mode 1), max(-x, 0) (mode -1). float32 throughout, as NumPy does it."""
+    for j in range(Ut.shape[0]):
         sc = scale[j]
+        u = Ut[j]
+        w = Wt[j]
         if mode[j] == 0:
-            for i in range(n):
-                v = abs(Ut[j, i]) * sc
-                Wt[j, i] = v if v >= eps else fill
+            for i in range(np.uint64(a), np.uint64(b)):
+                v = abs(u[i]) * sc
+                w[i] = v if v >= eps else fill
         else:
             sg = Ut.dtype.type(mode[j])
             zero = Ut.dtype.type(0.0)
-            for i in range(n):
-                x = Ut[j, i] * sg
+            for i in range(np.uint64(a), np.uint64(b)):
+                x = u[i] * sg
                 v = (x if x > zero else zero) * sc
-                Wt[j, i] = v if v >= eps else fill
+                w[i] = v if v >= eps else fill
 
 
 # Typed entry points: the argument order of the compiled functions lives here only.
@@ -457,6 +638,12 @@ def gather(V: Any, a: int, b: int, X: Any, out: Any) -> None:
     _gather(V.indptr, V.indices, V.data, a, b, X.ravel(), out, 0)
 
 
+def gather_gram(V: Any, a: int, b: int, X: Any, out: Any, G: Any) -> None:
+    """out[a:b] = V[a:b] X (as :func:`gather`) and G += out[a:b]^T out[a:b]; G (m, m)
+    float64, m = out's width."""
+    _gather_gram(V.indptr, V.indices, V.data, a, b, X.ravel(), out, G)
+
+
 def scatter(V: Any, a: int, b: int, Y: Any, out: Any) -> None:
     """out += V[a:b]^T Y[a:b]; Y (n, m), out (C, m) C-contiguous of Y's dtype, m a multiple
     of 8."""
@@ -481,11 +668,21 @@ def moments(V: Any, a: int, b: int) -> tuple[float, float, float]:
     return float(total), float(sq), float(low)
 
 
-def nndsvd_w(Ut: Any, mode: Any, scale: Any, eps: float, fill: float, Wt: Any) -> None:
-    """The NNDSVD start's W^T in one sweep (:func:`_nndsvd_w`): Ut, Wt (k, n) float32
-    C-contiguous; mode (k,) int64 in {0, 1, -1}; scale (k,) float32."""
+def part_sq_norms(Ut: Any, a: int, b: int) -> Any:
+    """(k, 2) float64: per row j of Ut (k, n), over columns a..b, the squared norm of its
+    positive part and its squared norm."""
+    out = np.zeros((Ut.shape[0], 2))
+    _part_sq_norms(Ut, a, b, out)
+    return out
+
+
+def nndsvd_w(Ut: Any, mode: Any, scale: Any, eps: float, fill: float, Wt: Any,
+             a: int = 0, b: int | None = None) -> None:
+    """Columns a..b (default: all) of the NNDSVD start's W^T in one sweep
+    (:func:`_nndsvd_w`): Ut, Wt (k, n) float32 C-contiguous; mode (k,) int64 in {0, 1, -1};
+    scale (k,) float32."""
     dt = Ut.dtype.type
-    _nndsvd_w(Ut, mode, scale, dt(eps), dt(fill), Wt)
+    _nndsvd_w(Ut, mode, scale, dt(eps), dt(fill), Wt, a, Ut.shape[1] if b is None else b)
 
 
 @compiled.register_warmer
@@ -498,9 +695,11 @@ def _warm_up() -> None:
     Z = np.zeros((8, WIDE), np.float32)
     w_pass(V, 0, 4, W, Ht, np.eye(1), HALS, True, Z, np.zeros((1, 1)))
     gather(V, 0, 4, Ht, W)
+    gather_gram(V, 0, 4, Ht, W, np.zeros((WIDE, WIDE)))
     scatter(V, 0, 4, W, Z)
     Omega = np.zeros((8, SKETCH_BLOCK), np.float32)
     sketch(V, 0, 4, Omega, np.zeros_like(Omega))
     nndsvd_w(W.T.copy(), np.zeros(WIDE, np.int64), np.ones(WIDE, np.float32), 1e-6, 0.0,
              np.empty((WIDE, 4), np.float32))
     moments(V, 0, 4)
+    part_sq_norms(W.T.copy(), 0, 4)

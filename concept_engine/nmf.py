@@ -690,22 +690,17 @@ def _top_singular(op: _Operand, k: int) -> tuple[list[float], Any, Any]:
         Q, _ = np.linalg.qr(Z)
         Qc = csr_kernels._padded(np.asarray(Q, dtype=op.dtype))
         Bw = np.empty((op.n, Qc.shape[1]), dtype=op.dtype)
-        op.run_ranges(lambda a, b: csr_kernels.gather(op.V, a, b, Qc, Bw))
+
+        def gather_gram(a: int, b: int) -> Any:
+            Gb = np.zeros((Qc.shape[1], Qc.shape[1]))
+            csr_kernels.gather_gram(op.V, a, b, Qc, Bw, Gb)
+            return Gb
+
+        # B = V Q and B^T B in one sweep (B^T B in NumPy took 9 ms at N=5000: its small BLAS
+        # calls, one per 1024 rows, ran one thread at a time)
+        parts = op.run_ranges(gather_gram)
+        G = sum(parts[1:], parts[0])[:m, :m]
         B = Bw[:, :m]
-        # B^T B (and U^T below) on the engine's threads, in BLAS calls small enough to stay on
-        # the calling thread: after a threaded call OpenBLAS's idle workers spin for a while
-        # and took the cores from the next kernel sweep (the sketch ran 60-80 ms instead of 40
-        # at N=5000 on 2 cores)
-        step = _small_blas_rows(m, m)
-
-        def gram(a: int, b: int) -> Any:
-            G = np.zeros((m, m))
-            for s in range(a, b, step):
-                blk = B[s : min(s + step, b)]
-                G += blk.T @ blk
-            return G
-
-        G = sum(op.run_ranges(gram))
     else:
         Z = op.vt_y(op.v_x(omega.astype(op.dtype))).astype(xp.float64)  # (C, m)
         Q, _ = xp.linalg.qr(Z)
@@ -728,6 +723,9 @@ def _top_singular(op: _Operand, k: int) -> tuple[list[float], Any, Any]:
     Et = xp.ascontiguousarray((E * to_device(np.array(coef), xp)[None, :]).T.astype(op.dtype))
     if op.kernels:
         Ut = np.empty((k, op.n), dtype=op.dtype)
+        # on the engine's threads, in BLAS calls small enough to stay on the calling thread:
+        # after a threaded call OpenBLAS's idle workers spin for a while and took the cores
+        # from the next kernel sweep (the sketch ran 60-80 ms instead of 40 at N=5000)
         step = _small_blas_rows(k, m)
 
         def project(a: int, b: int) -> None:
@@ -762,9 +760,21 @@ def _nndsvd_init(op: _Operand, k: int, seed: int, variant: str) -> tuple[Any, An
     # W^T (k, n) is built in the compute dtype (it is as large as k columns of V), on whole
     # (k, n) arrays: the positive parts, then the norms of every row's positive and negative
     # parts at once (||x_n||^2 = ||x||^2 - ||x_p||^2, sums in float64); H (k, C) is float64.
-    Wt = xp.maximum(Ut, 0)
-    pos2 = _row_sq_norms(Wt, xp)
-    all2 = _row_sq_norms(Ut, xp)
+    compiled_w = xp is np and csr_kernels.AVAILABLE and Ut.dtype == np.float32
+    if compiled_w:
+        # one read of U^T on the engine's threads (a positive-part copy and two einsum
+        # passes took ~6 ms at N=5000)
+        def norms_of(a: int, b: int) -> Any:
+            return csr_kernels.part_sq_norms(Ut, a, b)
+
+        parts = op.run_ranges(norms_of) if op._ranges else [norms_of(0, op.n)]
+        norms = sum(parts[1:], parts[0])
+        pos2, all2 = [float(v) for v in norms[:, 0]], [float(v) for v in norms[:, 1]]
+        Wt = np.empty_like(Ut)
+    else:
+        Wt = xp.maximum(Ut, 0)
+        pos2 = _row_sq_norms(Wt, xp)
+        all2 = _row_sq_norms(Ut, xp)
     H = xp.zeros((k, op.C), dtype=xp.float64)
     H[0] = math.sqrt(S_host[0]) * xp.abs(Vk[0])
     # per row of W^T: which part of u_j (0: |u_0|, 1: positive, -1: negative) and its scale
@@ -788,11 +798,19 @@ def _nndsvd_init(op: _Operand, k: int, seed: int, variant: str) -> tuple[Any, An
     # entries below eps: mean(V) for 'nndsvda' (what MU needs, as zeros never move under it),
     # zero otherwise
     fill = op.mean if variant == "nndsvda" else 0.0
-    if xp is np and csr_kernels.AVAILABLE and Ut.dtype == np.float32:
+    if compiled_w:
         # one compiled sweep instead of ~3 NumPy passes per row (the masked fill alone took
         # ~20 ms at N=5000)
-        csr_kernels.nndsvd_w(Ut, np.array(modes, dtype=np.int64),
-                             np.array(scales, dtype=np.float32), _NNDSVD_EPS, fill, Wt)
+        mode_a = np.array(modes, dtype=np.int64)
+        scale_a = np.array(scales, dtype=np.float32)
+
+        def fill_w(a: int, b: int) -> None:
+            csr_kernels.nndsvd_w(Ut, mode_a, scale_a, _NNDSVD_EPS, fill, Wt, a, b)
+
+        if op._ranges:
+            op.run_ranges(fill_w)
+        else:
+            fill_w(0, op.n)
     else:
         for j in range(k):
             if modes[j] == 0:

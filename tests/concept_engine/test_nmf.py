@@ -591,9 +591,43 @@ def test_fits_side_by_side_equal_fits_one_by_one(monkeypatch):
 
 
 
+@pytest.mark.parametrize("width", [8, 16, 32])
+def test_start_kernels_equal_numpy(width):
+    # gather_gram: B = V X and B^T B in one sweep (tiles of 256 rows; a range that starts and
+    # ends inside tiles; widths of 8 take the general loop, multiples of 16 the vector one);
+    # part_sq_norms and nndsvd_w on a column range
+    import concept_engine.csr_kernels as kernels
+
+    dense = conv54_like(n_images=4, C=48, seed=width)  # 784 rows
+    V = sp.csr_matrix(dense)
+    rng = np.random.default_rng(width)
+    X = rng.standard_normal((48, width)).astype(np.float32)
+    out = np.full((V.shape[0], width), np.nan, dtype=np.float32)
+    G = np.ones((width, width))
+    a, b = 5, V.shape[0] - 3
+    kernels.gather_gram(V, a, b, X, out, G)
+    np.testing.assert_allclose(out[a:b], dense[a:b] @ X, rtol=1e-4, atol=1e-4)
+    assert np.isnan(out[:a]).all() and np.isnan(out[b:]).all()
+    B = out[a:b].astype(np.float64)
+    np.testing.assert_allclose(G - 1.0, B.T @ B, rtol=1e-5, atol=1e-5 * float(abs(B.T @ B).max()))
+
+    Ut = rng.standard_normal((3, 500)).astype(np.float32)
+    norms = kernels.part_sq_norms(Ut, 7, 450)
+    part = Ut[:, 7:450].astype(np.float64)
+    np.testing.assert_allclose(norms[:, 0], (np.maximum(part, 0) ** 2).sum(1), rtol=1e-12)
+    np.testing.assert_allclose(norms[:, 1], (part**2).sum(1), rtol=1e-12)
+    Wt = np.full_like(Ut, -7.0)
+    kernels.nndsvd_w(Ut, np.array([0, 1, -1]), np.array([2, 3, 4], np.float32), 0.5, 0.25, Wt,
+                     7, 450)
+    parts = np.stack([np.abs(Ut[0]) * 2, np.maximum(Ut[1], 0) * 3, np.maximum(-Ut[2], 0) * 4])
+    want = np.where(parts >= 0.5, parts, np.float32(0.25))
+    np.testing.assert_array_equal(Wt[:, 7:450], want[:, 7:450])
+    assert (Wt[:, :7] == -7).all() and (Wt[:, 450:] == -7).all()
+
+
 def test_kernel_start_in_small_blas_blocks_equals_the_scipy_one(monkeypatch):
-    # the kernel start forms B^T B and U^T in BLAS calls of a few rows each (so that OpenBLAS
-    # stays on the calling thread): blocks of 64 rows here, many per row range
+    # the kernel start forms U^T in BLAS calls of a few rows each (so that OpenBLAS stays on
+    # the calling thread): blocks of 64 rows here, many per row range
     import concept_engine.nmf as nmf_mod
 
     V = sp.csr_matrix(conv54_like(n_images=6, C=128, seed=2))
