@@ -819,7 +819,6 @@ def _nndsvd_init(op: _Operand, k: int, seed: int, variant: str) -> tuple[Any, An
                 xp.negative(xp.minimum(Ut[j], 0, out=Wt[j]), out=Wt[j])
             Wt[j] *= scales[j]
         xp.putmask(Wt, Wt < _NNDSVD_EPS, fill)
-    del Ut
     xp.putmask(H, H < _NNDSVD_EPS, fill)
     if variant == "nndsvdar":
         avg = op.mean
