@@ -34,8 +34,8 @@ import numpy as np
 
 from concept_engine import compiled
 
-__all__ = ["AVAILABLE", "HALS", "MU", "NONE", "SKETCH_BLOCK", "WIDE", "gather", "gather_gram",
-           "moments", "nndsvd_w", "part_sq_norms", "scatter", "sketch", "w_pass"]
+__all__ = ["AVAILABLE", "HALS", "MU", "NONE", "SKETCH_BLOCK", "WIDE", "dense_moments", "gather",
+           "gather_gram", "moments", "nndsvd_w", "part_sq_norms", "scatter", "sketch", "w_pass"]
 
 
 AVAILABLE = compiled.AVAILABLE
@@ -582,6 +582,22 @@ def _part_sq_norms(Ut, a, b, out):
         out[j, 1] = tot
 
 
+@_jit(fastmath={"reassoc"})
+def _dense_moments(data, lo, hi):
+    """(sum, sum of squares, count of negatives) of data[lo:hi], float64 sums, vectorised
+    (any order within the vector; a NaN makes the sums NaN). A count instead of the minimum:
+    LLVM does not vectorise a floating-point minimum, and the count is 5x faster."""
+    total = 0.0
+    sq = 0.0
+    negatives = 0
+    for p in range(np.uint64(lo), np.uint64(hi)):
+        v = np.float64(data[p])
+        total += v
+        sq += v * v
+        negatives += v < 0.0
+    return total, sq, negatives
+
+
 @_jit
 def _nndsvd_w(Ut, mode, scale, eps, fill, Wt, a, b):
     """Wt[j, a:b] = part_j(Ut[j, a:b]) * scale[j], entries below eps set to fill; part: |x|
@@ -668,6 +684,14 @@ def moments(V: Any, a: int, b: int) -> tuple[float, float, float]:
     return float(total), float(sq), float(low)
 
 
+def dense_moments(X: Any, a: int, b: int) -> tuple[float, float, int]:
+    """(sum, sum of squares, number of negative values) of rows a..b of a C-contiguous dense
+    X (n, C) float32/float64: one vectorised read (a NaN makes both sums NaN)."""
+    C = X.shape[1]
+    total, sq, negatives = _dense_moments(X.reshape(-1), a * C, b * C)
+    return float(total), float(sq), int(negatives)
+
+
 def part_sq_norms(Ut: Any, a: int, b: int) -> Any:
     """(k, 2) float64: per row j of Ut (k, n), over columns a..b, the squared norm of its
     positive part and its squared norm."""
@@ -702,4 +726,5 @@ def _warm_up() -> None:
     nndsvd_w(W.T.copy(), np.zeros(WIDE, np.int64), np.ones(WIDE, np.float32), 1e-6, 0.0,
              np.empty((WIDE, 4), np.float32))
     moments(V, 0, 4)
+    dense_moments(W, 0, 4)
     part_sq_norms(W.T.copy(), 0, 4)

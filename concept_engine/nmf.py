@@ -175,6 +175,7 @@ class _Operand:
         self._sq_norm: float | None = None
         self._mean: float | None = None
         self._min = math.inf
+        self._dense_ok: bool | None = None  # V >= 0 and no NaN, from the dense moments
         # host CSR: the compiled kernels (csr_kernels) when Numba is there, else SciPy's
         # products on row blocks
         self.kernels = self.sparse and xp is np and csr_kernels.AVAILABLE
@@ -359,10 +360,28 @@ class _Operand:
             return self.xp.asarray(self.V.T @ Y, dtype=self.dtype)
         return self.wt_v(self.xp.ascontiguousarray(Y.T)).T
 
+    def _dense_kernel(self) -> bool:
+        """Dense host V that the compiled moments can read in place."""
+        return (not self.sparse and self.xp is np and csr_kernels.AVAILABLE and self.direct
+                and self.V.flags.c_contiguous)
+
     def _moments(self) -> None:
         xp = self.xp
         if self.kernels:
             self._set_moments(self.run_ranges(lambda a, b: csr_kernels.moments(self.V, a, b)))
+            return
+        if self._dense_kernel():
+            # one vectorised read on every core: float64 sums of float32 values, as below
+            # (1.0 s -> ~0.1 s for a 980000 x 512 V), with the sign check along
+            cores = max(1, min(os.cpu_count() or 1, self.n // 4096))
+            cuts = [self.n * i // cores for i in range(cores + 1)]
+            parts = compiled.run_parts(
+                lambda a, b: csr_kernels.dense_moments(self.V, a, b),
+                list(zip(cuts[:-1], cuts[1:], strict=True)))
+            total = math.fsum(p[0] for p in parts)
+            self._mean = total / max(self.n * self.C, 1)
+            self._sq_norm = math.fsum(p[1] for p in parts)
+            self._dense_ok = sum(p[2] for p in parts) == 0 and not math.isnan(total)
             return
         if self.sparse:
             data = self.V.data
@@ -399,6 +418,14 @@ class _Operand:
         if self._mean is None:
             self._moments()
         return self._mean  # type: ignore[return-value]
+
+    def non_negative(self) -> bool:
+        """No negative value and no NaN in V (the solvers' input check)."""
+        if self._dense_kernel():
+            if self._dense_ok is None:
+                self._moments()  # the check comes with the moments (one read of V)
+            return bool(self._dense_ok)
+        return self.min() >= 0
 
     def min(self) -> float:
         xp = self.xp
@@ -878,7 +905,7 @@ def nmf_init(V: Any, k: int, *, init: str = "nndsvda", seed: int = 0) -> tuple[A
 
 
 def _check_non_negative(op: _Operand) -> None:
-    if not op.min() >= 0:  # also catches NaN
+    if not op.non_negative():  # also catches NaN
         raise ValueError("V must be non-negative and finite")
 
 

@@ -561,6 +561,28 @@ def test_kernels_reject_nan_and_negative_csr(monkeypatch):
             nmf_fit(sp.csr_matrix(bad), 2)
 
 
+def test_dense_moments_kernel_equals_numpy_and_checks_the_input(monkeypatch):
+    # dense float32 V: mean, ||V||^2 and the sign check in one compiled read
+    import concept_engine.nmf as nmf_mod
+
+    _kernels_toggle(monkeypatch, True, blocks=2)
+    V = conv54_like(n_images=50, C=24, seed=3)  # 9800 rows: two parts
+    op = nmf_mod._Operand(V, np)
+    assert op._dense_kernel() and op.non_negative()
+    V64 = V.astype(np.float64)
+    assert op.mean == pytest.approx(float(V64.mean()), rel=1e-12)
+    assert op.sq_norm == pytest.approx(float((V64**2).sum()), rel=1e-12)
+    for bad_value in (np.nan, -1e-3, -np.inf):
+        bad = V.copy()
+        bad[9000, 5] = bad_value
+        assert not nmf_mod._Operand(bad, np).non_negative()
+        with pytest.raises(ValueError, match="non-negative"):
+            nmf_fit(bad, 2)
+    # float16 V is read by NumPy in chunks: same answers
+    half = nmf_mod._Operand(V.astype(np.float16), np)
+    assert not half._dense_kernel() and half.non_negative()
+
+
 def test_fixed_bases_inference_uses_one_read_of_csr_v(monkeypatch):
     """update_H=False keeps the product-once path (V H^T once, then (n, k) work only)."""
     _kernels_toggle(monkeypatch, True)
