@@ -77,6 +77,14 @@ def normalize_max(maps):
     not positive (empty concept) stays all zero; negative values (bilinear never creates them
     from W >= 0, but be safe) are clipped to 0. Shape (..., H, W) kept."""
     xp = _xp(maps)
+    if xp is np and isinstance(maps, np.ndarray) and maps.dtype == np.float32 and maps.size:
+        # the usual case (a bilinear map of W >= 0: finite, non-negative) in four passes
+        # instead of eight; the same values, bit for bit (np.maximum turns -0.0 into 0.0)
+        peak = maps.max(axis=(-2, -1), keepdims=True)
+        if np.isfinite(peak).all() and maps.min() >= 0:
+            out = np.maximum(maps, 0)
+            np.divide(out, peak, out=out, where=np.broadcast_to(peak > 0, maps.shape))
+            return out
     maps = xp.where(xp.isfinite(maps), maps, 0).astype(xp.float32)
     maps = xp.maximum(maps, 0)
     peak = maps.max(axis=(-2, -1), keepdims=True)
@@ -120,29 +128,48 @@ def regions(map_norm: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
     if not 0.0 <= min_area <= 1.0:
         raise InvalidInput(f"min_area is a fraction of the image (0..1), got {min_area}")
     height, width = map_norm.shape
-    binary = (np.nan_to_num(map_norm, nan=0.0) >= threshold).astype(np.uint8)
-    # threshold <= 0 would select the whole image, including an empty concept's zeros: an
-    # all-zero map has no significant region by definition.
-    if not np.any(map_norm > 0):
-        binary[:] = 0
-    labels = np.zeros((height, width), dtype=np.int32)
+    binary = map_norm >= threshold  # a NaN counts as 0
+    if threshold <= 0:
+        binary |= np.isnan(map_norm)
+        # threshold <= 0 would select the whole image, including an empty concept's zeros: an
+        # all-zero map has no significant region by definition. (Above 0, a selected pixel is
+        # itself > 0.)
+        if not np.any(map_norm > 0):
+            binary[:] = False
     if not binary.any():
-        return Regions(labels, [])
-    n, cc, stats, centroids = cv2.connectedComponentsWithStats(binary, connectivity=8,
-                                                               ltype=cv2.CV_32S)
+        return Regions(np.zeros((height, width), dtype=np.int32), [])
+    # OpenCV's labels, and the statistics from the selected pixels only (usually a few
+    # percent of the image): connectedComponentsWithStats took 1.0 ms of CPU on a 500 x 375
+    # map, the labels alone 0.1 ms; the same areas, boxes and centroids
+    n, cc = cv2.connectedComponents(binary.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    ys, xs = np.nonzero(cc)
+    lab = cc[ys, xs]
+    area = np.bincount(lab, minlength=n)
+    cx = np.bincount(lab, weights=xs, minlength=n) / np.maximum(area, 1)
+    cy = np.bincount(lab, weights=ys, minlength=n) / np.maximum(area, 1)
+    x0 = np.full(n, width, dtype=np.int64)
+    y0 = np.full(n, height, dtype=np.int64)
+    x1 = np.full(n, -1, dtype=np.int64)
+    y1 = np.full(n, -1, dtype=np.int64)
+    np.minimum.at(x0, lab, xs)
+    np.minimum.at(y0, lab, ys)
+    np.maximum.at(x1, lab, xs)
+    np.maximum.at(y1, lab, ys)
     min_pixels = max(1, int(np.ceil(min_area * height * width)))
     kept: list[Component] = []
+    relabel = np.zeros(n, dtype=np.int32)  # old label -> new (0: dropped)
     for label in range(1, n):
-        area = int(stats[label, cv2.CC_STAT_AREA])
-        if area < min_pixels:
+        if int(area[label]) < min_pixels:
             continue
         new = len(kept) + 1
-        labels[cc == label] = new
+        relabel[label] = new
         kept.append(Component(
-            label=new, area=area,
-            bbox=(int(stats[label, cv2.CC_STAT_LEFT]), int(stats[label, cv2.CC_STAT_TOP]),
-                  int(stats[label, cv2.CC_STAT_WIDTH]), int(stats[label, cv2.CC_STAT_HEIGHT])),
-            centroid=(float(centroids[label, 0]), float(centroids[label, 1]))))
+            label=new, area=int(area[label]),
+            bbox=(int(x0[label]), int(y0[label]), int(x1[label] - x0[label] + 1),
+                  int(y1[label] - y0[label] + 1)),
+            centroid=(float(cx[label]), float(cy[label]))))
+    # every component kept: OpenCV's labels are already dense; else one lookup pass
+    labels = cc if len(kept) == n - 1 else relabel[cc]
     return Regions(labels, kept)
 
 

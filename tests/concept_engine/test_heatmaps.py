@@ -100,3 +100,54 @@ def test_odd_aspect_ratio_original_size():
 def test_min_area_must_be_fraction():
     with pytest.raises(InvalidInput):
         hm.regions(np.ones((4, 4), np.float32), min_area=5)
+
+
+def test_regions_statistics_equal_opencvs():
+    # regions() labels with cv2.connectedComponents and takes the statistics from the selected
+    # pixels itself: the same labels, areas, boxes and centroids as OpenCV's own statistics
+    import cv2
+
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        h, w = (int(v) for v in rng.integers(1, 60, 2))
+        m = rng.random((h, w)).astype(np.float32) ** (1 + trial % 4)
+        reg = hm.regions(m, 0.6, 0.0)
+        binary = (m >= 0.6).astype(np.uint8)
+        if not binary.any():
+            assert reg.components == [] and not reg.labels.any()
+            continue
+        n, cc, stats, cent = cv2.connectedComponentsWithStats(binary, connectivity=8,
+                                                              ltype=cv2.CV_32S)
+        np.testing.assert_array_equal(reg.labels, cc)  # all kept (min_area 0): labels as is
+        assert [(c.area, c.bbox, c.centroid) for c in reg.components] == [
+            (int(stats[i, 4]), tuple(int(v) for v in stats[i, :4]),
+             (float(cent[i, 0]), float(cent[i, 1]))) for i in range(1, n)]
+        # with a minimum area, the kept ones are relabelled densely in OpenCV's order
+        frac = 3.0 / (h * w)
+        need = max(1, int(np.ceil(frac * h * w)))
+        big = hm.regions(m, 0.6, frac)
+        kept = [i for i in range(1, n) if stats[i, 4] >= need]
+        want = np.zeros_like(cc)
+        for new, old in enumerate(kept, 1):
+            want[cc == old] = new
+        np.testing.assert_array_equal(big.labels, want)
+        assert [c.area for c in big.components] == [int(stats[i, 4]) for i in kept]
+
+
+def test_normalize_max_fast_path_equals_the_general_one():
+    # finite non-negative float32 maps take a shorter path: the same bits as the general
+    # chain (where/maximum/max/divide), -0.0 and all-zero maps included
+    def general(maps):
+        maps = np.maximum(np.where(np.isfinite(maps), maps, 0).astype(np.float32), 0)
+        peak = maps.max(axis=(-2, -1), keepdims=True)
+        return np.where(peak > 0, maps / np.where(peak > 0, peak, 1), 0).astype(np.float32)
+
+    rng = np.random.default_rng(6)
+    maps = rng.gamma(0.5, 1.0, (4, 9, 7)).astype(np.float32)
+    maps[1] = 0
+    maps[2, 0, 0] = -0.0
+    got = hm.normalize_max(maps)
+    want = general(maps)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+    assert not np.signbit(got).any()
