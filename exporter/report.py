@@ -137,14 +137,27 @@ def decode_image(data: bytes) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+#: Folders write_image has made (a mkdir per picture cost a stat and a mkdir call each).
+_MADE_DIRS: set[str] = set()
+
+
 def write_image(path: Path, image: np.ndarray, quality: int = 90) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     params = [cv2.IMWRITE_JPEG_QUALITY, quality] if path.suffix.lower() in (".jpg", ".jpeg") \
         else []
     ok, buf = cv2.imencode(path.suffix, image, params)
     if not ok:
         raise OSError(f"could not encode {path}")
-    path.write_bytes(buf.tobytes())
+    folder = os.fspath(path.parent)
+    if folder not in _MADE_DIRS:
+        os.makedirs(folder, exist_ok=True)
+        _MADE_DIRS.add(folder)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    except FileNotFoundError:  # the folder went away since (a new run into a removed OUT)
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(buf.data)
 
 
 # ---------------------------------------------------------------------------- drawing

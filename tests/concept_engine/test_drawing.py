@@ -30,3 +30,59 @@ def test_overlay_legend_and_png_roundtrip():
     assert out.shape[1] == 300 and out.shape[0] > 40 and out.shape[2] == 3
     back = cv2.imdecode(np.frombuffer(drawing.encode_png(out), np.uint8), cv2.IMREAD_COLOR)
     np.testing.assert_array_equal(back, out)
+
+
+def _legend_reference(image, labels, colors):
+    # the legend as drawn before its strips were cached (drawn afresh every time)
+    img = np.array(image, dtype=np.uint8, order="C", copy=True)
+    width = img.shape[1]
+    text_h = max(12, width // 16)
+    scale = cv2.getFontScaleFromHeight(cv2.FONT_HERSHEY_SIMPLEX, text_h, 2)
+    thick = max(1, text_h // 10)
+    line = int(text_h * 1.6)
+    widest = max(cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0] for t in labels)
+    cols = 2 if len(labels) > 2 and 2 * (widest + line + 12) <= width else 1
+    rows = (len(labels) + cols - 1) // cols
+    strip = np.full((line * rows + 8, width, 3), 255, np.uint8)
+    col_w = width // cols
+    for i, (text, color) in enumerate(zip(labels, colors, strict=False)):
+        r, c = divmod(i, cols)
+        x, y = 4 + c * col_w, 4 + r * line
+        cv2.rectangle(strip, (x, y + 3), (x + line - 8, y + line - 5), color, -1)
+        cv2.putText(strip, text, (x + line - 2, y + int(text_h * 1.25)),
+                    cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick, cv2.LINE_AA)
+    return np.concatenate([img, strip], axis=0)
+
+
+def test_cached_legend_strips_draw_the_same_legend():
+    rng = np.random.default_rng(1)
+    cases = [(["ant 0.53", "leaf 0.2"], 768), (["a", "b", "c", "d", "e"], 900),
+             (["only"], 40), (["x", "y", "z"], 300), (["ant 0.53", "leaf 0.2"], 768)]
+    for labels, width in cases:
+        image = rng.integers(0, 256, (50, width, 3), dtype=np.uint8)
+        colors = drawing.palette(len(labels) + 1)  # more colours than labels: zip truncates
+        got = drawing.draw_legend(image, labels, colors)
+        np.testing.assert_array_equal(got, _legend_reference(image, labels, colors))
+        # each call returns its own writable picture; the cached strip stays as drawn
+        got[:] = 0
+        again = drawing.draw_legend(image, labels, colors)
+        np.testing.assert_array_equal(again, _legend_reference(image, labels, colors))
+        assert not np.shares_memory(again, image)
+    grey = rng.integers(0, 256, (30, 200), dtype=np.uint8)  # any image still converted first
+    np.testing.assert_array_equal(drawing.draw_legend(grey, ["g"], [(1, 2, 3)]),
+                                  _legend_reference(np.repeat(grey[:, :, None], 3, 2), ["g"],
+                                                    [(1, 2, 3)]))
+
+
+def test_dominant_view_reads_the_image_without_changing_it():
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    before = image.copy()
+    maps = rng.random((2, 5, 7)).astype(np.float32)
+    out = drawing.dominant_view(image, maps, [1.0, 1.0])
+    np.testing.assert_array_equal(image, before)
+    assert out.shape == image.shape and not np.shares_memory(out, image)
+    view = image[:, ::-1]  # not contiguous: a copy is made for the compiled blend
+    np.testing.assert_array_equal(drawing.dominant_view(view, maps, [1.0, 1.0]),
+                                  drawing.dominant_view(np.ascontiguousarray(view), maps,
+                                                        [1.0, 1.0]))

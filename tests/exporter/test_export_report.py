@@ -236,3 +236,17 @@ def test_dominant_view_blend_kernel_is_the_numpy_blend_bit_for_bit():
             _blend_kernel(img, dom, alpha, table, out)
             np.testing.assert_array_equal(out, _blend_numpy(img, dom, alpha, table),
                                           err_msg=str(trial))
+
+
+def test_write_image_makes_its_folder_again_when_it_was_removed(tmp_path):
+    # write_image remembers the folders it made; a folder removed since is made again
+    import shutil
+
+    picture = np.full((8, 8, 3), 200, np.uint8)
+    path = tmp_path / "out" / "overlays" / "a.jpg"
+    report.write_image(path, picture)
+    shutil.rmtree(tmp_path / "out")
+    report.write_image(path, picture)
+    assert cv2.imread(str(path)).shape == (8, 8, 3)
+    report.write_image(tmp_path / "out" / "x.png", picture)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "out" / "x.png")), picture)
