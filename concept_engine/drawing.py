@@ -136,6 +136,10 @@ def dominant_view(image: np.ndarray, maps: np.ndarray, scales: Sequence[float],
             continue
         strength = cv2.resize(maps[j], (width, height), interpolation=cv2.INTER_LINEAR)
         ref = np.float32(scales[j])
+        if compiled.AVAILABLE:
+            # one pass instead of four (divide, clip, the dominant index, the maximum)
+            _strongest_kernel(strength, ref, bool(ref > 0), j, best, dom)
+            continue
         if ref > 0:
             np.divide(strength, ref, out=strength)
         np.clip(strength, 0, 1, out=strength)
@@ -182,9 +186,36 @@ def _blend_kernel(img, dom, alpha, table, out):
                 out[y, x, c] = np.uint8(v)
 
 
+@compiled.jit
+def _strongest_kernel(strength, ref, divide, j, best, dom):
+    """One concept's step of :func:`dominant_view` pixel by pixel, with NumPy's float32
+    operations and NaN rules: s = clip(strength / ref, 0, 1); dom = j where s > best;
+    best = maximum(best, s)."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    height, width = strength.shape
+    for y in range(height):
+        for x in range(width):
+            s = strength[y, x]
+            if divide:
+                s = s / ref
+            if s < zero:  # np.clip: a NaN stays NaN
+                s = zero
+            elif s > one:
+                s = one
+            b = best[y, x]
+            if s > b:
+                dom[y, x] = j
+                best[y, x] = s
+            elif s != s:  # np.maximum: NaN wins; on a tie the first argument stays
+                best[y, x] = s
+
+
 @compiled.register_warmer
 def _warm_up() -> None:
     pixel = np.zeros((1, 1, 3), np.uint8)
+    _strongest_kernel(np.zeros((1, 1), np.float32), np.float32(1.0), True, 0,
+                      np.zeros((1, 1), np.float32), np.zeros((1, 1), np.uint8))
     _blend_kernel(pixel, np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.float32),
                   np.zeros((1, 3), np.float32), np.empty_like(pixel))
 

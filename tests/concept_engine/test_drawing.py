@@ -86,3 +86,39 @@ def test_dominant_view_reads_the_image_without_changing_it():
     np.testing.assert_array_equal(drawing.dominant_view(view, maps, [1.0, 1.0]),
                                   drawing.dominant_view(np.ascontiguousarray(view), maps,
                                                         [1.0, 1.0]))
+
+
+def test_dominant_view_compiled_equals_numpy(monkeypatch):
+    # the per-concept step and the blend are compiled; NumPy's path gives the same bits,
+    # negative, zero and -0.0 strengths, ties and absent concepts included
+    from concept_engine import compiled
+
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        k = int(rng.integers(1, 5))
+        maps = (rng.random((k, 6, 9)) * 3 - 0.5).astype(np.float32)
+        maps[0, 0, 0] = -0.0
+        if trial % 4 == 1 and k > 1:
+            maps[1] = maps[0]  # ties keep the lower index
+        image = rng.integers(0, 256, (int(rng.integers(5, 40)), int(rng.integers(5, 40)), 3),
+                             dtype=np.uint8)
+        scales = [float(v) for v in rng.choice([0.0, 0.5, 2.0], size=k)]
+        present = [bool(v) for v in rng.random(k) > 0.2]
+        got = drawing.dominant_view(image, maps, scales, present=present)
+        monkeypatch.setattr(compiled, "AVAILABLE", False)
+        want = drawing.dominant_view(image, maps, scales, present=present)
+        monkeypatch.setattr(compiled, "AVAILABLE", True)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_dominant_step_kernel_follows_numpys_nan_rules():
+    # (a NaN strength makes the picture's blend undefined either way; the step itself keeps
+    # NumPy's rules: clip keeps NaN, maximum lets NaN win, a comparison with NaN is false)
+    strength = np.array([[np.nan, 0.5, 2.0, -1.0, 0.25]], np.float32)
+    best = np.array([[0.1, np.nan, 0.5, 0.0, 0.25]], np.float32)
+    dom = np.zeros((1, 5), np.uint8)
+    s = np.clip(strength / np.float32(0.5), 0, 1)
+    want_best, want_dom = np.maximum(best, s), np.where(s > best, 3, 0).astype(np.uint8)
+    drawing._strongest_kernel(strength, np.float32(0.5), True, 3, best, dom)
+    np.testing.assert_array_equal(best, want_best)
+    np.testing.assert_array_equal(dom, want_dom)
