@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import json
 import logging
 import math
@@ -201,9 +202,14 @@ def make_grid(tiles: Sequence[tuple[np.ndarray, str]], columns: int = 8,
               title: str = "", color: tuple[int, int, int] | None = None) -> np.ndarray:
     """Thumbnails (image, caption) in rows of `columns`, with an optional title band (with a
     swatch and a border in ``color``: the concept's own colour)."""
-    if not tiles:
-        tiles = [(np.full((TILE, TILE, 3), 235, dtype=np.uint8), "(no images)")]
-    thumbs = [_thumb(img, cap) for img, cap in tiles]
+    return _compose_grid([_thumb(img, cap) for img, cap in tiles], columns, title, color)
+
+
+def _compose_grid(thumbs: Sequence[np.ndarray], columns: int = 8, title: str = "",
+                  color: tuple[int, int, int] | None = None) -> np.ndarray:
+    """:func:`make_grid` from finished thumbnails (:func:`_thumb`'s tiles)."""
+    if not thumbs:
+        thumbs = [_thumb(np.full((TILE, TILE, 3), 235, dtype=np.uint8), "(no images)")]
     cols = max(1, min(columns, len(thumbs)))
     rows = (len(thumbs) + cols - 1) // cols
     th, tw = thumbs[0].shape[:2]
@@ -429,6 +435,21 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
     crop_tiles: list[list[tuple[np.ndarray, str, float]]] = [[] for _ in range(k)]
     shown = [0] * k  # tiles of concept j already written to full pages
 
+    # grids are composed and written on the render threads too (their thumbnails, captions
+    # included, come finished from draw); the file names are chosen here, in image order
+    grid_jobs: list[concurrent.futures.Future[None]] = []
+    pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def write_grid(rel: str, thumbs: list[np.ndarray], columns: int, title: str,
+                   color: tuple[int, int, int]) -> None:
+        def job() -> None:
+            write_image(out_dir / rel, _compose_grid(thumbs, columns, title, color))
+
+        if pool is None:
+            job()
+        else:
+            grid_jobs.append(pool.submit(job))
+
     def write_page(j: int, last: bool) -> None:
         tiles = grid_tiles[j]
         pages = rendered.grid_all_pages[j]
@@ -437,14 +458,13 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
             title = f"{names[j]}: all {len(tiles)} images"
         else:
             title = f"{names[j]}: images {first}-{count} (page {len(pages) + 1})"
-        grid = make_grid([(t, f"{c:.3g} {i}") for t, i, c in tiles], title=title,
-                         color=colors[j])
         rel = (f"grids/concept_{j:02d}_all.jpg" if not pages
                else f"grids/concept_{j:02d}_all_{len(pages) + 1:03d}.jpg")
-        write_image(out_dir / rel, grid)
+        write_grid(rel, [t for t, _, _ in tiles], 8, title, colors[j])
         pages.append(rel)
         shown[j] = count
         grid_tiles[j] = []
+
     def draw(n: int, res: ImageResult) -> _Drawn:
         """Everything of one image: its pictures written, the small tiles returned (runs on the
         render threads; OpenCV drawing, resizing and encoding release the GIL)."""
@@ -460,9 +480,10 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
             out.overlays.append(rel)
             score = float(res.certainties[j])
             shown = present is None or bool(present[j])
-            out.tiles.append((_small(ov), res.id, score) if shown else None)
-            out.crops.append((_small(strongest_crop(image, np.asarray(res.heatmaps[j])),
-                                     CROP), res.id, score)
+            out.tiles.append((_thumb(_small(ov), f"{score:.3g} {res.id}"), res.id, score)
+                             if shown else None)
+            out.crops.append((_thumb(_small(strongest_crop(image, np.asarray(res.heatmaps[j])),
+                                            CROP), res.id), res.id, score)
                              if res.heatmaps is not None and shown else None)
         rel = f"combined/{stem}.jpg"
         write_image(out_dir / rel, _flag_ood(combined_overlay(
@@ -504,13 +525,15 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
             progress(n + 1, total)
 
     workers = RENDER_THREADS
-    if workers <= 1:
-        for n, res in enumerate(results):
-            collect(n, draw(n, res))
-    else:
-        # at most 2 images per thread in flight: decoded images are large
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dff-render"
-                                                   ) as pool:
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(
+                workers, thread_name_prefix="dff-render"))
+        if pool is None:
+            for n, res in enumerate(results):
+                collect(n, draw(n, res))
+        else:
+            # at most 2 images per thread in flight: decoded images are large
             pending: collections.deque[tuple[int, concurrent.futures.Future[_Drawn]]] = (
                 collections.deque())
             for n, res in enumerate(results):
@@ -521,26 +544,26 @@ def render_images(results: Iterable[ImageResult], k: int, out_dir: Path, *, top_
             while pending:
                 i, fut = pending.popleft()
                 collect(i, fut.result())
-    for j in range(k):
-        if grid_tiles[j] or not rendered.grid_all_pages[j]:
-            write_page(j, last=True)
-        rel_all = rendered.grid_all_pages[j][0]
-        top = top_tiles[j]
-        top_grid = make_grid([(t, f"{c:.3g} {i}") for t, i, c in top], columns=min(8, top_n),
-                             title=f"{names[j]}: top {len(top)} by certainty", color=colors[j])
-        rel_top = f"grids/concept_{j:02d}_top.jpg"
-        write_image(out_dir / rel_top, top_grid)
-        rendered.grid_all.append(rel_all)
-        rendered.grid_top.append(rel_top)
-        rendered.top_ids.append([i for _, i, _ in top])
-        if crop_tiles[j]:
-            crops = make_grid([(t, i) for t, i, _ in crop_tiles[j]], columns=min(8, top_n),
-                              title=f"{names[j]}: strongest regions", color=colors[j])
-            rel = f"grids/concept_{j:02d}_crops.jpg"
-            write_image(out_dir / rel, crops)
-            rendered.crops.append(rel)
-        else:
-            rendered.crops.append("")
+        for j in range(k):
+            if grid_tiles[j] or not rendered.grid_all_pages[j]:
+                write_page(j, last=True)
+            rel_all = rendered.grid_all_pages[j][0]
+            top = top_tiles[j]
+            rel_top = f"grids/concept_{j:02d}_top.jpg"
+            write_grid(rel_top, [t for t, _, _ in top], min(8, top_n),
+                       f"{names[j]}: top {len(top)} by certainty", colors[j])
+            rendered.grid_all.append(rel_all)
+            rendered.grid_top.append(rel_top)
+            rendered.top_ids.append([i for _, i, _ in top])
+            if crop_tiles[j]:
+                rel = f"grids/concept_{j:02d}_crops.jpg"
+                write_grid(rel, [t for t, _, _ in crop_tiles[j]], min(8, top_n),
+                           f"{names[j]}: strongest regions", colors[j])
+                rendered.crops.append(rel)
+            else:
+                rendered.crops.append("")
+        for job in grid_jobs:  # every grid written (and any error raised) before returning
+            job.result()
     return rendered
 
 
