@@ -33,24 +33,10 @@ def test_overlay_legend_and_png_roundtrip():
 
 
 def _legend_reference(image, labels, colors):
-    # the legend as drawn before its strips were cached (drawn afresh every time)
+    # the legend drawn afresh (the strip's function without its cache)
     img = np.array(image, dtype=np.uint8, order="C", copy=True)
-    width = img.shape[1]
-    text_h = max(12, width // 16)
-    scale = cv2.getFontScaleFromHeight(cv2.FONT_HERSHEY_SIMPLEX, text_h, 2)
-    thick = max(1, text_h // 10)
-    line = int(text_h * 1.6)
-    widest = max(cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0] for t in labels)
-    cols = 2 if len(labels) > 2 and 2 * (widest + line + 12) <= width else 1
-    rows = (len(labels) + cols - 1) // cols
-    strip = np.full((line * rows + 8, width, 3), 255, np.uint8)
-    col_w = width // cols
-    for i, (text, color) in enumerate(zip(labels, colors, strict=False)):
-        r, c = divmod(i, cols)
-        x, y = 4 + c * col_w, 4 + r * line
-        cv2.rectangle(strip, (x, y + 3), (x + line - 8, y + line - 5), color, -1)
-        cv2.putText(strip, text, (x + line - 2, y + int(text_h * 1.25)),
-                    cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick, cv2.LINE_AA)
+    used = tuple(tuple(float(v) for v in c) for c in list(colors)[:len(labels)])
+    strip = drawing._legend_strip.__wrapped__(tuple(labels), used, img.shape[1])
     return np.concatenate([img, strip], axis=0)
 
 
