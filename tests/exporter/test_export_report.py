@@ -180,6 +180,18 @@ def test_render_threads_do_not_change_any_picture(tmp_path, monkeypatch):
                          rendered.overlays, rendered.top_ids, rendered.grid_all_pages)
     assert len(outs[1][0]) == 9 * 2 + 9 + 9 + 2 * 3  # overlays, combined, dominant, grids
     assert outs[1] == outs[3]
+    # grid pages written while images are still being drawn (in the pool): the same pages
+    monkeypatch.setattr(report, "ALL_GRID_PAGE", 4)
+    pages = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(report, "RENDER_THREADS", threads)
+        out = tmp_path / f"pages{threads}"
+        rendered = report.render_images(iter(results), 2, out, top_n=3, total=9, data=data)
+        pages[threads] = ({p.relative_to(out): p.read_bytes() for p in out.rglob("grids/*")},
+                          rendered.grid_all_pages)
+    assert pages[1][1][0] == ["grids/concept_00_all.jpg", "grids/concept_00_all_002.jpg",
+                              "grids/concept_00_all_003.jpg"]
+    assert pages[1] == pages[3]
 
 
 def test_results_may_carry_encoded_images_decoded_on_the_render_threads(tmp_path,
