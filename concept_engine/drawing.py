@@ -45,8 +45,9 @@ def to_uint8_bgr(image: np.ndarray) -> np.ndarray:
 
 
 def _uint8_bgr_view(image: np.ndarray) -> np.ndarray:
-    """``image`` itself when it is already (H, W, 3) uint8, else :func:`to_uint8_bgr`'s copy
-    (for callers that only read it)."""
+    """``image`` itself when it is already a C-contiguous, writable (H, W, 3) uint8 array (the
+    one array type the compiled blend is built for), else :func:`to_uint8_bgr`'s copy; for
+    callers that only read it."""
     img = np.asarray(image)
     if (img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
             and img.flags.c_contiguous and img.flags.writeable):  # one compiled type

@@ -150,15 +150,13 @@ def write_image(path: Path, image: np.ndarray, quality: int = 90) -> None:
         raise OSError(f"could not encode {path}")
     folder = os.fspath(path.parent)
     if folder not in _MADE_DIRS:
-        os.makedirs(folder, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         _MADE_DIRS.add(folder)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        path.write_bytes(buf)
     except FileNotFoundError:  # the folder went away since (a new run into a removed OUT)
-        os.makedirs(folder, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buf)
 
 
 # ---------------------------------------------------------------------------- drawing
