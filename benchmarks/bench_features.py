@@ -228,8 +228,9 @@ def served_null(args: argparse.Namespace, items: list[tuple[str, bytes]],
            "--batch-size", str(args.batch_size), "--providers", args.providers or ""]
     if args.home:
         cmd += ["--home", args.home]
-    env = os.environ.copy()
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "protos"), str(ROOT)])
+    from benchmarks.load_test import child_env
+
+    env = child_env()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=env)
     try:
@@ -257,7 +258,7 @@ def scale_out(args: argparse.Namespace, precision: str) -> tuple[float, float | 
     import json
     import subprocess
 
-    from benchmarks.load_test import start_replica
+    from benchmarks.load_test import child_env, start_replica
 
     env = os.environ.copy()
     if args.home:
@@ -270,7 +271,7 @@ def scale_out(args: argparse.Namespace, precision: str) -> tuple[float, float | 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--client-run", address,
            "--precision", precision, "--images", str(args.images), "--data", str(args.data),
            "--streams", str(args.streams), "--layer", args.layer]
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "protos"), str(ROOT)])
+    env = child_env(env)
     clients = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                 env=env) for _ in range(args.client_procs)]
     try:

@@ -57,6 +57,10 @@ if [[ "${1:-}" == "--prepare-ort" ]]; then
 fi
 
 step() { echo "== $1 ($(date +%T))" >&2; }
+# DFF_DEVICE_STEPS picks steps (comma-separated: tests,features,nmf,discover; default all), e.g.
+# to rerun one on a device whose earlier call failed at it
+STEPS=",${DFF_DEVICE_STEPS:-tests,features,nmf,discover},"
+want() { [[ "$STEPS" == *",$1,"* ]]; }
 use_ort_gpu() {  # the carried CUDA provider, once unpacked and checked on this machine
     [[ -f "$ORT_DIR/.ok" ]] || return 1
     export PYTHONPATH="$ORT_DIR${PYTHONPATH:+:$PYTHONPATH}"
@@ -95,6 +99,7 @@ fi
 # at most)
 BATCH=8; STREAMS=1; PRECISIONS=""; WORKERS=2
 if [[ "$REDUCED" != "1" ]]; then BATCH=64; STREAMS=4; PRECISIONS="fp32,fp16"; WORKERS=4; fi
+WORKERS="${DFF_DEVICE_WORKERS:-$WORKERS}"
 if ls "$CACHE"/wheels/*.whl >/dev/null 2>&1 && [[ "$REDUCED" != "1" ]]; then
     step "carried wheels"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -145,6 +150,7 @@ cat "$LOGS/env.txt" >&2
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
     --format=csv,noheader >"$LOGS/gpu.txt" 2>&1
 
+if want tests; then
 step "gpu tests"
 # the gpu tests read real photos from ../shared/data, which does not travel: the carried ones
 SHARED_ANT="$ROOT/../shared/data/imagenet_data/ant"
@@ -154,7 +160,9 @@ if [[ ! -d "$SHARED_ANT" ]]; then mkdir -p "$SHARED_ANT" && cp "$WORK/photos/ant
 timeout 120 "$PY" -m pytest -q -p no:cacheprovider -W default $TEST_SELECT \
     $(grep -rl --include='test_*.py' 'mark.gpu' tests) >"$LOGS/tests.log" 2>&1
 echo "tests rc=$?" >>"$LOGS/tests.log"
+fi
 
+if want features; then
 step "feature benchmark"
 timeout 330 "$PY" benchmarks/bench_features.py --images "$N_IMAGES" --batch-size "$BATCH" \
     --batch-sizes "$BATCHES" --streams "$STREAMS" ${PRECISIONS:+--precisions "$PRECISIONS"} \
@@ -166,14 +174,18 @@ if "$PY" -c "import torch,sys; sys.exit(not torch.cuda.is_available())" 2>/dev/n
     timeout 60 "$PY" benchmarks/torch_vgg.py --gpu-reference --batch-sizes 64,128,256 \
         --json "$LOGS/torch_ref.json" >"$LOGS/torch_ref.log" 2>&1
 fi
+fi
 
+if want nmf; then
 step "NMF benchmark"
 RUNS="ours-hals-csr,ours-hals-cupy,sklearn-cd"
 [[ "$REDUCED" == "1" ]] && RUNS="ours-hals-csr,ours-hals-cupy"
 timeout 120 "$PY" benchmarks/bench_nmf.py --n-images "$NMF_N" --k 6 --iters "$NMF_ITERS" \
     --tol 0 --runs "$RUNS" --json "$LOGS/nmf.json" >"$LOGS/nmf.log" 2>&1 \
     || echo "NMF benchmark failed (see nmf.log)" >&2
+fi
 
+if want discover; then
 step "dff discover"
 # the first run on a fresh machine compiles CuPy's kernels (NVRTC) and the host kernels
 # (Numba), both cached on disk; "gpu-engine" forces the concept engine onto the GPU
@@ -188,6 +200,7 @@ for run in cold gpu-engine warm; do
     echo "discover $run rc=$? wall_ms=$(( ($(date +%s%N) - start) / 1000000 ))" \
         >>"$LOGS/discover.log"
 done
+fi
 
 step "table"
 "$PY" benchmarks/device_report.py "$LOGS" "$WORK/out-warm" | tee "$LOGS/table.txt"

@@ -34,15 +34,23 @@ from feature_server.convert import options_to_proto  # noqa: E402
 from feature_server.extractor import ExtractOptions  # noqa: E402
 
 
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) for a child Python process of the benchmarks: the
+    repo's packages first on PYTHONPATH, what was there kept after them (on the device machine
+    the carried onnxruntime-gpu and grpcio/protobuf wheels live there)."""
+    env = dict(env or os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "protos"), str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(
+            os.pathsep) if p])
+    return env
+
+
 def start_replica(args: argparse.Namespace, env: dict[str, str] | None = None,
                   extra: list[str] | None = None, workers: int = 1
                   ) -> tuple[subprocess.Popen, str]:
     """`dff serve features` on a free loopback port; with ``workers`` > 1 a group of that many
     processes (``proc.worker_pids`` lists them), returned once every one listens."""
-    env = dict(env or os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "protos"), str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(
-            os.pathsep) if p])
+    env = child_env(env)
     proc = subprocess.Popen(
         [sys.executable, "-m", "exporter.cli", "-v", "serve", "features", "--host",
          "127.0.0.1", "--port", "0", "--no-build", "--max-batch-size", str(args.batch),
