@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import statistics
 import sys
 import time
@@ -34,6 +35,7 @@ from feature_server.convert import (  # noqa: E402
     PreparedInputs,
     image_request,
     options_to_proto,
+    result_to_proto,
 )
 from feature_server.extractor import ExtractOptions, Extractor  # noqa: E402
 from feature_server.images import decode_pixels  # noqa: E402
@@ -131,20 +133,23 @@ def over_grpc(address: str, items: list[tuple[str, bytes]], options: ExtractOpti
 
 
 class NullCompute:
-    """The Extractor with ``run`` replaced by zeros of the right shapes: what is left is
-    decoding, preprocessing, batching, serialisation and the wire."""
+    """The Extractor with ``run`` replaced by a copy of one real answer per batch: what is left
+    is decoding, preprocessing, batching, serialisation and the wire. The network runs once per
+    (model, outputs, input shape), on the first image that has it; every image then gets that
+    image's activations (real sparsity, so sparse answers cost what they cost)."""
 
     def __init__(self, extractor: Extractor) -> None:
         self._inner = extractor
+        self._answers: dict[tuple, list[np.ndarray]] = {}
 
     def __getattr__(self, name: str):
         return getattr(self._inner, name)
 
     def run(self, model: str, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
-        spec = self._inner.registry[model]
-        n, _, h, w = batch.shape
-        return [np.zeros((n, spec.layers[o][0], h // spec.layers[o][1], w // spec.layers[o][1]),
-                         np.float32) for o in outputs]
+        key = (model, tuple(outputs), batch.shape[1:])
+        if key not in self._answers:
+            self._answers[key] = self._inner.run(model, batch[:1], outputs)
+        return [np.repeat(a, batch.shape[0], axis=0) for a in self._answers[key]]
 
     def extract(self, items, options):
         return Extractor.extract(self, items, options)  # type: ignore[arg-type]
@@ -194,8 +199,11 @@ def served(args: argparse.Namespace, items: list[tuple[str, bytes]], precisions:
         runs_of = [(prec, items) for prec in precisions]
         if pixels:
             runs_of.append((f"{pixel_precision or precisions[0]} pixels", pixels))
+        # the engine's request: activations as sparse rows (lossless, ~14x fewer bytes)
+        runs_of.append((f"{pixel_precision or precisions[0]} sparse", items))
         for name, payload in runs_of:
-            opts = ExtractOptions(layers=(args.layer,), precision=name.split()[0])
+            opts = ExtractOptions(layers=(args.layer,), precision=name.split()[0],
+                                  sparse=name.endswith("sparse"))
             out[name] = _measure(address, proc.pid, payload, opts, args)
         return out
     finally:
@@ -249,11 +257,31 @@ def served_null(args: argparse.Namespace, items: list[tuple[str, bytes]],
             proc.kill()
 
 
-def scale_out(args: argparse.Namespace, precision: str) -> tuple[float, float | None, int]:
+def _start_profile(pid: int, name: str) -> Any:
+    """With ``DFF_BENCH_PROFILE=PREFIX`` and py-spy on the PATH: py-spy records ``pid`` (one
+    server worker) into PREFIX-<name>.txt (raw stacks, active threads) until stopped; else
+    None."""
+    import shutil
+    import subprocess
+
+    prefix = os.environ.get("DFF_BENCH_PROFILE")
+    exe = shutil.which("py-spy")
+    if not prefix or exe is None:
+        return None
+    spy = subprocess.Popen([exe, "record", "-p", str(pid), "-o", f"{prefix}-{name}.txt",
+                            "-f", "raw", "-r", "200", "--nonblocking"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the clients start
+    return spy
+
+
+def scale_out(args: argparse.Namespace, precision: str, sparse: bool = False
+              ) -> tuple[float, float | None, int]:
     """The served path as deployed for throughput: ``--server-workers`` server processes on one
     port, ``--client-procs`` client processes each sending every photo as prepared network
     inputs (decoded and preprocessed by the client, so the server does neither) over
-    ``--streams`` streams on as many connections, all started together. Returns img/s over
+    ``--streams`` streams on as many connections, all started together; ``sparse`` asks for
+    activations as sparse rows (what the concept engine asks for). Returns img/s over
     the whole run, the server group's CPU ms per image, and the images sent."""
     import json
     import subprocess
@@ -270,7 +298,7 @@ def scale_out(args: argparse.Namespace, precision: str) -> tuple[float, float | 
     pids = server.worker_pids  # type: ignore[attr-defined]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--client-run", address,
            "--precision", precision, "--images", str(args.images), "--data", str(args.data),
-           "--streams", str(args.streams), "--layer", args.layer]
+           "--streams", str(args.streams), "--layer", args.layer, *(["--sparse"] if sparse else [])]
     env = child_env(env)
     clients = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                 env=env) for _ in range(args.client_procs)]
@@ -279,6 +307,7 @@ def scale_out(args: argparse.Namespace, precision: str) -> tuple[float, float | 
             assert c.stdout is not None
             if c.stdout.readline().strip() != "ready":
                 raise SystemExit("a benchmark client did not start")
+        spy = _start_profile(pids[0], "sparse" if sparse else "dense")
         cpu0 = [_process_cpu_s(p) for p in pids]
         t0 = time.perf_counter()
         for c in clients:
@@ -289,6 +318,9 @@ def scale_out(args: argparse.Namespace, precision: str) -> tuple[float, float | 
                    if c.stdout is not None)
         wall = time.perf_counter() - t0
         cpu1 = [_process_cpu_s(p) for p in pids]
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
     finally:
         for c in clients:
             c.kill()
@@ -307,7 +339,7 @@ def client_run(args: argparse.Namespace) -> int:
     files = sorted(p for p in args.data.iterdir()
                    if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
     files = (files * (args.images // len(files) + 1))[:args.images]
-    opts = ExtractOptions(layers=(args.layer,), precision=args.precision)
+    opts = ExtractOptions(layers=(args.layer,), precision=args.precision, sparse=args.sparse)
     # the network inputs made here, with the server's preprocessing code and the model's
     # preprocessing (from the registry: no sessions are created in the clients)
     from feature_server.images import decode_image, preprocess
@@ -365,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-null", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client-run", metavar="ADDRESS", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--sparse", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--server-workers", type=int, default=0,
                         help="with --server-process: also a scale-out row, this many server "
                              "processes (dff serve features --workers) fed prepared inputs by "
@@ -467,6 +500,11 @@ def main(argv: list[str] | None = None) -> int:
                     for i, d in items]
             prepared = [(i, PreparedInputs(p.features_input, p.classifier_input,
                                            p.original_size)) for i, p in made]
+            sparse_opts = ExtractOptions(layers=(args.layer,), sparse=True)
+            answers = [result_to_proto(r, sparse_opts).ByteSize()
+                       for r in extractor.extract(items, sparse_opts)]
+            wire_bytes["sparse"] = (wire_bytes.get("float32", (0, 0))[0],
+                                    sum(answers) * n // len(answers))
             sent = [image_request(i, p).ByteSize() for i, p in prepared]
             wire_bytes["prepared"] = (sum(sent) * n // len(sent),  # totals over n, as above
                                       wire_bytes.get("float32", (0, 0))[1])
@@ -477,16 +515,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.server_workers > 0:
                 prec = (extractor.default_precision if extractor.default_precision in precisions
                         else precisions[0])
-                ips, server_ms, _ = scale_out(args, prec)
-                name = (f"scale-out {prec} prep w{args.server_workers} "
-                        f"c{args.client_procs}x{args.streams}")
-                times[(name, "float32")] = [n / ips]
-                served_cpu[name] = (ips, server_ms, None)
+                for sparse in (False, True):
+                    ips, server_ms, _ = scale_out(args, prec, sparse)
+                    name = (f"scale-out {prec} prep{' sparse' if sparse else ''} "
+                            f"w{args.server_workers} c{args.client_procs}x{args.streams}")
+                    times[(name, "float32")] = [n / ips]
+                    served_cpu[name] = (ips, server_ms, None)
         load_after = os.getloadavg()[0]
         rows = []
         for (name, dtype), ts in times.items():
             kind = ("pixels" if "px" in name or "pixels" in name
-                    else "prepared" if "prepared" in name else dtype)
+                    else "prepared" if "prepared" in name
+                    else "sparse" if "sparse" in name else dtype)
             req, resp = (wire_bytes.get(kind, (0, 0)) if "gRPC" in name or "served" in name
                          else (0, 0))
             rows.append((name, dtype, n / statistics.median(ts), req / n, resp / n))

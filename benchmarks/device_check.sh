@@ -42,6 +42,11 @@ if [[ "${1:-}" == "--prepare" ]]; then
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d "$CACHE/wheels" $pins || exit 1
+    # py-spy: where a served image's CPU goes on the device (one server worker's stacks)
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux_2_5_x86_64 \
+        --platform manylinux1_x86_64 -d "$CACHE/wheels" py-spy==0.4.3 \
+        || echo "py-spy not packed: the check runs without the server profile" >&2
     du -sh "$CACHE"
     exit 0
 fi
@@ -104,7 +109,7 @@ if ls "$CACHE"/wheels/*.whl >/dev/null 2>&1 && [[ "$REDUCED" != "1" ]]; then
     step "carried wheels"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/dff-site "$CACHE"/wheels/*.whl || exit 1
-    export PYTHONPATH="/tmp/dff-site:$ROOT/protos:$ROOT"
+    export PYTHONPATH="/tmp/dff-site:$ROOT/protos:$ROOT" PATH="/tmp/dff-site/bin:$PATH"
 else
     export PYTHONPATH="$ROOT/protos:$ROOT"
 fi
@@ -164,7 +169,9 @@ fi
 
 if want features; then
 step "feature benchmark"
-timeout 330 "$PY" benchmarks/bench_features.py --images "$N_IMAGES" --batch-size "$BATCH" \
+# DFF_BENCH_PROFILE: py-spy (when carried) records one scale-out server worker
+DFF_BENCH_PROFILE="$LOGS/server-profile" timeout 330 \
+    "$PY" benchmarks/bench_features.py --images "$N_IMAGES" --batch-size "$BATCH" \
     --batch-sizes "$BATCHES" --streams "$STREAMS" ${PRECISIONS:+--precisions "$PRECISIONS"} \
     --repeat 1 --data "$WORK/photos/ant" --server-process --json "$LOGS/features.json" \
     --server-workers "$WORKERS" --client-procs "$WORKERS" \

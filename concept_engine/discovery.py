@@ -77,6 +77,7 @@ from concept_engine.options import (
 from concept_engine.reliability import DEFAULT_B, DEFAULT_ITERS
 from concept_engine.store import ConceptSet, utc_now
 from feature_server.extractor import ExtractOptions, FeatureSource
+from feature_server.sparse import SparseActivation, from_dense
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class DiscoveryOptions:
         return ExtractOptions(model=self.model, layers=(self.layer,),
                               wire_dtype=self.wire_dtype, resize_mode=self.resize_mode,
                               size=self.size, return_probabilities=probabilities,
-                              classifier=self.classifier)
+                              classifier=self.classifier, sparse=True)
 
 
 @dataclass(frozen=True)
@@ -280,14 +281,14 @@ def _pair(size: Sequence[int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _rows(activation: np.ndarray):
-    """(C, h, w) -> (h*w, C) rows in row-major (y, x) order, as a SciPy CSR float32 matrix:
-    activations are kept sparse as they arrive (~7% non-zeros after ReLU), so a class of 5000
-    images holds ~0.3 GB of rows instead of a 2 GB dense V."""
-    import scipy.sparse as sparse
-
-    c, h, w = activation.shape
-    return sparse.csr_matrix(np.asarray(activation, np.float32).reshape(c, h * w).T)
+def _rows(activation: Any):
+    """(C, h, w) -> (h*w, C) rows in row-major (y, x) order after a ReLU, as a SciPy CSR float32
+    matrix: activations are kept sparse as they arrive (~7% non-zeros after ReLU), so a class of
+    5000 images holds ~0.3 GB of rows instead of a 2 GB dense V. A SparseActivation (what the
+    sources send when asked for ``sparse``) becomes the matrix without a dense copy."""
+    if not isinstance(activation, SparseActivation):
+        activation = from_dense(np.maximum(np.asarray(activation, np.float32), 0))
+    return activation.to_csr(relu=True)
 
 
 def image_certainties(maps: Sequence[Any], input_sizes: Sequence[tuple[int, int]]
@@ -356,12 +357,15 @@ def _extract(items: Sequence[tuple[str, bytes]], source: FeatureSource, run: _Ru
         elif options.layer not in answer.activations:
             error = f"no activations for layer {options.layer!r}"
         else:
-            act = np.asarray(answer.activations[options.layer])
+            act = answer.activations[options.layer]
+            if not isinstance(act, SparseActivation):
+                act = np.asarray(act)
             if act.ndim != 3 or min(act.shape) < 1:
                 error = f"activation of shape {act.shape} is not (C, h, w)"
             elif channels is not None and act.shape[0] != channels:
                 error = f"activation has {act.shape[0]} channels, others have {channels}"
-            elif not np.all(np.isfinite(act)):
+            elif not np.all(np.isfinite(act.values if isinstance(act, SparseActivation)
+                                        else act)):
                 error = "activation contains NaN or inf"
         if error is not None:
             errors[answer.id] = error
@@ -369,7 +373,7 @@ def _extract(items: Sequence[tuple[str, bytes]], source: FeatureSource, run: _Ru
             channels = act.shape[0]
             probs = (None if answer.probabilities is None
                      else np.asarray(answer.probabilities, np.float64))
-            kept[answer.id] = _Image(answer.id, _rows(np.maximum(act, 0)),
+            kept[answer.id] = _Image(answer.id, _rows(act),
                                      (int(act.shape[1]), int(act.shape[2])),
                                      _pair(answer.original_size), _pair(answer.input_size),
                                      probs)
@@ -829,7 +833,7 @@ def explain(concept_set: ConceptSet, items: Iterable[tuple[str, bytes]], source:
                           layers=(prov.get("layer", "conv5_4"),),
                           wire_dtype=prov.get("wire_dtype", "float32"),
                           resize_mode=prov.get("resize_mode", "squash"),
-                          size=int(prov.get("size", 224)))
+                          size=int(prov.get("size", 224)), sparse=True)
     layer = opts.layers[0]
     H = np.asarray(concept_set.bases, np.float32)
     solver = prov.get("solver", "hals")
@@ -850,7 +854,7 @@ def explain(concept_set: ConceptSet, items: Iterable[tuple[str, bytes]], source:
                 f"activation {shape} does not match the concept set's {H.shape[1]} channels"))
             continue
         h, w = int(act.shape[1]), int(act.shape[2])
-        V = _rows(np.maximum(np.asarray(act, np.float32), 0))
+        V = _rows(act)
         W = nmf_transform(V, H, solver=solver, max_iter=max_iter, tol=tol)
         maps = np.asarray(to_host(hm.heatmaps(W, 1, h, w))[0], np.float32)
         cert = image_certainties([maps], [_pair(res.input_size)])[0]

@@ -16,9 +16,10 @@ from dff_protos import status, wire
 from dff_protos.errors import InvalidInput
 from dff_protos.v1 import common_pb2, features_pb2
 
-from feature_server.extractor import ExtractOptions, ExtractResult, ImageData
+from feature_server.extractor import Activation, ExtractOptions, ExtractResult, ImageData
 from feature_server.images import DecodeLimits, check_pixels
 from feature_server.models.registry import DEFAULT_CLASSIFIER, DEFAULT_FEATURE_MODEL
+from feature_server.sparse import SparseActivation
 
 if TYPE_CHECKING:
     from feature_server.service import ServerConfig
@@ -107,6 +108,7 @@ def options_from_proto(msg: features_pb2.ExtractOptions) -> ExtractOptions:
         top_k=msg.top_k,
         classifier=msg.classifier or DEFAULT_CLASSIFIER,
         precision=msg.precision,
+        sparse=msg.sparse,
     )
 
 
@@ -117,12 +119,37 @@ def options_to_proto(options: ExtractOptions) -> features_pb2.ExtractOptions:
         resize=common_pb2.ResizePolicy(mode=_RESIZE_TO_PROTO[options.resize_mode],
                                        size=options.size),
         return_probabilities=options.return_probabilities, top_k=options.top_k,
-        classifier=options.classifier, precision=options.precision)
+        classifier=options.classifier, precision=options.precision, sparse=options.sparse)
 
 
 def item_error(exc: BaseException, decoding: bool = False) -> common_pb2.ItemError:
     """A per-item error; decode failures (not size limits) are INVALID_IMAGE."""
     return status.item_error(exc, decoding)
+
+
+def sparse_to_proto(msg: features_pb2.SparseActivation, act: SparseActivation,
+                    dtype: common_pb2.DType) -> None:
+    """Fill a SparseActivation message in place (values in the wire dtype)."""
+    msg.shape[:] = list(act.shape)
+    msg.indptr = np.ascontiguousarray(act.indptr, "<i4").tobytes()
+    msg.indices = np.ascontiguousarray(act.indices, "<u2").tobytes()
+    wire.fill_tensor(msg.values, act.values, dtype)
+
+
+def sparse_from_proto(msg: features_pb2.SparseActivation) -> SparseActivation:
+    """A SparseActivation message as checked :class:`SparseActivation` (float32 values):
+    InvalidInput when its parts do not form an activation of its shape."""
+    shape = tuple(int(v) for v in msg.shape)
+    if len(shape) != 3:
+        raise InvalidInput(f"sparse activation: shape {list(shape)} is not (C, h, w)")
+    indptr, indices = msg.indptr, msg.indices
+    if len(indptr) % 4 or len(indices) % 2:
+        raise InvalidInput("sparse activation: row pointers or channel numbers cut short")
+    values = wire.from_tensor(msg.values)
+    if values.ndim != 1:
+        raise InvalidInput(f"sparse activation: values of shape {values.shape}, not (nnz,)")
+    return SparseActivation(shape, np.frombuffer(indptr, "<i4"), np.frombuffer(indices, "<u2"),
+                            values).check()
 
 
 def result_to_proto(result: ExtractResult, options: ExtractOptions
@@ -133,7 +160,10 @@ def result_to_proto(result: ExtractResult, options: ExtractOptions
         # filled in place: building an Activation and appending it copies the bytes twice more
         msg = resp.activations.add()
         msg.layer = layer
-        wire.fill_tensor(msg.tensor, act, dtype)
+        if isinstance(act, SparseActivation):
+            sparse_to_proto(msg.sparse, act, dtype)
+        else:
+            wire.fill_tensor(msg.tensor, act, dtype)
     if result.probabilities is not None:
         wire.fill_tensor(resp.probabilities, result.probabilities)
     for index, name, p in result.top_k:
@@ -181,11 +211,19 @@ def describe_to_proto(desc: dict, config: ServerConfig, server_version: str
 
 def result_from_proto(resp: features_pb2.ExtractResponse, item_id: str | None = None
                       ) -> ExtractResult:
-    """An ExtractResponse as an ExtractResult (activations (C, h, w) float32)."""
+    """An ExtractResponse as an ExtractResult (activations (C, h, w) float32, or checked
+    SparseActivation rows). An answer whose tensors do not decode becomes that item's error
+    (InvalidInput naming the reason); the stream goes on."""
     rid = resp.id if item_id is None else item_id
     if resp.HasField("error"):
         return ExtractResult(rid, error=status.error_from_item(resp.error))
-    acts = {a.layer: wire.from_tensor(a.tensor) for a in resp.activations}
+    try:
+        acts: dict[str, Activation] = {
+            a.layer: (sparse_from_proto(a.sparse) if a.HasField("sparse")
+                      else wire.from_tensor(a.tensor))
+            for a in resp.activations}
+    except InvalidInput as exc:
+        return ExtractResult(rid, error=InvalidInput(f"feature server answer for {rid!r}: {exc}"))
     probs = wire.from_tensor(resp.probabilities) if resp.HasField("probabilities") else None
     top = [(s.index, s.name, float(s.probability)) for s in resp.top_k]
     return ExtractResult(rid, acts, probs, top,

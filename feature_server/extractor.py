@@ -33,6 +33,7 @@ from feature_server.models.registry import (
     ensure_models,
     get_spec,
 )
+from feature_server.sparse import SparseActivation, from_dense
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ class ExtractOptions:
     #: '' = ``model`` as named; 'fp32' | 'int8' | 'fp16' selects that variant of ``model``
     #: (``model`` is then rewritten to the variant's registry name, e.g. ``vgg19_int8``).
     precision: str = ""
+    #: activations as :class:`~feature_server.sparse.SparseActivation` (CSR rows over the
+    #: positions; lossless) instead of dense arrays: ~14x fewer bytes on the wire after a ReLU
+    sparse: bool = False
 
     def __post_init__(self) -> None:
         if self.precision:
@@ -111,12 +115,17 @@ class ExtractOptions:
         return self.return_probabilities or self.top_k > 0
 
 
+#: one layer's activation in a result: dense (C, h, w) or sparse rows (ExtractOptions.sparse)
+Activation = np.ndarray | SparseActivation
+
+
 @dataclass
 class ExtractResult:
     """One image's outcome. ``error`` set => the other fields are empty."""
 
     id: str
-    activations: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> (C, h, w) f32
+    #: layer -> (C, h, w) float32, or SparseActivation when the options asked for ``sparse``
+    activations: dict[str, Activation] = field(default_factory=dict)
     probabilities: np.ndarray | None = None  # (num_classes,) float32
     top_k: list[tuple[int, str, float]] = field(default_factory=list)
     original_size: tuple[int, int] = (0, 0)  # (height, width) of the decoded image
@@ -481,9 +490,16 @@ class Extractor:
                widen: bool = True) -> ExtractResult:
         """Assemble a result; activations (C, h, w) are rounded through the wire dtype
         (float32 arrays; with ``widen=False`` a float16 wire leaves them float16, for the
-        server to send as they are)."""
-        acts = {layer: round_wire(activations[layer], options.wire_dtype, widen=widen)
-                for layer in options.layers}
+        server to send as they are) and, when the options ask for ``sparse``, made sparse
+        (then only the non-zero values are rounded)."""
+        acts: dict[str, Activation] = {}
+        for layer in options.layers:
+            if options.sparse:
+                rows = from_dense(activations[layer])
+                acts[layer] = rows.with_values(
+                    round_wire(rows.values, options.wire_dtype, widen=widen))
+            else:
+                acts[layer] = round_wire(activations[layer], options.wire_dtype, widen=widen)
         probs = None
         top: list[tuple[int, str, float]] = []
         if probabilities is not None:

@@ -71,11 +71,11 @@ def write_results(path: str | os.PathLike[str], results: Sequence[ExtractResult]
                                               chunks=(1, *shape), compression="gzip",
                                               compression_opts=1, shuffle=True)
                     for i in ok:
-                        ds[i] = results[i].activations[layer].astype(dtype)
+                        ds[i] = np.asarray(results[i].activations[layer], dtype)
                 else:
                     sub = group.create_group(layer)
                     for i in ok:
-                        sub.create_dataset(str(i), data=results[i].activations[layer]
+                        sub.create_dataset(str(i), data=np.asarray(results[i].activations[layer])
                                            .astype(dtype), compression="gzip",
                                            compression_opts=1, shuffle=True)
             if options.return_probabilities:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dff_protos.v1 import common_pb2 as dff__protos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x66\x66_protos/v1/features.proto\x12\x06\x64\x66\x66.v1\x1a\x1a\x64\x66\x66_protos/v1/common.proto\"\xcc\x01\n\x0e\x45xtractOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12!\n\nwire_dtype\x18\x03 \x01(\x0e\x32\r.dff.v1.DType\x12$\n\x06resize\x18\x04 \x01(\x0b\x32\x14.dff.v1.ResizePolicy\x12\x1c\n\x14return_probabilities\x18\x05 \x01(\x08\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x12\n\nclassifier\x18\x07 \x01(\t\x12\x11\n\tprecision\x18\x14 \x01(\t\"\xbb\x01\n\x0e\x45xtractRequest\x12)\n\x07options\x18\x01 \x01(\x0b\x32\x16.dff.v1.ExtractOptionsH\x00\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x12.dff.v1.ImageInputH\x00\x12&\n\x06pixels\x18\x03 \x01(\x0b\x32\x14.dff.v1.DecodedImageH\x00\x12)\n\x08prepared\x18\x04 \x01(\x0b\x32\x15.dff.v1.PreparedImageH\x00\x42\x06\n\x04kind\":\n\x0c\x44\x65\x63odedImage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1e\n\x06pixels\x18\x02 \x01(\x0b\x32\x0e.dff.v1.Tensor\"\x9e\x01\n\rPreparedImage\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x0e\x66\x65\x61tures_input\x18\x02 \x01(\x0b\x32\x0e.dff.v1.Tensor\x12(\n\x10\x63lassifier_input\x18\x03 \x01(\x0b\x32\x0e.dff.v1.Tensor\x12\x17\n\x0foriginal_height\x18\x04 \x01(\x05\x12\x16\n\x0eoriginal_width\x18\x05 \x01(\x05\";\n\nActivation\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x1e\n\x06tensor\x18\x02 \x01(\x0b\x32\x0e.dff.v1.Tensor\">\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\xd3\x01\n\x0f\x45xtractResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x0b\x61\x63tivations\x18\x02 \x03(\x0b\x32\x12.dff.v1.Activation\x12%\n\rprobabilities\x18\x03 \x01(\x0b\x32\x0e.dff.v1.Tensor\x12!\n\x05top_k\x18\x04 \x03(\x0b\x32\x12.dff.v1.ClassScore\x12\x1f\n\x04info\x18\x05 \x01(\x0b\x32\x11.dff.v1.ImageInfo\x12 \n\x05\x65rror\x18\x06 \x01(\x0b\x32\x11.dff.v1.ItemError\"\x16\n\x14\x44\x65scribeModelRequest\"Q\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x03\x12\x0e\n\x06stride\x18\x03 \x01(\x05\x12\x14\n\x0cshape_at_224\x18\x04 \x03(\x03\"\x9a\x01\n\rPreprocessing\x12\x13\n\x0b\x63olor_order\x18\x01 \x01(\t\x12\x0c\n\x04mean\x18\x02 \x03(\x02\x12\x0b\n\x03std\x18\x03 \x03(\x02\x12,\n\x0e\x64\x65\x66\x61ult_resize\x18\x04 \x01(\x0b\x32\x14.dff.v1.ResizePolicy\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x16\n\x0eresize_shorter\x18\x06 \x01(\x05\"\x9b\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12!\n\x06layers\x18\x03 \x03(\x0b\x32\x11.dff.v1.LayerInfo\x12,\n\rpreprocessing\x18\x04 \x01(\x0b\x32\x15.dff.v1.Preprocessing\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x13\n\x0bnum_classes\x18\x07 \x01(\x05\x12\x13\n\x0b\x63lass_names\x18\x08 \x03(\t\x12\x13\n\x0bonnx_sha256\x18\t \x01(\t\x12\x13\n\x0b\x63lass_wnids\x18\n \x03(\t\x12\x11\n\tprecision\x18\x14 \x01(\t\x12\x12\n\nbase_model\x18\x15 \x01(\t\"u\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x12\n\nmax_pixels\x18\x02 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\x05\x12\x1e\n\x16max_concurrent_streams\x18\x04 \x01(\x05\"\xa1\x02\n\x15\x44\x65scribeModelResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.dff.v1.ModelInfo\x12\x1a\n\x12\x65xecution_provider\x18\x02 \x01(\t\x12\x1b\n\x13\x61vailable_providers\x18\x03 \x03(\t\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\x12$\n\x06limits\x18\x05 \x01(\x0b\x32\x14.dff.v1.ServerLimits\x12\x12\n\nprecisions\x18\x14 \x03(\t\x12\x19\n\x11\x64\x65\x66\x61ult_precision\x18\x15 \x01(\t\x12\x1e\n\x16\x61\x63\x63\x65pts_decoded_images\x18\x16 \x01(\x08\x12\x1f\n\x17\x61\x63\x63\x65pts_prepared_images\x18\x17 \x01(\x08\x32\x9e\x01\n\x0e\x46\x65\x61tureService\x12>\n\x07\x45xtract\x12\x16.dff.v1.ExtractRequest\x1a\x17.dff.v1.ExtractResponse(\x01\x30\x01\x12L\n\rDescribeModel\x12\x1c.dff.v1.DescribeModelRequest\x1a\x1d.dff.v1.DescribeModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x66\x66_protos/v1/features.proto\x12\x06\x64\x66\x66.v1\x1a\x1a\x64\x66\x66_protos/v1/common.proto\"\xdc\x01\n\x0e\x45xtractOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12!\n\nwire_dtype\x18\x03 \x01(\x0e\x32\r.dff.v1.DType\x12$\n\x06resize\x18\x04 \x01(\x0b\x32\x14.dff.v1.ResizePolicy\x12\x1c\n\x14return_probabilities\x18\x05 \x01(\x08\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x12\n\nclassifier\x18\x07 \x01(\t\x12\x0e\n\x06sparse\x18\x08 \x01(\x08\x12\x11\n\tprecision\x18\x14 \x01(\t\"\xbb\x01\n\x0e\x45xtractRequest\x12)\n\x07options\x18\x01 \x01(\x0b\x32\x16.dff.v1.ExtractOptionsH\x00\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x12.dff.v1.ImageInputH\x00\x12&\n\x06pixels\x18\x03 \x01(\x0b\x32\x14.dff.v1.DecodedImageH\x00\x12)\n\x08prepared\x18\x04 \x01(\x0b\x32\x15.dff.v1.PreparedImageH\x00\x42\x06\n\x04kind\":\n\x0c\x44\x65\x63odedImage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1e\n\x06pixels\x18\x02 \x01(\x0b\x32\x0e.dff.v1.Tensor\"\x9e\x01\n\rPreparedImage\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x0e\x66\x65\x61tures_input\x18\x02 \x01(\x0b\x32\x0e.dff.v1.Tensor\x12(\n\x10\x63lassifier_input\x18\x03 \x01(\x0b\x32\x0e.dff.v1.Tensor\x12\x17\n\x0foriginal_height\x18\x04 \x01(\x05\x12\x16\n\x0eoriginal_width\x18\x05 \x01(\x05\"b\n\x10SparseActivation\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0e\n\x06indptr\x18\x02 \x01(\x0c\x12\x0f\n\x07indices\x18\x03 \x01(\x0c\x12\x1e\n\x06values\x18\x04 \x01(\x0b\x32\x0e.dff.v1.Tensor\"e\n\nActivation\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x1e\n\x06tensor\x18\x02 \x01(\x0b\x32\x0e.dff.v1.Tensor\x12(\n\x06sparse\x18\x03 \x01(\x0b\x32\x18.dff.v1.SparseActivation\">\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\xd3\x01\n\x0f\x45xtractResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x0b\x61\x63tivations\x18\x02 \x03(\x0b\x32\x12.dff.v1.Activation\x12%\n\rprobabilities\x18\x03 \x01(\x0b\x32\x0e.dff.v1.Tensor\x12!\n\x05top_k\x18\x04 \x03(\x0b\x32\x12.dff.v1.ClassScore\x12\x1f\n\x04info\x18\x05 \x01(\x0b\x32\x11.dff.v1.ImageInfo\x12 \n\x05\x65rror\x18\x06 \x01(\x0b\x32\x11.dff.v1.ItemError\"\x16\n\x14\x44\x65scribeModelRequest\"Q\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x03\x12\x0e\n\x06stride\x18\x03 \x01(\x05\x12\x14\n\x0cshape_at_224\x18\x04 \x03(\x03\"\x9a\x01\n\rPreprocessing\x12\x13\n\x0b\x63olor_order\x18\x01 \x01(\t\x12\x0c\n\x04mean\x18\x02 \x03(\x02\x12\x0b\n\x03std\x18\x03 \x03(\x02\x12,\n\x0e\x64\x65\x66\x61ult_resize\x18\x04 \x01(\x0b\x32\x14.dff.v1.ResizePolicy\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x16\n\x0eresize_shorter\x18\x06 \x01(\x05\"\x9b\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12!\n\x06layers\x18\x03 \x03(\x0b\x32\x11.dff.v1.LayerInfo\x12,\n\rpreprocessing\x18\x04 \x01(\x0b\x32\x15.dff.v1.Preprocessing\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x13\n\x0bnum_classes\x18\x07 \x01(\x05\x12\x13\n\x0b\x63lass_names\x18\x08 \x03(\t\x12\x13\n\x0bonnx_sha256\x18\t \x01(\t\x12\x13\n\x0b\x63lass_wnids\x18\n \x03(\t\x12\x11\n\tprecision\x18\x14 \x01(\t\x12\x12\n\nbase_model\x18\x15 \x01(\t\"u\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x12\n\nmax_pixels\x18\x02 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\x05\x12\x1e\n\x16max_concurrent_streams\x18\x04 \x01(\x05\"\xa1\x02\n\x15\x44\x65scribeModelResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.dff.v1.ModelInfo\x12\x1a\n\x12\x65xecution_provider\x18\x02 \x01(\t\x12\x1b\n\x13\x61vailable_providers\x18\x03 \x03(\t\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\x12$\n\x06limits\x18\x05 \x01(\x0b\x32\x14.dff.v1.ServerLimits\x12\x12\n\nprecisions\x18\x14 \x03(\t\x12\x19\n\x11\x64\x65\x66\x61ult_precision\x18\x15 \x01(\t\x12\x1e\n\x16\x61\x63\x63\x65pts_decoded_images\x18\x16 \x01(\x08\x12\x1f\n\x17\x61\x63\x63\x65pts_prepared_images\x18\x17 \x01(\x08\x32\x9e\x01\n\x0e\x46\x65\x61tureService\x12>\n\x07\x45xtract\x12\x16.dff.v1.ExtractRequest\x1a\x17.dff.v1.ExtractResponse(\x01\x30\x01\x12L\n\rDescribeModel\x12\x1c.dff.v1.DescribeModelRequest\x1a\x1d.dff.v1.DescribeModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dff_protos.v1.features_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXTRACTOPTIONS']._serialized_start=69
-  _globals['_EXTRACTOPTIONS']._serialized_end=273
-  _globals['_EXTRACTREQUEST']._serialized_start=276
-  _globals['_EXTRACTREQUEST']._serialized_end=463
-  _globals['_DECODEDIMAGE']._serialized_start=465
-  _globals['_DECODEDIMAGE']._serialized_end=523
-  _globals['_PREPAREDIMAGE']._serialized_start=526
-  _globals['_PREPAREDIMAGE']._serialized_end=684
-  _globals['_ACTIVATION']._serialized_start=686
-  _globals['_ACTIVATION']._serialized_end=745
-  _globals['_CLASSSCORE']._serialized_start=747
-  _globals['_CLASSSCORE']._serialized_end=809
-  _globals['_EXTRACTRESPONSE']._serialized_start=812
-  _globals['_EXTRACTRESPONSE']._serialized_end=1023
-  _globals['_DESCRIBEMODELREQUEST']._serialized_start=1025
-  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1047
-  _globals['_LAYERINFO']._serialized_start=1049
-  _globals['_LAYERINFO']._serialized_end=1130
-  _globals['_PREPROCESSING']._serialized_start=1133
-  _globals['_PREPROCESSING']._serialized_end=1287
-  _globals['_MODELINFO']._serialized_start=1290
-  _globals['_MODELINFO']._serialized_end=1573
-  _globals['_SERVERLIMITS']._serialized_start=1575
-  _globals['_SERVERLIMITS']._serialized_end=1692
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_start=1695
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=1984
-  _globals['_FEATURESERVICE']._serialized_start=1987
-  _globals['_FEATURESERVICE']._serialized_end=2145
+  _globals['_EXTRACTOPTIONS']._serialized_end=289
+  _globals['_EXTRACTREQUEST']._serialized_start=292
+  _globals['_EXTRACTREQUEST']._serialized_end=479
+  _globals['_DECODEDIMAGE']._serialized_start=481
+  _globals['_DECODEDIMAGE']._serialized_end=539
+  _globals['_PREPAREDIMAGE']._serialized_start=542
+  _globals['_PREPAREDIMAGE']._serialized_end=700
+  _globals['_SPARSEACTIVATION']._serialized_start=702
+  _globals['_SPARSEACTIVATION']._serialized_end=800
+  _globals['_ACTIVATION']._serialized_start=802
+  _globals['_ACTIVATION']._serialized_end=903
+  _globals['_CLASSSCORE']._serialized_start=905
+  _globals['_CLASSSCORE']._serialized_end=967
+  _globals['_EXTRACTRESPONSE']._serialized_start=970
+  _globals['_EXTRACTRESPONSE']._serialized_end=1181
+  _globals['_DESCRIBEMODELREQUEST']._serialized_start=1183
+  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1205
+  _globals['_LAYERINFO']._serialized_start=1207
+  _globals['_LAYERINFO']._serialized_end=1288
+  _globals['_PREPROCESSING']._serialized_start=1291
+  _globals['_PREPROCESSING']._serialized_end=1445
+  _globals['_MODELINFO']._serialized_start=1448
+  _globals['_MODELINFO']._serialized_end=1731
+  _globals['_SERVERLIMITS']._serialized_start=1733
+  _globals['_SERVERLIMITS']._serialized_end=1850
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_start=1853
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=2142
+  _globals['_FEATURESERVICE']._serialized_start=2145
+  _globals['_FEATURESERVICE']._serialized_end=2303
 # @@protoc_insertion_point(module_scope)

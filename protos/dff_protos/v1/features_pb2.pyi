@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExtractOptions(_message.Message):
-    __slots__ = ("model", "layers", "wire_dtype", "resize", "return_probabilities", "top_k", "classifier", "precision")
+    __slots__ = ("model", "layers", "wire_dtype", "resize", "return_probabilities", "top_k", "classifier", "sparse", "precision")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class ExtractOptions(_message.Message):
     RETURN_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     CLASSIFIER_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     model: str
     layers: _containers.RepeatedScalarFieldContainer[str]
@@ -24,8 +25,9 @@ class ExtractOptions(_message.Message):
     return_probabilities: bool
     top_k: int
     classifier: str
+    sparse: bool
     precision: str
-    def __init__(self, model: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., resize: _Optional[_Union[_common_pb2.ResizePolicy, _Mapping]] = ..., return_probabilities: _Optional[bool] = ..., top_k: _Optional[int] = ..., classifier: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., resize: _Optional[_Union[_common_pb2.ResizePolicy, _Mapping]] = ..., return_probabilities: _Optional[bool] = ..., top_k: _Optional[int] = ..., classifier: _Optional[str] = ..., sparse: _Optional[bool] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ExtractRequest(_message.Message):
     __slots__ = ("options", "image", "pixels", "prepared")
@@ -61,13 +63,27 @@ class PreparedImage(_message.Message):
     original_width: int
     def __init__(self, id: _Optional[str] = ..., features_input: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., classifier_input: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., original_height: _Optional[int] = ..., original_width: _Optional[int] = ...) -> None: ...
 
+class SparseActivation(_message.Message):
+    __slots__ = ("shape", "indptr", "indices", "values")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    INDPTR_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    indptr: bytes
+    indices: bytes
+    values: _common_pb2.Tensor
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., indptr: _Optional[bytes] = ..., indices: _Optional[bytes] = ..., values: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
 class Activation(_message.Message):
-    __slots__ = ("layer", "tensor")
+    __slots__ = ("layer", "tensor", "sparse")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
     layer: str
     tensor: _common_pb2.Tensor
-    def __init__(self, layer: _Optional[str] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    sparse: SparseActivation
+    def __init__(self, layer: _Optional[str] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseActivation, _Mapping]] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "name", "probability")

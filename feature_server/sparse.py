@@ -1,0 +1,199 @@
+"""Activations as compressed sparse rows (``ExtractOptions.sparse``), on the wire and in results.
+
+After a ReLU most of an activation is zero (VGG-19 conv5_4 on photos: ~7% non-zeros), and the
+concept engine keeps the rows of V sparse anyway. So a feature source can hand each image's
+(C, h, w) activation over as CSR rows - one row per position (y, x), row-major, holding that
+position's non-zero channels (ascending) - which is what the engine's V is made of:
+
+* on the wire ~14x fewer bytes than a float32 Tensor (int32 row pointers, uint16 channels,
+  values in the wire dtype), so a served image costs the server and the client a fraction of
+  the copying and serialisation;
+* in the engine no dense copy and no dense -> sparse conversion (SciPy's took 0.37 ms per image).
+
+Lossless: :meth:`SparseActivation.toarray` gives the dense activation back exactly.
+:func:`from_dense` runs a compiled kernel (Numba, no GIL: ~0.06 ms per conv5_4 image) where
+Numba is available and not switched off (``DFF_KERNELS=0``), else NumPy (same result, ~0.3 ms).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from dff_protos.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+#: channel numbers travel as uint16
+MAX_CHANNELS = 65535
+
+# the same on-disk cache as the concept engine's kernels (concept_engine.compiled)
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+    "dff", "numba"))
+
+numba: ModuleType | None
+try:
+    import numba
+except ImportError:  # pragma: no cover - exercised only where numba is not installed
+    numba = None
+
+_KERNELS = numba is not None and os.environ.get("DFF_KERNELS", "1") != "0"
+
+
+@dataclass(frozen=True, eq=False)
+class SparseActivation:
+    """One image's (C, h, w) activation as CSR rows over its h*w positions (see module doc).
+
+    ``indptr`` int32 (h*w + 1,), ``indices`` uint16 (nnz,) channel numbers ascending within a
+    row, ``values`` float32 or float16 (nnz,). Duck-types the dense array where results are
+    read (``shape``, ``ndim``, ``np.asarray``)."""
+
+    shape: tuple[int, int, int]
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.values.dtype
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.indptr.nbytes + self.indices.nbytes + self.values.nbytes)
+
+    def toarray(self, dtype: Any = np.float32) -> np.ndarray:
+        """The dense (C, h, w) activation."""
+        c, h, w = self.shape
+        out = np.zeros((h * w, c), dtype=dtype)
+        rows = np.repeat(np.arange(h * w), np.diff(self.indptr))
+        out[rows, self.indices] = self.values
+        return np.ascontiguousarray(out.T).reshape(c, h, w)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        return self.toarray(dtype or np.float32)
+
+    def to_csr(self, relu: bool = False) -> Any:
+        """The (h*w, C) rows as a SciPy CSR float32 matrix (sorted indices, no stored zeros);
+        ``relu`` drops negative values (a layer without a ReLU)."""
+        import scipy.sparse as sparse
+
+        c, h, w = self.shape
+        values = np.asarray(self.values, np.float32)
+        m = sparse.csr_matrix((values, self.indices.astype(np.int32), self.indptr),
+                              shape=(h * w, c), copy=False)
+        m.has_sorted_indices = True
+        if relu and self.nnz and float(values.min()) < 0:
+            m = m.copy()
+            np.maximum(m.data, 0, out=m.data)
+            m.eliminate_zeros()
+        return m
+
+    def with_values(self, values: np.ndarray) -> SparseActivation:
+        """The same pattern with other values (e.g. rounded to the wire dtype)."""
+        return SparseActivation(self.shape, self.indptr, self.indices, values)
+
+    def check(self) -> SparseActivation:
+        """InvalidInput unless the parts form a valid activation of ``shape`` (what a client
+        checks of a server's answer before using it); returns self."""
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise InvalidInput(f"sparse activation: shape {tuple(self.shape)} is not (C, h, w)")
+        c, h, w = self.shape
+        if c > MAX_CHANNELS:
+            raise InvalidInput(f"sparse activation: {c} channels, at most {MAX_CHANNELS}")
+        nnz = self.indices.shape[0]
+        if self.indptr.shape != (h * w + 1,):
+            raise InvalidInput(f"sparse activation: {self.indptr.shape[0]} row pointers for "
+                               f"{h * w} positions (need {h * w + 1})")
+        if self.values.shape != (nnz,):
+            raise InvalidInput(f"sparse activation: {self.values.shape[0]} values for {nnz} "
+                               "channel numbers")
+        if self.indptr[0] != 0 or self.indptr[-1] != nnz or bool(
+                np.any(self.indptr[1:] < self.indptr[:-1])):
+            raise InvalidInput("sparse activation: row pointers must rise from 0 to the number "
+                               f"of non-zeros ({nnz})")
+        if nnz and int(self.indices.max()) >= c:
+            raise InvalidInput(f"sparse activation: channel {int(self.indices.max())} of {c}")
+        return self
+
+
+def from_dense(activation: np.ndarray) -> SparseActivation:
+    """A dense (C, h, w) activation (any float dtype; float32 values kept as they are) as
+    :class:`SparseActivation` with float32 values: exactly its non-zero entries."""
+    act = np.asarray(activation)
+    if act.ndim != 3:
+        raise InvalidInput(f"activation of shape {act.shape} is not (C, h, w)")
+    c, h, w = (int(v) for v in act.shape)
+    if c > MAX_CHANNELS:
+        raise InvalidInput(f"sparse activations need at most {MAX_CHANNELS} channels, got {c}")
+    plane = act.reshape(c, h * w)
+    if plane.dtype != np.float32:
+        plane = plane.astype(np.float32)
+    if _KERNELS:
+        indptr = np.empty(h * w + 1, np.int32)
+        nnz = _count_rows(plane, indptr)
+        indices = np.empty(nnz, np.uint16)
+        values = np.empty(nnz, np.float32)
+        _fill_rows(plane, indptr, indices, values)
+    else:
+        rows = np.ascontiguousarray(plane.T)
+        flat = np.flatnonzero(rows)
+        values = rows.ravel()[flat]
+        position, channel = np.divmod(flat, c)
+        indices = channel.astype(np.uint16)
+        indptr = np.zeros(h * w + 1, np.int32)
+        np.cumsum(np.bincount(position, minlength=h * w), out=indptr[1:])
+    return SparseActivation((c, h, w), indptr, indices, values)
+
+
+def _count_rows_py(plane: np.ndarray, indptr: np.ndarray) -> int:
+    """indptr[p] = non-zeros before position p (p = 0..P); returns the total."""
+    c, p_count = plane.shape
+    n = 0
+    for p in range(p_count):
+        indptr[p] = n
+        for ch in range(c):
+            n += plane[ch, p] != 0
+    indptr[p_count] = n
+    return n
+
+
+def _fill_rows_py(plane: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
+                  values: np.ndarray) -> None:
+    """Each position's non-zero channels and values, in order, at indptr[p]."""
+    c, p_count = plane.shape
+    for p in range(p_count):
+        n = indptr[p]
+        for ch in range(c):
+            v = plane[ch, p]
+            if v != 0:
+                indices[n] = ch
+                values[n] = v
+                n += 1
+
+
+def _compile(fn: Any) -> Any:
+    if numba is None:
+        return fn
+    try:
+        return numba.njit(nogil=True, cache=True, boundscheck=False)(fn)
+    except Exception:  # noqa: BLE001 - an unusable cache directory must not break the import
+        return numba.njit(nogil=True, boundscheck=False)(fn)
+
+
+# Two passes (count, then fill) so that the outputs are allocated at their final size: the
+# plane (0.4 MB for conv5_4) is still in cache for the second.
+_count_rows = _compile(_count_rows_py)
+_fill_rows = _compile(_fill_rows_py)
