@@ -307,7 +307,7 @@ def scale_out(args: argparse.Namespace, precision: str, sparse: bool = False
             assert c.stdout is not None
             if c.stdout.readline().strip() != "ready":
                 raise SystemExit("a benchmark client did not start")
-        spy = _start_profile(pids[0], "sparse" if sparse else "dense")
+        spy = _start_profile(pids[0], f"{'sparse' if sparse else 'dense'}-w{args.server_workers}")
         cpu0 = [_process_cpu_s(p) for p in pids]
         t0 = time.perf_counter()
         for c in clients:
@@ -330,6 +330,29 @@ def scale_out(args: argparse.Namespace, precision: str, sparse: bool = False
     server_ms = (None if None in cpu0 or None in cpu1 else
                  1e3 * sum(b - a for a, b in zip(cpu0, cpu1, strict=True)) / sent)  # type: ignore[operator]
     return sent / wall, server_ms, sent
+
+
+def scale_out_only(args: argparse.Namespace) -> int:
+    """``--scale-out-only 4,8,12``: the scale-out rows alone, for each server group size, dense
+    and sparse answers; a table and (``--json``) the rows."""
+    import json
+
+    precision = (args.precisions.split(",")[0] if args.precisions else "fp32")
+    rows = []
+    print(f"{cpu_description()}\n{args.client_procs} client processes x {args.streams} streams, "
+          f"{args.images} images each, {precision}, batch {args.batch_size}")
+    for workers in (int(w) for w in args.scale_out_only.split(",") if w):
+        args.server_workers = workers
+        for sparse in (False, True):
+            ips, server_ms, sent = scale_out(args, precision, sparse)
+            name = (f"scale-out {precision} prep{' sparse' if sparse else ''} w{workers} "
+                    f"c{args.client_procs}x{args.streams}")
+            rows.append({"path": name, "img_s": ips, "server_ms": server_ms, "images": sent})
+            cpu = "n/a" if server_ms is None else f"{server_ms:.2f} ms"
+            print(f"{name:<40}{ips:>9.1f} img/s  server CPU per image {cpu}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"scale_out": rows}, indent=1))
+    return 0
 
 
 def client_run(args: argparse.Namespace) -> int:
@@ -402,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --server-process: also a scale-out row, this many server "
                              "processes (dff serve features --workers) fed prepared inputs by "
                              "--client-procs client processes")
+    parser.add_argument("--scale-out-only", metavar="WORKERS",
+                        help="only scale-out rows, one per server group size (comma-separated, "
+                             "e.g. 4,8,12), dense and sparse, at the first of --precisions")
     parser.add_argument("--client-procs", type=int, default=2,
                         help="client processes of the scale-out row (each sends every photo)")
     parser.add_argument("--data", type=Path, default=DATA,
@@ -412,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_null(args)
     if args.client_run:
         return client_run(args)
+    if args.scale_out_only:
+        return scale_out_only(args)
 
     files = sorted(p for p in args.data.iterdir()
                    if p.suffix.lower() in (".jpeg", ".jpg", ".png"))

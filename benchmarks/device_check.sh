@@ -62,8 +62,10 @@ if [[ "${1:-}" == "--prepare-ort" ]]; then
 fi
 
 step() { echo "== $1 ($(date +%T))" >&2; }
-# DFF_DEVICE_STEPS picks steps (comma-separated: tests,features,nmf,discover; default all), e.g.
-# to rerun one on a device whose earlier call failed at it
+# DFF_DEVICE_STEPS picks steps (comma-separated: tests,features,nmf,discover - the default -
+# and scaleout: the scale-out rows alone for server groups of DFF_DEVICE_SCALE_OUT processes,
+# default 4,8,12, fed by 4 client processes), e.g. to rerun one on a device whose earlier
+# call failed at it
 STEPS=",${DFF_DEVICE_STEPS:-tests,features,nmf,discover},"
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 use_ort_gpu() {  # the carried CUDA provider, once unpacked and checked on this machine
@@ -181,6 +183,16 @@ if "$PY" -c "import torch,sys; sys.exit(not torch.cuda.is_available())" 2>/dev/n
     timeout 60 "$PY" benchmarks/torch_vgg.py --gpu-reference --batch-sizes 64,128,256 \
         --json "$LOGS/torch_ref.json" >"$LOGS/torch_ref.log" 2>&1
 fi
+fi
+
+if want scaleout; then
+step "scale-out"
+DFF_BENCH_PROFILE="$LOGS/server-profile" timeout 300 \
+    "$PY" benchmarks/bench_features.py --scale-out-only "${DFF_DEVICE_SCALE_OUT:-4,8,12}" \
+    --images "$N_IMAGES" --batch-size "$BATCH" --streams "$(( STREAMS * 2 ))" \
+    --precisions "$(p="${PRECISIONS:-int8}"; echo "${p##*,}")" --data "$WORK/photos/ant" \
+    --client-procs "$(( REDUCED == 1 ? 2 : 4 ))" \
+    --json "$LOGS/scale_out.json" 2>&1 | tee "$LOGS/scale_out.log" >&2
 fi
 
 if want nmf; then

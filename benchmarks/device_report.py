@@ -50,8 +50,12 @@ def report(logs: Path, out: Path) -> str:
                 if cpu.get(side) is not None:
                     label = f"{side} CPU per image, {prec}"
                     lines.append(f"{label:<44}{cpu[side]:>11.2f} ms")
-    else:
+    elif (logs / "features.log").exists():  # the step ran (it is skipped with DFF_DEVICE_STEPS)
         lines.append(f"{'features':<44}{'-':>14}  benchmark failed (features.log)")
+    for row in _json(logs / "scale_out.json").get("scale_out", []):
+        cpu = "" if row.get("server_ms") is None else f", server CPU {row['server_ms']:.2f} ms/img"
+        lines.append(f"{row['path']:<44}{row['img_s']:>10.1f} img/s  {row['images']} images"
+                     f"{cpu}")
     ref = _json(logs / "torch_ref.json")
     for row in ref.get("rows", []):
         lines.append(f"{'torch fp16 conv5_4 batch ' + str(row['batch']):<44}"
@@ -84,7 +88,7 @@ def report(logs: Path, out: Path) -> str:
                            if k != "total")
         lines.append(f"  {path.parent.name}: {data.get('n_images', '?')} images, k="
                      f"{data.get('k', '?')}; stages: {shares}")
-    if not summaries:
+    if not summaries and disc:
         tail = disc.strip().splitlines()[-3:]
         lines.append("  discover produced no summary: " + " | ".join(tail))
     return "\n".join(lines) + "\n"
