@@ -199,7 +199,7 @@ def served(args: argparse.Namespace, items: list[tuple[str, bytes]], precisions:
         runs_of = [(prec, items) for prec in precisions]
         if pixels:
             runs_of.append((f"{pixel_precision or precisions[0]} pixels", pixels))
-        # the engine's request: activations as sparse rows (lossless, ~14x fewer bytes)
+        # the engine's request: activations as sparse rows (lossless, 10x fewer bytes)
         runs_of.append((f"{pixel_precision or precisions[0]} sparse", items))
         for name, payload in runs_of:
             opts = ExtractOptions(layers=(args.layer,), precision=name.split()[0],

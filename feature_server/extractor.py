@@ -103,7 +103,7 @@ class ExtractOptions:
     #: (``model`` is then rewritten to the variant's registry name, e.g. ``vgg19_int8``).
     precision: str = ""
     #: activations as :class:`~feature_server.sparse.SparseActivation` (CSR rows over the
-    #: positions; lossless) instead of dense arrays: ~14x fewer bytes on the wire after a ReLU
+    #: positions; lossless) instead of dense arrays: 10-15x fewer bytes on the wire after a ReLU
     sparse: bool = False
 
     def __post_init__(self) -> None:
