@@ -6,8 +6,8 @@ concept engine keeps the rows of V sparse anyway. So a feature source can hand e
 position's non-zero channels (ascending) - which is what the engine's V is made of:
 
 * on the wire 10x fewer bytes than a float32 Tensor (int32 row pointers, uint16 channels,
-  values in the wire dtype; 15x with float16 values), so a served image costs the server and the client a fraction of
-  the copying and serialisation;
+  values in the wire dtype; 15x with float16 values), so a served image costs the server and
+  the client a fraction of the copying and serialisation;
 * in the engine no dense copy and no dense -> sparse conversion (SciPy's took 0.37 ms per image).
 
 Lossless: :meth:`SparseActivation.toarray` gives the dense activation back exactly.
