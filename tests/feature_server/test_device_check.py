@@ -108,3 +108,28 @@ def test_fatbin_blanking_keeps_only_the_asked_architecture():
     assert (kept, zeroed) == (16, 32)
     assert data.count(b"\x22") == 16 and b"\x11" not in data and b"\x33" not in data
     assert len(data) == 16 + len(blob)  # the layout is unchanged
+
+
+def test_benchmark_children_keep_the_inherited_pythonpath():
+    # on the device the carried grpcio/onnxruntime-gpu live on PYTHONPATH: the benchmark's
+    # server and client processes must see them (their loss failed the served rows once)
+    from benchmarks.load_test import child_env
+
+    env = child_env({"PYTHONPATH": "/tmp/dff-site:/tmp/dff-ort", "X": "1"})
+    parts = env["PYTHONPATH"].split(":")
+    assert parts[:2] == [str(ROOT / "protos"), str(ROOT)]
+    assert parts[2:] == ["/tmp/dff-site", "/tmp/dff-ort"] and env["X"] == "1"
+    assert child_env({})["PYTHONPATH"].split(":") == [str(ROOT / "protos"), str(ROOT)]
+
+
+def test_report_of_a_scale_out_step_alone(tmp_path):
+    # DFF_DEVICE_STEPS=scaleout: no features/discover logs, which are not failures then
+    (tmp_path / "scale_out.json").write_text(json.dumps({"scale_out": [
+        {"path": "scale-out fp16 prep w8 c4x8", "img_s": 866.2, "server_ms": 5.59,
+         "images": 2048},
+        {"path": "scale-out fp16 prep sparse w8 c4x8", "img_s": 1336.9, "server_ms": None,
+         "images": 2048}]}))
+    table = device_report.report(tmp_path, tmp_path / "none")
+    assert "scale-out fp16 prep sparse w8 c4x8" in table and "1336.9 img/s" in table
+    assert "server CPU 5.59 ms/img" in table
+    assert "failed" not in table and "no summary" not in table
