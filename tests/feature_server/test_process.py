@@ -110,6 +110,16 @@ def test_extract_cli_in_process_and_remote(models_home, address, shared_data, tm
         np.testing.assert_allclose(b["activations/conv5_4"][:6], acts[()], rtol=1e-2, atol=1e-2)
         errors = [s.decode() for s in b["errors"][()]]
         assert errors[:6] == [""] * 6 and "GIF" in errors[6]
+    # sparse rows on the wire: the same file, bit for bit
+    sparse_out = tmp_path / "sparse.h5"
+    assert main(["extract", str(folder), str(shared_data / "imagenet_data" / "ant" /
+                                             "imageNotFound.gif"),
+                 "--out", str(sparse_out), "--feature-server", address, "--sparse",
+                 "--dtype", "float16", "--probabilities"]) == 0
+    with h5py.File(remote_out) as b, h5py.File(sparse_out) as c:
+        np.testing.assert_array_equal(c["activations/conv5_4"][()], b["activations/conv5_4"][()])
+        assert c["activations/conv5_4"].dtype == np.float16
+        assert [s.decode() for s in c["errors"][()]] == [s.decode() for s in b["errors"][()]]
     # decoded (or also preprocessed) here, sent as pixels (network inputs): the same numbers
     # and the server's own error for the GIF
     for flag in ("--client-decode", "--client-prepare"):
