@@ -102,8 +102,16 @@ class SparseActivation:
         return m
 
     def with_values(self, values: np.ndarray) -> SparseActivation:
-        """The same pattern with other values (e.g. rounded to the wire dtype)."""
-        return SparseActivation(self.shape, self.indptr, self.indices, values)
+        """The same pattern with other values (e.g. rounded to the wire dtype); entries whose
+        new value is zero (a value below float16's range) are dropped, so the result is what
+        :func:`from_dense` makes of the rounded dense array."""
+        zero = values == 0
+        if not zero.any():
+            return SparseActivation(self.shape, self.indptr, self.indices, values)
+        keep = ~zero
+        kept_before = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))
+        indptr = kept_before[self.indptr].astype(np.int32)
+        return SparseActivation(self.shape, indptr, self.indices[keep], values[keep])
 
     def check(self) -> SparseActivation:
         """InvalidInput unless the parts form a valid activation of ``shape`` (what a client

@@ -74,6 +74,22 @@ def test_kernel_and_numpy_agree_with_scipy(monkeypatch, kernels):
     assert s.nbytes < act.nbytes / 6
 
 
+def test_values_rounded_to_zero_are_dropped():
+    # 1e-9 is below float16's smallest subnormal: rounded through a float16 wire it is 0, and
+    # the sparse answer is what the rounded dense array would give
+    act = np.zeros((3, 1, 2), np.float32)
+    act[0, 0, 0], act[2, 0, 0], act[1, 0, 1] = 1e-9, 2.0, 3.0
+    s = from_dense(act)
+    half = s.with_values(s.values.astype(np.float16))
+    ref = from_dense(act.astype(np.float16))
+    assert half.nnz == 2
+    for a, b in ((half.indptr, ref.indptr), (half.indices, ref.indices),
+                 (half.values, ref.values.astype(np.float16))):
+        np.testing.assert_array_equal(a, b)
+    half.check()
+    assert s.with_values(s.values * 2).nnz == 3  # nothing dropped: the same pattern
+
+
 def parts(shape=(3, 1, 2), indptr=(0, 2, 3), indices=(0, 2, 1), values=(1.0, 2.0, 3.0)):
     return SparseActivation(shape, np.asarray(indptr, np.int32), np.asarray(indices, np.uint16),
                             np.asarray(values, np.float32))
