@@ -10,11 +10,15 @@ SciPy sparse matrices are host arrays: :func:`get_namespace` maps them to NumPy.
 
 ``DFF_GPU=0`` in the environment keeps every computation on the host even where CuPy sees a
 device (``DFF_GPU=1``, the default, uses it when present).
+
+It also holds the one CUDA kernel of the engine, :func:`hals_sweep` (``DFF_CUPY_FUSED=0``
+switches it off).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from types import ModuleType
 from typing import Any
@@ -22,10 +26,13 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "compute_namespace",
     "get_namespace",
     "gpu_available",
+    "hals_sweep",
     "is_sparse",
     "to_device",
     "to_host",
@@ -121,3 +128,99 @@ def to_device(a: Any, xp: ModuleType) -> Any:
 
         return csp.csr_matrix(a.tocsr())
     return xp.asarray(a)
+
+
+# One HALS sweep over the rows of X (k, m), one thread per column: row j of column c becomes
+# max(0, X[j,c] + (AtB[j,c] - sum_l AtA[j,l] X[l,c]) / AtA[j,j]) for j = 0..k-1 in order,
+# each with the rows before it already updated - exactly the row-by-row Gauss-Seidel sweep
+# (nmf._hals_update_rows), as column c of one row depends only on column c of the others. The
+# row-by-row form launches ~5 kernels per row and reads X k times; this launches one and reads
+# X once. NaN stays NaN (as numpy.maximum), a non-positive AtA[j,j] leaves row j as it is.
+_HALS_SWEEP_SOURCE = r"""
+template <typename T>
+__device__ void hals_sweep(T* X, const T* AtB, const T* AtA, const int k, const long long m) {
+    const long long c = (long long)blockDim.x * blockIdx.x + threadIdx.x;
+    if (c >= m) return;
+    for (int j = 0; j < k; ++j) {
+        const T d = AtA[j * k + j];
+        if (d <= (T)0) continue;
+        T s = (T)0;
+        for (int l = 0; l < k; ++l) s += AtA[j * k + l] * X[(long long)l * m + c];
+        const T v = X[(long long)j * m + c] + (AtB[(long long)j * m + c] - s) / d;
+        X[(long long)j * m + c] = (v > (T)0 || v != v) ? v : (T)0;
+    }
+}
+extern "C" __global__ void hals_sweep_f32(float* X, const float* AtB, const float* AtA,
+                                          const int k, const long long m) {
+    hals_sweep<float>(X, AtB, AtA, k, m);
+}
+extern "C" __global__ void hals_sweep_f64(double* X, const double* AtB, const double* AtA,
+                                          const int k, const long long m) {
+    hals_sweep<double>(X, AtB, AtA, k, m);
+}
+"""
+_THREADS = 256
+
+
+def _launch_hals_sweep(kernels: dict[str, Any], X: Any, AtB: Any, AtA: Any) -> Any:
+    k, m = (int(v) for v in X.shape)
+    blocks = max(1, (m + _THREADS - 1) // _THREADS)
+    kernels[X.dtype.char]((blocks,), (_THREADS,), (X, AtB, AtA, np.int32(k), np.int64(m)))
+    return X
+
+
+def _hals_sweep_reference(X: Any, AtB: Any, AtA: Any, xp: ModuleType) -> Any:
+    """The row-by-row sweep (the same as nmf._hals_update_rows), for the self-check."""
+    for j, d in enumerate(float(v) for v in xp.diag(AtA)):
+        if d > 0.0:
+            X[j] = xp.maximum(X[j] + (AtB[j] - AtA[j] @ X) / d, 0)
+    return X
+
+
+@functools.cache
+def _hals_kernels() -> dict[str, Any] | None:
+    """The compiled sweep kernels by dtype char ('f', 'd'), checked once against the row-by-row
+    sweep on a small random problem; None (callers loop over rows) without CuPy, with
+    ``DFF_CUPY_FUSED=0``, or when compiling or the check fails (logged)."""
+    cp = _cupy()
+    if cp is None or os.environ.get("DFF_CUPY_FUSED", "1").strip() == "0":
+        return None
+    try:
+        module = cp.RawModule(code=_HALS_SWEEP_SOURCE)
+        kernels = {"f": module.get_function("hals_sweep_f32"),
+                   "d": module.get_function("hals_sweep_f64")}
+        rng = np.random.default_rng(0)
+        for dtype in ("float32", "float64"):
+            A: np.ndarray = rng.random((700, 5)).astype(dtype)
+            B: np.ndarray = rng.random((700, 333)).astype(dtype)
+            X0 = rng.random((5, 333)).astype(dtype)
+            AtA, AtB = cp.asarray(A.T @ A), cp.asarray(A.T @ B)
+            got = _launch_hals_sweep(kernels, cp.asarray(X0), AtB, AtA)
+            want = _hals_sweep_reference(cp.asarray(X0), AtB, AtA, cp)
+            tol = 1e-4 if dtype == "float32" else 1e-10
+            if not bool(cp.allclose(got, want, rtol=tol, atol=tol)):
+                raise RuntimeError(f"self-check failed ({dtype})")
+        return kernels
+    except Exception as exc:  # noqa: BLE001 - compile/driver errors come in many types
+        log.warning("fused HALS kernel unavailable, sweeping row by row: %s", exc)
+        return None
+
+
+def hals_sweep(X: Any, AtB: Any, AtA: Any) -> Any | None:
+    """One HALS sweep over the rows of the CuPy array X (k, m) for min ||B - A X||, X >= 0,
+    given AtB = A^T B (k, m) and AtA = A^T A (k, k), in one kernel launch: returns the updated
+    X (X itself when C-contiguous), or None where the kernel is unavailable or the arrays are
+    not all float32 or all float64 CuPy arrays (the caller then sweeps row by row)."""
+    if not (_is_cupy_array(X) and _is_cupy_array(AtB) and _is_cupy_array(AtA)):
+        return None
+    if X.dtype.char not in "fd" or AtB.dtype != X.dtype or AtA.dtype != X.dtype:
+        return None
+    if X.ndim != 2 or AtB.shape != X.shape or AtA.shape != (X.shape[0], X.shape[0]):
+        return None
+    kernels = _hals_kernels()
+    if kernels is None:
+        return None
+    cp = _cupy()
+    assert cp is not None  # kernels exist only with CuPy
+    return _launch_hals_sweep(kernels, cp.ascontiguousarray(X), cp.ascontiguousarray(AtB),
+                              cp.ascontiguousarray(AtA))

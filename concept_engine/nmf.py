@@ -48,7 +48,7 @@ from typing import Any, Literal
 import numpy as np
 
 from concept_engine import compiled, csr_kernels
-from concept_engine.backend import get_namespace, is_sparse, to_device
+from concept_engine.backend import get_namespace, hals_sweep, is_sparse, to_device
 
 __all__ = [
     "ConvergenceWarning",
@@ -492,7 +492,13 @@ def _hals_update_rows(X: Any, AtB: Any, AtA: Any, xp: ModuleType) -> Any:
 
     AtB = A^T B (k, m) and AtA = A^T A (k, k) are fixed during the sweep; row j is set to its
     exact non-negative optimum given the current other rows (Gauss-Seidel, order 0..k-1).
+    On a GPU the whole sweep is one kernel launch (:func:`backend.hals_sweep`, same arithmetic
+    per column); this row-by-row form is the host's and the fallback.
     """
+    if xp is not np:
+        swept = hals_sweep(X, AtB, AtA)
+        if swept is not None:
+            return swept
     diag = [float(d) for d in xp.diag(AtA)]  # k scalars to the host, once per sweep
     for j, d in enumerate(diag):
         if d <= 0.0:
