@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 #: channel numbers travel as uint16
 MAX_CHANNELS = 65535
+#: the largest dense size (C * h * w) a sparse activation may claim: 4 GiB of float32, 4x the
+#: largest a served VGG-19 answer has (conv1_x: 64 channels at the 2048 x 2048 input limit).
+#: A sparse message is small whatever shape it claims, so the claim is what is bounded
+MAX_DENSE_ELEMENTS = 2**30
 
 # the same on-disk cache as the concept engine's kernels (concept_engine.compiled)
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
@@ -121,6 +125,9 @@ class SparseActivation:
         c, h, w = self.shape
         if c > MAX_CHANNELS:
             raise InvalidInput(f"sparse activation: {c} channels, at most {MAX_CHANNELS}")
+        if c * h * w > MAX_DENSE_ELEMENTS:
+            raise InvalidInput(f"sparse activation: shape {tuple(self.shape)} is {c * h * w} "
+                               f"values dense, more than {MAX_DENSE_ELEMENTS}")
         nnz = self.indices.shape[0]
         if self.indptr.shape != (h * w + 1,):
             raise InvalidInput(f"sparse activation: {self.indptr.shape[0]} row pointers for "

@@ -175,7 +175,10 @@ def hostile(**fields) -> features_pb2.ExtractResponse:
     ({"indptr": np.int32([0, 9, 3]).tobytes()}, "must rise"),
     ({"indices": np.uint16([0, 2, 600]).tobytes()}, "channel 600 of 3"),
     ({"shape": [3, 1]}, "not (C, h, w)"),
-    ({"shape": [3, 1000000, 1000000]}, "row pointers"),
+    ({"shape": [3, 1000000, 1000000]}, "more than 1073741824"),
+    ({"shape": [3, 10000, 10000]}, "row pointers"),
+    # a bomb: a few bytes claiming 65535 x 4096 x 4096 (4 PB dense) - refused from the shape
+    ({"shape": [65535, 4096, 4096]}, "more than 1073741824"),
     ({"values": common_pb2.Tensor(data=b"\0" * 8, shape=[2], dtype=common_pb2.FLOAT32)},
      "2 values for 3"),
     ({"values": common_pb2.Tensor(data=b"\0" * 8, shape=[3], dtype=common_pb2.FLOAT32)},
