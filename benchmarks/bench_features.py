@@ -275,13 +275,14 @@ def _start_profile(pid: int, name: str) -> Any:
     return spy
 
 
-def scale_out(args: argparse.Namespace, precision: str, sparse: bool = False
-              ) -> tuple[float, float | None, int]:
+def scale_out(args: argparse.Namespace, precision: str, sparse: bool = False,
+              half: bool = False) -> tuple[float, float | None, int]:
     """The served path as deployed for throughput: ``--server-workers`` server processes on one
     port, ``--client-procs`` client processes each sending every photo as prepared network
     inputs (decoded and preprocessed by the client, so the server does neither) over
     ``--streams`` streams on as many connections, all started together; ``sparse`` asks for
-    activations as sparse rows (what the concept engine asks for). Returns img/s over
+    activations as sparse rows (what the concept engine asks for), ``half`` sends the inputs
+    as float16 (half the bytes). Returns img/s over
     the whole run, the server group's CPU ms per image, and the images sent."""
     import json
     import subprocess
@@ -298,7 +299,8 @@ def scale_out(args: argparse.Namespace, precision: str, sparse: bool = False
     pids = server.worker_pids  # type: ignore[attr-defined]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--client-run", address,
            "--precision", precision, "--images", str(args.images), "--data", str(args.data),
-           "--streams", str(args.streams), "--layer", args.layer, *(["--sparse"] if sparse else [])]
+           "--streams", str(args.streams), "--layer", args.layer, *(["--sparse"] if sparse else []),
+           *(["--half"] if half else [])]
     env = child_env(env)
     clients = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                 env=env) for _ in range(args.client_procs)]
@@ -307,7 +309,8 @@ def scale_out(args: argparse.Namespace, precision: str, sparse: bool = False
             assert c.stdout is not None
             if c.stdout.readline().strip() != "ready":
                 raise SystemExit("a benchmark client did not start")
-        spy = _start_profile(pids[0], f"{'sparse' if sparse else 'dense'}-w{args.server_workers}")
+        spy = _start_profile(pids[0], f"{'sparse' if sparse else 'dense'}{'-f16' if half else ''}"
+                                      f"-w{args.server_workers}")
         cpu0 = [_process_cpu_s(p) for p in pids]
         t0 = time.perf_counter()
         for c in clients:
@@ -343,10 +346,13 @@ def scale_out_only(args: argparse.Namespace) -> int:
           f"{args.images} images each, {precision}, batch {args.batch_size}")
     for workers in (int(w) for w in args.scale_out_only.split(",") if w):
         args.server_workers = workers
-        for sparse in (False, True):
-            ips, server_ms, sent = scale_out(args, precision, sparse)
-            name = (f"scale-out {precision} prep{' sparse' if sparse else ''} w{workers} "
-                    f"c{args.client_procs}x{args.streams}")
+        # float16 inputs where they are exact (fp16 on CUDA) or ~0.03% off (fp32), not int8
+        variants = [(False, False), (True, False)] + ([(True, True)] if precision != "int8"
+                                                      else [])
+        for sparse, half in variants:
+            ips, server_ms, sent = scale_out(args, precision, sparse, half)
+            name = (f"scale-out {precision} prep{' f16' if half else ''}"
+                    f"{' sparse' if sparse else ''} w{workers} c{args.client_procs}x{args.streams}")
             rows.append({"path": name, "img_s": ips, "server_ms": server_ms, "images": sent})
             cpu = "n/a" if server_ms is None else f"{server_ms:.2f} ms"
             print(f"{name:<40}{ips:>9.1f} img/s  server CPU per image {cpu}", flush=True)
@@ -372,7 +378,8 @@ def client_run(args: argparse.Namespace) -> int:
     payload = []
     for i, p in enumerate(files):
         img = decode_image(p.read_bytes())
-        payload.append((f"{i}", PreparedInputs(preprocess(img, pre, opts.resize_mode, opts.size),
+        x = preprocess(img, pre, opts.resize_mode, opts.size)
+        payload.append((f"{i}", PreparedInputs(x.astype(np.float16) if args.half else x,
                                                None, (img.shape[0], img.shape[1]))))
     over_grpc(args.client_run, payload[:2 * args.streams], opts, args.streams, args.streams)
     print("ready", flush=True)
@@ -421,13 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-run", metavar="ADDRESS", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="", help=argparse.SUPPRESS)
     parser.add_argument("--sparse", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--half", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--server-workers", type=int, default=0,
                         help="with --server-process: also a scale-out row, this many server "
                              "processes (dff serve features --workers) fed prepared inputs by "
                              "--client-procs client processes")
     parser.add_argument("--scale-out-only", metavar="WORKERS",
                         help="only scale-out rows, one per server group size (comma-separated, "
-                             "e.g. 4,8,12), dense and sparse, at the first of --precisions")
+                             "e.g. 4,8,12), dense, sparse and (not for int8) sparse with "
+                             "float16 inputs, at the first of --precisions")
     parser.add_argument("--client-procs", type=int, default=2,
                         help="client processes of the scale-out row (each sends every photo)")
     parser.add_argument("--data", type=Path, default=DATA,
@@ -543,9 +552,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.server_workers > 0:
                 prec = (extractor.default_precision if extractor.default_precision in precisions
                         else precisions[0])
-                for sparse in (False, True):
-                    ips, server_ms, _ = scale_out(args, prec, sparse)
-                    name = (f"scale-out {prec} prep{' sparse' if sparse else ''} "
+                variants = [(False, False), (True, False)] + ([(True, True)]
+                                                              if prec != "int8" else [])
+                for sparse, half in variants:
+                    ips, server_ms, _ = scale_out(args, prec, sparse, half)
+                    name = (f"scale-out {prec} prep{' f16' if half else ''}"
+                            f"{' sparse' if sparse else ''} "
                             f"w{args.server_workers} c{args.client_procs}x{args.streams}")
                     times[(name, "float32")] = [n / ips]
                     served_cpu[name] = (ips, server_ms, None)

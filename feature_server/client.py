@@ -29,7 +29,13 @@ in-process Extractor, over one or several feature-server addresses.
   are sent as they are (the server answers them as always).
 - With ``prepare_locally`` (or ``DFF_CLIENT_PREPARE=1``) the client also preprocesses, with
   the server's own code and the preprocessing DescribeModel states, and sends the network
-  inputs (PreparedImage): the server then neither decodes nor preprocesses.
+  inputs (PreparedImage): the server then neither decodes nor preprocesses. With
+  ``prepared_dtype="float16"`` (or ``DFF_CLIENT_PREPARE=float16``) it sends them as float16:
+  half the bytes, which the server's CPU pays for more than for anything else on this path;
+  on CUDA lossless for the fp16 models (their first step rounds the input to float16), and
+  within 1/16 of a grey level (of 255) of the float32 inputs otherwise (fp32 activations
+  ~0.03% apart). Int8 models, and servers that do not state ``accepts_prepared_float16``,
+  get float32.
 - TLS / mutual TLS / bearer token come from ``security`` (default: the process default, see
   :mod:`dff_protos.security`).
 """
@@ -156,7 +162,8 @@ class FeatureClient:
                  security: ClientSecurity | None = None,
                  decode_locally: bool | None = None,
                  connections_per_address: int | None = None,
-                 prepare_locally: bool | None = None) -> None:
+                 prepare_locally: bool | None = None,
+                 prepared_dtype: str | None = None) -> None:
         self.addresses = parse_addresses(addresses)
         self.decode_locally = (os.environ.get("DFF_CLIENT_DECODE", "0") == "1"
                                if decode_locally is None else decode_locally)
@@ -164,8 +171,14 @@ class FeatureClient:
         self._decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._capabilities: dict[str, bool] = {}
-        self.prepare_locally = (os.environ.get("DFF_CLIENT_PREPARE", "0") == "1"
+        env_prepare = os.environ.get("DFF_CLIENT_PREPARE", "0").strip().lower()
+        self.prepare_locally = (env_prepare in ("1", "float16")
                                 if prepare_locally is None else prepare_locally)
+        self.prepared_dtype = prepared_dtype or ("float16" if env_prepare == "float16"
+                                                 else "float32")
+        if self.prepared_dtype not in ("float32", "float16"):
+            raise errors.InvalidInput(f"prepared_dtype must be float32 or float16, got "
+                                      f"{self.prepared_dtype!r}")
         self.timeout = timeout
         self.timeout_per_item = timeout_per_item
         self.item_deadline = item_deadline
@@ -361,7 +374,11 @@ class FeatureClient:
         if self.prepare_locally and self._accepts("accepts_prepared_images"):
             pre = self._preprocessing(options)
             if pre is not None:
-                convert = functools.partial(self._local_inputs, options=options, pre=pre)
+                half = (self.prepared_dtype == "float16"
+                        and self._accepts("accepts_prepared_float16")
+                        and self._model_precision(options.model) != "int8")
+                convert = functools.partial(self._local_inputs, options=options, pre=pre,
+                                            half=half)
         if convert is None and (self.decode_locally or self.prepare_locally or arrays):
             convert = (self._local_pixels if self._accepts("accepts_decoded_images")
                        else _as_file)
@@ -405,11 +422,25 @@ class FeatureClient:
             out.append(Preprocessing.from_dict(model["preprocessing"]))
         return out[0], out[1]
 
+    def _model_precision(self, model: str) -> str:
+        """The precision DescribeModel states for ``model`` ('' when unknown). An int8 model
+        gets float32 inputs even where float16 ones were asked for: its own quantisation of
+        the input turns their rounding (< 1/16 of a grey level) into ~4% different
+        activations, against ~0.03% for fp32 and none for fp16 on CUDA."""
+        try:
+            for m in self.describe()["models"]:
+                if m["name"] == model:
+                    return str(m.get("precision", ""))
+        except errors.DFFError:
+            pass
+        return ""
+
     def _local_inputs(self, data: ImageData, *, options: ExtractOptions,
-                      pre: tuple[Preprocessing | None, Preprocessing | None]
-                      ) -> ImageData | PreparedInputs:
-        """The network inputs the server would make of ``data`` (its own preprocessing code);
-        the item unchanged where they cannot be made here (the server answers it)."""
+                      pre: tuple[Preprocessing | None, Preprocessing | None],
+                      half: bool = False) -> ImageData | PreparedInputs:
+        """The network inputs the server would make of ``data`` (its own preprocessing code),
+        rounded to float16 with ``half``; the item unchanged where they cannot be made here
+        (the server answers it)."""
         try:
             img = (pixels_to_image(data) if isinstance(data, np.ndarray)
                    else decode_image(data))
@@ -419,6 +450,9 @@ class FeatureClient:
         x = (None if features_pre is None
              else preprocess(img, features_pre, options.resize_mode, options.size))
         cx = None if classifier_pre is None else preprocess(img, classifier_pre)
+        if half:
+            x = None if x is None else x.astype(np.float16)
+            cx = None if cx is None else cx.astype(np.float16)
         inputs = PreparedInputs(x, cx, (int(img.shape[0]), int(img.shape[1])))
         if sum(a.nbytes for a in (x, cx) if a is not None) > self.max_image_bytes:
             return data
@@ -440,6 +474,7 @@ class FeatureClient:
             if not self._capabilities[capability]:
                 log.warning("the feature server does not state %s (it predates it): sending "
                             "%s", capability, "encoded images" if "decoded" in capability
+                            else "float32 inputs" if "float16" in capability
                             else "decoded images or files")
         return self._capabilities[capability]
 

@@ -16,6 +16,7 @@ from dff_protos import status, wire
 from dff_protos.errors import InvalidInput
 from dff_protos.v1 import common_pb2, features_pb2
 
+from feature_server import kernels
 from feature_server.extractor import Activation, ExtractOptions, ExtractResult, ImageData
 from feature_server.images import DecodeLimits, check_pixels
 from feature_server.models.registry import DEFAULT_CLASSIFIER, DEFAULT_FEATURE_MODEL
@@ -40,8 +41,9 @@ _RESIZE_NAME: dict[int, str] = {common_pb2.SQUASH: "squash", common_pb2.KEEP_ASP
 
 @dataclass(frozen=True)
 class PreparedInputs:
-    """Network inputs a client made itself (sent as a PreparedImage): float32 (3, h, w) each,
-    None where the options do not ask for that network; the decoded image's (height, width)."""
+    """Network inputs a client made itself (sent as a PreparedImage): float32 (3, h, w) each -
+    or float16, sent as FLOAT16 (half the bytes) - None where the options do not ask for that
+    network; the decoded image's (height, width)."""
 
     features_input: np.ndarray | None
     classifier_input: np.ndarray | None
@@ -55,10 +57,12 @@ def image_request(item_id: str, data: ImageData | PreparedInputs) -> features_pb
     if isinstance(data, PreparedInputs):
         msg = features_pb2.PreparedImage(id=item_id, original_height=data.original_size[0],
                                          original_width=data.original_size[1])
-        if data.features_input is not None:
-            wire.fill_tensor(msg.features_input, data.features_input)
-        if data.classifier_input is not None:
-            wire.fill_tensor(msg.classifier_input, data.classifier_input)
+        for field, array in (("features_input", data.features_input),
+                             ("classifier_input", data.classifier_input)):
+            if array is not None:
+                wire.fill_tensor(getattr(msg, field), array,
+                                 common_pb2.FLOAT16 if array.dtype == np.float16
+                                 else common_pb2.FLOAT32)
         return features_pb2.ExtractRequest(prepared=msg)
     if isinstance(data, np.ndarray):
         check_pixels(data.shape, data.dtype, DecodeLimits(max_pixels=2**62))
@@ -80,18 +84,20 @@ def pixels_from_proto(msg: common_pb2.Tensor, limits: DecodeLimits) -> np.ndarra
 
 
 def prepared_from_proto(msg: features_pb2.PreparedImage) -> PreparedInputs:
-    """A PreparedImage's inputs as float32 views of the message's bytes (dtype, rank and byte
-    count checked before anything is allocated; shapes are checked by Extractor.adopt)."""
+    """A PreparedImage's inputs as float32 arrays: views of the message's bytes, or FLOAT16
+    tensors widened exactly (a compiled kernel, no GIL). Dtype, rank and byte count are checked
+    before anything is allocated; shapes are checked by Extractor.adopt."""
     def tensor(field: str) -> np.ndarray | None:
         if not msg.HasField(field):
             return None
         t = getattr(msg, field)
-        if t.dtype not in (common_pb2.FLOAT32, common_pb2.DTYPE_UNSPECIFIED):
-            raise InvalidInput(f"prepared image: {field} must be FLOAT32")
+        if t.dtype not in (common_pb2.FLOAT32, common_pb2.FLOAT16, common_pb2.DTYPE_UNSPECIFIED):
+            raise InvalidInput(f"prepared image: {field} must be FLOAT32 or FLOAT16")
         if len(t.shape) != 3 or any(v < 1 for v in t.shape):
             raise InvalidInput(f"prepared image: {field} must have shape (3, h, w), got "
                                f"{list(t.shape)}")
-        return wire.from_tensor(t, as_float32=False)
+        array = wire.from_tensor(t, as_float32=False)
+        return kernels.half_to_float(array) if array.dtype == np.float16 else array
 
     return PreparedInputs(tensor("features_input"), tensor("classifier_input"),
                           (int(msg.original_height), int(msg.original_width)))
@@ -186,7 +192,8 @@ def describe_to_proto(desc: dict, config: ServerConfig, server_version: str
             max_concurrent_streams=config.max_concurrent_streams),
         precisions=desc.get("precisions", []), default_precision=desc.get("default_precision", ""),
         accepts_decoded_images=desc.get("accepts_decoded_images", False),
-        accepts_prepared_images=desc.get("accepts_prepared_images", False))
+        accepts_prepared_images=desc.get("accepts_prepared_images", False),
+        accepts_prepared_float16=desc.get("accepts_prepared_float16", False))
     for m in desc["models"]:
         pre = m["preprocessing"]
         info = features_pb2.ModelInfo(
@@ -266,6 +273,7 @@ def describe_from_proto(resp: features_pb2.DescribeModelResponse) -> dict:
             "precisions": list(resp.precisions), "default_precision": resp.default_precision,
             "accepts_decoded_images": resp.accepts_decoded_images,
             "accepts_prepared_images": resp.accepts_prepared_images,
+            "accepts_prepared_float16": resp.accepts_prepared_float16,
             "limits": {"max_message_bytes": resp.limits.max_message_bytes,
                        "max_pixels": resp.limits.max_pixels,
                        "max_batch_size": resp.limits.max_batch_size,

@@ -631,4 +631,5 @@ class Extractor:
                 "precisions": list(self.precisions),
                 "default_precision": self.default_precision,
                 "accepts_decoded_images": True,  # (id, uint8 BGR array) items
-                "accepts_prepared_images": True}  # network inputs made elsewhere: adopt()
+                "accepts_prepared_images": True,  # network inputs made elsewhere: adopt()
+                "accepts_prepared_float16": True}  # ... sent as float16 (convert widens them)

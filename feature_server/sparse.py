@@ -11,20 +11,21 @@ position's non-zero channels (ascending) - which is what the engine's V is made 
 * in the engine no dense copy and no dense -> sparse conversion (SciPy's took 0.37 ms per image).
 
 Lossless: :meth:`SparseActivation.toarray` gives the dense activation back exactly.
-:func:`from_dense` runs a compiled kernel (Numba, no GIL: ~0.06 ms per conv5_4 image) where
-Numba is available and not switched off (``DFF_KERNELS=0``), else NumPy (same result, ~0.3 ms).
+:func:`from_dense` runs a compiled kernel (:mod:`feature_server.kernels`, Numba, no GIL: ~0.06 ms
+per conv5_4 image) where Numba is available and not switched off (``DFF_KERNELS=0``), else NumPy
+(same result, ~0.3 ms).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 from dff_protos.errors import InvalidInput
+
+from feature_server import kernels
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +36,6 @@ MAX_CHANNELS = 65535
 #: A sparse message is small whatever shape it claims, so the claim is what is bounded
 MAX_DENSE_ELEMENTS = 2**30
 
-# the same on-disk cache as the concept engine's kernels (concept_engine.compiled)
-os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
-    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-    "dff", "numba"))
-
-numba: ModuleType | None
-try:
-    import numba
-except ImportError:  # pragma: no cover - exercised only where numba is not installed
-    numba = None
-
-_KERNELS = numba is not None and os.environ.get("DFF_KERNELS", "1") != "0"
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,12 +145,14 @@ def from_dense(activation: np.ndarray) -> SparseActivation:
     plane = act.reshape(c, h * w)
     if plane.dtype != np.float32:
         plane = plane.astype(np.float32)
-    if _KERNELS:
+    if kernels.AVAILABLE:
+        # two passes (count, then fill) so that the outputs are allocated at their final
+        # size: the plane (0.4 MB for conv5_4) is still in cache for the second
         indptr = np.empty(h * w + 1, np.int32)
-        nnz = _count_rows(plane, indptr)
+        nnz = kernels.count_rows(plane, indptr)
         indices = np.empty(nnz, np.uint16)
         values = np.empty(nnz, np.float32)
-        _fill_rows(plane, indptr, indices, values)
+        kernels.fill_rows(plane, indptr, indices, values)
     else:
         rows = np.ascontiguousarray(plane.T)
         flat = np.flatnonzero(rows)
@@ -171,44 +162,3 @@ def from_dense(activation: np.ndarray) -> SparseActivation:
         indptr = np.zeros(h * w + 1, np.int32)
         np.cumsum(np.bincount(position, minlength=h * w), out=indptr[1:])
     return SparseActivation((c, h, w), indptr, indices, values)
-
-
-def _count_rows_py(plane: np.ndarray, indptr: np.ndarray) -> int:
-    """indptr[p] = non-zeros before position p (p = 0..P); returns the total."""
-    c, p_count = plane.shape
-    n = 0
-    for p in range(p_count):
-        indptr[p] = n
-        for ch in range(c):
-            n += plane[ch, p] != 0
-    indptr[p_count] = n
-    return n
-
-
-def _fill_rows_py(plane: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
-                  values: np.ndarray) -> None:
-    """Each position's non-zero channels and values, in order, at indptr[p]."""
-    c, p_count = plane.shape
-    for p in range(p_count):
-        n = indptr[p]
-        for ch in range(c):
-            v = plane[ch, p]
-            if v != 0:
-                indices[n] = ch
-                values[n] = v
-                n += 1
-
-
-def _compile(fn: Any) -> Any:
-    if numba is None:
-        return fn
-    try:
-        return numba.njit(nogil=True, cache=True, boundscheck=False)(fn)
-    except Exception:  # noqa: BLE001 - an unusable cache directory must not break the import
-        return numba.njit(nogil=True, boundscheck=False)(fn)
-
-
-# Two passes (count, then fill) so that the outputs are allocated at their final size: the
-# plane (0.4 MB for conv5_4) is still in cache for the second.
-_count_rows = _compile(_count_rows_py)
-_fill_rows = _compile(_fill_rows_py)

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from dff_protos.errors import InvalidInput
 from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
 
-import feature_server.sparse as sparse_module
+import feature_server.kernels as kernels_module
 from feature_server.client import FeatureClient
 from feature_server.convert import (
     image_request,
@@ -56,7 +56,7 @@ def test_known_answer():
 
 @pytest.mark.parametrize("kernels", [True, False])
 def test_kernel_and_numpy_agree_with_scipy(monkeypatch, kernels):
-    monkeypatch.setattr(sparse_module, "_KERNELS", kernels)
+    monkeypatch.setattr(kernels_module, "AVAILABLE", kernels)
     rng = np.random.default_rng(1)
     act = rng.standard_normal((512, 14, 14)).astype(np.float32)
     act[act < 1.5] = 0  # ~7% non-zeros, like conv5_4 after its ReLU
