@@ -171,7 +171,8 @@ def _add_common_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-prepare", action="store_true",
                    help="with --feature-server: decode AND preprocess the images here and send "
                         "the network inputs, so the servers neither decode nor preprocess "
-                        "(same as DFF_CLIENT_PREPARE=1)")
+                        "(same as DFF_CLIENT_PREPARE=1; DFF_CLIENT_PREPARE=float16 sends them "
+                        "as float16, half the bytes)")
     p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="deadline of each service call (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true",

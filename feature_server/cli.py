@@ -159,7 +159,8 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
     extract.add_argument("--client-prepare", action="store_true",
                          help="with --feature-server: decode and preprocess the images here "
                               "and send the network inputs (the servers neither decode nor "
-                              "preprocess; same as DFF_CLIENT_PREPARE=1)")
+                              "preprocess; same as DFF_CLIENT_PREPARE=1; "
+                              "DFF_CLIENT_PREPARE=float16 sends them as float16)")
     extract.add_argument("--sparse", action="store_true",
                          help="with --feature-server: activations travel as sparse rows "
                               "(lossless, ~10x fewer bytes after a ReLU); the file still holds "
