@@ -342,10 +342,15 @@ def scale_out_only(args: argparse.Namespace) -> int:
 
     precision = (args.precisions.split(",")[0] if args.precisions else "fp32")
     rows = []
-    print(f"{cpu_description()}\n{args.client_procs} client processes x {args.streams} streams, "
-          f"{args.images} images each, {precision}, batch {args.batch_size}")
+    print(f"{cpu_description()}\n{args.client_procs} client processes x {args.streams} streams "
+          f"or more (3 connections per server process), {args.images} images each, "
+          f"{precision}, batch {args.batch_size}")
+    base_streams = args.streams
     for workers in (int(w) for w in args.scale_out_only.split(",") if w):
         args.server_workers = workers
+        # SO_REUSEPORT hashes connections onto the workers: with c connections per worker a
+        # worker gets none with probability ~e^-c, so open at least 3 per worker (5%)
+        args.streams = max(base_streams, -(-3 * workers // max(1, args.client_procs)))
         # float16 inputs where they are exact (fp16 on CUDA) or ~0.03% off (fp32), not int8
         variants = [(False, False), (True, False)] + ([(True, True)] if precision != "int8"
                                                       else [])
