@@ -84,12 +84,12 @@ def run_parts(fn: Callable[..., Any], parts: Sequence[tuple[Any, ...]],
     return [first, *(f.result() for f in rest)]
 
 
-def split_run(fn: Callable[[int, int], Any], n: int, min_items: int = 1) -> None:
+def split_run(fn: Callable[[int, int], Any], n: int, min_items: int = 1) -> list[Any]:
     """fn(start, stop) over range(n) cut into one contiguous part per core (parts of at least
-    min_items), with :func:`run_parts`."""
+    min_items), with :func:`run_parts`; the parts' results in order."""
     count = max(1, min(os.cpu_count() or 1, n // max(min_items, 1)))
     cuts = [n * i // count for i in range(count + 1)]
-    run_parts(fn, list(zip(cuts[:-1], cuts[1:], strict=True)))
+    return run_parts(fn, list(zip(cuts[:-1], cuts[1:], strict=True)))
 
 
 def register_warmer(fn: Callable[[], None]) -> Callable[[], None]:

@@ -18,7 +18,6 @@ per conv5_4 image) where Numba is available and not switched off (``DFF_KERNELS=
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +25,6 @@ import numpy as np
 from dff_protos.errors import InvalidInput
 
 from feature_server import kernels
-
-log = logging.getLogger(__name__)
 
 #: channel numbers travel as uint16
 MAX_CHANNELS = 65535
