@@ -74,7 +74,9 @@ def on_device(extractor: Extractor, xs: list[np.ndarray], options: ExtractOption
 
     spec = extractor.registry[options.model]
     session = extractor._session(options.model, options.layers)
-    batches = [ort.OrtValue.ortvalue_from_numpy(np.stack(xs[s:s + batch_size]), "cuda", 0)
+    dtype = extractor.input_dtype(options.model, options.layers)  # float16: half IO
+    batches = [ort.OrtValue.ortvalue_from_numpy(np.stack(xs[s:s + batch_size]).astype(dtype),
+                                                "cuda", 0)
                for s in range(0, len(xs), batch_size)]
 
     def run(value) -> None:
@@ -479,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     precisions = ([p for p in args.precisions.split(",") if p] if args.precisions
                   else list(extractor.precisions))
     extra_batches = [int(b) for b in args.batch_sizes.split(",") if b]
+    # half IO (the fp16 model taking and giving float16, on by default on a GPU) against the
+    # same model with float32 input and outputs: the host-copy rows of both
+    full_io = (Extractor.from_cache(args.home, batch_size=args.batch_size,
+                                    providers=extractor.providers, precisions=["fp16"],
+                                    half_io=False)
+               if extractor.half_io and "fp16" in precisions else None)
     try:
         warm = ExtractOptions(layers=(args.layer,))
         list(extractor.extract(items[:args.batch_size], warm))  # warm-up
@@ -487,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
             opts = ExtractOptions(layers=(args.layer,), precision=prec)
             for b in {args.batch_size, *extra_batches}:
                 ort_only(extractor, xs[:b], opts, b)  # session + shape warm-up
+        if full_io is not None:
+            ort_only(full_io, xs[:args.batch_size], ExtractOptions(
+                layers=(args.layer,), precision="fp16"), args.batch_size)
         if not args.no_grpc:
             over_grpc(address, items[:args.batch_size], warm, 1)
         n = len(items)
@@ -503,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
                     if extractor.execution_provider == "CUDAExecutionProvider":
                         times.setdefault((f"ORT on GPU {prec} b{b}", "-"), []).append(
                             on_device(extractor, xs, opts, b))
+                if full_io is not None and prec == "fp16":
+                    times.setdefault((f"ORT only fp16 b{args.batch_size} float32 IO", "-"),
+                                     []).append(ort_only(full_io, xs, opts, args.batch_size))
                 times.setdefault((f"in-process {prec}", "float32"), []).append(
                     in_process(extractor, items, opts))
                 if not args.no_grpc:

@@ -16,7 +16,6 @@ from dff_protos import status, wire
 from dff_protos.errors import InvalidInput
 from dff_protos.v1 import common_pb2, features_pb2
 
-from feature_server import kernels
 from feature_server.extractor import Activation, ExtractOptions, ExtractResult, ImageData
 from feature_server.images import DecodeLimits, check_pixels
 from feature_server.models.registry import DEFAULT_CLASSIFIER, DEFAULT_FEATURE_MODEL
@@ -84,9 +83,10 @@ def pixels_from_proto(msg: common_pb2.Tensor, limits: DecodeLimits) -> np.ndarra
 
 
 def prepared_from_proto(msg: features_pb2.PreparedImage) -> PreparedInputs:
-    """A PreparedImage's inputs as float32 arrays: views of the message's bytes, or FLOAT16
-    tensors widened exactly (a compiled kernel, no GIL). Dtype, rank and byte count are checked
-    before anything is allocated; shapes are checked by Extractor.adopt."""
+    """A PreparedImage's inputs as float32 or float16 arrays: views of the message's bytes.
+    Dtype, rank and byte count are checked before anything is allocated; shapes are checked,
+    and the arrays converted to what the model takes, by Extractor.adopt (a float16 input to a
+    float32 model is widened exactly there; a half-IO model takes it as it is)."""
     def tensor(field: str) -> np.ndarray | None:
         if not msg.HasField(field):
             return None
@@ -96,8 +96,7 @@ def prepared_from_proto(msg: features_pb2.PreparedImage) -> PreparedInputs:
         if len(t.shape) != 3 or any(v < 1 for v in t.shape):
             raise InvalidInput(f"prepared image: {field} must have shape (3, h, w), got "
                                f"{list(t.shape)}")
-        array = wire.from_tensor(t, as_float32=False)
-        return kernels.half_to_float(array) if array.dtype == np.float16 else array
+        return wire.from_tensor(t, as_float32=False)
 
     return PreparedInputs(tensor("features_input"), tensor("classifier_input"),
                           (int(msg.original_height), int(msg.original_width)))
@@ -193,7 +192,8 @@ def describe_to_proto(desc: dict, config: ServerConfig, server_version: str
         precisions=desc.get("precisions", []), default_precision=desc.get("default_precision", ""),
         accepts_decoded_images=desc.get("accepts_decoded_images", False),
         accepts_prepared_images=desc.get("accepts_prepared_images", False),
-        accepts_prepared_float16=desc.get("accepts_prepared_float16", False))
+        accepts_prepared_float16=desc.get("accepts_prepared_float16", False),
+        half_io=desc.get("half_io", False))
     for m in desc["models"]:
         pre = m["preprocessing"]
         info = features_pb2.ModelInfo(
@@ -274,6 +274,7 @@ def describe_from_proto(resp: features_pb2.DescribeModelResponse) -> dict:
             "accepts_decoded_images": resp.accepts_decoded_images,
             "accepts_prepared_images": resp.accepts_prepared_images,
             "accepts_prepared_float16": resp.accepts_prepared_float16,
+            "half_io": resp.half_io,
             "limits": {"max_message_bytes": resp.limits.max_message_bytes,
                        "max_pixels": resp.limits.max_pixels,
                        "max_batch_size": resp.limits.max_batch_size,

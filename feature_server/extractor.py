@@ -25,6 +25,7 @@ from feature_server.images import (
     pixels_to_image,
     preprocess,
 )
+from feature_server.kernels import half_to_float
 from feature_server.models.precision import PRECISIONS, variant_name
 from feature_server.models.registry import (
     DEFAULT_CLASSIFIER,
@@ -138,7 +139,8 @@ class Prepared:
     """A decoded, preprocessed image ready for the batcher."""
 
     id: str
-    features_input: np.ndarray | None   # (3, h, w) float32; None when no layer is asked
+    features_input: np.ndarray | None   # (3, h, w) float32 (float16 for a half-IO model);
+    #                                     None when no layer is asked
     classifier_input: np.ndarray | None  # (3, 224, 224) float32 when the classifier is asked
     original_size: tuple[int, int]
     input_size: tuple[int, int]
@@ -162,11 +164,11 @@ def _check_stride(spec: ModelSpec, options: ExtractOptions, original: tuple[int,
 
 
 def _checked_input(x: np.ndarray | None, want: tuple[int, int], what: str) -> np.ndarray:
-    """A client-made network input: float32, shape (3, *want), finite."""
+    """A client-made network input: float32 or float16, shape (3, *want), finite."""
     if x is None:
         raise InvalidInput(f"prepared image: {what} missing")
-    if x.dtype != np.float32:
-        raise InvalidInput(f"prepared image: {what} must be float32, got {x.dtype}")
+    if x.dtype not in (np.float32, np.float16):
+        raise InvalidInput(f"prepared image: {what} must be float32 or float16, got {x.dtype}")
     if tuple(x.shape) != (3, *want):
         raise InvalidInput(f"prepared image: {what} has shape {tuple(x.shape)}, expected "
                            f"{(3, *want)} for these options and the original size")
@@ -248,7 +250,11 @@ MAX_CUT_SESSIONS = 4
 def round_wire(array: np.ndarray, wire_dtype: str, *, widen: bool = True) -> np.ndarray:
     """float32 array as it arrives after the wire: float16 rounds through half precision.
     With ``widen=False`` a float16 wire gives the float16 array itself (what the server puts
-    on the wire: one conversion instead of three)."""
+    on the wire: one conversion instead of three). A float16 array (a half-IO session's
+    output) is what a float16 wire carries already: kept, or widened exactly."""
+    array = np.asarray(array)
+    if array.dtype == np.float16:
+        return array if wire_dtype == "float16" and not widen else half_to_float(array)
     if wire_dtype == "float16":
         half = np.asarray(array).astype(np.float16)
         return half.astype(np.float32) if widen else half
@@ -266,7 +272,8 @@ class Extractor:
     def __init__(self, registry: dict[str, ModelSpec], *,
                  providers: Sequence[str] | None = None, batch_size: int = 0,
                  limits: DecodeLimits = DEFAULT_LIMITS, intra_op_threads: int = 0,
-                 precisions: Sequence[str] | None = None, decode_workers: int = 0) -> None:
+                 precisions: Sequence[str] | None = None, decode_workers: int = 0,
+                 half_io: bool | None = None) -> None:
         """``precisions`` (e.g. ('int8', 'fp32')) keeps only those variants of the feature
         models; the sessions of the first precision (default: the provider's default precision)
         and the classifiers are created now, the others on first use. ``batch_size`` images
@@ -274,7 +281,8 @@ class Extractor:
         CUDA / TensorRT). ``decode_workers``
         threads decode the images of the next batch while the network runs (0 = min(16, cores):
         decoding scaled to 1963 img/s on 16 threads of a 16-core host, 899 on 4;
-        1 = decode inline)."""
+        1 = decode inline). ``half_io``: see :attr:`half_io` (None: ``$DFF_HALF_IO``, else
+        on with a GPU provider)."""
         import onnxruntime as ort
 
         if not registry:
@@ -297,6 +305,14 @@ class Extractor:
         self.providers = select_providers(providers)
         self._sessions: dict[tuple[str, frozenset[str]], Any] = {}
         self._uncut: set[str] = set()  # models whose graph cannot be cut (see _session)
+        # fp16 models on a GPU take and give float16 (models.build.with_half_io): the same
+        # values, half the bytes copied to and from the device, no conversion of a float16
+        # prepared input or for a float16 wire. DFF_HALF_IO=0 keeps float32 input and
+        # outputs; =1 also on the CPU (whose fp16 model computes in float32: it then rounds
+        # its input and activations to float16, as the GPU does).
+        half_env = os.environ.get("DFF_HALF_IO", "") if half_io is None else str(int(half_io))
+        self.half_io = half_env == "1" or (half_env != "0" and self.providers[0] in GPU_PROVIDERS)
+        self._half_sessions: set[int] = set()  # id() of the sessions that take float16
         self._lock = threading.Lock()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
@@ -322,6 +338,13 @@ class Extractor:
         first = next(iter(self._sessions.values()))
         self.execution_provider: str = first.get_providers()[0]
         self.io_binding = self.execution_provider != "CPUExecutionProvider"
+        if self.half_io and half_env != "1" and self.execution_provider not in GPU_PROVIDERS:
+            # the GPU provider did not load: float32 sessions, as on any CPU
+            self.half_io = False
+            for key, session in list(self._sessions.items()):
+                if id(session) in self._half_sessions:
+                    del self._sessions[key]
+            self._half_sessions.clear()
         self.batch_size = batch_size or (GPU_BATCH if self.execution_provider in GPU_PROVIDERS
                                          else CPU_BATCH)
         self.default_precision = (precisions[0] if precisions
@@ -333,7 +356,8 @@ class Extractor:
     def from_cache(cls, home: str | os.PathLike[str] | None = None,
                    providers: Sequence[str] | None = None, batch_size: int = 0, *,
                    build: bool = True, limits: DecodeLimits = DEFAULT_LIMITS,
-                   precisions: Sequence[str] | None = None) -> Extractor:
+                   precisions: Sequence[str] | None = None,
+                   half_io: bool | None = None) -> Extractor:
         """An Extractor over the models in ``$DFF_HOME/models`` (built first when missing).
 
         ``precisions`` defaults to the comma-separated ``$DFF_PRECISIONS`` when set (how
@@ -341,7 +365,7 @@ class Extractor:
         if precisions is None and os.environ.get("DFF_PRECISIONS"):
             precisions = [p.strip() for p in os.environ["DFF_PRECISIONS"].split(",") if p]
         return cls(ensure_models(home, build=build), providers=providers,
-                   batch_size=batch_size, limits=limits, precisions=precisions)
+                   batch_size=batch_size, limits=limits, precisions=precisions, half_io=half_io)
 
     def _session(self, name: str, outputs: Iterable[str] = ()) -> Any:
         """The session of model ``name`` computing ``outputs`` (default: all of its outputs).
@@ -367,14 +391,16 @@ class Extractor:
             if session is not None:
                 return session
             source: str | bytes = str(spec.onnx_path)
-            if wanted:
+            half = self.half_io and spec.kind == "features" and spec.precision == "fp16"
+            if wanted or half:
                 import onnx
 
-                from feature_server.models.build import with_outputs
+                from feature_server.models.build import with_half_io, with_outputs
 
+                model = onnx.load(str(spec.onnx_path))
                 try:
-                    source = with_outputs(onnx.load(str(spec.onnx_path)),
-                                          wanted).SerializeToString()
+                    if wanted:
+                        model = with_outputs(model, wanted)
                 except Exception as exc:  # noqa: BLE001 - subgraphs, or above protobuf's 2 GiB
                     log.info("model %s runs on its whole graph: %s", name, exc)
                     self._uncut.add(name)
@@ -382,10 +408,30 @@ class Extractor:
                     session = self._sessions.get((name, wanted))
                     if session is not None:
                         return session
+                halved = with_half_io(model) if half else None
+                if half and halved is None:
+                    log.info("model %s keeps float32 input and outputs: its graph is not a "
+                             "float16 one between Casts", name)
+                try:
+                    source = (halved or model).SerializeToString()
+                except Exception as exc:  # noqa: BLE001 - above protobuf's 2 GiB
+                    log.info("model %s runs on its whole graph: %s", name, exc)
+                    self._uncut.add(name)
+                    wanted, halved = frozenset(), None
+            else:
+                halved = None
             session = ort.InferenceSession(source, self._session_options,
                                            providers=provider_options(self.providers))
             self._sessions[(name, wanted)] = session
+            if halved is not None:
+                self._half_sessions.add(id(session))
             return session
+
+    def input_dtype(self, name: str, outputs: Iterable[str] = ()) -> type:
+        """np.float16 when the session of model ``name`` for ``outputs`` takes float16 (a
+        half-IO fp16 model, see :attr:`half_io`), else np.float32."""
+        session = self._session(name, outputs)
+        return np.float16 if id(session) in self._half_sessions else np.float32
 
     def _names(self, kind: str) -> list[str]:
         return sorted(n for n, s in self.registry.items() if s.kind == kind)
@@ -430,6 +476,8 @@ class Extractor:
         if options.layers:
             x = preprocess(img, spec.preprocessing, options.resize_mode, options.size)
             _check_stride(spec, options, (img.shape[0], img.shape[1]), x.shape[1:])
+            if self.input_dtype(options.model, options.layers) == np.float16:
+                x = x.astype(np.float16)  # rounds as the model's own first Cast would
         if options.wants_classifier:
             cx = preprocess(img, self.registry[options.classifier].preprocessing)
         net_in = x if x is not None else cx
@@ -457,12 +505,18 @@ class Extractor:
                                       options.size)
             x = _checked_input(features_input, want, "features_input")
             _check_stride(spec, options, (h, w), want)
+            if self.input_dtype(options.model, options.layers) == np.float16:
+                x = x if x.dtype == np.float16 else x.astype(np.float16)
+            elif x.dtype == np.float16:
+                x = half_to_float(x)
         elif features_input is not None:
             raise InvalidInput("prepared image: features_input given, but no layers asked for")
         if options.wants_classifier:
             pre = self.registry[options.classifier].preprocessing
             cx = _checked_input(classifier_input, network_input_size((h, w), pre),
                                 "classifier_input")
+            if cx.dtype == np.float16:
+                cx = half_to_float(cx)
         elif classifier_input is not None:
             raise InvalidInput("prepared image: classifier_input given, but no class output "
                                "asked for")
@@ -471,15 +525,18 @@ class Extractor:
         return Prepared(item_id, x, cx, (h, w), (net_in.shape[1], net_in.shape[2]))
 
     def run(self, model: str, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
-        """(N, 3, H, W) float32 through ``model``; one (N, ...) float32 array per output."""
+        """(N, 3, H, W) through ``model``; one (N, ...) array per output: float32, or float16
+        from a half-IO session (which takes the batch as float16, rounded if need be)."""
         spec = self.registry[model]
         session = self._session(model, outputs)
+        dtype = np.float16 if id(session) in self._half_sessions else np.float32
+        batch = np.ascontiguousarray(batch, dtype=dtype)
         if not self.io_binding:
             return session.run(outputs, {spec.input_name: batch})
         # On a GPU (default there; settable for tests): IO binding copies the batch to the
         # device once and only the asked outputs back.
         binding = session.io_binding()
-        binding.bind_cpu_input(spec.input_name, np.ascontiguousarray(batch, dtype=np.float32))
+        binding.bind_cpu_input(spec.input_name, batch)
         for name in outputs:
             binding.bind_output(name, "cpu")
         session.run_with_iobinding(binding)
@@ -632,4 +689,5 @@ class Extractor:
                 "default_precision": self.default_precision,
                 "accepts_decoded_images": True,  # (id, uint8 BGR array) items
                 "accepts_prepared_images": True,  # network inputs made elsewhere: adopt()
-                "accepts_prepared_float16": True}  # ... sent as float16 (convert widens them)
+                "accepts_prepared_float16": True,  # ... sent as float16
+                "half_io": self.half_io}  # fp16 models take and give float16

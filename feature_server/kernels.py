@@ -1,10 +1,11 @@
 """The feature server's compiled kernels (Numba: no GIL, cached on disk).
 
 * :func:`count_rows` / :func:`fill_rows`: a dense (C, P) activation plane as CSR rows over its
-  P positions (:mod:`feature_server.sparse`).
+  P positions (:mod:`feature_server.sparse`); :func:`count_rows_half` / :func:`fill_rows_half`
+  the same of a float16 plane, read as its uint16 bits (what a half-IO session gives).
 * :func:`half_to_float`: IEEE float16 -> float32, exact for every one of the 65536 halves
   (NaN payloads included; tested exhaustively). NumPy's own cast runs ~3x slower, and the
-  server widens every float16 prepared input (:mod:`feature_server.convert`).
+  server widens float16 prepared inputs for models that take float32 (:mod:`.extractor`).
 
 Compiled code is cached in ``NUMBA_CACHE_DIR`` (by default ``~/.cache/dff/numba``, the concept
 engine's cache, see ``concept_engine.compiled``; ``/tmp/numba`` in the images). Without Numba,
@@ -20,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AVAILABLE", "count_rows", "fill_rows", "half_to_float"]
+__all__ = ["AVAILABLE", "count_rows", "count_rows_half", "fill_rows", "fill_rows_half",
+           "half_to_float"]
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
@@ -71,6 +73,33 @@ def _fill_rows(plane: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
                 n += 1
 
 
+def _count_rows_half(bits: np.ndarray, indptr: np.ndarray) -> int:
+    """:func:`_count_rows` of a float16 plane given as its uint16 bit patterns (non-zero: any
+    bit but the sign set, so -0.0 counts as zero and NaN as non-zero, as with floats)."""
+    c, p_count = bits.shape
+    n = 0
+    for p in range(p_count):
+        indptr[p] = n
+        for ch in range(c):
+            n += (bits[ch, p] & 0x7FFF) != 0
+    indptr[p_count] = n
+    return n
+
+
+def _fill_rows_half(bits: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
+                    values: np.ndarray) -> None:
+    """:func:`_fill_rows` of uint16 float16 bit patterns (values: uint16, the same bits)."""
+    c, p_count = bits.shape
+    for p in range(p_count):
+        n = indptr[p]
+        for ch in range(c):
+            v = bits[ch, p]
+            if (v & 0x7FFF) != 0:
+                indices[n] = ch
+                values[n] = v
+                n += 1
+
+
 def _half_bits_to_float_bits(src: np.ndarray, dst: np.ndarray) -> None:
     """src: uint16 IEEE half bit patterns; dst: uint32, the float32 bit patterns of the same
     values (sign, exponent rebiased 15 -> 127, mantissa shifted; subnormal halves normalised,
@@ -99,6 +128,8 @@ def _half_bits_to_float_bits(src: np.ndarray, dst: np.ndarray) -> None:
 
 count_rows = _compile(_count_rows)
 fill_rows = _compile(_fill_rows)
+count_rows_half = _compile(_count_rows_half)
+fill_rows_half = _compile(_fill_rows_half)
 _half_bits = _compile(_half_bits_to_float_bits)
 
 

@@ -131,8 +131,8 @@ class SparseActivation:
 
 
 def from_dense(activation: np.ndarray) -> SparseActivation:
-    """A dense (C, h, w) activation (any float dtype; float32 values kept as they are) as
-    :class:`SparseActivation` with float32 values: exactly its non-zero entries."""
+    """A dense (C, h, w) activation as :class:`SparseActivation`: exactly its non-zero entries,
+    with float16 values for a float16 activation (a half-IO session's), else float32."""
     act = np.asarray(activation)
     if act.ndim != 3:
         raise InvalidInput(f"activation of shape {act.shape} is not (C, h, w)")
@@ -140,6 +140,17 @@ def from_dense(activation: np.ndarray) -> SparseActivation:
     if c > MAX_CHANNELS:
         raise InvalidInput(f"sparse activations need at most {MAX_CHANNELS} channels, got {c}")
     plane = act.reshape(c, h * w)
+    if plane.dtype == np.float16 and kernels.AVAILABLE:
+        bits = np.ascontiguousarray(plane).view(np.uint16)
+        indptr = np.empty(h * w + 1, np.int32)
+        nnz = kernels.count_rows_half(bits, indptr)
+        indices = np.empty(nnz, np.uint16)
+        values = np.empty(nnz, np.uint16)
+        kernels.fill_rows_half(bits, indptr, indices, values)
+        return SparseActivation((c, h, w), indptr, indices, values.view(np.float16))
+    if plane.dtype == np.float16:
+        sparse = from_dense(plane.astype(np.float32).reshape(c, h, w))  # exact
+        return sparse.with_values(sparse.values.astype(np.float16))
     if plane.dtype != np.float32:
         plane = plane.astype(np.float32)
     if kernels.AVAILABLE:

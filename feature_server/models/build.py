@@ -240,6 +240,76 @@ def with_outputs(model, outputs: Iterable[str]):
     return cut
 
 
+def with_half_io(model):
+    """A copy of ``model`` (onnx.ModelProto) that takes its input and gives its outputs in
+    float16, or None when its graph is not of that form.
+
+    The fp16 variant (:func:`~feature_server.models.precision.vgg19_fp16_onnx`) computes in
+    float16 between a Cast of its float32 input and a Cast of each output back to float32.
+    Without those Casts the host copies the batch to the GPU and the activations back in half
+    the bytes, and a float16 wire or a float16 prepared input needs no conversion at all. The
+    values are the same: the first Cast only rounds the input to float16 (a float16 input is
+    already so), and the last ones widen float16 values exactly. Needed: a single graph input
+    read only by a Cast to float16, and every graph output made by a Cast to float32 of a
+    float16 value."""
+    import onnx
+    from onnx import TensorProto
+
+    graph = model.graph
+    if len(graph.input) != 1:
+        return None
+    name = graph.input[0].name
+    if graph.input[0].type.tensor_type.elem_type != TensorProto.FLOAT:
+        return None
+
+    def cast_to(node) -> int | None:
+        if node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    readers = [(i, n) for i, n in enumerate(graph.node) if name in n.input]
+    if len(readers) != 1 or cast_to(readers[0][1]) != TensorProto.FLOAT16:
+        return None
+    try:
+        typed = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a graph ONNX cannot type is left as it is
+        return None
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*typed.graph.value_info, *typed.graph.input, *typed.graph.output)}
+    producer = {o: (i, n) for i, n in enumerate(graph.node) for o in n.output}
+    output_casts = []
+    for out in graph.output:
+        i, node = producer.get(out.name, (-1, None))
+        if (node is None or cast_to(node) != TensorProto.FLOAT
+                or types.get(node.input[0]) != TensorProto.FLOAT16):
+            return None
+        output_casts.append((i, node))
+
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    graph = half.graph
+    # the tensors that take over a removed Cast's place: the input itself for what the input
+    # Cast made; the float16 value, renamed to the output's name, for each output Cast
+    rename = {readers[0][1].output[0]: name}
+    for _, node in output_casts:
+        rename[node.input[0]] = node.output[0]
+    drop = {readers[0][0], *(i for i, _ in output_casts)}
+    kept = [n for i, n in enumerate(graph.node) if i not in drop]
+    for node in kept:
+        for i, v in enumerate(node.input):
+            node.input[i] = rename.get(v, v)
+        for i, v in enumerate(node.output):
+            node.output[i] = rename.get(v, v)
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    for out in graph.output:
+        out.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del graph.value_info[:]
+    onnx.checker.check_model(half)
+    return half
+
+
 def _save_onnx(model, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".onnx.tmp")

@@ -343,17 +343,27 @@ def test_half_to_float_is_exact_for_every_half(monkeypatch):
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-def test_float16_prepared_inputs_go_as_float16():
+def test_float16_prepared_inputs_go_as_float16(extractor):
     from feature_server.convert import PreparedInputs, prepared_from_proto
 
-    x = (np.random.default_rng(0).random((3, 8, 8), np.float32) - 0.5) * 255
-    req = image_request("a", PreparedInputs(x.astype(np.float16), None, (8, 8)))
+    x = (np.random.default_rng(0).random((3, 224, 224), np.float32) - 0.5) * 255
+    req = image_request("a", PreparedInputs(x.astype(np.float16), None, (224, 224)))
     t = req.prepared.features_input
     assert t.dtype == common_pb2.FLOAT16 and len(t.data) == x.size * 2
+    # the server reads them as they came (a half-IO model takes them so) ...
     back = prepared_from_proto(req.prepared).features_input
-    assert back is not None and back.dtype == np.float32
-    np.testing.assert_array_equal(back, x.astype(np.float16).astype(np.float32))
-    assert np.abs(back - x).max() <= 1 / 16  # |x| < 256: float16 steps of 1/8 at most
+    assert back is not None and back.dtype == np.float16
+    np.testing.assert_array_equal(back, x.astype(np.float16))
+    # ... and a model that takes float32 gets them widened exactly
+    assert not extractor.half_io
+    for precision in ("fp32", "fp16"):
+        adopted = extractor.adopt("a", back, None, (224, 224),
+                                  ExtractOptions(precision=precision, model="vgg19" + (
+                                      "_fp16" if precision == "fp16" else "")))
+        assert adopted.features_input is not None
+        assert adopted.features_input.dtype == np.float32
+        np.testing.assert_array_equal(adopted.features_input, x.astype(np.float16))
+        assert np.abs(adopted.features_input - x).max() <= 1 / 16  # float16 steps <= 1/8
 
 
 @pytest.mark.slow

@@ -184,7 +184,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("models", "execution_provider", "available_providers", "server_version", "limits", "precisions", "default_precision", "accepts_decoded_images", "accepts_prepared_images", "accepts_prepared_float16")
+    __slots__ = ("models", "execution_provider", "available_providers", "server_version", "limits", "precisions", "default_precision", "accepts_decoded_images", "accepts_prepared_images", "accepts_prepared_float16", "half_io")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,7 @@ class DescribeModelResponse(_message.Message):
     ACCEPTS_DECODED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_PREPARED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_PREPARED_FLOAT16_FIELD_NUMBER: _ClassVar[int]
+    HALF_IO_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     execution_provider: str
     available_providers: _containers.RepeatedScalarFieldContainer[str]
@@ -205,4 +206,5 @@ class DescribeModelResponse(_message.Message):
     accepts_decoded_images: bool
     accepts_prepared_images: bool
     accepts_prepared_float16: bool
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., precisions: _Optional[_Iterable[str]] = ..., default_precision: _Optional[str] = ..., accepts_decoded_images: _Optional[bool] = ..., accepts_prepared_images: _Optional[bool] = ..., accepts_prepared_float16: _Optional[bool] = ...) -> None: ...
+    half_io: bool
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., precisions: _Optional[_Iterable[str]] = ..., default_precision: _Optional[str] = ..., accepts_decoded_images: _Optional[bool] = ..., accepts_prepared_images: _Optional[bool] = ..., accepts_prepared_float16: _Optional[bool] = ..., half_io: _Optional[bool] = ...) -> None: ...
