@@ -25,7 +25,7 @@ from feature_server.images import (
     pixels_to_image,
     preprocess,
 )
-from feature_server.kernels import half_to_float
+from feature_server.kernels import all_finite, half_to_float
 from feature_server.models.precision import PRECISIONS, variant_name
 from feature_server.models.registry import (
     DEFAULT_CLASSIFIER,
@@ -172,7 +172,7 @@ def _checked_input(x: np.ndarray | None, want: tuple[int, int], what: str) -> np
     if tuple(x.shape) != (3, *want):
         raise InvalidInput(f"prepared image: {what} has shape {tuple(x.shape)}, expected "
                            f"{(3, *want)} for these options and the original size")
-    if not bool(np.isfinite(x).all()):
+    if not all_finite(x):
         raise InvalidInput(f"prepared image: {what} is not finite")
     return x
 

@@ -6,6 +6,7 @@
 * :func:`half_to_float`: IEEE float16 -> float32, exact for every one of the 65536 halves
   (NaN payloads included; tested exhaustively). NumPy's own cast runs ~3x slower, and the
   server widens float16 prepared inputs for models that take float32 (:mod:`.extractor`).
+* :func:`all_finite`: the finiteness check of a prepared input, float16 read as its bits.
 
 Compiled code is cached in ``NUMBA_CACHE_DIR`` (by default ``~/.cache/dff/numba``, the concept
 engine's cache, see ``concept_engine.compiled``; ``/tmp/numba`` in the images). Without Numba,
@@ -21,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AVAILABLE", "count_rows", "count_rows_half", "fill_rows", "fill_rows_half",
-           "half_to_float"]
+__all__ = ["AVAILABLE", "all_finite", "count_rows", "count_rows_half", "fill_rows",
+           "fill_rows_half", "half_to_float"]
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
@@ -100,6 +101,14 @@ def _fill_rows_half(bits: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
                 n += 1
 
 
+def _all_finite_half_bits(bits: np.ndarray) -> bool:
+    """True when no uint16 float16 bit pattern has the all-ones exponent (inf or NaN)."""
+    bad = 0
+    for i in range(bits.size):
+        bad |= (bits[i] & 0x7C00) == 0x7C00
+    return bad == 0
+
+
 def _half_bits_to_float_bits(src: np.ndarray, dst: np.ndarray) -> None:
     """src: uint16 IEEE half bit patterns; dst: uint32, the float32 bit patterns of the same
     values (sign, exponent rebiased 15 -> 127, mantissa shifted; subnormal halves normalised,
@@ -131,6 +140,16 @@ fill_rows = _compile(_fill_rows)
 count_rows_half = _compile(_count_rows_half)
 fill_rows_half = _compile(_fill_rows_half)
 _half_bits = _compile(_half_bits_to_float_bits)
+_finite_half = _compile(_all_finite_half_bits)
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Whether every value of a float array is finite, without a temporary array for float16
+    (NumPy's isfinite on float16 takes ~190 us for one 3 x 224 x 224 input; this ~6 us)."""
+    if array.dtype == np.float16 and AVAILABLE:
+        half = np.ascontiguousarray(array)
+        return bool(_finite_half(half.view(np.uint16).reshape(-1)))
+    return bool(np.isfinite(array).all())
 
 
 def half_to_float(array: np.ndarray) -> np.ndarray:

@@ -246,3 +246,21 @@ def test_half_io_on_cuda_is_bit_identical(registry):
         b = {r.id: np.asarray(r.activations["conv5_4"]) for r in full.extract(items, opts)}
         for item_id, _ in items:
             np.testing.assert_array_equal(a[item_id], b[item_id])
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_all_finite_reads_every_half_as_numpy_does(monkeypatch, compiled):
+    monkeypatch.setattr(kernels_module, "AVAILABLE", compiled)
+    halves = np.arange(65536, dtype=np.uint16).view(np.float16)
+    want = np.isfinite(halves)
+    got = np.array([kernels_module.all_finite(halves[i:i + 1]) for i in range(65536)])
+    np.testing.assert_array_equal(got, want)
+    x = np.random.default_rng(5).standard_normal((3, 224, 224)).astype(np.float16)
+    assert kernels_module.all_finite(x) and kernels_module.all_finite(x.astype(np.float32))
+    for bad in (np.inf, -np.inf, np.nan):
+        for where in ((0, 0, 0), (2, 223, 223), (1, 100, 7)):
+            y = x.copy()
+            y[where] = bad
+            assert not kernels_module.all_finite(y)
+            assert not kernels_module.all_finite(y.astype(np.float32))
+    assert not kernels_module.all_finite(x[:, ::2].copy().astype(np.float16) * np.inf)
