@@ -354,12 +354,15 @@ def scale_out_only(args: argparse.Namespace) -> int:
         # worker gets none with probability ~e^-c, so open at least 3 per worker (5%)
         args.streams = max(base_streams, -(-3 * workers // max(1, args.client_procs)))
         # float16 inputs where they are exact (fp16 on CUDA) or ~0.03% off (fp32), not int8
-        variants = [(False, False), (True, False)] + ([(True, True)] if precision != "int8"
-                                                      else [])
+        wanted = {v.strip() for v in args.scale_out_variants.split(",") if v.strip()}
+        variants = [(sparse, half) for sparse, half, v in (
+            (False, False, "dense"), (True, False, "sparse"), (True, True, "f16-sparse"))
+            if v in wanted and not (half and precision == "int8")]
         for sparse, half in variants:
             ips, server_ms, sent = scale_out(args, precision, sparse, half)
             name = (f"scale-out {precision} prep{' f16' if half else ''}"
-                    f"{' sparse' if sparse else ''} w{workers} c{args.client_procs}x{args.streams}")
+                    f"{' sparse' if sparse else ''} w{workers} c{args.client_procs}x{args.streams}"
+                    f"{' ' + args.label if args.label else ''}")
             rows.append({"path": name, "img_s": ips, "server_ms": server_ms, "images": sent})
             cpu = "n/a" if server_ms is None else f"{server_ms:.2f} ms"
             print(f"{name:<40}{ips:>9.1f} img/s  server CPU per image {cpu}", flush=True)
@@ -444,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="only scale-out rows, one per server group size (comma-separated, "
                              "e.g. 4,8,12), dense, sparse and (not for int8) sparse with "
                              "float16 inputs, at the first of --precisions")
+    parser.add_argument("--scale-out-variants", default="dense,sparse,f16-sparse",
+                        help="with --scale-out-only: which of dense, sparse, f16-sparse "
+                             "(float16 prepared inputs, sparse answers; not for int8)")
+    parser.add_argument("--label", default="",
+                        help="appended to the scale-out rows' names (e.g. the environment "
+                             "the servers ran with)")
     parser.add_argument("--client-procs", type=int, default=2,
                         help="client processes of the scale-out row (each sends every photo)")
     parser.add_argument("--data", type=Path, default=DATA,

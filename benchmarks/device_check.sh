@@ -193,6 +193,19 @@ DFF_BENCH_PROFILE="$LOGS/server-profile" timeout 300 \
     --precisions "$(p="${PRECISIONS:-int8}"; echo "${p##*,}")" --data "$WORK/photos/ant" \
     --client-procs "$(( REDUCED == 1 ? 2 : 4 ))" \
     --json "$LOGS/scale_out.json" 2>&1 | tee "$LOGS/scale_out.log" >&2
+# the same at the largest group, float16 inputs and sparse answers, with the two GPU-side
+# settings of this version undone one at a time: the worker threads spinning while they wait
+# for the device (CUDA's default), and the fp16 model's float32 input and outputs
+LARGEST="${DFF_DEVICE_SCALE_OUT:-4,8,12}"; LARGEST="${LARGEST##*,}"
+for ab in "DFF_CUDA_SYNC=spin:sync spin" "DFF_HALF_IO=0:float32 IO"; do
+    env "${ab%%:*}" timeout 120 \
+        "$PY" benchmarks/bench_features.py --scale-out-only "$LARGEST" \
+        --scale-out-variants f16-sparse --label "${ab#*:}" \
+        --images "$N_IMAGES" --batch-size "$BATCH" --streams "$(( STREAMS * 2 ))" \
+        --precisions "$(p="${PRECISIONS:-int8}"; echo "${p##*,}")" --data "$WORK/photos/ant" \
+        --client-procs "$(( REDUCED == 1 ? 2 : 4 ))" \
+        --json "$LOGS/scale_out_${ab%%=*}.json" 2>&1 | tee -a "$LOGS/scale_out.log" >&2
+done
 fi
 
 if want nmf; then

@@ -52,7 +52,9 @@ def report(logs: Path, out: Path) -> str:
                     lines.append(f"{label:<44}{cpu[side]:>11.2f} ms")
     elif (logs / "features.log").exists():  # the step ran (it is skipped with DFF_DEVICE_STEPS)
         lines.append(f"{'features':<44}{'-':>14}  benchmark failed (features.log)")
-    for row in _json(logs / "scale_out.json").get("scale_out", []):
+    scale_rows = [row for path in sorted(logs.glob("scale_out*.json"))
+                  for row in _json(path).get("scale_out", [])]
+    for row in scale_rows:
         cpu = "" if row.get("server_ms") is None else f", server CPU {row['server_ms']:.2f} ms/img"
         lines.append(f"{row['path']:<44}{row['img_s']:>10.1f} img/s  {row['images']} images"
                      f"{cpu}")

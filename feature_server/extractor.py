@@ -303,6 +303,10 @@ class Extractor:
         self.decode_workers = decode_workers or min(16, os.cpu_count() or 1)
         self.limits = limits
         self.providers = select_providers(providers)
+        if self.providers[0] in GPU_PROVIDERS:
+            from feature_server.cuda import set_sync_mode
+
+            set_sync_mode()  # wait for the GPU asleep, not spinning (before any context)
         self._sessions: dict[tuple[str, frozenset[str]], Any] = {}
         self._uncut: set[str] = set()  # models whose graph cannot be cut (see _session)
         # fp16 models on a GPU take and give float16 (models.build.with_half_io): the same
