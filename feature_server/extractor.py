@@ -424,8 +424,18 @@ class Extractor:
                     wanted, halved = frozenset(), None
             else:
                 halved = None
-            session = ort.InferenceSession(source, self._session_options,
-                                           providers=provider_options(self.providers))
+            try:
+                session = ort.InferenceSession(source, self._session_options,
+                                               providers=provider_options(self.providers))
+            except Exception as exc:
+                if halved is None:
+                    raise
+                # a provider that refuses the float16 graph: the model as it was built
+                log.warning("model %s: no half-IO session (%s); float32 input and outputs",
+                            name, exc)
+                halved = None
+                session = ort.InferenceSession(model.SerializeToString(), self._session_options,
+                                               providers=provider_options(self.providers))
             self._sessions[(name, wanted)] = session
             if halved is not None:
                 self._half_sessions.add(id(session))

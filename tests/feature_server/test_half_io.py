@@ -264,3 +264,27 @@ def test_all_finite_reads_every_half_as_numpy_does(monkeypatch, compiled):
             assert not kernels_module.all_finite(y)
             assert not kernels_module.all_finite(y.astype(np.float32))
     assert not kernels_module.all_finite(x[:, ::2].copy().astype(np.float16) * np.inf)
+
+
+def test_a_provider_refusing_the_float16_graph_gets_the_model_as_built(registry, full,
+                                                                       monkeypatch, caplog):
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+
+    def picky(source, *args, **kwargs):
+        if isinstance(source, bytes):
+            model = onnx.load_from_string(source)
+            if model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16:
+                raise RuntimeError("no float16 input here")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", picky)
+    ex = Extractor(registry, precisions=("fp16",), batch_size=4, half_io=True)
+    assert ex.input_dtype("vgg19_fp16", ["conv5_4"]) == np.float32
+    assert "no half-IO session (no float16 input here)" in caplog.text
+    items = photos(2)
+    got = [r.activations["conv5_4"] for r in ex.extract(items, FP16)]
+    want = [r.activations["conv5_4"] for r in full.extract(items, FP16)]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
