@@ -35,7 +35,9 @@ in-process Extractor, over one or several feature-server addresses.
   on CUDA lossless for the fp16 models (their first step rounds the input to float16), and
   within 1/16 of a grey level (of 255) of the float32 inputs otherwise (fp32 activations
   ~0.03% apart). Int8 models, and servers that do not state ``accepts_prepared_float16``,
-  get float32.
+  get float32. The default, ``"auto"``, sends float16 where it is lossless - an fp16 model
+  on a server that states ``half_io`` (the model takes float16 itself) - and float32
+  elsewhere.
 - TLS / mutual TLS / bearer token come from ``security`` (default: the process default, see
   :mod:`dff_protos.security`).
 """
@@ -175,9 +177,9 @@ class FeatureClient:
         self.prepare_locally = (env_prepare in ("1", "float16")
                                 if prepare_locally is None else prepare_locally)
         self.prepared_dtype = prepared_dtype or ("float16" if env_prepare == "float16"
-                                                 else "float32")
-        if self.prepared_dtype not in ("float32", "float16"):
-            raise errors.InvalidInput(f"prepared_dtype must be float32 or float16, got "
+                                                 else "auto")
+        if self.prepared_dtype not in ("auto", "float32", "float16"):
+            raise errors.InvalidInput(f"prepared_dtype must be auto, float32 or float16, got "
                                       f"{self.prepared_dtype!r}")
         self.timeout = timeout
         self.timeout_per_item = timeout_per_item
@@ -374,9 +376,11 @@ class FeatureClient:
         if self.prepare_locally and self._accepts("accepts_prepared_images"):
             pre = self._preprocessing(options)
             if pre is not None:
-                half = (self.prepared_dtype == "float16"
-                        and self._accepts("accepts_prepared_float16")
-                        and self._model_precision(options.model) != "int8")
+                precision = self._model_precision(options.model)
+                half = (self.prepared_dtype != "float32" and precision != "int8"
+                        and (self.prepared_dtype == "float16"
+                             or (precision == "fp16" and self._states("half_io")))
+                        and self._accepts("accepts_prepared_float16"))
                 convert = functools.partial(self._local_inputs, options=options, pre=pre,
                                             half=half)
         if convert is None and (self.decode_locally or self.prepare_locally or arrays):
@@ -477,6 +481,14 @@ class FeatureClient:
                             else "float32 inputs" if "float16" in capability
                             else "decoded images or files")
         return self._capabilities[capability]
+
+    def _states(self, capability: str) -> bool:
+        """A setting DescribeModel states, False when it does not (or cannot be asked); unlike
+        :meth:`_accepts` not a sign of an older server, so nothing is logged."""
+        try:
+            return bool(self.describe().get(capability))
+        except errors.DFFError:
+            return False
 
     def _local_pixels(self, data: ImageData) -> ImageData:
         """A file's decoded pixels when that is what the server would compute on; otherwise

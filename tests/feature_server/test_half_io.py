@@ -195,8 +195,29 @@ def test_round_wire_keeps_or_widens_float16():
 
 
 @pytest.mark.slow
-def test_served_half_io_answers_are_the_in_process_ones(half):
+def test_served_half_io_answers_are_the_in_process_ones(half, address, monkeypatch):
+    from dff_protos.v1 import common_pb2
+
+    import feature_server.client as client_module
+
+    dtypes: list[int] = []
+    real = client_module.image_request
+
+    def spy(item_id, data):
+        req = real(item_id, data)
+        if req.WhichOneof("kind") == "prepared":
+            dtypes.append(req.prepared.features_input.dtype)
+        return req
+
+    monkeypatch.setattr(client_module, "image_request", spy)
     items = photos(4)
+    # a client left to choose sends float16 only where it is lossless: to a half-IO server's
+    # fp16 model, not to the float32-IO one (the session's CPU server)
+    with FeatureClient(address, timeout=120, prepare_locally=True) as client:
+        assert client.prepared_dtype == "auto" and client.describe()["half_io"] is False
+        assert all(r.error is None for r in client.extract(items[:1], FP16))
+    assert dtypes == [common_pb2.FLOAT32]
+    dtypes.clear()
     running = start_server(ServerConfig(host="127.0.0.1", port=0, max_batch_size=4,
                                         max_wait_ms=20), half)
     try:
@@ -206,14 +227,14 @@ def test_served_half_io_answers_are_the_in_process_ones(half):
                                   sparse=True)
             want = {r.id: r.activations["conv5_4"] for r in half.extract(items, opts)}
             for prepare in (False, True):  # files; float16 inputs made by the client
-                with FeatureClient(address, timeout=120, prepare_locally=prepare,
-                                   prepared_dtype="float16") as client:
+                with FeatureClient(address, timeout=120, prepare_locally=prepare) as client:
                     assert client.describe()["half_io"] is True
                     got = list(client.extract(items, opts))
                 assert all(r.error is None for r in got)
                 for r in got:
                     np.testing.assert_array_equal(np.asarray(r.activations["conv5_4"]),
                                                   np.asarray(want[r.id]))
+        assert dtypes == [common_pb2.FLOAT16] * (2 * len(items))
     finally:
         running.stop(grace=2)
 

@@ -422,7 +422,7 @@ def test_prepared_dtype_follows_the_environment(monkeypatch):
         assert client.prepare_locally and client.prepared_dtype == "float16"
     monkeypatch.setenv("DFF_CLIENT_PREPARE", "1")
     with FeatureClient("127.0.0.1:1") as client:
-        assert client.prepare_locally and client.prepared_dtype == "float32"
+        assert client.prepare_locally and client.prepared_dtype == "auto"
     with pytest.raises(InvalidInput, match="float32 or float16"):
         FeatureClient("127.0.0.1:1", prepared_dtype="bfloat16")
 
