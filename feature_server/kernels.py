@@ -1,8 +1,8 @@
 """The feature server's compiled kernels (Numba: no GIL, cached on disk).
 
-* :func:`count_rows` / :func:`fill_rows`: a dense (C, P) activation plane as CSR rows over its
-  P positions (:mod:`feature_server.sparse`); :func:`count_rows_half` / :func:`fill_rows_half`
-  the same of a float16 plane, read as its uint16 bits (what a half-IO session gives).
+* :func:`count_rows` / :func:`fill_rows`: a dense (C, P) activation plane, float32 or float16
+  (a half-IO session's) read as its bits, as CSR rows over its P positions
+  (:mod:`feature_server.sparse`).
 * :func:`half_to_float`: IEEE float16 -> float32, exact for every one of the 65536 halves
   (NaN payloads included; tested exhaustively). NumPy's own cast runs ~3x slower, and the
   server widens float16 prepared inputs for models that take float32 (:mod:`.extractor`).
@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AVAILABLE", "all_finite", "count_rows", "count_rows_half", "fill_rows",
-           "fill_rows_half", "half_to_float"]
+__all__ = ["AVAILABLE", "all_finite", "count_rows", "fill_rows", "half_to_float"]
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
@@ -48,54 +47,30 @@ def _compile(fn: Any) -> Any:
         return numba.njit(nogil=True, boundscheck=False)(fn)
 
 
-def _count_rows(plane: np.ndarray, indptr: np.ndarray) -> int:
-    """indptr[p] = non-zeros before position p (p = 0..P); returns the total."""
-    c, p_count = plane.shape
-    n = 0
-    for p in range(p_count):
-        indptr[p] = n
-        for ch in range(c):
-            n += plane[ch, p] != 0
-    indptr[p_count] = n
-    return n
-
-
-def _fill_rows(plane: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
-               values: np.ndarray) -> None:
-    """Each position's non-zero channels and values, in order, at indptr[p]."""
-    c, p_count = plane.shape
-    for p in range(p_count):
-        n = indptr[p]
-        for ch in range(c):
-            v = plane[ch, p]
-            if v != 0:
-                indices[n] = ch
-                values[n] = v
-                n += 1
-
-
-def _count_rows_half(bits: np.ndarray, indptr: np.ndarray) -> int:
-    """:func:`_count_rows` of a float16 plane given as its uint16 bit patterns (non-zero: any
-    bit but the sign set, so -0.0 counts as zero and NaN as non-zero, as with floats)."""
+def _count_rows(bits: np.ndarray, mask: Any, indptr: np.ndarray) -> int:
+    """indptr[p] = non-zeros before position p (p = 0..P); returns the total. ``bits``: the
+    (C, P) plane's float bit patterns (uint32 for float32, uint16 for float16); ``mask``: every
+    bit but the sign (non-zero then reads as for floats: -0.0 is zero, NaN is not)."""
     c, p_count = bits.shape
     n = 0
     for p in range(p_count):
         indptr[p] = n
         for ch in range(c):
-            n += (bits[ch, p] & 0x7FFF) != 0
+            n += (bits[ch, p] & mask) != 0
     indptr[p_count] = n
     return n
 
 
-def _fill_rows_half(bits: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
-                    values: np.ndarray) -> None:
-    """:func:`_fill_rows` of uint16 float16 bit patterns (values: uint16, the same bits)."""
+def _fill_rows(bits: np.ndarray, mask: Any, indptr: np.ndarray, indices: np.ndarray,
+               values: np.ndarray) -> None:
+    """Each position's non-zero channels and values (their bits, as ``bits``), in order, at
+    indptr[p]."""
     c, p_count = bits.shape
     for p in range(p_count):
         n = indptr[p]
         for ch in range(c):
             v = bits[ch, p]
-            if (v & 0x7FFF) != 0:
+            if (v & mask) != 0:
                 indices[n] = ch
                 values[n] = v
                 n += 1
@@ -137,8 +112,6 @@ def _half_bits_to_float_bits(src: np.ndarray, dst: np.ndarray) -> None:
 
 count_rows = _compile(_count_rows)
 fill_rows = _compile(_fill_rows)
-count_rows_half = _compile(_count_rows_half)
-fill_rows_half = _compile(_fill_rows_half)
 _half_bits = _compile(_half_bits_to_float_bits)
 _finite_half = _compile(_all_finite_half_bits)
 

@@ -140,27 +140,21 @@ def from_dense(activation: np.ndarray) -> SparseActivation:
     if c > MAX_CHANNELS:
         raise InvalidInput(f"sparse activations need at most {MAX_CHANNELS} channels, got {c}")
     plane = act.reshape(c, h * w)
-    if plane.dtype == np.float16 and kernels.AVAILABLE:
-        bits = np.ascontiguousarray(plane).view(np.uint16)
-        indptr = np.empty(h * w + 1, np.int32)
-        nnz = kernels.count_rows_half(bits, indptr)
-        indices = np.empty(nnz, np.uint16)
-        values = np.empty(nnz, np.uint16)
-        kernels.fill_rows_half(bits, indptr, indices, values)
-        return SparseActivation((c, h, w), indptr, indices, values.view(np.float16))
-    if plane.dtype == np.float16:
-        sparse = from_dense(plane.astype(np.float32).reshape(c, h, w))  # exact
-        return sparse.with_values(sparse.values.astype(np.float16))
-    if plane.dtype != np.float32:
+    if plane.dtype not in (np.float32, np.float16):
         plane = plane.astype(np.float32)
     if kernels.AVAILABLE:
-        # two passes (count, then fill) so that the outputs are allocated at their final
-        # size: the plane (0.4 MB for conv5_4) is still in cache for the second
+        # on the values' bits: two passes (count, then fill) so that the outputs are allocated
+        # at their final size; the plane (0.4 MB for conv5_4) is still in cache for the second
+        half = plane.dtype == np.float16
+        bits_type = np.uint16 if half else np.uint32
+        bits = np.ascontiguousarray(plane).view(bits_type)
+        mask = bits_type(0x7FFF if half else 0x7FFFFFFF)  # all but the sign bit
         indptr = np.empty(h * w + 1, np.int32)
-        nnz = kernels.count_rows(plane, indptr)
+        nnz = kernels.count_rows(bits, mask, indptr)
         indices = np.empty(nnz, np.uint16)
-        values = np.empty(nnz, np.float32)
-        kernels.fill_rows(plane, indptr, indices, values)
+        values = np.empty(nnz, bits_type)
+        kernels.fill_rows(bits, mask, indptr, indices, values)
+        values = values.view(plane.dtype)
     else:
         rows = np.ascontiguousarray(plane.T)
         flat = np.flatnonzero(rows)

@@ -54,3 +54,22 @@ def address(server: RunningServer) -> str:
 
 def read(path: Path) -> tuple[str, bytes]:
     return path.name, path.read_bytes()
+
+
+@pytest.fixture
+def prepared_dtypes(monkeypatch) -> list[int]:
+    """The dtype of every PreparedImage features_input a FeatureClient sends (appended as they
+    are sent; clear it between parts of a test)."""
+    import feature_server.client as client_module
+
+    dtypes: list[int] = []
+    real = client_module.image_request
+
+    def spy(item_id, data):
+        req = real(item_id, data)
+        if req.WhichOneof("kind") == "prepared":
+            dtypes.append(req.prepared.features_input.dtype)
+        return req
+
+    monkeypatch.setattr(client_module, "image_request", spy)
+    return dtypes

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from dff_protos.errors import InvalidInput
+from dff_protos.v1 import common_pb2
 from onnx import TensorProto, helper
 
 import feature_server.kernels as kernels_module
@@ -195,21 +196,8 @@ def test_round_wire_keeps_or_widens_float16():
 
 
 @pytest.mark.slow
-def test_served_half_io_answers_are_the_in_process_ones(half, address, monkeypatch):
-    from dff_protos.v1 import common_pb2
-
-    import feature_server.client as client_module
-
-    dtypes: list[int] = []
-    real = client_module.image_request
-
-    def spy(item_id, data):
-        req = real(item_id, data)
-        if req.WhichOneof("kind") == "prepared":
-            dtypes.append(req.prepared.features_input.dtype)
-        return req
-
-    monkeypatch.setattr(client_module, "image_request", spy)
+def test_served_half_io_answers_are_the_in_process_ones(half, address, prepared_dtypes):
+    dtypes = prepared_dtypes
     items = photos(4)
     # a client left to choose sends float16 only where it is lossless: to a half-IO server's
     # fp16 model, not to the float32-IO one (the session's CPU server)

@@ -367,19 +367,9 @@ def test_float16_prepared_inputs_go_as_float16(extractor):
 
 
 @pytest.mark.slow
-def test_client_prepares_float16_inputs(address, extractor, photos, monkeypatch):
-    import feature_server.client as client_module
-
-    dtypes: list[int] = []
-    real = client_module.image_request
-
-    def spy(item_id, data):
-        req = real(item_id, data)
-        if req.WhichOneof("kind") == "prepared":
-            dtypes.append(req.prepared.features_input.dtype)
-        return req
-
-    monkeypatch.setattr(client_module, "image_request", spy)
+def test_client_prepares_float16_inputs(address, extractor, photos, monkeypatch,
+                                         prepared_dtypes):
+    dtypes = prepared_dtypes
     fp16, fp32 = ExtractOptions(precision="fp16"), ExtractOptions(precision="fp32")
     expect16 = {r.id: r.activations["conv5_4"] for r in extractor.extract(photos[:2], fp16)}
     expect32 = {r.id: r.activations["conv5_4"] for r in extractor.extract(photos, fp32)}
