@@ -264,6 +264,11 @@ def test_all_finite_reads_every_half_as_numpy_does(monkeypatch, compiled):
     want = np.isfinite(halves)
     got = np.array([kernels_module.all_finite(halves[i:i + 1]) for i in range(65536)])
     np.testing.assert_array_equal(got, want)
+    singles = np.uint32([0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFFFFFFFF,
+                         0x7F7FFFFF, 0xFF7FFFFF, 0x00000001, 0x80000000, 0x3F800000]).view(
+        np.float32)
+    got32 = [kernels_module.all_finite(singles[i:i + 1]) for i in range(singles.size)]
+    np.testing.assert_array_equal(got32, np.isfinite(singles))
     x = np.random.default_rng(5).standard_normal((3, 224, 224)).astype(np.float16)
     assert kernels_module.all_finite(x) and kernels_module.all_finite(x.astype(np.float32))
     for bad in (np.inf, -np.inf, np.nan):
