@@ -62,11 +62,12 @@ if [[ "${1:-}" == "--prepare-ort" ]]; then
 fi
 
 step() { echo "== $1 ($(date +%T))" >&2; }
-# DFF_DEVICE_STEPS picks steps (comma-separated: tests,features,nmf,discover - the default -
-# and scaleout: the scale-out rows alone for server groups of DFF_DEVICE_SCALE_OUT processes,
-# default 4,8,12, fed by 4 client processes), e.g. to rerun one on a device whose earlier
-# call failed at it
-STEPS=",${DFF_DEVICE_STEPS:-tests,features,nmf,discover},"
+# DFF_DEVICE_STEPS picks steps (comma-separated; default all: tests,features,nmf,discover,
+# scaleout - the scale-out rows for server groups of DFF_DEVICE_SCALE_OUT processes, default
+# 8,12 (2 on the CPU), fed by 4 client processes, sparse answers from float32 and float16 inputs
+# (DFF_DEVICE_SCALE_VARIANTS adds dense), then the largest group with each GPU-side setting
+# undone), e.g. to rerun one on a device whose earlier call failed at it
+STEPS=",${DFF_DEVICE_STEPS:-tests,features,nmf,discover,scaleout},"
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 use_ort_gpu() {  # the carried CUDA provider, once unpacked and checked on this machine
     [[ -f "$ORT_DIR/.ok" ]] || return 1
@@ -187,8 +188,10 @@ fi
 
 if want scaleout; then
 step "scale-out"
+GROUPS_DEFAULT="8,12"; [[ "$REDUCED" == "1" ]] && GROUPS_DEFAULT="2"
 DFF_BENCH_PROFILE="$LOGS/server-profile" timeout 300 \
-    "$PY" benchmarks/bench_features.py --scale-out-only "${DFF_DEVICE_SCALE_OUT:-4,8,12}" \
+    "$PY" benchmarks/bench_features.py --scale-out-only "${DFF_DEVICE_SCALE_OUT:-$GROUPS_DEFAULT}" \
+    --scale-out-variants "${DFF_DEVICE_SCALE_VARIANTS:-sparse,f16-sparse}" \
     --images "$N_IMAGES" --batch-size "$BATCH" --streams "$(( STREAMS * 2 ))" \
     --precisions "$(p="${PRECISIONS:-int8}"; echo "${p##*,}")" --data "$WORK/photos/ant" \
     --client-procs "$(( REDUCED == 1 ? 2 : 4 ))" \
@@ -196,7 +199,7 @@ DFF_BENCH_PROFILE="$LOGS/server-profile" timeout 300 \
 # the same at the largest group, float16 inputs and sparse answers, with the two GPU-side
 # settings of this version undone one at a time: the worker threads spinning while they wait
 # for the device (CUDA's default), and the fp16 model's float32 input and outputs
-LARGEST="${DFF_DEVICE_SCALE_OUT:-4,8,12}"; LARGEST="${LARGEST##*,}"
+LARGEST="${DFF_DEVICE_SCALE_OUT:-$GROUPS_DEFAULT}"; LARGEST="${LARGEST##*,}"
 for ab in "DFF_CUDA_SYNC=spin:sync spin" "DFF_HALF_IO=0:float32 IO"; do
     env "${ab%%:*}" timeout 120 \
         "$PY" benchmarks/bench_features.py --scale-out-only "$LARGEST" \
