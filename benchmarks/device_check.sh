@@ -63,11 +63,12 @@ fi
 
 step() { echo "== $1 ($(date +%T))" >&2; }
 # DFF_DEVICE_STEPS picks steps (comma-separated; default all: tests,features,nmf,discover,
-# scaleout - the scale-out rows for server groups of DFF_DEVICE_SCALE_OUT processes, default
+# export - the 3-class export (bench_export.py: ant, bee, gymnast), sequential and pipelined -
+# and scaleout - the scale-out rows for server groups of DFF_DEVICE_SCALE_OUT processes, default
 # 8,12 (2 on the CPU), fed by 4 client processes, sparse answers from float32 and float16 inputs
 # (DFF_DEVICE_SCALE_VARIANTS adds dense), then the largest group with each GPU-side setting
 # undone), e.g. to rerun one on a device whose earlier call failed at it
-STEPS=",${DFF_DEVICE_STEPS:-tests,features,nmf,discover,scaleout},"
+STEPS=",${DFF_DEVICE_STEPS:-tests,features,nmf,discover,export,scaleout},"
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 use_ort_gpu() {  # the carried CUDA provider, once unpacked and checked on this machine
     [[ -f "$ORT_DIR/.ok" ]] || return 1
@@ -235,6 +236,15 @@ for run in cold gpu-engine warm; do
     echo "discover $run rc=$? wall_ms=$(( ($(date +%s%N) - start) / 1000000 ))" \
         >>"$LOGS/discover.log"
 done
+fi
+
+if want export; then
+step "3-class export"
+# the carried photos/{ant,bee,gymnast}; on a machine with ../shared/data, those
+EXPORT_ROOT="$ROOT/../shared/data"; [[ -d "$CACHE/photos/bee" ]] && EXPORT_ROOT="$CACHE/photos"
+timeout 240 "$PY" benchmarks/bench_export.py --data-root "$EXPORT_ROOT" \
+    --classes ant,bee,gymnast --images "$PHOTOS" --json "$LOGS/export.json" \
+    >"$LOGS/export.log" 2>&1 || echo "3-class export failed (see export.log)" >&2
 fi
 
 step "table"

@@ -30,7 +30,10 @@ from feature_server.models.registry import ModelSpec, load_registry, models_dir 
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
-ANT = ROOT.parent / "shared" / "data" / "imagenet_data" / "ant"
+SHARED = ROOT.parent / "shared" / "data"
+ANT = SHARED / "imagenet_data" / "ant"
+#: the classes carried (photos/<name>): ant for every step, all three for the 3-class export
+CLASSES = {"ant": ANT, "bee": SHARED / "imagenet_data" / "bee", "gymnast": SHARED / "gymnast"}
 NOTE = " [device check: rebuilt from the int8 model's dequantized weights]"
 
 
@@ -41,10 +44,11 @@ def prepare(cache: Path, photos: int, home: str | None = None) -> None:
         spec = registry[name]
         shutil.copy(spec.onnx_path, cache / "models" / spec.onnx_path.name)
         shutil.copy(spec.onnx_path.with_suffix(".json"), cache / "models")
-    target = cache / "photos" / "ant"
-    target.mkdir(parents=True, exist_ok=True)
-    for p in sorted(ANT.glob("*.jpg"))[:photos]:
-        shutil.copy(p, target / p.name)
+    for name, folder in CLASSES.items():
+        target = cache / "photos" / name
+        target.mkdir(parents=True, exist_ok=True)
+        for p in sorted(folder.glob("*.jpg"))[:photos]:
+            shutil.copy(p, target / p.name)
     size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
     log.info("prepared %s: %.1f MiB", cache, size / 2**20)
 

@@ -70,6 +70,19 @@ def report(logs: Path, out: Path) -> str:
         lines.append(f"{'one dense read of V (host)':<44}{nmf['read_ms']:>11.1f} ms")
         if nmf.get("csr_init_s") is not None:
             lines.append(f"{'NNDSVDa start on CSR V':<44}{nmf['csr_init_s'] * 1e3:>11.1f} ms")
+    export = _json(logs / "export.json")
+    for label, mode in export.get("modes", {}).items():
+        st = mode["stages"]
+        feats = st.get("features", 0.0)
+        others = ", ".join(f"{k} {v:.1f}" for k, v in sorted(st.items())
+                           if k not in ("features", "total") and v >= 0.05)
+        lines.append(f"{'3-class export, ' + label:<44}{mode['wall']:>12.1f} s  wall; "
+                     f"extraction {feats:.1f} s ({mode['wall'] / max(feats, 1e-9):.2f}x); "
+                     f"{others}")
+    if export:
+        lines.append(f"{'3-class export, pipelined / extraction':<44}"
+                     f"{export['pipelined_wall_over_extraction']:>13.2f}x  the sequential run's "
+                     f"extraction (target <= 1.15); classes {export.get('classes')}")
     disc = _read(logs / "discover.log")
     walls = re.findall(r"discover (cold|gpu-engine|warm) rc=(\d+) wall_ms=(\d+)", disc)
     summaries = sorted(out.glob("*/summary.json")) if out.is_dir() else []
