@@ -231,7 +231,7 @@ for run in cold gpu-engine warm; do
     start=$(date +%s%N)
     min_rows=""; [[ "$run" == "gpu-engine" ]] && min_rows=0
     DFF_GPU_MIN_ROWS="${min_rows:-${DFF_GPU_MIN_ROWS:-10000}}" \
-    timeout 120 "$PY" -m exporter.cli discover "$WORK/photos/ant" --out "$WORK/out-$run" \
+    timeout 120 "$PY" -m exporter.cli -v discover "$WORK/photos/ant" --out "$WORK/out-$run" \
         --no-progress --k-range 2-4 >>"$LOGS/discover.log" 2>&1
     echo "discover $run rc=$? wall_ms=$(( ($(date +%s%N) - start) / 1000000 ))" \
         >>"$LOGS/discover.log"

@@ -92,6 +92,13 @@ def report(logs: Path, out: Path) -> str:
                 }.get(run, "kernels cached on disk")
         lines.append(f"{'dff discover, ' + run + ' (rc ' + rc + ')':<44}"
                      f"{int(ms) / 1e3:>12.1f} s  wall, process start included; {note}")
+    # each run logs its sessions (-v): what the warm run's feature stage spent making them
+    runs = re.split(r"discover (?:cold|gpu-engine|warm) rc=\d+ wall_ms=\d+", disc)
+    if len(runs) > 1:
+        made = [float(v) for v in re.findall(r"session made in ([0-9.]+) s", runs[-2])]
+        if made:
+            lines.append(f"{'dff discover, warm: sessions made':<44}{sum(made):>12.2f} s  "
+                         f"{len(made)} sessions (features, classifier)")
     times = re.findall(r"time: (.*)", disc)
     if times:
         lines.append(f"  stage seconds ({walls[-1][0] if walls else 'last'} run): {times[-1]}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -424,6 +425,7 @@ class Extractor:
                     wanted, halved = frozenset(), None
             else:
                 halved = None
+            made = time.perf_counter()
             try:
                 session = ort.InferenceSession(source, self._session_options,
                                                providers=provider_options(self.providers))
@@ -439,6 +441,9 @@ class Extractor:
             self._sessions[(name, wanted)] = session
             if halved is not None:
                 self._half_sessions.add(id(session))
+            log.info("model %s (%s%s): session made in %.2f s", name,
+                     ",".join(sorted(wanted)) or "all outputs", ", half IO" if halved else "",
+                     time.perf_counter() - made)
             return session
 
     def input_dtype(self, name: str, outputs: Iterable[str] = ()) -> type:
