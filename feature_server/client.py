@@ -65,6 +65,7 @@ from dff_protos.security import ClientSecurity, default_client_security
 from dff_protos.status import error_from_rpc
 from dff_protos.v1 import features_pb2, features_pb2_grpc
 
+from feature_server import kernels
 from feature_server.convert import (
     PreparedInputs,
     describe_from_proto,
@@ -455,8 +456,8 @@ class FeatureClient:
              else preprocess(img, features_pre, options.resize_mode, options.size))
         cx = None if classifier_pre is None else preprocess(img, classifier_pre)
         if half:
-            x = None if x is None else x.astype(np.float16)
-            cx = None if cx is None else cx.astype(np.float16)
+            x = None if x is None else kernels.float_to_half(x)
+            cx = None if cx is None else kernels.float_to_half(cx)
         inputs = PreparedInputs(x, cx, (int(img.shape[0]), int(img.shape[1])))
         if sum(a.nbytes for a in (x, cx) if a is not None) > self.max_image_bytes:
             return data

@@ -26,7 +26,7 @@ from feature_server.images import (
     pixels_to_image,
     preprocess,
 )
-from feature_server.kernels import all_finite, half_to_float
+from feature_server.kernels import all_finite, float_to_half, half_to_float
 from feature_server.models.precision import PRECISIONS, variant_name
 from feature_server.models.registry import (
     DEFAULT_CLASSIFIER,
@@ -257,7 +257,7 @@ def round_wire(array: np.ndarray, wire_dtype: str, *, widen: bool = True) -> np.
     if array.dtype == np.float16:
         return array if wire_dtype == "float16" and not widen else half_to_float(array)
     if wire_dtype == "float16":
-        half = np.asarray(array).astype(np.float16)
+        half = float_to_half(array)
         return half.astype(np.float32) if widen else half
     return np.asarray(array, dtype=np.float32)
 
@@ -496,7 +496,7 @@ class Extractor:
             x = preprocess(img, spec.preprocessing, options.resize_mode, options.size)
             _check_stride(spec, options, (img.shape[0], img.shape[1]), x.shape[1:])
             if self.input_dtype(options.model, options.layers) == np.float16:
-                x = x.astype(np.float16)  # rounds as the model's own first Cast would
+                x = float_to_half(x)  # rounds as the model's own first Cast would
         if options.wants_classifier:
             cx = preprocess(img, self.registry[options.classifier].preprocessing)
         net_in = x if x is not None else cx
@@ -525,7 +525,7 @@ class Extractor:
             x = _checked_input(features_input, want, "features_input")
             _check_stride(spec, options, (h, w), want)
             if self.input_dtype(options.model, options.layers) == np.float16:
-                x = x if x.dtype == np.float16 else x.astype(np.float16)
+                x = x if x.dtype == np.float16 else float_to_half(x)
             elif x.dtype == np.float16:
                 x = half_to_float(x)
         elif features_input is not None:
@@ -548,8 +548,10 @@ class Extractor:
         from a half-IO session (which takes the batch as float16, rounded if need be)."""
         spec = self.registry[model]
         session = self._session(model, outputs)
-        dtype = np.float16 if id(session) in self._half_sessions else np.float32
-        batch = np.ascontiguousarray(batch, dtype=dtype)
+        if id(session) in self._half_sessions:
+            batch = batch if batch.dtype == np.float16 else float_to_half(batch)
+        else:
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
         if not self.io_binding:
             return session.run(outputs, {spec.input_name: batch})
         # On a GPU (default there; settable for tests): IO binding copies the batch to the

@@ -9,6 +9,7 @@ to dense and sparse answers, float32 and float16 wires, in process and served, w
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,49 @@ def test_a_provider_refusing_the_float16_graph_gets_the_model_as_built(registry,
     want = [r.activations["conv5_4"] for r in full.extract(items, FP16)]
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _halves_and_their_neighbours() -> np.ndarray:
+    """float32 bit patterns around every float16 value and every midpoint between two: where
+    a float -> half rounding can go wrong (ties, carries into the exponent, the subnormal and
+    overflow edges, NaN payloads), plus a million random patterns."""
+    halves = np.arange(65536, dtype=np.uint16).view(np.float16)
+    with np.errstate(invalid="ignore"):
+        singles = halves.astype(np.float32)
+        finite = np.sort(singles[np.isfinite(singles)])
+        mids = ((finite[:-1].astype(np.float64) + finite[1:]) / 2).astype(np.float32)
+    centres = np.concatenate([singles, mids, np.float32([65520.0, -65520.0, 2.0**-25,
+                                                        -(2.0**-25), 2.0**-26, 2.0**-24])])
+    bits = centres.view(np.uint32).astype(np.int64)
+    near = (bits[:, None] + np.arange(-3, 4)[None, :]).ravel()
+    near = near[(near >= 0) & (near < 2**32)].astype(np.uint32)
+    rng = np.random.default_rng(11)
+    extra = np.uint32([0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0x7F801FFF, 0x7F802000,
+                       0xFFFFFFFF, 0x477FEFFF, 0x477FF000, 0x47800000, 0x33000000, 0x33000001,
+                       0x387FFFFF, 0x38800000])
+    return np.concatenate([near, extra, rng.integers(0, 2**32, 1_000_000, dtype=np.uint32)])
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_float_to_half_rounds_as_numpy(monkeypatch, compiled):
+    monkeypatch.setattr(kernels_module, "AVAILABLE", compiled)
+    bits = _halves_and_their_neighbours()
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = bits.view(np.float32).astype(np.float16)
+    got = kernels_module.float_to_half(bits.view(np.float32))
+    assert got.dtype == np.float16 and got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    x = np.random.default_rng(2).standard_normal((3, 5, 7)).astype(np.float32)
+    assert kernels_module.float_to_half(x).shape == (3, 5, 7)
+
+
+@pytest.mark.skipif(os.environ.get("DFF_EXHAUSTIVE_TESTS") != "1",
+                    reason="opt-in: DFF_EXHAUSTIVE_TESTS=1 (all 2^32 float32 patterns, ~5 min)")
+def test_float_to_half_on_every_float32():
+    chunk = 1 << 26
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, 1 << 32, chunk):
+            bits = np.arange(start, start + chunk, dtype=np.uint64).astype(np.uint32)
+            want = bits.view(np.float32).astype(np.float16).view(np.uint16)
+            got = kernels_module.float_to_half(bits.view(np.float32)).view(np.uint16)
+            assert np.array_equal(got, want), hex(start)
