@@ -62,13 +62,14 @@ if [[ "${1:-}" == "--prepare-ort" ]]; then
 fi
 
 step() { echo "== $1 ($(date +%T))" >&2; }
-# DFF_DEVICE_STEPS picks steps (comma-separated; default all: tests,features,nmf,discover,
+# DFF_DEVICE_STEPS picks steps (comma-separated; default all: tests,features,nmf,ksweep -
+# the k sweep on the host and on the GPU at 25..1300 images, for DFF_GPU_MIN_ROWS -, discover,
 # export - the 3-class export (bench_export.py: ant, bee, gymnast), sequential and pipelined -
 # and scaleout - the scale-out rows for server groups of DFF_DEVICE_SCALE_OUT processes, default
 # 8,12 (2 on the CPU), fed by 4 client processes, sparse answers from float32 and float16 inputs
 # (DFF_DEVICE_SCALE_VARIANTS adds dense), then the largest group with each GPU-side setting
 # undone), e.g. to rerun one on a device whose earlier call failed at it
-STEPS=",${DFF_DEVICE_STEPS:-tests,features,nmf,discover,export,scaleout},"
+STEPS=",${DFF_DEVICE_STEPS:-tests,features,nmf,ksweep,discover,export,scaleout},"
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 use_ort_gpu() {  # the carried CUDA provider, once unpacked and checked on this machine
     [[ -f "$ORT_DIR/.ok" ]] || return 1
@@ -219,6 +220,16 @@ RUNS="ours-hals-csr,ours-hals-cupy,sklearn-cd"
 timeout 120 "$PY" benchmarks/bench_nmf.py --n-images "$NMF_N" --k 6 --iters "$NMF_ITERS" \
     --tol 0 --runs "$RUNS" --json "$LOGS/nmf.json" >"$LOGS/nmf.log" 2>&1 \
     || echo "NMF benchmark failed (see nmf.log)" >&2
+fi
+
+if want ksweep; then
+step "k sweep, host and GPU"
+SIZES="25,50,100,200,400,1300"; [[ "$REDUCED" == "1" ]] && SIZES="12,25"
+timeout 60 "$PY" -m exporter.cli extract "$WORK/photos/ant" --out "$WORK/ant.h5" \
+    >"$LOGS/ksweep.log" 2>&1 \
+    && timeout 240 "$PY" benchmarks/bench_ksweep.py --images "$SIZES" --features "$WORK/ant.h5" \
+    --json "$LOGS/ksweep.json" >>"$LOGS/ksweep.log" 2>&1 \
+    || echo "k sweep benchmark failed (see ksweep.log)" >&2
 fi
 
 if want discover; then

@@ -70,6 +70,13 @@ def report(logs: Path, out: Path) -> str:
         lines.append(f"{'one dense read of V (host)':<44}{nmf['read_ms']:>11.1f} ms")
         if nmf.get("csr_init_s") is not None:
             lines.append(f"{'NNDSVDa start on CSR V':<44}{nmf['csr_init_s'] * 1e3:>11.1f} ms")
+    ks = _json(logs / "ksweep.json")
+    for row in ks.get("rows", []):
+        gpu = (f", GPU {row['gpu_s']:.2f} s = {row['gpu_over_host']:.2f}x"
+               f"{'' if row['gpu_k'] == row['host_k'] else ' (another k)'}"
+               if "gpu_s" in row else "")
+        lines.append(f"{'k sweep, ' + str(row['images']) + ' images':<44}"
+                     f"{row['host_s']:>12.2f} s  host ({row['rows']} rows){gpu}")
     export = _json(logs / "export.json")
     for label, mode in export.get("modes", {}).items():
         st = mode["stages"]
