@@ -133,3 +133,38 @@ def test_report_of_a_scale_out_step_alone(tmp_path):
     assert "scale-out fp16 prep sparse w8 c4x8" in table and "1336.9 img/s" in table
     assert "server CPU 5.59 ms/img" in table
     assert "failed" not in table and "no summary" not in table
+
+
+def test_report_of_this_versions_rows(tmp_path):
+    # the A/B scale-out rows (their own JSON files), the k sweep, the 3-class export and the
+    # warm discover run's session times
+    (tmp_path / "scale_out.json").write_text(json.dumps({"scale_out": [
+        {"path": "scale-out fp16 prep f16 sparse w12 c4x9", "img_s": 2100.0,
+         "server_ms": 2.5, "images": 2048}]}))
+    (tmp_path / "scale_out_DFF_CUDA_SYNC.json").write_text(json.dumps({"scale_out": [
+        {"path": "scale-out fp16 prep f16 sparse w12 c4x9 sync spin", "img_s": 1500.0,
+         "server_ms": 4.0, "images": 2048}]}))
+    (tmp_path / "ksweep.json").write_text(json.dumps({"rows": [
+        {"images": 50, "rows": 9800, "host_s": 0.2, "host_k": 3, "gpu_s": 0.5, "gpu_k": 3,
+         "gpu_over_host": 2.5},
+        {"images": 400, "rows": 78400, "host_s": 1.6, "host_k": 4, "gpu_s": 0.8, "gpu_k": 5,
+         "gpu_over_host": 0.5}]}))
+    (tmp_path / "export.json").write_text(json.dumps({
+        "classes": {"ant": 48, "bee": 48, "gymnast": 6}, "same_bases": True,
+        "modes": {"sequential": {"wall": 9.0, "stages": {"features": 6.0, "render": 1.0}},
+                  "pipelined": {"wall": 7.2, "stages": {"features": 6.3, "render": 1.1}}},
+        "pipelined_wall_over_extraction": 1.2}))
+    (tmp_path / "discover.log").write_text(
+        "INFO: model vgg19_fp16 (conv5_4, half IO): session made in 2.00 s\n"
+        "discover cold rc=0 wall_ms=12000\n"
+        "discover gpu-engine rc=0 wall_ms=11000\n"
+        "INFO: model vgg19_fp16 (conv5_4, half IO): session made in 1.25 s\n"
+        "INFO: model efficientnet_lite0 (all outputs): session made in 0.50 s\n"
+        "discover warm rc=0 wall_ms=9000\n")
+    table = device_report.report(tmp_path, tmp_path / "none")
+    assert "w12 c4x9 sync spin" in table and "1500.0 img/s" in table and "2100.0 img/s" in table
+    assert "k sweep, 50 images" in table and "GPU 0.50 s = 2.50x" in table
+    assert "GPU 0.80 s = 0.50x (another k)" in table
+    assert "3-class export, pipelined / extraction" in table and "1.20x" in table
+    assert "3-class export, sequential" in table and "(1.50x)" in table
+    assert "dff discover, warm: sessions made" in table and "1.75 s" in table
