@@ -80,11 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         base, base_n = load_features(args.features, args.dataset)
         hw = base.shape[0] // base_n
         side = (int(round(hw ** 0.5)), hw // int(round(hw ** 0.5)))
+    # in `dff discover` the Extractor has set the CUDA context's sync mode before CuPy runs
+    # (feature_server.cuda: block by default, DFF_CUDA_SYNC); the same here
+    from feature_server.cuda import set_sync_mode, sync_mode
+
+    sync = f"{sync_mode()}: {set_sync_mode()}"
     cp = compute_namespace()
     gpu = cp is not np
     print(cpu_description())
     print(f"V: {'features of ' + args.features if base is not None else 'synthetic'}; GPU: "
-          f"{'CuPy ' + cp.__version__ if gpu else 'none (host rows only)'}")
+          f"{'CuPy ' + cp.__version__ + ', CUDA sync ' + sync if gpu else 'none (host rows only)'}")
     sizes = [int(s) for s in args.images.split(",") if s]
     rows = []
     warmed = False
