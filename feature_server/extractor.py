@@ -258,7 +258,7 @@ def round_wire(array: np.ndarray, wire_dtype: str, *, widen: bool = True) -> np.
         return array if wire_dtype == "float16" and not widen else half_to_float(array)
     if wire_dtype == "float16":
         half = float_to_half(array)
-        return half.astype(np.float32) if widen else half
+        return half_to_float(half) if widen else half
     return np.asarray(array, dtype=np.float32)
 
 

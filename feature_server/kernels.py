@@ -163,7 +163,7 @@ _EXPONENTS = {np.dtype(np.float16): np.uint16(0x7C00), np.dtype(np.float32): np.
 def all_finite(array: np.ndarray) -> bool:
     """Whether every value of a float array is finite, read from its bits: no temporary array
     (NumPy's isfinite(x).all() allocates one of bools, and on float16 takes ~190 us for one
-    3 x 224 x 224 input; this takes ~6 us)."""
+    3 x 224 x 224 input; this takes ~7 us)."""
     exponent = _EXPONENTS.get(array.dtype)
     if exponent is None or not AVAILABLE:
         return bool(np.isfinite(array).all())
