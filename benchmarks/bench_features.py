@@ -56,14 +56,24 @@ def in_process(extractor: Extractor, items: list[tuple[str, bytes]], options: Ex
 
 
 def ort_only(extractor: Extractor, xs: list[np.ndarray], options: ExtractOptions,
-             batch_size: int = 0) -> float:
-    """Seconds for ORT alone on preprocessed batches (no decoding): the compute floor."""
+             batch_size: int = 0, *, pageable: bool = False) -> float:
+    """Seconds for ORT alone on preprocessed batches (no decoding): the compute floor, with the
+    host copies. The batches are stacked as the server stacks them (in pinned memory where the
+    extractor has a pool); ``pageable`` runs them from, and into, ordinary memory instead."""
     batch_size = batch_size or extractor.batch_size
-    batches = [np.stack(xs[s:s + batch_size]) for s in range(0, len(xs), batch_size)]
-    t0 = time.perf_counter()
-    for batch in batches:
-        extractor.run(options.model, batch, list(options.layers))
-    return time.perf_counter() - t0
+    layers = list(options.layers)
+    pool = extractor.pinned
+    if pageable:
+        extractor.pinned = None
+    try:
+        batches = [extractor.stack(options.model, layers, xs[s:s + batch_size])
+                   for s in range(0, len(xs), batch_size)]
+        t0 = time.perf_counter()
+        for batch in batches:
+            extractor.run(options.model, batch, layers)
+        return time.perf_counter() - t0
+    finally:
+        extractor.pinned = pool
 
 
 def on_device(extractor: Extractor, xs: list[np.ndarray], options: ExtractOptions,
@@ -526,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
                 if full_io is not None and prec == "fp16":
                     times.setdefault((f"ORT only fp16 b{args.batch_size} float32 IO", "-"),
                                      []).append(ort_only(full_io, xs, opts, args.batch_size))
+                if extractor.pinned is not None and prec == "fp16":
+                    # the same batches from and into pageable memory (DFF_PINNED=0)
+                    times.setdefault((f"ORT only fp16 b{args.batch_size} pageable", "-"),
+                                     []).append(ort_only(extractor, xs, opts, args.batch_size,
+                                                         pageable=True))
                 times.setdefault((f"in-process {prec}", "float32"), []).append(
                     in_process(extractor, items, opts))
                 if not args.no_grpc:

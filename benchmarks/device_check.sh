@@ -198,11 +198,12 @@ DFF_BENCH_PROFILE="$LOGS/server-profile" timeout 300 \
     --precisions "$(p="${PRECISIONS:-int8}"; echo "${p##*,}")" --data "$WORK/photos/ant" \
     --client-procs "$(( REDUCED == 1 ? 2 : 4 ))" \
     --json "$LOGS/scale_out.json" 2>&1 | tee "$LOGS/scale_out.log" >&2
-# the same at the largest group, float16 inputs and sparse answers, with the two GPU-side
-# settings of this version undone one at a time: the worker threads spinning while they wait
-# for the device (CUDA's default), and the fp16 model's float32 input and outputs
+# the same at the largest group, float16 inputs and sparse answers, with each GPU-side setting
+# undone one at a time: the worker threads spinning while they wait for the device (CUDA's
+# default), the fp16 model's float32 input and outputs, and pageable host memory for the
+# batches and activations (instead of pinned blocks)
 LARGEST="${DFF_DEVICE_SCALE_OUT:-$GROUPS_DEFAULT}"; LARGEST="${LARGEST##*,}"
-for ab in "DFF_CUDA_SYNC=spin:sync spin" "DFF_HALF_IO=0:float32 IO"; do
+for ab in "DFF_CUDA_SYNC=spin:sync spin" "DFF_HALF_IO=0:float32 IO" "DFF_PINNED=0:pageable"; do
     env "${ab%%:*}" timeout 120 \
         "$PY" benchmarks/bench_features.py --scale-out-only "$LARGEST" \
         --scale-out-variants f16-sparse --label "${ab#*:}" \

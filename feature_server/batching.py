@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 # run(model, batch (N, 3, H, W) float32, output names) -> one (N, ...) array per output name
 RunFn = Callable[[str, np.ndarray, list[str]], list[np.ndarray]]
+# stack(model, output names, inputs (3, H, W) of one shape) -> the batch for run
+StackFn = Callable[[str, list[str], list[np.ndarray]], np.ndarray]
 
 
 @dataclass
@@ -50,10 +52,13 @@ class MicroBatcher:
     """
 
     def __init__(self, run: RunFn, *, max_batch_size: int = 8, max_wait_s: float = 0.005,
-                 max_queue: int = 256, on_batch: Callable[[int], None] | None = None) -> None:
+                 max_queue: int = 256, on_batch: Callable[[int], None] | None = None,
+                 stack: StackFn | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self._run = run
+        # the Extractor's stack puts a GPU batch in pinned memory; np.stack by default
+        self._stack: StackFn = stack or (lambda model, outputs, arrays: np.stack(arrays))
         self._on_batch = on_batch  # called with each batch's size (metrics)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -128,7 +133,7 @@ class MicroBatcher:
             return
         outputs = sorted({name for j in jobs for name in j.outputs})
         try:
-            batch = np.stack([j.array for j in jobs])
+            batch = self._stack(jobs[0].model, outputs, [j.array for j in jobs])
             results = self._run(jobs[0].model, batch, outputs)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
             for j in jobs:

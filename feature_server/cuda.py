@@ -52,15 +52,23 @@ def set_sync_mode(mode: str | None = None) -> str:
         return _done[mode]
 
 
-def _apply(mode: str) -> str:
+def load_driver() -> tuple[ctypes.CDLL | None, str]:
+    """The CUDA driver library, initialised; or None and why not."""
     try:
         lib = ctypes.CDLL(os.environ.get("DFF_LIBCUDA") or "libcuda.so.1")
     except OSError:
-        return "no CUDA driver here"
-    c_int, c_uint, ref = ctypes.c_int, ctypes.c_uint, ctypes.byref
-    rc = lib.cuInit(c_uint(0))
+        return None, "no CUDA driver here"
+    rc = lib.cuInit(ctypes.c_uint(0))
     if rc != 0:
-        return f"cuInit failed (CUresult {rc})"
+        return None, f"cuInit failed (CUresult {rc})"
+    return lib, ""
+
+
+def _apply(mode: str) -> str:
+    lib, why = load_driver()
+    if lib is None:
+        return why
+    c_int, c_uint, ref = ctypes.c_int, ctypes.c_uint, ctypes.byref
     count = c_int(0)
     rc = lib.cuDeviceGetCount(ref(count))
     if rc != 0:

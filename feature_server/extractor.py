@@ -35,6 +35,8 @@ from feature_server.models.registry import (
     ensure_models,
     get_spec,
 )
+from feature_server.pinned import PinnedPool
+from feature_server.pinned import pool as pinned_pool
 from feature_server.sparse import SparseActivation, from_dense
 
 log = logging.getLogger(__name__)
@@ -343,6 +345,11 @@ class Extractor:
         first = next(iter(self._sessions.values()))
         self.execution_provider: str = first.get_providers()[0]
         self.io_binding = self.execution_provider != "CPUExecutionProvider"
+        # with IO binding, batches and activations in page-locked host memory (see
+        # feature_server.pinned); the activations' shapes per session and input shape, learnt
+        # on the first run of each, so later runs copy into pinned arrays made beforehand
+        self.pinned = pinned_pool(self.execution_provider in GPU_PROVIDERS)
+        self._output_shapes: dict[tuple, list[tuple[tuple[int, ...], np.dtype]]] = {}
         if self.half_io and half_env != "1" and self.execution_provider not in GPU_PROVIDERS:
             # the GPU provider did not load: float32 sessions, as on any CPU
             self.half_io = False
@@ -543,6 +550,20 @@ class Extractor:
         assert net_in is not None  # validate() requires layers or the classifier
         return Prepared(item_id, x, cx, (h, w), (net_in.shape[1], net_in.shape[2]))
 
+    def stack(self, model: str, outputs: list[str], arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Inputs (3, H, W) of one shape as one batch for :meth:`run`: in the dtype the session
+        takes (float32 widened or float16 rounded as :meth:`run` would) and, with IO binding
+        and a pinned pool, in page-locked memory, where the copy to the device starts from."""
+        dtype = self.input_dtype(model, outputs)
+        shape = (len(arrays), *arrays[0].shape)
+        pool = self.pinned if self.io_binding else None
+        batch = pool.empty(shape, dtype) if pool is not None else np.empty(shape, dtype)
+        for i, array in enumerate(arrays):
+            if dtype == np.float16 and array.dtype != np.float16:
+                array = float_to_half(array)
+            batch[i] = array  # float16 into float32: exact
+        return batch
+
     def run(self, model: str, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """(N, 3, H, W) through ``model``; one (N, ...) array per output: float32, or float16
         from a half-IO session (which takes the batch as float16, rounded if need be)."""
@@ -557,11 +578,41 @@ class Extractor:
         # On a GPU (default there; settable for tests): IO binding copies the batch to the
         # device once and only the asked outputs back.
         binding = session.io_binding()
+        if self.pinned is not None:
+            return self._run_pinned(session, binding, spec.input_name, batch, outputs,
+                                    self.pinned)
         binding.bind_cpu_input(spec.input_name, batch)
         for name in outputs:
             binding.bind_output(name, "cpu")
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
+
+    def _run_pinned(self, session: Any, binding: Any, input_name: str, batch: np.ndarray,
+                    outputs: list[str], pool: PinnedPool) -> list[np.ndarray]:
+        """IO binding by pointer: the batch from, and the activations into, pinned arrays
+        (ONNX Runtime copies the same bytes; only the memory differs). The activations'
+        shapes are learnt from each session and input shape's first run."""
+        if not pool.owns(batch):
+            staged = pool.empty(batch.shape, batch.dtype)
+            if pool.owns(staged):  # else the pool is spent: the batch as it is
+                np.copyto(staged, batch)
+                batch = staged
+        binding.bind_input(input_name, "cpu", 0, batch.dtype, list(batch.shape),
+                           batch.ctypes.data)
+        key = (id(session), batch.shape[1:], batch.dtype, tuple(outputs))
+        known = self._output_shapes.get(key)
+        if known is None:
+            for name in outputs:
+                binding.bind_output(name, "cpu")
+            session.run_with_iobinding(binding)
+            results = binding.copy_outputs_to_cpu()
+            self._output_shapes[key] = [(r.shape[1:], r.dtype) for r in results]
+            return results
+        results = [pool.empty((batch.shape[0], *shape), dtype) for shape, dtype in known]
+        for name, out in zip(outputs, results, strict=True):
+            binding.bind_output(name, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+        session.run_with_iobinding(binding)  # `batch` stays referenced until it returns
+        return results
 
     def finish(self, prepared: Prepared, activations: dict[str, np.ndarray],
                probabilities: np.ndarray | None, options: ExtractOptions, *,
@@ -660,15 +711,15 @@ class Extractor:
         for members in groups.values():
             outs: list[np.ndarray] = []
             if options.layers:
-                outs = self.run(options.model,
-                                np.stack([p.features_input for _, p in members
-                                          if p.features_input is not None]),
-                                list(options.layers))
+                layers = list(options.layers)
+                outs = self.run(options.model, self.stack(
+                    options.model, layers, [p.features_input for _, p in members
+                                            if p.features_input is not None]), layers)
             probs = None
             if options.wants_classifier:
-                probs = self.run(options.classifier,
-                                 np.stack([p.classifier_input for _, p in members
-                                           if p.classifier_input is not None]),
+                probs = self.run(options.classifier, self.stack(
+                    options.classifier, ["probabilities"], [p.classifier_input for _, p in members
+                                                            if p.classifier_input is not None]),
                                  ["probabilities"])[0]
             for j, (i, p) in enumerate(members):
                 acts = {layer: outs[k][j] for k, layer in enumerate(options.layers)}

@@ -479,7 +479,8 @@ def start_server(config: ServerConfig, extractor: Extractor | None = None) -> Ru
     metrics = Metrics("features")
     batcher = MicroBatcher(extractor.run, max_batch_size=config.max_batch_size,
                            max_wait_s=config.max_wait_ms / 1000.0, max_queue=config.max_queue,
-                           on_batch=metrics.batch_size.labels("features").observe)
+                           on_batch=metrics.batch_size.labels("features").observe,
+                           stack=extractor.stack)
     # threads: every running stream, every stream waiting for a slot, and a reserve that
     # DescribeModel/health/reflection always find (streams never take it)
     server = serving.create_server(

@@ -7,13 +7,12 @@ has made its sessions."""
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 
 import pytest
 from dff_protos.errors import InvalidInput
 
 from feature_server import cuda
+from tests.cuda_stand_in import compile_stand_in
 
 STAND_IN = r"""
 extern "C" {
@@ -35,15 +34,9 @@ int stub_inits() { return inits_; }
 
 @pytest.fixture
 def driver(tmp_path, monkeypatch) -> ctypes.CDLL:
-    compiler = shutil.which("g++")
-    if compiler is None:
-        pytest.skip("needs g++ (bash .ci/setup --test installs it)")
-    src, lib = tmp_path / "cuda_stand_in.cpp", tmp_path / "libcuda_stand_in.so"
-    src.write_text(STAND_IN)
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
-    monkeypatch.setenv("DFF_LIBCUDA", str(lib))
+    lib = compile_stand_in(STAND_IN, tmp_path, monkeypatch)
     monkeypatch.setattr(cuda, "_done", {})
-    return ctypes.CDLL(str(lib))
+    return lib
 
 
 def test_block_is_the_default_and_other_flags_are_kept(driver, monkeypatch):

@@ -1,0 +1,180 @@
+"""feature_server.pinned: batches and activations of a GPU session in page-locked host memory.
+
+Without a GPU the driver is a stand-in compiled here, whose "pinned" blocks are ordinary aligned
+allocations and which insists, as CUDA does, on a current context for each allocation. With it
+the IO-binding path runs on the CPU provider exactly as on a GPU (pointers bound, shapes learnt
+on the first run); the gpu test runs it on CUDA against the real driver."""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import numpy as np
+import pytest
+
+from feature_server import pinned
+from feature_server.batching import MicroBatcher
+from feature_server.extractor import ExtractOptions, Extractor
+from feature_server.pinned import MIN_BLOCK, PinnedPool
+from tests.cuda_stand_in import compile_stand_in
+from tests.feature_server.test_half_io import photos
+
+STAND_IN = r"""
+#include <cstdlib>
+extern "C" {
+static int allocs_ = 0, current_ = 0;
+static long limit_ = -1, given_ = 0;
+static void* const CTX = (void*)0x1234;
+int cuInit(unsigned f) { return f == 0 ? 0 : 1; }
+int cuDeviceGet(int* d, int ordinal) { if (ordinal > 0) return 101; *d = 10; return 0; }
+int cuDevicePrimaryCtxRetain(void** ctx, int dev) { *ctx = CTX; return dev == 10 ? 0 : 101; }
+int cuCtxPushCurrent_v2(void* ctx) { if (ctx != CTX) return 201; current_++; return 0; }
+int cuCtxPopCurrent_v2(void** ctx) { current_--; *ctx = CTX; return 0; }
+int cuMemHostAlloc(void** p, size_t n, unsigned flags) {
+    if (current_ != 1) return 201;  /* CUDA_ERROR_INVALID_CONTEXT */
+    if (flags != 1) return 1;       /* only portable blocks are asked for */
+    if (limit_ >= 0 && given_ + (long)n > limit_) return 2;  /* CUDA_ERROR_OUT_OF_MEMORY */
+    *p = aligned_alloc(4096, n); given_ += n; allocs_++; return 0; }
+int cuMemFreeHost(void* p) { free(p); return 0; }
+int stub_allocs() { return allocs_; }
+int stub_current() { return current_; }
+void stub_limit(long n) { limit_ = n; }
+}
+"""
+
+
+@pytest.fixture
+def driver(tmp_path, monkeypatch):
+    lib = compile_stand_in(STAND_IN, tmp_path, monkeypatch)
+    monkeypatch.setattr(pinned, "_pool", {})
+    return lib
+
+
+def test_blocks_are_lent_while_any_view_lives_and_then_reused(driver):
+    pool = PinnedPool(driver, 64 << 20)
+    a = pool.empty((3, 5), np.float32)
+    a[:] = np.arange(15, dtype=np.float32).reshape(3, 5)
+    assert pool.owns(a) and a.flags.c_contiguous and a.ctypes.data % 4096 == 0
+    view = a[1:]
+    assert pool.owns(view)
+    del a
+    gc.collect()
+    b = pool.empty((2, 2), np.float32)  # the first block is still lent (the view)
+    assert pool.stats()["allocations"] == 2 and driver.stub_allocs() == 2
+    np.testing.assert_array_equal(view, np.arange(5, 15, dtype=np.float32).reshape(2, 5))
+    del view, b
+    gc.collect()
+    c = pool.empty((7,), np.float16)
+    d = pool.empty(((1 << 20) + 1,), np.uint8)  # a larger size class: a new block
+    stats = pool.stats()
+    assert (stats["allocations"], stats["reuses"]) == (3, 1)
+    assert stats["pinned_bytes"] == 2 * MIN_BLOCK + (2 << 20)
+    assert pool.owns(c) and pool.owns(d) and not pool.owns(np.empty(3))
+    assert driver.stub_current() == 0  # every push was popped
+
+
+def test_past_the_cap_or_a_refusal_arrays_are_ordinary(driver, caplog):
+    pool = PinnedPool(driver, 2 * MIN_BLOCK)
+    held = [pool.empty((100,), np.float32) for _ in range(2)]
+    extra = pool.empty((100,), np.float32)
+    assert all(pool.owns(h) for h in held) and not pool.owns(extra)
+    extra[:] = 1.0
+    assert pool.stats()["fallbacks"] == 1
+    driver.stub_limit(0)
+    refused = PinnedPool(driver, 64 << 20)
+    with caplog.at_level(logging.WARNING, logger="feature_server.pinned"):
+        first = refused.empty((10,), np.float32)
+    assert not refused.owns(first) and "CUresult 2" in caplog.text
+    before = driver.stub_allocs()
+    refused.empty((10,), np.float32)  # no further tries after a refusal
+    assert driver.stub_allocs() == before and refused.stats()["fallbacks"] == 2
+
+
+def test_the_switch_and_a_missing_driver(driver, monkeypatch, tmp_path):
+    monkeypatch.delenv("DFF_PINNED", raising=False)
+    assert pinned.pool(gpu_provider=False) is None
+    monkeypatch.setenv("DFF_PINNED", "0")
+    assert pinned.pool(gpu_provider=True) is None
+    monkeypatch.setenv("DFF_PINNED", "1")
+    monkeypatch.setenv("DFF_PINNED_MB", "3")
+    made = pinned.pool(gpu_provider=False)
+    assert isinstance(made, PinnedPool) and made.limit_bytes == 3 << 20
+    assert pinned.pool(gpu_provider=True) is made  # one per process
+    monkeypatch.setattr(pinned, "_pool", {})
+    monkeypatch.setenv("DFF_LIBCUDA", str(tmp_path / "missing.so"))
+    assert pinned.pool(gpu_provider=True) is None
+
+
+@pytest.fixture
+def bound(registry, driver, monkeypatch) -> Extractor:
+    """The half-IO fp16 extractor with IO binding and a (stand-in) pinned pool, on the CPU."""
+    monkeypatch.setenv("DFF_PINNED", "1")
+    ex = Extractor(registry, precisions=("fp16",), batch_size=4, half_io=True)
+    assert ex.pinned is not None
+    ex.io_binding = True
+    return ex
+
+
+def _conv54(ex: Extractor, items) -> dict[str, np.ndarray]:
+    out = {}
+    for r in ex.extract(items, ExtractOptions(model="vgg19_fp16", wire_dtype="float16")):
+        assert r.error is None, r.error
+        out[r.id] = np.array(r.activations["conv5_4"])
+    return out
+
+
+def test_pinned_runs_give_the_same_activations(bound):
+    items = photos(6)
+    pool = bound.pinned
+    assert pool is not None
+    first = _conv54(bound, items)    # learns the output shapes (batches of 4 and 2)
+    again = _conv54(bound, items)    # then binds pinned arrays by pointer
+    bound.pinned = None
+    plain = _conv54(bound, items)    # the IO-binding path without the pool
+    bound.pinned = pool
+    for item_id, _ in items:
+        np.testing.assert_array_equal(again[item_id], plain[item_id])
+        np.testing.assert_array_equal(first[item_id], plain[item_id])
+    # the pointer path: the batch and the activations are the pool's
+    x = np.stack([np.random.default_rng(i).random((3, 224, 224), np.float32) for i in range(3)])
+    batch = bound.stack("vgg19_fp16", ["conv5_4"], list(x))
+    assert pool.owns(batch) and batch.dtype == np.float16
+    out = bound.run("vgg19_fp16", batch, ["conv5_4"])
+    out2 = bound.run("vgg19_fp16", x, ["conv5_4"])  # float32, not pinned: rounded, staged
+    assert pool.owns(out[0]) and out[0].shape == (3, 512, 14, 14)
+    np.testing.assert_array_equal(out[0], out2[0])
+    assert pool.stats()["reuses"] > 0
+
+
+def test_the_batcher_stacks_with_the_extractor(bound):
+    x = [np.random.default_rng(i).random((3, 224, 224), np.float32) for i in range(3)]
+    reference = bound.run("vgg19_fp16", np.stack(x), ["conv5_4"])[0]
+    batcher = MicroBatcher(bound.run, max_batch_size=3, max_wait_s=1.0, stack=bound.stack)
+    futures = [batcher.submit("vgg19_fp16", a, ("conv5_4",)) for a in x]
+    got = [f.result(timeout=60)["conv5_4"] for f in futures]
+    batcher.close()
+    assert all(bound.pinned.owns(g) for g in got)
+    for i in range(3):
+        np.testing.assert_array_equal(got[i], reference[i])
+
+
+@pytest.mark.gpu
+def test_pinned_on_cuda_is_bit_identical(registry, monkeypatch):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs the CUDA execution provider")
+    monkeypatch.delenv("DFF_PINNED", raising=False)
+    ex = Extractor(registry, providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                   precisions=("fp16",), batch_size=4)
+    pool = ex.pinned
+    assert pool is not None and ex.io_binding
+    items = photos(6)
+    _conv54(ex, items)
+    again = _conv54(ex, items)
+    ex.pinned = None
+    plain = _conv54(ex, items)
+    for item_id, _ in items:
+        np.testing.assert_array_equal(again[item_id], plain[item_id])
+    assert pool.stats()["allocations"] > 0 and pool.stats()["reuses"] > 0
