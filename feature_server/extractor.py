@@ -601,17 +601,28 @@ class Extractor:
                            batch.ctypes.data)
         key = (id(session), batch.shape[1:], batch.dtype, tuple(outputs))
         known = self._output_shapes.get(key)
-        if known is None:
-            for name in outputs:
-                binding.bind_output(name, "cpu")
-            session.run_with_iobinding(binding)
-            results = binding.copy_outputs_to_cpu()
-            self._output_shapes[key] = [(r.shape[1:], r.dtype) for r in results]
-            return results
-        results = [pool.empty((batch.shape[0], *shape), dtype) for shape, dtype in known]
-        for name, out in zip(outputs, results, strict=True):
-            binding.bind_output(name, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
-        session.run_with_iobinding(binding)  # `batch` stays referenced until it returns
+        if known is not None:
+            results = [pool.empty((batch.shape[0], *shape), dtype) for shape, dtype in known]
+            for name, out in zip(outputs, results, strict=True):
+                binding.bind_output(name, "cpu", 0, out.dtype, list(out.shape),
+                                    out.ctypes.data)
+            try:
+                session.run_with_iobinding(binding)  # `batch` stays referenced until it returns
+                return results
+            except Exception as exc:  # noqa: BLE001 - learnt again below; a real error recurs
+                # an output whose shape depends on more than the input's (a model of the
+                # user's own): learn it again from this run
+                log.info("model outputs %s: not the shapes %s (%s); learning them again",
+                         outputs, [s for s, _ in known], exc)
+                del self._output_shapes[key]
+                binding = session.io_binding()
+                binding.bind_input(input_name, "cpu", 0, batch.dtype, list(batch.shape),
+                                   batch.ctypes.data)
+        for name in outputs:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        results = binding.copy_outputs_to_cpu()
+        self._output_shapes[key] = [(r.shape[1:], r.dtype) for r in results]
         return results
 
     def finish(self, prepared: Prepared, activations: dict[str, np.ndarray],
