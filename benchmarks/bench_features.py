@@ -288,18 +288,18 @@ def _start_profile(pid: int, name: str) -> Any:
 
 
 def scale_out(args: argparse.Namespace, precision: str, sparse: bool = False,
-              half: bool = False) -> tuple[float, float | None, int]:
+              half: bool = False) -> tuple[float, float | None, int, float | None]:
     """The served path as deployed for throughput: ``--server-workers`` server processes on one
     port, ``--client-procs`` client processes each sending every photo as prepared network
     inputs (decoded and preprocessed by the client, so the server does neither) over
     ``--streams`` streams on as many connections, all started together; ``sparse`` asks for
     activations as sparse rows (what the concept engine asks for), ``half`` sends the inputs
-    as float16 (half the bytes). Returns img/s over
-    the whole run, the server group's CPU ms per image, and the images sent."""
+    as float16 (half the bytes). Returns img/s over the whole run, the server group's CPU ms per
+    image, the images sent and the mean network batch (warm-up included)."""
     import json
     import subprocess
 
-    from benchmarks.load_test import child_env, start_replica
+    from benchmarks.load_test import child_env, mean_batch, start_replica
 
     env = os.environ.copy()
     if args.home:
@@ -344,7 +344,7 @@ def scale_out(args: argparse.Namespace, precision: str, sparse: bool = False,
         server.wait(timeout=60)
     server_ms = (None if None in cpu0 or None in cpu1 else
                  1e3 * sum(b - a for a, b in zip(cpu0, cpu1, strict=True)) / sent)  # type: ignore[operator]
-    return sent / wall, server_ms, sent
+    return sent / wall, server_ms, sent, mean_batch(server)
 
 
 def scale_out_only(args: argparse.Namespace) -> int:
@@ -369,13 +369,15 @@ def scale_out_only(args: argparse.Namespace) -> int:
             (False, False, "dense"), (True, False, "sparse"), (True, True, "f16-sparse"))
             if v in wanted and not (half and precision == "int8")]
         for sparse, half in variants:
-            ips, server_ms, sent = scale_out(args, precision, sparse, half)
+            ips, server_ms, sent, batch = scale_out(args, precision, sparse, half)
             name = (f"scale-out {precision} prep{' f16' if half else ''}"
                     f"{' sparse' if sparse else ''} w{workers} c{args.client_procs}x{args.streams}"
                     f"{' ' + args.label if args.label else ''}")
-            rows.append({"path": name, "img_s": ips, "server_ms": server_ms, "images": sent})
+            rows.append({"path": name, "img_s": ips, "server_ms": server_ms, "images": sent,
+                         "mean_batch": batch})
             cpu = "n/a" if server_ms is None else f"{server_ms:.2f} ms"
-            print(f"{name:<40}{ips:>9.1f} img/s  server CPU per image {cpu}", flush=True)
+            mean = "" if batch is None else f", mean batch {batch:.1f}"
+            print(f"{name:<40}{ips:>9.1f} img/s  server CPU per image {cpu}{mean}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"scale_out": rows}, indent=1))
     return 0
@@ -598,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                 variants = [(False, False), (True, False)] + ([(True, True)]
                                                               if prec != "int8" else [])
                 for sparse, half in variants:
-                    ips, server_ms, _ = scale_out(args, prec, sparse, half)
+                    ips, server_ms, _, _ = scale_out(args, prec, sparse, half)
                     name = (f"scale-out {prec} prep{' f16' if half else ''}"
                             f"{' sparse' if sparse else ''} "
                             f"w{args.server_workers} c{args.client_procs}x{args.streams}")

@@ -56,6 +56,8 @@ def report(logs: Path, out: Path) -> str:
                   for row in _json(path).get("scale_out", [])]
     for row in scale_rows:
         cpu = "" if row.get("server_ms") is None else f", server CPU {row['server_ms']:.2f} ms/img"
+        if row.get("mean_batch") is not None:
+            cpu += f", mean batch {row['mean_batch']:.1f}"
         lines.append(f"{row['path']:<44}{row['img_s']:>10.1f} img/s  {row['images']} images"
                      f"{cpu}")
     ref = _json(logs / "torch_ref.json")

@@ -63,8 +63,18 @@ def start_replica(args: argparse.Namespace, env: dict[str, str] | None = None,
     for line in proc.stderr:
         m = re.search(ready, line)
         if m:
-            threading.Thread(target=lambda: [None for _ in proc.stderr],  # type: ignore[union-attr]
-                             daemon=True).start()
+            # the rest of the log is read (and dropped) so the server never blocks on it; its
+            # batchers' totals at exit ("stopped (B batches, I items, ...)") are kept
+            stopped: list[str] = []
+            proc.stopped_lines = stopped  # type: ignore[attr-defined]
+
+            def drain(stream=proc.stderr, keep=stopped) -> None:
+                for line in stream:
+                    if "stopped (" in line:
+                        keep.append(line)
+
+            proc.drain = threading.Thread(target=drain, daemon=True)  # type: ignore[attr-defined]
+            proc.drain.start()  # type: ignore[attr-defined]
             proc.worker_pids = ([int(p) for p in m.group(2).split(",")]  # type: ignore[attr-defined]
                                 if workers > 1 else [proc.pid])
             return proc, f"127.0.0.1:{m.group(1)}"
@@ -72,6 +82,18 @@ def start_replica(args: argparse.Namespace, env: dict[str, str] | None = None,
             break
     proc.kill()
     raise SystemExit("the feature server did not start")
+
+
+def mean_batch(proc: subprocess.Popen) -> float | None:
+    """Items per network batch over a stopped server's run (all its worker processes), from
+    the totals each batcher logs at exit; None when none were logged."""
+    proc.drain.join(timeout=10)  # type: ignore[attr-defined]
+    batches = items = 0
+    for line in proc.stopped_lines:  # type: ignore[attr-defined]
+        m = re.search(r"stopped \((\d+) batches, (\d+) items", line)
+        if m:
+            batches, items = batches + int(m.group(1)), items + int(m.group(2))
+    return items / batches if batches else None
 
 
 def rss(pid: int) -> int:

@@ -146,7 +146,7 @@ def test_report_of_this_versions_rows(tmp_path):
          "server_ms": 4.0, "images": 2048}]}))
     (tmp_path / "scale_out_DFF_PINNED.json").write_text(json.dumps({"scale_out": [
         {"path": "scale-out fp16 prep f16 sparse w12 c4x9 pageable", "img_s": 1700.0,
-         "server_ms": 3.0, "images": 2048}]}))
+         "server_ms": 3.0, "images": 2048, "mean_batch": 41.25}]}))
     (tmp_path / "ksweep.json").write_text(json.dumps({"rows": [
         {"images": 50, "rows": 9800, "host_s": 0.2, "host_k": 3, "gpu_s": 0.5, "gpu_k": 3,
          "gpu_over_host": 2.5},
@@ -167,6 +167,7 @@ def test_report_of_this_versions_rows(tmp_path):
     table = device_report.report(tmp_path, tmp_path / "none")
     assert "w12 c4x9 sync spin" in table and "1500.0 img/s" in table and "2100.0 img/s" in table
     assert "w12 c4x9 pageable" in table and "1700.0 img/s" in table
+    assert "server CPU 3.00 ms/img, mean batch 41.2" in table
     assert "k sweep, 50 images" in table and "GPU 0.50 s = 2.50x" in table
     assert "GPU 0.80 s = 0.50x (another k)" in table
     assert "3-class export, pipelined / extraction" in table and "1.20x" in table
