@@ -577,11 +577,25 @@ class Extractor:
             return session.run(outputs, {spec.input_name: batch})
         # On a GPU (default there; settable for tests): IO binding copies the batch to the
         # device once and only the asked outputs back.
+        pool = self.pinned
+        if pool is not None:
+            try:
+                return self._run_pinned(session, session.io_binding(), spec.input_name, batch,
+                                        outputs, pool)
+            except Exception as exc:
+                results = self._run_bound(session, spec.input_name, batch, outputs)
+                # the plain binding ran where the pinned one failed: pageable from now on
+                log.warning("IO binding of pinned arrays failed (%s); pageable memory from now "
+                            "on in this process", exc)
+                self.pinned = None
+                return results
+        return self._run_bound(session, spec.input_name, batch, outputs)
+
+    @staticmethod
+    def _run_bound(session: Any, input_name: str, batch: np.ndarray, outputs: list[str]
+                   ) -> list[np.ndarray]:
         binding = session.io_binding()
-        if self.pinned is not None:
-            return self._run_pinned(session, binding, spec.input_name, batch, outputs,
-                                    self.pinned)
-        binding.bind_cpu_input(spec.input_name, batch)
+        binding.bind_cpu_input(input_name, batch)
         for name in outputs:
             binding.bind_output(name, "cpu")
         session.run_with_iobinding(binding)

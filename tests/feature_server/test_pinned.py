@@ -154,6 +154,31 @@ def test_pinned_runs_give_the_same_activations(bound):
     assert bound._output_shapes[key] == [((512, 14, 14), np.dtype(np.float16))]
 
 
+def test_a_pinned_binding_that_fails_where_the_plain_one_runs_turns_it_off(bound, monkeypatch,
+                                                                          caplog):
+    x = np.random.default_rng(0).random((2, 3, 224, 224), np.float32)
+    reference = bound.run("vgg19_fp16", x, ["conv5_4"])[0]
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("no such binding here")
+
+    monkeypatch.setattr(bound, "_run_pinned", refused)
+    with caplog.at_level(logging.WARNING, logger="feature_server.extractor"):
+        got = bound.run("vgg19_fp16", x, ["conv5_4"])[0]
+    np.testing.assert_array_equal(got, reference)
+    assert bound.pinned is None and "pageable memory from now on" in caplog.text
+    # a real error (the plain binding fails too) is raised, and leaves the pool on
+    bound.pinned = pool = PinnedPool.__new__(PinnedPool)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of device memory")
+
+    monkeypatch.setattr(bound, "_run_bound", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of device memory"):
+        bound.run("vgg19_fp16", x, ["conv5_4"])
+    assert bound.pinned is pool
+
+
 def test_the_batcher_stacks_with_the_extractor(bound):
     x = [np.random.default_rng(i).random((3, 224, 224), np.float32) for i in range(3)]
     reference = bound.run("vgg19_fp16", np.stack(x), ["conv5_4"])[0]
