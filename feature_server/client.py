@@ -54,7 +54,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -155,6 +155,34 @@ class _Shard:
     address_index: int
 
 
+class ClientClosed(errors.Unavailable):
+    """The client was closed while items were still to be sent: they are not retried."""
+
+
+@dataclass
+class _Run:
+    """One ``extract`` call's shared state: ``stop`` is set when its caller stops reading
+    (the generator is closed, or raised); ``calls`` are the streams in flight, cancelled
+    then."""
+    stop: threading.Event = field(default_factory=threading.Event)
+    calls: list[Any] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def started(self, call: Any) -> None:
+        with self.lock:
+            self.calls.append(call)
+            stopped = self.stop.is_set()
+        if stopped:
+            call.cancel()
+
+    def abandon(self) -> None:
+        with self.lock:
+            self.stop.set()
+            calls = list(self.calls)
+        for call in calls:
+            call.cancel()
+
+
 class FeatureClient:
     """FeatureSource over gRPC feature servers (see the module docstring)."""
 
@@ -215,9 +243,11 @@ class FeatureClient:
                                 for a in self.addresses]
         self._channels = [self.security.channel(a, options) for a in self._stub_addresses]
         self._stubs = [features_pb2_grpc.FeatureServiceStub(c) for c in self._channels]
+        self._closed = False
         self._describe: dict | None = None
 
     def close(self) -> None:
+        self._closed = True
         for channel in self._channels:
             channel.close()
         if self._decode_pool is not None:
@@ -278,25 +308,35 @@ class FeatureClient:
         n_shards = min(len(items), len(self._stubs) * self.streams_per_address)
         results: queue.Queue[tuple[int, ExtractResult] | None] = queue.Queue()
         threads: list[threading.Thread] = []
+        run = _Run()
         for s in range(n_shards):
             shard = _Shard(list(range(s, len(items), n_shards)), s % len(self._stubs))
-            t = threading.Thread(target=self._run_shard, args=(shard, items, options, results),
+            t = threading.Thread(target=self._run_shard,
+                                 args=(shard, items, options, results, run),
                                  name=f"extract-shard-{s}", daemon=True)
             t.start()
             threads.append(t)
         finished = 0
-        while finished < n_shards:
-            got = results.get()
-            if got is None:
-                finished += 1
-                continue
-            yield got[1]
+        try:
+            while finished < n_shards:
+                got = results.get()
+                if got is None:
+                    finished += 1
+                    continue
+                yield got[1]
+        finally:
+            if finished < n_shards:
+                # the caller stopped reading: the streams are cancelled, nothing is retried
+                run.abandon()
         for t in threads:
             t.join()
 
     def _run_shard(self, shard: _Shard, items: list[tuple[str, ImageData]],
                    options: ExtractOptions,
-                   results: queue.Queue[tuple[int, ExtractResult] | None]) -> None:
+                   results: queue.Queue[tuple[int, ExtractResult] | None],
+                   run: _Run | None = None) -> None:
+        run = run or _Run()
+
         def fail(indices: Iterable[int], err: errors.DFFError) -> None:
             for i in indices:
                 results.put((i, ExtractResult(items[i][0], error=err)))
@@ -308,16 +348,21 @@ class FeatureClient:
             tried: list[str] = []
             started = time.monotonic()
             backoff = 0.1
-            while pending:
+            while pending and not run.stop.is_set():
                 address = self._stub_addresses[address_index]
                 # items that were in flight on a failed replica go first, one at a time; the
                 # others (never in flight on a failure) follow in a normal stream
                 struck = [i for i in pending if i in failed_on]
                 batch = struck or pending
                 answered, sent, exc = self._stream(self._stubs[address_index], batch, items,
-                                                   options, results, one_at_a_time=bool(struck))
+                                                   options, results, one_at_a_time=bool(struck),
+                                                   run=run)
                 pending = [i for i in pending if i not in answered]
-                if not pending:
+                if not pending or run.stop.is_set():
+                    break  # done, or no one reads the answers any more
+                if isinstance(exc, ClientClosed) or self._closed:
+                    fail(pending, ClientClosed(
+                        f"the client was closed with {len(pending)} item(s) unanswered"))
                     break
                 if exc is None and struck and not set(struck) & set(pending):
                     continue  # the struck items are done: the rest, normally, same replica
@@ -514,7 +559,7 @@ class FeatureClient:
     def _stream(self, stub: features_pb2_grpc.FeatureServiceStub, indices: list[int],
                 items: list[tuple[str, ImageData]], options: ExtractOptions,
                 results: queue.Queue[tuple[int, ExtractResult] | None],
-                one_at_a_time: bool = False
+                one_at_a_time: bool = False, run: _Run | None = None
                 ) -> tuple[set[int], set[int], BaseException | None]:
         """One Extract stream; returns the indices answered, the indices handed to gRPC
         (sent), and the error that ended the stream. ``one_at_a_time``: send an item only
@@ -542,7 +587,12 @@ class FeatureClient:
                 yield image_request(str(i), next(payloads))
 
         deadline = self.timeout + self.timeout_per_item * len(indices)
-        call = stub.Extract(requests(), timeout=deadline)
+        try:
+            call = stub.Extract(requests(), timeout=deadline)
+        except ValueError as exc:  # grpc: "Cannot invoke RPC: Channel closed!"
+            return answered, sent, ClientClosed(str(exc))
+        if run is not None:
+            run.started(call)
 
         def watchdog() -> None:
             # a replica that answers nothing for item_deadline s while items are in flight

@@ -3,7 +3,9 @@ query of death, per-item deadline on a frozen replica, backoff within a budget."
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -11,7 +13,7 @@ import grpc
 from dff_protos import errors
 from dff_protos.v1 import common_pb2, features_pb2, features_pb2_grpc
 
-from feature_server.client import FeatureClient
+from feature_server.client import ClientClosed, FeatureClient
 from feature_server.extractor import ExtractOptions
 
 
@@ -22,10 +24,12 @@ class Scripted(features_pb2_grpc.FeatureServiceServicer):
 
     def __init__(self, mode: str = "ok") -> None:
         self.mode = mode
+        self.streams = 0
         self.seen: list[bytes] = []
         self.release = threading.Event()
 
     def Extract(self, request_iterator, context) -> Iterator[features_pb2.ExtractResponse]:  # noqa: N802
+        self.streams += 1
         if self.mode == "busy":
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "all slots busy")
         for req in request_iterator:
@@ -37,6 +41,8 @@ class Scripted(features_pb2_grpc.FeatureServiceServicer):
                 return
             if self.mode == "mute":
                 continue  # reads everything, answers nothing, ends the stream cleanly
+            if self.mode == "slow":
+                time.sleep(0.05)
             if req.image.data == b"poison":
                 raise RuntimeError("the replica died on this item")
             yield features_pb2.ExtractResponse(
@@ -124,3 +130,42 @@ def test_a_stream_ended_without_answers_fails_its_items_instead_of_looping():
         server.stop(0)
     assert all(isinstance(r.error, errors.Internal) for r in results.values())
     assert "without answering" in str(results["a"].error)
+
+
+def test_a_caller_that_stops_reading_cancels_the_streams_and_nothing_is_retried(caplog):
+    servicer = Scripted("slow")
+    server, address = _serve(servicer)
+    items = [(f"i{n}", b"x") for n in range(40)]
+    try:
+        with caplog.at_level(logging.INFO, logger="feature_server.client"), \
+                FeatureClient([address], streams_per_address=2, timeout=30) as client:
+            stream = client.extract(items, ExtractOptions())
+            next(stream)
+            stream.close()  # e.g. a notebook loop left with `break`
+            assert servicer.streams == 2
+            # the client stays usable
+            again = {r.id: r for r in client.extract(items[:3], ExtractOptions())}
+            assert sorted(again) == ["i0", "i1", "i2"]
+            assert all(r.error is None for r in again.values())
+        assert servicer.streams == 4  # no stream of the first call was sent again
+        assert len(servicer.seen) < len(items) + 3  # and the rest was never sent
+        assert "re-sending" not in caplog.text and "retrying" not in caplog.text
+    finally:
+        server.stop(None)
+
+
+def test_closing_the_client_mid_stream_fails_the_rest_instead_of_losing_it():
+    server, address = _serve(Scripted("slow"))
+    items = [(f"i{n}", b"x") for n in range(40)]
+    try:
+        client = FeatureClient([address], streams_per_address=1, timeout=30)
+        stream = client.extract(items, ExtractOptions())
+        first = next(stream)
+        client.close()
+        rest = list(stream)
+        assert first.error is None and len(rest) == len(items) - 1
+        unanswered = [r for r in rest if r.error is not None]
+        assert unanswered and all(isinstance(r.error, ClientClosed) for r in unanswered)
+        assert "the client was closed" in str(unanswered[0].error)
+    finally:
+        server.stop(None)
