@@ -210,3 +210,64 @@ def test_pinned_on_cuda_is_bit_identical(registry, monkeypatch):
     for item_id, _ in items:
         np.testing.assert_array_equal(again[item_id], plain[item_id])
     assert pool.stats()["allocations"] > 0 and pool.stats()["reuses"] > 0
+
+
+@pytest.mark.slow
+def test_served_answers_and_every_block_comes_back(bound):
+    """The feature server over the pinned extractor: 4 concurrent clients (sparse and dense,
+    float16 and float32 wires), one broken file among them, one stream left half read; the
+    answers are the in-process ones and, once the answers are made, every block is back."""
+    import threading
+
+    from feature_server.client import FeatureClient
+    from feature_server.service import ServerConfig, start_server
+
+    items = photos(6)
+    broken = [("broken.jpg", items[0][1][:500])]
+    running = start_server(ServerConfig(host="127.0.0.1", port=0, max_batch_size=4,
+                                        max_wait_ms=20), bound)
+    address = f"127.0.0.1:{running.port}"
+    forms = [ExtractOptions(model="vgg19_fp16", wire_dtype=w, sparse=sp)
+             for w in ("float32", "float16") for sp in (False, True)]
+    want = {}
+    pool = bound.pinned
+    bound.pinned = None  # the reference answers, pageable
+    for i, opts in enumerate(forms):
+        want[i] = {r.id: np.asarray(r.activations["conv5_4"]) for r in bound.extract(items, opts)}
+    bound.pinned = pool
+    got: dict[int, dict] = {}
+    errors: list = []
+
+    def client(i: int) -> None:
+        try:
+            with FeatureClient(address, timeout=120) as c:
+                got[i] = {r.id: (r.error, r.activations) for r in
+                          c.extract(items[:3] + broken + items[3:], forms[i])}
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(forms))]
+        for t in threads:
+            t.start()
+        with FeatureClient(address, timeout=120) as c:  # read one answer, then walk away
+            stream = c.extract(items, forms[0])
+            next(stream)
+            stream.close()
+        for t in threads:
+            t.join(timeout=300)
+        assert not errors, errors
+        for i in range(len(forms)):
+            assert "broken.jpg" in str(got[i]["broken.jpg"][0]) or got[i]["broken.jpg"][0]
+            for item_id, _ in items:
+                error, acts = got[i][item_id]
+                assert error is None, error
+                np.testing.assert_array_equal(np.asarray(acts["conv5_4"]), want[i][item_id])
+    finally:
+        running.stop(grace=5)
+    got.clear()
+    want.clear()
+    gc.collect()
+    stats = pool.stats()
+    assert stats["reuses"] > 0 and stats["fallbacks"] == 0
+    assert stats["free_bytes"] == stats["pinned_bytes"], stats  # nothing still lent
