@@ -12,9 +12,10 @@ back when the last array over it is gone, for the next batch. ONNX Runtime is gi
 arrays by pointer (IO binding), so it copies the batch from, and the activations into, the
 pinned blocks directly; nothing else changes (the same bytes, the same values).
 
-Blocks are kept by size class (powers of two) and never freed while the process runs; their
-total is capped (``DFF_PINNED_MB``, default 1024 MiB per process). Past the cap, or when the
-driver refuses, an array is ordinary memory: slower copies, same results.
+Blocks are kept by size class (powers of two); their total is capped (``DFF_PINNED_MB``,
+default 1024 MiB per process). A block of a new size that would pass the cap first frees unlent
+blocks of other sizes; past the cap even so, or when the driver refuses, an array is ordinary
+memory: slower copies, same results.
 ``DFF_PINNED=0`` turns the pool off (the A/B switch of the device check); ``=1`` turns it on
 where the provider is not a GPU one too (tests, with a stand-in driver: ``DFF_LIBCUDA``)."""
 
@@ -81,6 +82,7 @@ class PinnedPool:
         self.allocations = 0    # blocks allocated
         self.reuses = 0         # arrays served from a returned block
         self.fallbacks = 0      # arrays in ordinary memory (cap reached or driver refused)
+        self.evictions = 0      # unlent blocks freed to make room for another size
 
     # ------------------------------------------------------------------ arrays
     def empty(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
@@ -108,7 +110,7 @@ class PinnedPool:
             free = sum(b.nbytes for blocks in self._free.values() for b in blocks)
             return {"pinned_bytes": self.pinned_bytes, "free_bytes": free,
                     "allocations": self.allocations, "reuses": self.reuses,
-                    "fallbacks": self.fallbacks}
+                    "fallbacks": self.fallbacks, "evictions": self.evictions}
 
     # ------------------------------------------------------------------ blocks
     def _take(self, nbytes: int) -> _Block | None:
@@ -118,6 +120,8 @@ class PinnedPool:
             if blocks:
                 self.reuses += 1
                 return blocks.pop()
+            if self.pinned_bytes + size > self.limit_bytes:
+                self._evict(self.pinned_bytes + size - self.limit_bytes)
             made = (self._allocate(size) if self.pinned_bytes + size <= self.limit_bytes
                     else None)
             if made is None:
@@ -141,6 +145,30 @@ class PinnedPool:
         self.pinned_bytes += size
         self.allocations += 1
         return _Block(ptr.value, size)
+
+    def _evict(self, nbytes: int) -> None:
+        """Free unlent blocks of other sizes, largest first, until ``nbytes`` are freed or
+        none is left (batch sizes change: a size class no batch uses any more would hold the
+        cap's room for good)."""
+        lib, old = self._lib, ctypes.c_void_p()
+        free = sorted((b for blocks in self._free.values() for b in blocks),
+                      key=lambda b: -b.nbytes)
+        freed = 0
+        for block in free:
+            if freed >= nbytes:
+                break
+            if lib.cuCtxPushCurrent_v2(self._ctx) != 0:
+                return
+            try:
+                rc = lib.cuMemFreeHost(ctypes.c_void_p(block.ptr))
+            finally:
+                lib.cuCtxPopCurrent_v2(ctypes.byref(old))
+            if rc != 0:
+                return
+            self._free[block.nbytes].remove(block)
+            self.pinned_bytes -= block.nbytes
+            self.evictions += 1
+            freed += block.nbytes
 
     def _give_back(self, block: _Block) -> None:
         with self._lock:

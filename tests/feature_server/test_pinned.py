@@ -23,7 +23,7 @@ from tests.feature_server.test_half_io import photos
 STAND_IN = r"""
 #include <cstdlib>
 extern "C" {
-static int allocs_ = 0, current_ = 0;
+static int allocs_ = 0, frees_ = 0, current_ = 0;
 static long limit_ = -1, given_ = 0;
 static void* const CTX = (void*)0x1234;
 int cuInit(unsigned f) { return f == 0 ? 0 : 1; }
@@ -36,7 +36,8 @@ int cuMemHostAlloc(void** p, size_t n, unsigned flags) {
     if (flags != 1) return 1;       /* only portable blocks are asked for */
     if (limit_ >= 0 && given_ + (long)n > limit_) return 2;  /* CUDA_ERROR_OUT_OF_MEMORY */
     *p = aligned_alloc(4096, n); given_ += n; allocs_++; return 0; }
-int cuMemFreeHost(void* p) { free(p); return 0; }
+int cuMemFreeHost(void* p) { if (current_ != 1) return 201; free(p); frees_++; return 0; }
+int stub_frees() { return frees_; }
 int stub_allocs() { return allocs_; }
 int stub_current() { return current_; }
 void stub_limit(long n) { limit_ = n; }
@@ -72,6 +73,21 @@ def test_blocks_are_lent_while_any_view_lives_and_then_reused(driver):
     assert stats["pinned_bytes"] == 2 * MIN_BLOCK + (2 << 20)
     assert pool.owns(c) and pool.owns(d) and not pool.owns(np.empty(3))
     assert driver.stub_current() == 0  # every push was popped
+
+
+def test_a_new_size_past_the_cap_frees_unlent_blocks_of_other_sizes(driver):
+    pool = PinnedPool(driver, 5 * MIN_BLOCK)
+    small = [pool.empty((MIN_BLOCK // 4,), np.float32) for _ in range(3)]  # 3 x 64 KiB
+    del small[1:]
+    gc.collect()  # two unlent 64 KiB blocks, one lent
+    large = pool.empty((MIN_BLOCK // 2 + 1,), np.float32)  # 256 KiB: 128 KiB to free
+    stats = pool.stats()
+    assert pool.owns(large) and pool.owns(small[0]) and driver.stub_frees() == 2
+    assert (stats["evictions"], stats["fallbacks"]) == (2, 0)
+    assert stats["pinned_bytes"] == 5 * MIN_BLOCK  # the lent 64 KiB and the 256 KiB
+    # the lent block is never freed: past the cap with nothing unlent, ordinary memory
+    assert not pool.owns(pool.empty((MIN_BLOCK,), np.float32))
+    assert driver.stub_current() == 0
 
 
 def test_past_the_cap_or_a_refusal_arrays_are_ordinary(driver, caplog):
