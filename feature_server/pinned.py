@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import queue
 import threading
 import weakref
 
@@ -71,6 +72,9 @@ class PinnedPool:
         self.limit_bytes = limit_bytes
         self._lock = threading.Lock()
         self._free: dict[int, list[_Block]] = {}
+        # blocks given back by finalisers, which may run in any thread at any allocation
+        # (cyclic GC), also while this pool's lock is held: a SimpleQueue's put is reentrant
+        self._returned: queue.SimpleQueue[_Block] = queue.SimpleQueue()
         self._ctx = ctypes.c_void_p()
         dev = ctypes.c_int(0)
         rc = lib.cuDeviceGet(ctypes.byref(dev), ctypes.c_int(device))
@@ -107,6 +111,7 @@ class PinnedPool:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
+            self._drain()
             free = sum(b.nbytes for blocks in self._free.values() for b in blocks)
             return {"pinned_bytes": self.pinned_bytes, "free_bytes": free,
                     "allocations": self.allocations, "reuses": self.reuses,
@@ -116,6 +121,7 @@ class PinnedPool:
     def _take(self, nbytes: int) -> _Block | None:
         size = max(MIN_BLOCK, 1 << max(0, nbytes - 1).bit_length())
         with self._lock:
+            self._drain()
             blocks = self._free.get(size)
             if blocks:
                 self.reuses += 1
@@ -171,7 +177,15 @@ class PinnedPool:
             freed += block.nbytes
 
     def _give_back(self, block: _Block) -> None:
-        with self._lock:
+        self._returned.put(block)
+
+    def _drain(self) -> None:
+        """Blocks given back since, onto their free lists (the lock held)."""
+        while True:
+            try:
+                block = self._returned.get_nowait()
+            except queue.Empty:
+                return
             self._free.setdefault(block.nbytes, []).append(block)
 
 

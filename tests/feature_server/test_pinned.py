@@ -90,6 +90,28 @@ def test_a_new_size_past_the_cap_frees_unlent_blocks_of_other_sizes(driver):
     assert driver.stub_current() == 0
 
 
+def test_a_block_given_back_while_the_pool_is_busy_does_not_wait(driver):
+    """A finaliser may run in the thread that holds the pool's lock (cyclic GC at any
+    allocation inside it): giving the block back must not wait for that lock."""
+    import threading
+
+    pool = PinnedPool(driver, 64 << 20)
+    done = threading.Event()
+
+    def inside_the_lock() -> None:
+        a = pool.empty((10,), np.float32)
+        with pool._lock:
+            del a  # its finaliser runs here, in this thread
+        done.set()
+
+    t = threading.Thread(target=inside_the_lock, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert done.is_set(), "giving a block back waited for the pool's own lock"
+    b = pool.empty((10,), np.float32)
+    assert pool.owns(b) and pool.stats()["reuses"] == 1
+
+
 def test_past_the_cap_or_a_refusal_arrays_are_ordinary(driver, caplog):
     pool = PinnedPool(driver, 2 * MIN_BLOCK)
     held = [pool.empty((100,), np.float32) for _ in range(2)]
