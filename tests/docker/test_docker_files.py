@@ -32,6 +32,8 @@ CONTRACT_ENV = {
     "DFF_CLIENT_TLS_KEY", "DFF_TOKEN_FILE", "DFF_TOKEN", "DFF_FEATURE_TLS_CA",
     "DFF_FEATURE_TLS_CERT", "DFF_FEATURE_TLS_KEY", "DFF_FEATURE_TOKEN_FILE",
     "JOB_COMPLETIONS", "DFF_HOME", "TMPDIR", "MPLCONFIGDIR",
+    # tuning an operator sets in the manifest (README's table of environment variables)
+    "DFF_WORKERS", "DFF_PINNED_MB",
 }
 PORTS = {"feature-server": (50051, 50061, 9101), "engine": (50052, 50062, 9102)}
 
