@@ -239,3 +239,49 @@ def test_a_small_class_stays_on_the_host_where_a_gpu_is_seen(monkeypatch, caplog
     assert discovery.gpu_min_rows() == 50
     monkeypatch.setenv("DFF_GPU_MIN_ROWS", "many")
     assert discovery.gpu_min_rows() == 10000
+
+
+class _Tracked(FakeSource):
+    """A FakeSource whose answer generators record when they are closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = 0
+
+    def extract(self, items, options):
+        try:
+            yield from super().extract(items, options)
+        finally:
+            self.closed += 1
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_sources_answers_are_closed_at_once_when_discovery_stops(items, tmp_path):
+    """A remote source cancels its streams when its answers are closed: discovery closes them
+    when it stops (a cancelled Discover, a progress callback that raises), and explain when
+    its caller walks away - not whenever the garbage collector gets to them, which a kept
+    traceback (a notebook's last error) can put off for good."""
+    src = _Tracked()
+
+    def stop_at_the_first_answer(event) -> None:
+        if isinstance(event, Progress) and event.stage == "features" and event.done == 1:
+            raise _Stop()
+
+    with pytest.raises(_Stop) as kept:  # the traceback (and its frames) stay referenced
+        discover(items, src, DiscoveryOptions(name="ant", k=3), progress=stop_at_the_first_answer)
+    assert kept.value is not None and src.closed == 1 and src.items_seen == 1
+    cs = discover(items[:12], src, DiscoveryOptions(name="ant", k=3, certainty_filter="off"))
+    assert src.closed == 2
+    answers = explain(cs, make_items(5, start=100), src)
+    next(answers)
+    answers.close()
+    assert src.closed == 3 and src.items_seen == 12 + 1 + 1
+
+    class ListSource(FakeSource):  # a source whose extract returns a list: nothing to close
+        def extract(self, items, options):
+            return list(super().extract(items, options))
+
+    assert len(list(explain(cs, make_items(2, start=100), ListSource()))) == 2
