@@ -169,3 +169,56 @@ def test_closing_the_client_mid_stream_fails_the_rest_instead_of_losing_it():
         assert "the client was closed" in str(unanswered[0].error)
     finally:
         server.stop(None)
+
+
+def test_a_cancelled_discover_stops_feeding_its_remote_feature_server(tmp_path, caplog):
+    """Discover on an engine whose features come from a (scripted, slow) feature server: the
+    client cancels after the first progress event; the engine's worker stops at its next one,
+    its feature streams are cancelled with it, and the feature server is sent nothing more
+    (before the feature client stopped its streams with its caller, it was sent every image)."""
+    from dff_protos.v1 import engine_pb2, engine_pb2_grpc
+    from fake_source import FakeSource, make_items
+
+    from concept_engine.service import EngineConfig, start_server
+
+    servicer = Scripted("slow")
+    server, address = _serve(servicer)
+    client = FeatureClient([address], streams_per_address=2, timeout=30)
+    fake = FakeSource()
+
+    class Remote:  # the scripted server's (empty) answers; names and models from the fake
+        extract = client.extract
+        describe = fake.describe
+        class_names = fake.class_names
+
+    engine = start_server(EngineConfig(host="127.0.0.1", port=0, store_dir=str(tmp_path),
+                                       grace_s=1), Remote())  # type: ignore[arg-type]
+    items = make_items(60)
+    try:
+        with caplog.at_level(logging.INFO, logger="feature_server.client"), \
+                grpc.insecure_channel(f"127.0.0.1:{engine.port}") as channel:
+            stub = engine_pb2_grpc.ConceptEngineStub(channel)
+
+            def requests():
+                yield engine_pb2.DiscoverRequest(options=engine_pb2.DiscoverOptions(k=2))
+                for i, data in items:
+                    yield engine_pb2.DiscoverRequest(image=common_pb2.ImageInput(id=i, data=data))
+
+            call = stub.Discover(requests(), timeout=60)
+            for event in call:
+                if event.HasField("progress") and event.progress.stage == "features" \
+                        and event.progress.done >= 1:
+                    break
+            call.cancel()
+            deadline = time.monotonic() + 10
+            seen = -1
+            while time.monotonic() < deadline and seen != len(servicer.seen):
+                seen = len(servicer.seen)
+                time.sleep(0.5)  # 10 answers' time: nothing new means nothing is being sent
+            assert seen == len(servicer.seen) < len(items) // 2
+        assert servicer.streams == 2  # nothing was sent again
+        assert "re-sending" not in caplog.text and "retrying" not in caplog.text
+    finally:
+        engine.stop(grace=1)
+        client.close()
+        server.stop(None)
