@@ -628,7 +628,7 @@ class Extractor:
                 # user's own): learn it again from this run
                 log.info("model outputs %s: not the shapes %s (%s); learning them again",
                          outputs, [s for s, _ in known], exc)
-                del self._output_shapes[key]
+                self._output_shapes.pop(key, None)
                 binding = session.io_binding()
                 binding.bind_input(input_name, "cpu", 0, batch.dtype, list(batch.shape),
                                    batch.ctypes.data)
