@@ -580,29 +580,30 @@ class Extractor:
         pool = self.pinned
         if pool is not None:
             try:
-                return self._run_pinned(session, session.io_binding(), spec.input_name, batch,
-                                        outputs, pool)
+                return self._run_pinned(session, spec.input_name, batch, outputs, pool)
             except Exception as exc:
-                results = self._run_bound(session, spec.input_name, batch, outputs)
+                binding = session.io_binding()
+                binding.bind_cpu_input(spec.input_name, batch)
+                results = self._run_to_host(session, binding, outputs)
                 # the plain binding ran where the pinned one failed: pageable from now on
                 log.warning("IO binding of pinned arrays failed (%s); pageable memory from now "
                             "on in this process", exc)
                 self.pinned = None
                 return results
-        return self._run_bound(session, spec.input_name, batch, outputs)
+        binding = session.io_binding()
+        binding.bind_cpu_input(spec.input_name, batch)
+        return self._run_to_host(session, binding, outputs)
 
     @staticmethod
-    def _run_bound(session: Any, input_name: str, batch: np.ndarray, outputs: list[str]
-                   ) -> list[np.ndarray]:
-        binding = session.io_binding()
-        binding.bind_cpu_input(input_name, batch)
+    def _run_to_host(session: Any, binding: Any, outputs: list[str]) -> list[np.ndarray]:
+        """Run a binding whose input is bound, ONNX Runtime allocating the outputs on the host."""
         for name in outputs:
             binding.bind_output(name, "cpu")
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
-    def _run_pinned(self, session: Any, binding: Any, input_name: str, batch: np.ndarray,
-                    outputs: list[str], pool: PinnedPool) -> list[np.ndarray]:
+    def _run_pinned(self, session: Any, input_name: str, batch: np.ndarray, outputs: list[str],
+                    pool: PinnedPool) -> list[np.ndarray]:
         """IO binding by pointer: the batch from, and the activations into, pinned arrays
         (ONNX Runtime copies the same bytes; only the memory differs). The activations'
         shapes are learnt from each session and input shape's first run."""
@@ -611,17 +612,23 @@ class Extractor:
             if pool.owns(staged):  # else the pool is spent: the batch as it is
                 np.copyto(staged, batch)
                 batch = staged
-        binding.bind_input(input_name, "cpu", 0, batch.dtype, list(batch.shape),
-                           batch.ctypes.data)
+
+        def bound() -> Any:  # `batch` stays referenced while the binding runs
+            binding = session.io_binding()
+            binding.bind_input(input_name, "cpu", 0, batch.dtype, list(batch.shape),
+                               batch.ctypes.data)
+            return binding
+
         key = (id(session), batch.shape[1:], batch.dtype, tuple(outputs))
         known = self._output_shapes.get(key)
         if known is not None:
+            binding = bound()
             results = [pool.empty((batch.shape[0], *shape), dtype) for shape, dtype in known]
             for name, out in zip(outputs, results, strict=True):
                 binding.bind_output(name, "cpu", 0, out.dtype, list(out.shape),
                                     out.ctypes.data)
             try:
-                session.run_with_iobinding(binding)  # `batch` stays referenced until it returns
+                session.run_with_iobinding(binding)
                 return results
             except Exception as exc:  # noqa: BLE001 - learnt again below; a real error recurs
                 # an output whose shape depends on more than the input's (a model of the
@@ -629,13 +636,7 @@ class Extractor:
                 log.info("model outputs %s: not the shapes %s (%s); learning them again",
                          outputs, [s for s, _ in known], exc)
                 self._output_shapes.pop(key, None)
-                binding = session.io_binding()
-                binding.bind_input(input_name, "cpu", 0, batch.dtype, list(batch.shape),
-                                   batch.ctypes.data)
-        for name in outputs:
-            binding.bind_output(name, "cpu")
-        session.run_with_iobinding(binding)
-        results = binding.copy_outputs_to_cpu()
+        results = self._run_to_host(session, bound(), outputs)
         self._output_shapes[key] = [(r.shape[1:], r.dtype) for r in results]
         return results
 

@@ -134,15 +134,21 @@ class PinnedPool:
                 self.fallbacks += 1
             return made
 
+    def _in_context(self, function: str, *args: object) -> int:
+        """A driver call with the device's primary context current (the call's CUresult, or
+        the push's when it fails)."""
+        rc = self._lib.cuCtxPushCurrent_v2(self._ctx)
+        if rc != 0:
+            return rc
+        try:
+            return getattr(self._lib, function)(*args)
+        finally:
+            self._lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+
     def _allocate(self, size: int) -> _Block | None:
-        lib, ptr, old = self._lib, ctypes.c_void_p(), ctypes.c_void_p()
-        rc = lib.cuCtxPushCurrent_v2(self._ctx)
-        if rc == 0:
-            try:
-                rc = lib.cuMemHostAlloc(ctypes.byref(ptr), ctypes.c_size_t(size),
-                                        ctypes.c_uint(PORTABLE))
-            finally:
-                lib.cuCtxPopCurrent_v2(ctypes.byref(old))
+        ptr = ctypes.c_void_p()
+        rc = self._in_context("cuMemHostAlloc", ctypes.byref(ptr), ctypes.c_size_t(size),
+                              ctypes.c_uint(PORTABLE))
         if rc != 0 or not ptr.value:
             log.warning("pinned host memory: cuMemHostAlloc of %d bytes failed (CUresult %d); "
                         "ordinary memory from now on", size, rc)
@@ -156,20 +162,13 @@ class PinnedPool:
         """Free unlent blocks of other sizes, largest first, until ``nbytes`` are freed or
         none is left (batch sizes change: a size class no batch uses any more would hold the
         cap's room for good)."""
-        lib, old = self._lib, ctypes.c_void_p()
         free = sorted((b for blocks in self._free.values() for b in blocks),
                       key=lambda b: -b.nbytes)
         freed = 0
         for block in free:
             if freed >= nbytes:
                 break
-            if lib.cuCtxPushCurrent_v2(self._ctx) != 0:
-                return
-            try:
-                rc = lib.cuMemFreeHost(ctypes.c_void_p(block.ptr))
-            finally:
-                lib.cuCtxPopCurrent_v2(ctypes.byref(old))
-            if rc != 0:
+            if self._in_context("cuMemFreeHost", ctypes.c_void_p(block.ptr)) != 0:
                 return
             self._free[block.nbytes].remove(block)
             self.pinned_bytes -= block.nbytes

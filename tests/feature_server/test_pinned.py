@@ -211,7 +211,7 @@ def test_a_pinned_binding_that_fails_where_the_plain_one_runs_turns_it_off(bound
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("out of device memory")
 
-    monkeypatch.setattr(bound, "_run_bound", out_of_memory)
+    monkeypatch.setattr(bound, "_run_to_host", out_of_memory)
     with pytest.raises(RuntimeError, match="out of device memory"):
         bound.run("vgg19_fp16", x, ["conv5_4"])
     assert bound.pinned is pool
