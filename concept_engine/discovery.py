@@ -76,7 +76,7 @@ from concept_engine.options import (
 )
 from concept_engine.reliability import DEFAULT_B, DEFAULT_ITERS
 from concept_engine.store import ConceptSet, utc_now
-from feature_server.extractor import ExtractOptions, FeatureSource
+from feature_server.extractor import MAX_SIZE, MIN_SIZE, WIRE_DTYPES, ExtractOptions, FeatureSource
 from feature_server.sparse import SparseActivation, from_dense
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,24 @@ class DiscoveryOptions:
             problems.append(f"resize_mode {self.resize_mode!r} not in {RESIZE_MODES}")
         if not 0.0 <= self.min_area <= 1.0:
             problems.append(f"min_area is a fraction of the image (0..1), got {self.min_area}")
+        if not 0.0 <= self.threshold <= 1.0:
+            problems.append(f"threshold is a fraction of each map's maximum (0..1), got "
+                            f"{self.threshold}")
+        for label in ("k", "k_min", "k_max", "seed", "max_iter", "size", "bootstrap",
+                      "bootstrap_iters", "prediction_top_n", "prediction_min_images",
+                      "certainty_min_images"):
+            value = getattr(self, label)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                problems.append(f"{label} must be an integer, got {value!r}")
         if self.seed < 0:
             problems.append("seed must be >= 0")
+        if not MIN_SIZE <= self.size <= MAX_SIZE:
+            problems.append(f"size must be in {MIN_SIZE}..{MAX_SIZE}, got {self.size}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            problems.append(f"wire_dtype {self.wire_dtype!r} not in {WIRE_DTYPES}")
+        for label in ("model", "layer"):
+            if not str(getattr(self, label)).strip():
+                problems.append(f"{label} must be named")
         if problems:
             raise InvalidInput("; ".join(problems))
 
@@ -587,7 +603,7 @@ def _reliability_stage(images: list[_Image], V: Any, fit: Any, sweep: _Sweep, ru
         stab = np.full(k, np.nan, np.float32)
         interval = np.full((k, 2), np.nan, np.float32)
     split = sweep.curves.get("stability", {}).get(k)
-    if split is None and len(images) >= 2 * k and options.bootstrap > 0:
+    if split is None and len(images) >= 2 * k:  # also with --bootstrap 0: the set's warning
         split = split_half_at(V, sizes, k, seed=options.seed, solver=options.solver,
                               max_iter=options.max_iter, tol=options.tol)
     rel = Reliability(stab, interval, math.nan if split is None else float(split),
@@ -663,6 +679,21 @@ def resolve_model(options: DiscoveryOptions, source: FeatureSource) -> Discovery
     return options if model == options.model else replace(options, model=model)
 
 
+def _any_nonzero(rows: Any) -> bool:
+    """An image's activation rows (dense or SciPy sparse) hold a non-zero value."""
+    data = rows.data if hasattr(rows, "nnz") else rows
+    return bool(np.any(np.asarray(data) != 0))
+
+
+def _check_layer(options: DiscoveryOptions, source: FeatureSource) -> None:
+    """InvalidInput, before any image is sent, for a layer the source's model lacks (when the
+    source names its model's layers)."""
+    layers = _model_info(source.describe(), options.model).get("layers")
+    if layers and options.layer not in layers:
+        raise InvalidInput(f"layer {options.layer!r}: {options.model} has no such layer; "
+                           f"choose one of {', '.join(map(str, layers))}")
+
+
 # ---------------------------------------------------------------------------------- discover
 def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
              options: DiscoveryOptions = DiscoveryOptions(),
@@ -678,6 +709,7 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
 
     options.validate()
     options = resolve_model(options, source)
+    _check_layer(options, source)
     compiled.warm_up()  # the NMF kernels load on a background thread while features arrive
     run = _Run(options, progress, cache=cache if cache is not None else FitCache())
     t_start = time.perf_counter()
@@ -691,6 +723,11 @@ def discover(items: Sequence[tuple[str, bytes]], source: FeatureSource,
     reasons = sorted({d.reason for d in run.decisions if d.stage == ERROR})[:3]
     _check_enough(images, 2, f"of {n_input} after decoding and feature extraction"
                   + (f" (errors: {'; '.join(reasons)})" if reasons else ""))
+    if not any(_any_nonzero(im.rows) for im in images):
+        raise InvalidInput(
+            f"layer {options.layer!r} of {options.model} is zero everywhere in all "
+            f"{len(images)} usable images: there is nothing to factorise (a dead layer, e.g. a "
+            "ReLU after a large negative bias); choose another layer")
     with run.timer("prediction_filter"):
         images = _prediction_stage(images, target, run)
     _check_enough(images, options.k if options.k > 0 else options.k_min,
@@ -803,6 +840,21 @@ class Explanation:
     out_of_distribution: bool = False  # error beyond the training images' 95th percentile
 
 
+def _check_same_weights(concept_set: ConceptSet, source: FeatureSource, model: str) -> None:
+    """InvalidInput when the source's ``model`` has other weights than the set was made with
+    (a model re-registered under the same name, or another server's build): its channels are
+    not what the bases describe, so every heatmap would be wrong. Unknown on either side (a
+    version-1 set, a source that does not say) is not checked."""
+    recorded = str(concept_set.provenance.get("weights_sha256") or "")
+    current = str(_model_info(source.describe(), model).get("weights_sha256") or "")
+    if recorded and current and recorded != current:
+        raise InvalidInput(
+            f"concept set {concept_set.name or concept_set.id!r} was made with model {model!r} "
+            f"of weights sha256 {recorded[:16]}..., but the feature source's {model!r} has "
+            f"weights {current[:16]}...: its bases do not describe this network's channels. "
+            "Explain with the original weights, or discover the concepts again")
+
+
 def explain(concept_set: ConceptSet, items: Iterable[tuple[str, bytes]], source: FeatureSource,
             threshold: float | None = None, min_area: float | None = None, *,
             max_iter: int = 200, tol: float = 1e-4) -> Iterator[Explanation]:
@@ -829,12 +881,16 @@ def explain(concept_set: ConceptSet, items: Iterable[tuple[str, bytes]], source:
     min_area = concept_set.min_area if min_area is None else min_area
     if not 0.0 <= min_area <= 1.0:
         raise InvalidInput(f"min_area is a fraction of the image (0..1), got {min_area}")
+    if not 0.0 <= threshold <= 1.0:
+        raise InvalidInput(f"threshold is a fraction of each map's maximum (0..1), got "
+                           f"{threshold}")
     opts = ExtractOptions(model=prov.get("model", "vgg19"),
                           layers=(prov.get("layer", "conv5_4"),),
                           wire_dtype=prov.get("wire_dtype", "float32"),
                           resize_mode=prov.get("resize_mode", "squash"),
                           size=int(prov.get("size", 224)), sparse=True)
     layer = opts.layers[0]
+    _check_same_weights(concept_set, source, opts.model)
     H = np.asarray(concept_set.bases, np.float32)
     solver = prov.get("solver", "hals")
     train_cert = np.asarray(concept_set.certainties, np.float32).reshape(-1, concept_set.k)

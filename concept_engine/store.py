@@ -54,7 +54,7 @@ from typing import Any
 
 import h5py
 import numpy as np
-from dff_protos.errors import InvalidInput, NotFound
+from dff_protos.errors import DataLoss, DFFError, InvalidInput, NotFound
 
 from concept_engine.finegrain import Decision
 
@@ -420,9 +420,12 @@ def save_concept_set(path: str | os.PathLike[str], cs: ConceptSet) -> Path:
 
 def _check_version(node: h5py.HLObject, where: str, expected: int | None = None) -> int:
     version = int(node.attrs.get(Names.SCHEMA_VERSION, -1))
-    if version not in READABLE_VERSIONS or (expected is not None and version != expected):
+    if version not in READABLE_VERSIONS:
         raise InvalidInput(f"{where}: schema_version {version} is not supported "
                            f"(this software reads {READABLE_VERSIONS})")
+    if expected is not None and version != expected:
+        raise DataLoss(f"{where}: schema_version {version} inside a version-{expected} file "
+                       "(mixed or hand-edited; re-export it)")
     return version
 
 
@@ -431,11 +434,25 @@ def load_concept_set(path: str | os.PathLike[str]) -> ConceptSet:
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"no concept set file at {path}")
-    with h5py.File(path, "r") as f:
-        version = _check_version(f, str(path))
-        if f.attrs.get(Names.FORMAT) != FORMAT:
-            raise InvalidInput(f"{path} is not a {FORMAT} file")
-        return _READERS[version](f, str(path))
+    if not h5py.is_hdf5(path):
+        raise InvalidInput(f"{path} is not an HDF5 file, so not a concept set")
+    try:
+        with h5py.File(path, "r") as f:
+            version = _check_version(f, str(path))
+            if f.attrs.get(Names.FORMAT) != FORMAT:
+                raise InvalidInput(f"{path} is not a {FORMAT} file")
+            cs = _READERS[version](f, str(path))
+    except DFFError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
+        # truncated, damaged or hand-edited: h5py's own message names neither file nor set
+        raise DataLoss(f"{path}: the concept set file is damaged or incomplete "
+                       f"({type(exc).__name__}: {exc})") from exc
+    bases = np.asarray(cs.bases)
+    if bases.ndim != 2 or not np.all(np.isfinite(bases)) or bases.min(initial=0.0) < 0:
+        raise DataLoss(f"{path}: the concept bases (shape {bases.shape}) are not finite, "
+                       "non-negative rows (damaged or hand-edited)")
+    return cs
 
 
 def _read_v2(f: h5py.File, where: str) -> ConceptSet:
@@ -445,7 +462,8 @@ def _read_v2(f: h5py.File, where: str) -> ConceptSet:
     concepts = f[Names.CONCEPTS]
     cs.stability = concepts[Names.STABILITY][()]
     cs.stability_interval = concepts[Names.STABILITY_INTERVAL][()]
-    cs.concept_names = _read_strings(concepts, Names.CONCEPT_NAMES)
+    names = _read_strings(concepts, Names.CONCEPT_NAMES)
+    cs.concept_names = names if any(names) else []  # as a set no one named holds them
     cs.presence_threshold = concepts[Names.PRESENCE_THRESHOLD][()]
     cs.set_stability = float(f.attrs[Names.SET_STABILITY])
     cs.ood_threshold = float(f.attrs[Names.OOD_THRESHOLD])

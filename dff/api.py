@@ -25,7 +25,8 @@ from dff.pictures import Picture, from_bgr, img_tag, shrink
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
-ImagesArg = PathLike | Sequence[PathLike] | Sequence[tuple[str, bytes]]
+ImagesArg = (PathLike | Sequence[PathLike] | Sequence[tuple[str, Any]] | Sequence[np.ndarray]
+             | np.ndarray)
 
 #: Argument names of :func:`discover` that are not DiscoveryOptions fields, and the field each
 #: one sets (the CLI's names).
@@ -83,19 +84,78 @@ def discovery_options(name: str, k: int | str | None = "auto", **options: Any) -
     return opts
 
 
-def _read_images(images: ImagesArg) -> tuple[list[tuple[str, bytes]], dict[str, Path]]:
-    """(id, bytes) items and id -> path for images given as a folder, file(s) or items."""
+def _as_pixels(image_id: str, data: Any) -> Any:
+    """An in-memory image as the sources take it: bytes stay bytes; NumPy arrays are decoded
+    pixels (uint8 (H, W, 3) BGR, as ``cv2.imread`` gives: checked by the source, so a bad one is
+    that image's error); PIL images (RGB by their own definition) become such arrays."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data)
+    if isinstance(data, np.ndarray):
+        return data
+    if hasattr(data, "convert") and hasattr(data, "mode"):  # a PIL.Image
+        return np.ascontiguousarray(np.asarray(data.convert("RGB"))[:, :, ::-1])
+    raise TypeError(f"image {image_id!r}: expected bytes, a NumPy array (uint8 H x W x 3 BGR) "
+                    f"or a PIL image, got {type(data).__name__}")
+
+
+def _read_images(images: ImagesArg, *, one_class: bool = False
+                 ) -> tuple[list[tuple[str, Any]], dict[str, Path]]:
+    """(id, data) items and id -> path for images given as a folder, file(s), ``(id, data)``
+    pairs or arrays (ids "0", "1", ...); data is bytes or decoded pixels. ``one_class``: a folder
+    must be ONE class folder (the input layout rule of ``dff discover``: images directly in it,
+    no sub-folders with images; a folder of class folders is refused, never merged). Two items
+    with the same id are refused, naming both."""
+    from dff_protos.errors import InvalidInput
+
     from feature_server.images import read_items
 
     if isinstance(images, str | os.PathLike):
-        pairs = read_items(images)
-    else:
-        seq = list(images)
-        if seq and isinstance(seq[0], tuple):
-            items = [(str(i), bytes(b)) for i, b in seq]  # type: ignore[misc,str-unpack,arg-type]
-            return items, {}
-        pairs = read_items(seq)  # type: ignore[arg-type]
-    return [(i, p.read_bytes()) for i, p in pairs], dict(pairs)
+        if one_class and Path(images).is_dir():
+            pairs = _class_folder_items(Path(images))
+        else:
+            pairs = read_items(images)
+        return [(i, p.read_bytes()) for i, p in pairs], dict(pairs)
+    if isinstance(images, np.ndarray) and images.ndim != 4:
+        raise InvalidInput(f"an array of shape {images.shape} is not a list of images: pass "
+                           "[array] for one image, or a (N, H, W, 3) batch")
+    items: list[tuple[str, Any]] = []
+    paths: dict[str, Path] = {}
+    where: dict[str, str] = {}
+    for n, entry in enumerate(images):
+        if isinstance(entry, str | os.PathLike):
+            found = read_items([entry])
+            new = [(i, p.read_bytes()) for i, p in found]
+            paths.update(found)
+            places = {i: str(p) for i, p in found}
+        elif isinstance(entry, tuple) and len(entry) == 2:
+            new, places = [(str(entry[0]), _as_pixels(str(entry[0]), entry[1]))], {}
+        else:
+            new, places = [(str(n), _as_pixels(str(n), entry))], {}
+        for image_id, data in new:
+            here = places.get(image_id, f"item {n}")
+            if image_id in where:
+                raise InvalidInput(f"{here} and {where[image_id]} have the same id "
+                                   f"{image_id!r}: rename one, or pass (id, data) pairs")
+            where[image_id] = here
+            items.append((image_id, data))
+    return items, paths
+
+
+def _class_folder_items(folder: Path) -> list[tuple[str, Path]]:
+    """A class folder's images (the exporter's layout rule); InvalidInput naming the folder and
+    the fix for a folder of classes or a class folder with sub-folders of images."""
+    from dff_protos.errors import InvalidInput
+
+    from exporter.export import find_classes, list_images
+
+    classes = find_classes(folder)
+    if len(classes) != 1 or Path(classes[0][1]).resolve() != folder.resolve():
+        names = ", ".join(name for name, _ in classes[:5]) + (" ..." if len(classes) > 5 else "")
+        raise InvalidInput(
+            f"{folder} is a folder of {len(classes)} class folder(s) ({names}): a concept set is "
+            f"one class - call dff.discover on one of them (e.g. {classes[0][1]}), or run "
+            "`dff discover` on the folder for one concept set per class")
+    return list_images(folder)
 
 
 def _feature_source(feature_server: str | Sequence[str] | None, timeout: float) -> Any:
@@ -162,17 +222,29 @@ class _Bars:
             self.bar = None
 
 
-def _decode(data: bytes) -> np.ndarray:
+def _decode(data: Any) -> np.ndarray:
+    """An item's data (bytes, or pixels the source accepted) -> uint8 BGR pixels."""
+    if isinstance(data, np.ndarray):
+        return data
     from exporter.report import decode_image
 
     return decode_image(data)
+
+
+def _has_data(data: Any) -> bool:
+    return data is not None and len(data) > 0
 
 
 # ---------------------------------------------------------------------------------- discover
 def discover(images: ImagesArg, k: int | str = "auto", *, name: str | None = None,
              feature_server: str | Sequence[str] | None = None, engine: str | None = None,
              progress: bool = True, timeout: float = 3600.0, **options: Any) -> ConceptSet:
-    """Discover concepts in a folder of images (or files, or ``(id, bytes)`` items).
+    """Discover concepts in a class folder of images, or in files, ``(id, data)`` pairs or
+    in-memory images (data: encoded bytes, a uint8 (H, W, 3) BGR NumPy array as ``cv2.imread``
+    gives - for RGB pass ``rgb[:, :, ::-1]`` -, or a PIL image; bare arrays get ids "0", "1"...).
+    A folder follows ``dff discover``'s layout rule: a folder of class folders, or a class
+    folder with sub-folders of images, is refused (one concept set is one class). A bad
+    image (unreadable, wrong dtype or shape) is that image's error, recorded in the decisions.
 
     ``k``: 'auto' (estimate over ``k_range``, default 2-6) or a number. ``name`` defaults to the
     folder's name; it is also the class the prediction filter looks for. Every option of
@@ -193,7 +265,7 @@ def discover(images: ImagesArg, k: int | str = "auto", *, name: str | None = Non
     if name is None:
         name = Path(images).name if isinstance(images, str | os.PathLike) else ""
     opts = discovery_options(name, k, **options)
-    items, paths = _read_images(images)
+    items, paths = _read_images(images, one_class=True)
     bars = _Bars(progress, f"{name}: " if name else "")
     try:
         if engine:
@@ -213,7 +285,7 @@ def discover(images: ImagesArg, k: int | str = "auto", *, name: str | None = Non
         bars.close()
     if isinstance(images, str | os.PathLike) and Path(images).is_dir():
         data.provenance[_DATA_DIR_KEY] = str(Path(images).resolve())
-    return ConceptSet(data, paths=paths, items=dict(items) if not paths else None,
+    return ConceptSet(data, paths=paths, items={i: d for i, d in items if i not in paths},
                       feature_server=feature_server, timeout=timeout)
 
 
@@ -316,7 +388,7 @@ class ConceptSet:
             raise KeyError(f"{image!r} is not one of the {self.data.n_images} training images "
                            "(pass a file path to explain a new image)") from None
 
-    def _image_bytes(self, image_id: str) -> bytes:
+    def _image_bytes(self, image_id: str) -> Any:
         if image_id in self._items:
             return self._items[image_id]
         path = self._paths.get(image_id)
@@ -368,7 +440,8 @@ class ConceptSet:
     def explain(self, images: ImagesArg, *, threshold: float | None = None,
                 min_area: float | None = None, progress: bool = True) -> Explanations:
         """Heatmaps, certainties and regions of new images with this set's bases held fixed
-        (same model, layer and resize policy). Images: a folder, file(s) or (id, bytes)."""
+        (same model, layer and resize policy). Images as for :func:`discover` (a folder's
+        sub-folders are read too: ids are paths relative to it)."""
         from concept_engine.discovery import explain
 
         items, paths = _read_images(images)
@@ -421,7 +494,7 @@ class Explanation:
     resolution, ``certainties`` (k,), ``polygons[j]`` regions of concept j in image pixels;
     ``error`` is set (and the rest empty) when the image could not be explained."""
 
-    def __init__(self, result: Any, data: bytes, k: int) -> None:
+    def __init__(self, result: Any, data: Any, k: int) -> None:
         self.result = result
         self._data = data
         self.k = k
@@ -435,7 +508,7 @@ class Explanation:
         """The image with the regions contoured, RGB (see :meth:`ConceptSet.show`)."""
         if self.result.error is not None:
             raise ValueError(f"{self.result.id}: {self.result.error}")
-        if not self._data:
+        if not _has_data(self._data):
             raise FileNotFoundError(f"no image data kept for {self.result.id!r}")
         return _overlay(_decode(self._data), self.result.polygons, self.result.certainties,
                         concept, legend)
@@ -451,7 +524,7 @@ class Explanation:
         if self.result.error is not None:
             return f"<div>{title}: <i>{html.escape(str(self.result.error))}</i></div>"
         rows = [(f"concept {j}", f"{c:.3g}") for j, c in enumerate(self.result.certainties)]
-        pic = img_tag(shrink(self.show(), 480)) if self._data else ""
+        pic = img_tag(shrink(self.show(), 480)) if _has_data(self._data) else ""
         return (f"<div style='display:inline-block;vertical-align:top;margin:4px'>{title}<br>"
                 f"{pic}{_table(rows, ('concept', 'certainty'))}</div>")
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from dff_protos.errors import InvalidInput, TooFewImages
+from dff_protos.errors import DFFError, InvalidInput, TooFewImages
 
 from concept_engine.store import ConceptSet
 
@@ -91,10 +91,11 @@ class EngineDiscoverer:
         options = discovery_options(name, options)
         msg = options_to_proto(options)
         decisions: list[Decision] = []
-        too_big = [Decision(id=i, kept=False, stage="error",
-                            reason=f"file of {len(d)} bytes is above the engine's message limit "
-                                   f"({self.max_image_bytes} bytes); not sent")
-                   for i, d in items if len(d) > self.max_image_bytes]
+        items, too_big = _as_files(items)
+        too_big += [Decision(id=i, kept=False, stage="error",
+                             reason=f"file of {len(d)} bytes is above the engine's message "
+                                    f"limit ({self.max_image_bytes} bytes); not sent")
+                    for i, d in items if len(d) > self.max_image_bytes]
         if too_big:
             log.warning("%d image(s) of %r too large to send to the engine: %s", len(too_big),
                         name, ", ".join(d.id for d in too_big[:5]))
@@ -264,6 +265,25 @@ class EngineDiscoverer:
             if progress is not None:
                 progress("explain", len(out), len(items), "")
         return out
+
+
+def _as_files(items: list[tuple[str, Any]]) -> tuple[list[tuple[str, bytes]], list[Any]]:
+    """Items for the engine, which takes files: decoded pixels (NumPy arrays) become lossless
+    PNGs; pixels that are not uint8 (H, W, 3) are that image's error decision, not sent."""
+    from concept_engine.finegrain import Decision
+    from feature_server.images import pixels_to_png
+
+    files: list[tuple[str, bytes]] = []
+    refused: list[Any] = []
+    for image_id, data in items:
+        if isinstance(data, np.ndarray):
+            try:
+                data = pixels_to_png(data)
+            except DFFError as exc:
+                refused.append(Decision(id=image_id, kept=False, stage="error", reason=str(exc)))
+                continue
+        files.append((image_id, data))
+    return files, refused
 
 
 def _kept_ids(items: list[tuple[str, bytes]], decisions: list[Any],

@@ -236,6 +236,16 @@ def pixels_to_image(pixels: np.ndarray, limits: DecodeLimits = DecodeLimits()) -
     return to_bgr_float(pixels)
 
 
+def pixels_to_png(pixels: np.ndarray, limits: DecodeLimits = DecodeLimits()) -> bytes:
+    """Decoded pixels (checked as :func:`check_pixels`) as a lossless PNG file: decoded, the
+    same pixels, so the same activations. For callers that can only send files."""
+    check_pixels(pixels.shape, pixels.dtype, limits)
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(pixels))
+    if not ok:
+        raise InvalidInput("could not encode the pixels as PNG")
+    return buf.tobytes()
+
+
 def _decode(data: bytes, limits: DecodeLimits) -> np.ndarray:
     """The checked OpenCV decode of ``data`` (any depth and channel count)."""
     fmt, _, _ = check_header(data, limits)
@@ -360,6 +370,13 @@ def preprocess(img: np.ndarray, pre: Preprocessing, mode: str | None = None,
     return out
 
 
+def file_id(name: str) -> str:
+    """An image id from a file name: the name itself, except that bytes which are not UTF-8
+    (Python keeps them as lone surrogates, which HDF5, JSON, protobuf and OpenCV refuse or crash
+    on) are written as ``\\xNN`` escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def read_items(paths_or_dir: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
                ) -> list[tuple[str, Path]]:
     """Image files as (id, path): a folder's image files sorted (id = path relative to it),
@@ -372,9 +389,9 @@ def read_items(paths_or_dir: str | os.PathLike[str] | Iterable[str | os.PathLike
         if path.is_dir():
             files = sorted(p for p in path.rglob("*")
                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            items += [(str(p.relative_to(path)), p) for p in files]
+            items += [(file_id(str(p.relative_to(path))), p) for p in files]
         elif path.is_file():
-            items.append((path.name, path))
+            items.append((file_id(path.name), path))
         else:
-            raise NotFound(f"no such image file or folder: {path}")
+            raise NotFound(f"no such image file or folder: {file_id(str(path))}")
     return items

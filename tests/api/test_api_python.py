@@ -166,6 +166,17 @@ def test_feature_server_and_engine_modes(cs, gymnast, tmp_path_factory):
         assert en.show(0).shape == cs.show(0).shape
         ex = fs.explain(gymnast / cs.image_ids[0], progress=False)
         np.testing.assert_allclose(ex[0].certainties, cs.certainties[0], rtol=0.02)
+        # in-memory images: pixels to the feature servers, lossless PNGs to the engine; a bad
+        # array is that image's error on both
+        arrays = [(i, cv2.imread(str(gymnast / i))) for i in cs.image_ids]
+        arrays.append(("bad.png", np.zeros((8, 8), np.uint8)))
+        for mode in ({"feature_server": f"127.0.0.1:{features.port}"},
+                     {"engine": f"127.0.0.1:{engine.port}"}):
+            got = dff.discover(arrays, k=cs.k, prediction_filter=False, progress=False,
+                               **mode)
+            assert got.image_ids == cs.image_ids, mode
+            np.testing.assert_allclose(got.bases, cs.bases, rtol=1e-4, atol=1e-6)
+            assert [d.id for d in got.data.decisions if d.stage == "error"] == ["bad.png"]
     finally:
         engine.stop(0)
         features.stop(0)

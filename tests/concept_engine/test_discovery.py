@@ -133,6 +133,18 @@ def test_reliability_and_training_statistics(items, tmp_path):
     assert back.set_stability == pytest.approx(cs.set_stability) and back.schema_version == 2
 
 
+def test_the_sets_split_half_stability_is_measured_without_the_bootstrap(items):
+    """--bootstrap 0 turns off the per-concept bootstrap only: the set's split-half stability
+    (and so its LOW RELIABILITY warning) is still measured when k is given."""
+    cs = discover(items, FakeSource(), DiscoveryOptions(name="ant", k=3, bootstrap=0))
+    assert np.isnan(cs.stability).all()
+    assert 0.9 < cs.set_stability <= 1.0
+    noisy = discover(items[:12], FakeSource(noise=30.0),  # noise only: no stable concepts
+                     DiscoveryOptions(name="ant", k=6, bootstrap=0))
+    assert noisy.set_stability < 0.7
+    assert any(n.startswith("LOW RELIABILITY: split-half") for n in noisy.notices)
+
+
 def test_fit_cache_shared_between_calls(items):
     from concept_engine.discovery import FitCache
 
@@ -197,6 +209,41 @@ def test_explain_with_fixed_bases(tmp_path, items):
     (again,) = explain(cs, items[:1], src)
     a, b = again.heatmaps.ravel(), cs.heatmaps[0].ravel()
     assert np.corrcoef(a, b)[0, 1] > 0.99
+
+
+class _OtherWeights(FakeSource):
+    """The same network re-registered with other weights (same name, same channels)."""
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out["models"][0] = {**out["models"][0], "weights_sha256": "0" * 64}
+        return out
+
+
+class _Dead(FakeSource):
+    """A layer that is zero everywhere (a ReLU after a large negative bias)."""
+
+    def extract(self, items, options):
+        for res in super().extract(items, options):
+            if res.error is None:
+                res.activations = {k: np.zeros_like(v) for k, v in res.activations.items()}
+            yield res
+
+
+def test_explain_refuses_a_network_with_other_weights(items):
+    cs = discover(items[:12], FakeSource(), DiscoveryOptions(name="ant", k=2))
+    assert cs.provenance["weights_sha256"] == "f" * 64
+    with pytest.raises(InvalidInput, match="weights sha256 ffffffffffffffff.*has weights "
+                                           "0000000000000000"):
+        next(explain(cs, items[12:14], _OtherWeights()))
+    # unknown on either side (a version-1 set, a source that does not say) is not checked
+    cs.provenance["weights_sha256"] = ""
+    assert all(e.error is None for e in explain(cs, items[12:14], _OtherWeights()))
+
+
+def test_a_dead_layer_is_refused_by_name(items):
+    with pytest.raises(InvalidInput, match="'conv5_4' of vgg19 is zero everywhere in all 8"):
+        discover(items[:8], _Dead(), DiscoveryOptions(name="ant", k=2))
 
 
 def test_unconverged_fit_is_noticed(items):

@@ -180,7 +180,7 @@ def test_v2_round_trip_and_labels(tmp_path):
     assert back.stability_interval[2].tolist() == pytest.approx([0.3, 0.6])
     assert back.hierarchy[3]["parents"].tolist() == [0, 1, 1]
     assert back.ood_threshold == pytest.approx(0.6)
-    assert back.concept_names == ["", "", ""]
+    assert back.concept_names == []  # unnamed, as the set that was saved
     st.label_concepts(path, {0: "thorax", 2: "legs"})
     back = load_concept_set(path)
     assert back.concept_names == ["thorax", "", "legs"] and back.concept_label(1) == "concept 1"
