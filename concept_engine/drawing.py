@@ -88,12 +88,19 @@ def draw_legend(image: np.ndarray, labels: Sequence[str],
     return out
 
 
+def hershey_text(text: str) -> str:
+    """``text`` as OpenCV's Hershey fonts can draw it: ASCII, anything else as ``?``. A file
+    name's undecodable bytes (lone surrogates in Python) crash ``cv2.putText`` outright."""
+    return text.encode("ascii", "replace").decode("ascii")
+
+
 @functools.lru_cache(maxsize=64)
 def _legend_strip(labels: tuple[str, ...], colors: tuple[tuple[float, ...], ...],
                   width: int) -> np.ndarray:
     """The strip of :func:`draw_legend`, drawn once per labels, colours and width (read-only):
     the dominant view's legend is the same on every picture of a class, and measuring and
     drawing its text took ~0.7 ms a picture."""
+    labels = tuple(hershey_text(t) for t in labels)
     text_h = max(12, width // 16)
     scale = cv2.getFontScaleFromHeight(cv2.FONT_HERSHEY_SIMPLEX, text_h, 2)
     thick = max(1, text_h // 10)

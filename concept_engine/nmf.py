@@ -470,9 +470,15 @@ def reconstruction_error(V: Any, W: Any, H: Any) -> float:
 
 
 def _mu_ratio(num: Any, den: Any, xp: ModuleType) -> Any:
-    # The seed (and the DFF paper's code) guards only exact zeros, not small values.
+    # The seed (and the DFF paper's code) guards only exact zeros, not small values. In float32
+    # a denominator can be a subnormal where the numerator is not (a channel whose bases all
+    # shrank to ~1e-40 from a random start): the ratio overflows to inf, and inf * 0 then makes
+    # the factors NaN. Capped at the largest finite value the update stays finite (the capped
+    # entry times its tiny factor) and is the seed's wherever it did not overflow.
     den[den == 0] = MU_ZERO_DENOMINATOR
-    return num / den
+    with np.errstate(over="ignore"):  # the overflow is handled here (CuPy does not warn)
+        ratio = num / den
+    return xp.minimum(ratio, xp.finfo(ratio.dtype).max, out=ratio)
 
 
 def _mu_update_H(H: Any, WtV: Any, WtW: Any, xp: ModuleType) -> Any:
@@ -930,12 +936,11 @@ def _check_params(solver: str, init: str, max_iter: int, tol: float, check_every
         raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
     if init not in _INITS:
         raise ValueError(f"init must be one of {_INITS}, got {init!r}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    if tol < 0:
+    for name, value in (("max_iter", max_iter), ("check_every", check_every)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not tol >= 0:  # NaN too
         raise ValueError(f"tol must be >= 0, got {tol}")
-    if check_every < 1:
-        raise ValueError(f"check_every must be >= 1, got {check_every}")
 
 
 def nmf_fit(

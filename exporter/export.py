@@ -133,6 +133,14 @@ def _is_image_file(p: Path) -> bool:
             and not p.is_dir())
 
 
+def file_id(name: str) -> str:
+    """A class name or image id from a file name (undecodable bytes escaped): see
+    :func:`feature_server.images.file_id`."""
+    from feature_server.images import file_id as escaped
+
+    return escaped(name)
+
+
 def _inside(path: Path, folder: Path) -> bool:
     """path is folder or lies below it (both resolved)."""
     try:
@@ -192,13 +200,13 @@ def find_classes(data_dir: Path, out: Path | None = None) -> list[tuple[str, Pat
     files, dirs = _entries(data_dir, out)
     if files:
         _check_class_folder(data_dir, files, dirs, out)
-        return [(data_dir.resolve().name, data_dir)]
+        return [(file_id(data_dir.resolve().name), data_dir)]
     classes = []
     for d in dirs:
         files, sub = _entries(d, out)
         if files:
             _check_class_folder(d, files, sub, out)
-            classes.append((d.name, d))
+            classes.append((file_id(d.name), d))
         elif any(_holds_images(x, out) for x in sub):
             log.warning("%s holds no images itself, only sub-folders: skipped (folders of "
                         "classes are not searched below DATA_DIR's sub-folders; give %s as "
@@ -212,7 +220,7 @@ def find_classes(data_dir: Path, out: Path | None = None) -> list[tuple[str, Pat
 def list_images(folder: Path) -> list[tuple[str, Path]]:
     """(id, path) of a class folder's image files (not of its sub-folders), sorted; id = the
     file name. Hidden files (``.name``) are left out."""
-    return [(p.name, p) for p in sorted(Path(folder).iterdir()) if _is_image_file(p)]
+    return [(file_id(p.name), p) for p in sorted(Path(folder).iterdir()) if _is_image_file(p)]
 
 
 def output_stems(ids: Iterable[str]) -> dict[str, str]:

@@ -183,6 +183,12 @@ def combined_overlay(image: np.ndarray, polygons: Sequence[Sequence[np.ndarray]]
 
 # ---------------------------------------------------------------------------- grids
 
+def _text(text: str) -> str:
+    from concept_engine.drawing import hershey_text
+
+    return hershey_text(text)
+
+
 def _thumb(image: np.ndarray, caption: str, size: int = TILE) -> np.ndarray:
     h, w = image.shape[:2]
     s = size / max(h, w)
@@ -191,7 +197,7 @@ def _thumb(image: np.ndarray, caption: str, size: int = TILE) -> np.ndarray:
     tile = np.full((size + CAPTION, size, 3), 255, dtype=np.uint8)
     y0, x0 = (size - small.shape[0]) // 2, (size - small.shape[1]) // 2
     tile[y0:y0 + small.shape[0], x0:x0 + small.shape[1]] = small
-    cv2.putText(tile, caption[:28], (3, size + CAPTION - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
+    cv2.putText(tile, _text(caption[:28]), (3, size + CAPTION - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
                 (0, 0, 0), 1, cv2.LINE_AA)
     return tile
 
@@ -223,7 +229,7 @@ def _compose_grid(thumbs: Sequence[np.ndarray], columns: int = 8, title: str = "
         if color is not None:
             cv2.rectangle(band, (6, 6), (24, 24), color, -1)
             x = 30
-        cv2.putText(band, title, (x, 21), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1,
+        cv2.putText(band, _text(title), (x, 21), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1,
                     cv2.LINE_AA)
         grid = np.vstack([band, grid])
     if color is not None:
@@ -270,13 +276,14 @@ def draw_k_curves(curves: dict[str, dict[int, float]], chosen_k: int, reason: st
     img = np.full((ph + head, pw * len(names), 3), 255, np.uint8)
     font, blue, red, grey = cv2.FONT_HERSHEY_SIMPLEX, (180, 119, 31), (40, 39, 214), (90, 90, 90)
     if reason:
-        cv2.putText(img, f"chosen k = {chosen_k}: {reason}"[:110], (8, 19), font, 0.45,
+        cv2.putText(img, _text(f"chosen k = {chosen_k}: {reason}"[:110]), (8, 19), font, 0.45,
                     (0, 0, 0), 1, cv2.LINE_AA)
     for p, name in enumerate(names):
         x0, y0 = p * pw, head
         ax_l, ax_r, ax_t, ax_b = x0 + left, x0 + pw - right, y0 + top, y0 + ph - bottom
         title = _CURVE_TITLES.get(name, name)
-        cv2.putText(img, title[:52], (x0 + 8, y0 + 20), font, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, _text(title[:52]), (x0 + 8, y0 + 20), font, 0.42, (0, 0, 0), 1,
+                    cv2.LINE_AA)
         cv2.rectangle(img, (ax_l, ax_t), (ax_r, ax_b), grey, 1)
         curve = curves.get(name, {})
         ks = sorted(int(k) for k in curve)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from dff_protos.errors import DFFError, ImageTooLarge, InvalidInput, NotFound
+from dff_protos.errors import DataLoss, DFFError, ImageTooLarge, InvalidInput, NotFound
 
 from feature_server.images import (
     DecodeLimits,
@@ -380,6 +380,21 @@ class Extractor:
                    batch_size=batch_size, limits=limits, precisions=precisions, half_io=half_io)
 
     def _session(self, name: str, outputs: Iterable[str] = ()) -> Any:
+        """:meth:`_made_session`, with a model file that ONNX or ONNX Runtime cannot load
+        (truncated, damaged, replaced since it was registered) as DataLoss naming the file and
+        the fix, not the parser's own exception."""
+        try:
+            return self._made_session(name, outputs)
+        except DFFError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - protobuf, onnx and ONNX Runtime errors
+            spec = self.registry.get(name)
+            where = spec.onnx_path if spec is not None else name
+            raise DataLoss(f"model {name}: {where} cannot be loaded ({type(exc).__name__}: "
+                           f"{str(exc)[:200]}); check it with `dff models list --verify` and "
+                           "rebuild it with `dff models build`") from exc
+
+    def _made_session(self, name: str, outputs: Iterable[str] = ()) -> Any:
         """The session of model ``name`` computing ``outputs`` (default: all of its outputs).
 
         A feature model outputs every conv layer; a request for some of them gets a session

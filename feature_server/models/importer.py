@@ -272,6 +272,9 @@ def verify_run(path: Path, input_name: str, outputs: Sequence[str], size: int) -
         if value.ndim != want or value.shape[0] != 1:
             raise InvalidInput(f"output {name!r} has shape {value.shape}; expected rank {want} "
                                "with the batch first")
+        if value.size == 0:
+            raise InvalidInput(f"output {name!r} has shape {value.shape}: no values (0 "
+                               "channels or an empty map); choose another layer")
         if not np.all(np.isfinite(value)):
             raise InvalidInput(f"output {name!r} is not finite on the verification input")
         if name == "probabilities":
@@ -476,7 +479,11 @@ def export_torch(target: str, name: str, layers: str | Sequence[str], *,
             taps = [self.seen[n] for n in names]
             return tuple(taps + [out]) if classifier_output else tuple(taps)
 
-    out_names = names + ([classifier_output] if classifier_output else [])
+    # torch's exporter refuses all-digit output names, which are an nn.Sequential's own
+    # submodule names ("0", "1", ...): such a tap's graph tensor gets a prefix, and the layer
+    # keeps the submodule's name
+    tensors = [f"module_{n}" if n.isdigit() else n for n in names]
+    out_names = tensors + ([classifier_output] if classifier_output else [])
     dynamic = {"input": {0: "batch", 2: "height", 3: "width"}}
     dynamic.update({n: {0: "batch"} for n in out_names})
     with tempfile.TemporaryDirectory() as tmp:
@@ -484,7 +491,8 @@ def export_torch(target: str, name: str, layers: str | Sequence[str], *,
         torch_to_onnx(Taps(net), onnx_path, input_size, input_names=["input"],
                       output_names=out_names, dynamic_axes=dynamic)
         # the exported graph names each output after our names: expose them as they are
-        return import_onnx(onnx_path, name, names, classifier_output=classifier_output,
+        layer_map = [n if t == n else f"{n}={t}" for n, t in zip(names, tensors, strict=True)]
+        return import_onnx(onnx_path, name, layer_map, classifier_output=classifier_output,
                            source=f"torch {target}", weights_sha256=state_dict_sha256(net),
                            **kwargs)
 

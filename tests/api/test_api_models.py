@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -245,3 +246,72 @@ def test_negative_policy_known_answers(tmp_path, opset, policy):
             "shift": y - y.min(axis=(2, 3), keepdims=True)}[policy]
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert spec.layers == {"feat": (2, 1)}
+
+
+@pytest.mark.slow
+def test_plain_sequential_layers_and_weights_the_set_was_made_with(nets, dff_home,
+                                                                   shared_data, tmp_path):
+    """An nn.Sequential's all-digit submodule names are layers like any other; explaining
+    with a model re-registered under the same name but other weights is refused (its channels
+    are not what the bases describe), and so is the set's file through the CLI."""
+    from dff_protos.errors import InvalidInput
+
+    from feature_server.models.importer import export_torch, state_dict_sha256
+
+    (spec,) = export_torch("dff_test_nets:plain_sequential", "plainseq", "1")
+    assert spec.layers["1"] == (8, 4)
+    gymnast = shared_data / "gymnast"
+    cs = dff.discover(gymnast, k=2, model="plainseq", layer="1", prediction_filter=False,
+                      progress=False, bootstrap=0)
+    assert cs.provenance["weights_sha256"] == state_dict_sha256(nets.plain_sequential())
+    first = gymnast / cs.image_ids[0]
+    assert cs.explain(first, progress=False)[0].error is None
+    saved = cs.save(tmp_path / "plainseq.h5")
+
+    export_torch("dff_test_nets:other_plain_sequential", "plainseq", "1", force=True)
+    with pytest.raises(InvalidInput, match="weights") as err:
+        cs.explain(first, progress=False)
+    assert cs.provenance["weights_sha256"][:16] in str(err.value)
+    assert main(["explain", str(first), "--concepts", str(saved), "--out",
+                 str(tmp_path / "explained"), "--no-progress"]) == 2
+
+
+@pytest.mark.slow
+def test_dead_and_empty_layers_are_refused_by_name(nets, dff_home, shared_data):
+    from dff_protos.errors import InvalidInput
+
+    from feature_server.models.importer import export_torch
+
+    with pytest.raises(InvalidInput, match="'empty' has shape .*no values"):
+        export_torch("dff_test_nets:dead_layer", "emptytap", "empty")
+    export_torch("dff_test_nets:dead_layer", "deadnet", "relu", negative="clamp")
+    with pytest.raises(InvalidInput, match="'relu' of deadnet is zero everywhere"):
+        dff.discover(shared_data / "gymnast", k=2, model="deadnet", layer="relu",
+                     prediction_filter=False, progress=False, bootstrap=0)
+
+
+def test_a_damaged_model_file_is_data_loss_naming_it(tmp_path):
+    """A cached model truncated or overwritten after it was registered: every request for it
+    gets DataLoss naming the file and the fix, not protobuf's parser error."""
+    from dff_protos.errors import DataLoss
+
+    from feature_server.extractor import ExtractOptions, Extractor
+    from feature_server.models.importer import import_onnx
+    from feature_server.models.registry import load_registry
+
+    src = tmp_path / "g.onnx"
+    _conv_graph(src, 13, relu=True)
+    (spec,) = import_onnx(src, "g", "feat=act", preprocessing="raw", home=tmp_path)
+    data = spec.onnx_path.read_bytes()
+    spec.onnx_path.write_bytes(data[: len(data) // 2])
+    ok, png = cv2.imencode(".png", np.full((40, 40, 3), 90, np.uint8))
+    options = ExtractOptions(model="g", layers=("feat",))
+    try:  # the extractor makes the sessions it will need up front
+        extractor = Extractor(load_registry(tmp_path))
+        results = list(extractor.extract([("a.png", png.tobytes())], options))
+    except DataLoss as exc:
+        message = str(exc)
+    else:
+        assert len(results) == 1 and isinstance(results[0].error, DataLoss)
+        message = str(results[0].error)
+    assert str(spec.onnx_path) in message and "dff models build" in message

@@ -272,6 +272,13 @@ def test_rejects_bad_input():
         nmf_fit(V, 2, H=np.ones((3, 8), np.float32), update_H=False)
     with pytest.raises(RuntimeError):
         NMF(2).transform(V)
+    # NaN would pass "tol < 0" and run every iteration with no warning; a float max_iter
+    # would fail deep in the solver without naming it
+    with pytest.raises(ValueError, match="tol must be >= 0, got nan"):
+        NMF(2, tol=float("nan")).fit(V)
+    for name, value in (("max_iter", 2.5), ("max_iter", True), ("check_every", 0)):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            nmf_fit(V, 2, **{name: value})
 
 
 def test_same_seed_same_result():
@@ -674,3 +681,23 @@ def test_dff_gpu_0_keeps_computations_on_the_host(monkeypatch):
     finally:
         monkeypatch.delenv("DFF_GPU")
         backend._cupy.cache_clear()
+
+
+def test_mu_update_stays_finite_where_a_float32_denominator_is_subnormal():
+    """From a random start a channel's bases can all shrink to ~1e-40 (float32 subnormals)
+    while the images still hold that channel: numerator / denominator overflowed to inf, and
+    inf * 0 made the factors NaN (a `dff discover --solver mu` k sweep on 12 ant photos died in
+    the bases matching). The ratio is capped; where nothing overflows it is the seed's."""
+    import warnings
+
+    from concept_engine.nmf import _mu_update_H
+
+    H = np.array([[0.0, 0.5], [1e-40, 0.25]], np.float32)  # channel 0: 0 and a subnormal
+    WtV = np.ones((2, 2), np.float32)
+    WtW = np.ones((2, 2), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning reaches the user either
+        new = _mu_update_H(H.copy(), WtV, WtW, np)
+    assert np.isfinite(new).all() and new[0, 0] == 0.0
+    assert new[1, 0] == pytest.approx(np.finfo(np.float32).max * np.float32(1e-40), rel=1e-6)
+    np.testing.assert_array_equal(new[:, 1], H[:, 1] * (WtV[:, 1] / (WtW @ H)[:, 1]))

@@ -65,3 +65,36 @@ def tiny_resnet() -> TinyResNet:
                 m.running_var.uniform_(0.5, 2.0)
                 m.bias.uniform_(-0.5, 0.5)
     return net.eval()
+
+
+def plain_sequential(seed: int = 2) -> nn.Sequential:
+    """A bare nn.Sequential: its submodules are named "0", "1", ... (torch's exporter refuses
+    all-digit output names). ``seed`` gives other weights of the same shape."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 5, stride=4, padding=2), nn.ReLU()).eval()
+
+
+def other_plain_sequential() -> nn.Sequential:
+    return plain_sequential(seed=3)
+
+
+class _Dead(nn.Module):
+    """A layer that is zero on every image (a ReLU after a large negative bias), and a tap of
+    zero channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        with torch.no_grad():
+            self.conv.bias.fill_(-1e4)
+        self.relu = nn.ReLU()
+        self.empty = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.conv(x))
+        return y + 0 * self.empty(y[:, :0]).sum()
+
+
+def dead_layer() -> _Dead:
+    torch.manual_seed(4)
+    return _Dead().eval()
