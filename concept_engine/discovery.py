@@ -49,7 +49,14 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 import numpy as np
-from dff_protos.errors import DFFError, InvalidInput, TooFewImages
+from dff_protos.errors import (
+    DeadlineExceeded,
+    DFFError,
+    InvalidInput,
+    NotReady,
+    TooFewImages,
+    Unavailable,
+)
 
 from concept_engine import compiled
 from concept_engine import heatmaps as hm
@@ -360,6 +367,7 @@ def _extract(items: Sequence[tuple[str, bytes]], source: FeatureSource, run: _Ru
     # answers until the end cost 0.4 MB per image (2 GB for a 5000-image class).
     kept: dict[str, _Image] = {}
     errors: dict[str, str] = {}
+    outage: dict[str, str] = {}
     channels: int | None = None
     total = len(items)
     run.emit(Progress("features", 0, total, f"extracting {options.layer} from {total} images"))
@@ -368,7 +376,10 @@ def _extract(items: Sequence[tuple[str, bytes]], source: FeatureSource, run: _Ru
             log.warning("feature source answered an unexpected id %r", answer.id)
             continue
         error: str | None = None
-        if answer.error is not None:
+        if isinstance(answer.error, NotReady | DeadlineExceeded):
+            outage[answer.id] = str(answer.error)  # the source's failure, not the image's
+            error = outage[answer.id]
+        elif answer.error is not None:
             error = str(answer.error)
         elif options.layer not in answer.activations:
             error = f"no activations for layer {options.layer!r}"
@@ -394,13 +405,20 @@ def _extract(items: Sequence[tuple[str, bytes]], source: FeatureSource, run: _Ru
                                      _pair(answer.original_size), _pair(answer.input_size),
                                      probs)
         run.emit(Progress("features", len(kept) + len(errors), total, answer.id))
+    unanswered = [i for i in ids if i not in kept and i not in errors]
+    if outage or unanswered:
+        # A set fitted on the images that happened to arrive before a feature server died is
+        # not the class's set, and would not reproduce: nothing is fitted.
+        first = next(iter(outage.values()), "the source ended without answering them")
+        raise Unavailable(f"{len(outage) + len(unanswered)} of {total} images got no "
+                          f"features because the feature source failed ({first[:300]}); "
+                          "nothing was fitted - run again when it answers")
     images: list[_Image] = []
     for item_id in ids:  # decisions and images in the caller's order
         if item_id in kept:
             images.append(kept[item_id])
         else:
-            run.emit(Decision(item_id, False, ERROR,
-                              errors.get(item_id, "no answer from the feature source")))
+            run.emit(Decision(item_id, False, ERROR, errors[item_id]))
     return images
 
 

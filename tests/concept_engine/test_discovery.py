@@ -230,6 +230,36 @@ class _Dead(FakeSource):
             yield res
 
 
+class _DiesAfter(FakeSource):
+    """A feature source that fails after ``n`` answers: the rest are Unavailable (a killed
+    feature server), or never answered (``silent``)."""
+
+    def __init__(self, n: int, silent: bool = False):
+        super().__init__()
+        self.n, self.silent = n, silent
+
+    def extract(self, items, options):
+        from dff_protos.errors import Unavailable
+
+        from feature_server.extractor import ExtractResult
+
+        for i, res in enumerate(super().extract(items, options)):
+            if i < self.n:
+                yield res
+            elif not self.silent:
+                yield ExtractResult(res.id, error=Unavailable("127.0.0.1:1: UNAVAILABLE"))
+
+
+@pytest.mark.parametrize("silent", [False, True])
+def test_a_feature_source_that_dies_fails_the_discovery(items, silent):
+    """A set fitted on the images that arrived before a feature server died would not be the
+    class's set: discovery fails (UNAVAILABLE on the engine) instead of fitting on a few."""
+    from dff_protos.errors import Unavailable
+
+    with pytest.raises(Unavailable, match="20 of 24 images got no features"):
+        discover(items, _DiesAfter(4, silent), DiscoveryOptions(name="ant", k=2))
+
+
 def test_explain_refuses_a_network_with_other_weights(items):
     cs = discover(items[:12], FakeSource(), DiscoveryOptions(name="ant", k=2))
     assert cs.provenance["weights_sha256"] == "f" * 64
