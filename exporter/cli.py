@@ -2,7 +2,7 @@
 
     dff models build|list        feature_server.cli
     dff serve features           feature_server.cli
-    dff extract                  feature_server.cli
+    dff extract                  feature_server.cli (options), exporter.commands (its run)
     dff serve engine             concept_engine.cli
     dff discover | dff explain   exporter.commands
 

@@ -1,22 +1,27 @@
-"""`dff discover` and `dff explain`: the user-facing commands of the exporter.
+"""`dff discover`, `dff explain`, `dff label` and the run of `dff extract`: the user-facing
+commands of the exporter.
 
 Exit codes: 0 everything done (or already done), 2 usage error (bad arguments, missing
-folder, and the ordinary mistakes checked before any feature is extracted: OUT a file or
-read-only, --concepts not a concept set, --engine pointed at a feature server, unknown
---layer, --k above a class's number of images, a class folder with sub-folders of images),
-3 partial failure (a class failed, or some images could not be read, decoded or explained),
-1 internal error (a bug: the traceback is logged).
+folder, and the ordinary mistakes checked before any feature is extracted: OUT a file,
+a dangling link or read-only, --concepts not a (usable) concept set, explain's --out holding a
+discover report, --engine pointed at a feature server, feature servers that cannot be reached,
+an unknown --model/--layer/--classifier of the model that will run, --k above a class's number
+of images, a class folder with sub-folders of images or named like a site-level file),
+3 partial failure (a class failed, or some images could not be read, decoded, explained or
+extracted), 1 internal error (a bug: the traceback is logged).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +86,9 @@ _EXPLAIN_HELP = """\
 Explain new images with a concept set found by `dff discover`: the concept bases stay fixed,
 only each image's heatmaps are fitted. Writes to DIR: overlays/concept_NN/ (each concept's
 regions contoured), combined/ (all concepts, one colour each, with a legend), grids/,
-explanations.json (certainty of every concept in every image) and index.html.
+explanations.json (certainty of every concept in every image) and index.html. A rerun into
+the same DIR first removes what explain wrote there before; a DIR holding a `dff discover`
+report is refused.
 """
 
 
@@ -149,6 +156,10 @@ def shard_from_env(env: Any = None) -> tuple[int, int] | None:
     env = os.environ if env is None else env
     index, count = env.get("JOB_COMPLETION_INDEX"), env.get("JOB_COMPLETIONS")
     if index is None or index == "":
+        if count:
+            raise ValueError(f"JOB_COMPLETIONS={count} is set but JOB_COMPLETION_INDEX is not; "
+                             "set both (an Indexed Job sets JOB_COMPLETION_INDEX) or give "
+                             "--shard I/N")
         return None
     if not count:
         raise ValueError("JOB_COMPLETION_INDEX is set but JOB_COMPLETIONS is not; set both "
@@ -407,7 +418,8 @@ def reliability_line(path: Path) -> str:
     import numpy as np
 
     stab = np.asarray(cs.stability, float)
-    per = " ".join(f"{cs.concept_label(j)}={v:.2f}" for j, v in enumerate(stab))
+    per = (" ".join(f"{cs.concept_label(j)}={v:.2f}" for j, v in enumerate(stab))
+           if not np.isnan(stab).all() else "not measured (--bootstrap 0)")
     text = f"reliability: split-half {cs.set_stability:.2f}; concept stability {per}"
     warning = reliability_warning(cs.set_stability, float(np.mean(stab)))
     return text + (f"\n    WARNING: {warning}" if warning else "")
@@ -418,13 +430,21 @@ def print_report(report: Any, stream: Any = None) -> None:
 
     r = report
     lines = []
+    by_reason: dict[str, list[str]] = {}  # the files that could not be used, by reason
+    for e in getattr(r, "errors", None) or []:
+        by_reason.setdefault(str(e.get("reason", "")), []).append(str(e.get("id", "")))
     if r.status == "failed":
         lines.append(f"[FAILED] {r.name}: {r.error}")
+        for why, ids in by_reason.items():
+            lines.append(f"    error {len(ids):4d}: {_some(ids)}: {why}")
     else:
         tag = "done" if r.status == "done" else "skipped (already done; --force redoes it)"
         lines.append(f"[{tag}] {r.name} -> {Path(r.out_dir) / 'index.html'}")
         lines.append(f"    images: {r.n_images} found, {r.n_kept} used for the concepts")
         for why, count in r.dropped.items():
+            ids = by_reason.get(why[len("error: "):]) if why.startswith("error: ") else None
+            if ids:
+                why = f"error: {_some(ids)}: {why[len('error: '):]}"
             lines.append(f"    dropped {count:4d}: {why}")
         lines.append(f"    k = {r.k}: {r.k_reason}")
         line = reliability_line(Path(r.out_dir) / "concepts.h5")
@@ -437,6 +457,16 @@ def print_report(report: Any, stream: Any = None) -> None:
     write_line("\n".join(lines), file=stream or sys.stdout)
 
 
+def _some(ids: list[str], n: int = 5) -> str:
+    """'a.jpg, b.jpg' (at most n names, then 'and N more')."""
+    more = f" and {len(ids) - n} more" if len(ids) > n else ""
+    return ", ".join(ids[:n]) + more
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 class UsageError(Exception):
     """An ordinary mistake found before any work: exit 2 with this one-line message."""
 
@@ -447,6 +477,10 @@ def check_out_dir(out: Path) -> None:
         raise UsageError(f"--out {out} is a file; give a folder (it is created if missing)")
     probe = out
     while not probe.exists():  # the nearest existing ancestor is where it would be created
+        if probe.is_symlink():  # a dangling link: mkdir cannot create the folder through it
+            raise UsageError(f"--out {out}: {probe} is a symbolic link to "
+                             f"{os.readlink(probe)}, which does not exist; create that folder "
+                             "or remove the link")
         if probe.parent == probe:
             break
         probe = probe.parent
@@ -491,35 +525,94 @@ _FEATURE_SERVICE = "dff.v1.FeatureService"
 _SERVICE_WORDS = {_ENGINE_SERVICE: "concept engine", _FEATURE_SERVICE: "feature server"}
 
 
-def _known_layers(args: argparse.Namespace, model: str) -> list[str] | None:
-    """The layers the feature source offers for ``model``; None when unknown here (engine
-    mode, models not built yet, a server that does not say)."""
+def _close(source: Any) -> None:
+    close = getattr(source, "close", None)
+    if callable(close):
+        close()
+
+
+def source_describe(feature_servers: Sequence[str], timeout: float) -> dict[str, Any]:
+    """What the feature source offers (DescribeModel's dict): the feature servers' (UsageError
+    naming them when none answers) or, in-process, the models built here (built now when
+    missing) and the precision the execution provider picks for ``--precision auto``."""
+    from dff_protos.errors import DFFError
+
     from exporter import export
 
-    if args.engine:
-        return None
-    if not args.feature_server:
-        from feature_server.models.registry import load_registry
-
+    if feature_servers:
+        source = export.make_source(list(feature_servers), min(timeout, 30.0))
         try:
-            spec = load_registry().get(model)
-        except Exception:  # noqa: BLE001 - no usable cache: the models get built later
-            return None
-        return None if spec is None else list(spec.layers)
-    source = export.make_source(args.feature_server, min(args.timeout, 30.0))
+            return source.describe()
+        except DFFError as exc:
+            raise UsageError(f"--feature-server {','.join(feature_servers)} cannot be used "
+                             f"({type(exc).__name__}: {_one_line(exc)}); start the server(s) "
+                             "or fix the address") from None
+        finally:
+            _close(source)
+    from feature_server.extractor import auto_precision, select_providers
+    from feature_server.models.registry import ensure_models
+
     try:
-        describe = source.describe()
-    except Exception:  # noqa: BLE001 - unreachable now: the real call reports it
-        log.debug("describe failed", exc_info=True)
-        return None
-    finally:
-        close = getattr(source, "close", None)
-        if callable(close):
-            close()
-    for m in describe.get("models", []) or []:
-        if isinstance(m, dict) and m.get("name") == model and m.get("layers"):
-            return list(m["layers"])
-    return None
+        registry = ensure_models()
+    except DFFError as exc:
+        raise UsageError(_one_line(exc)) from None
+    precisions = [s.precision for s in registry.values() if s.kind == "features"]
+    return {"models": [{"name": s.name, "kind": s.kind, "layers": list(s.layers)}
+                       for s in registry.values()],
+            "default_precision": auto_precision(select_providers()[0], precisions)}
+
+
+def _models_of_kind(describe: dict[str, Any], kind: str) -> dict[str, list[str]]:
+    """name -> layers of the source's models of ``kind`` (a model without a kind: features)."""
+    return {str(m["name"]): list(m.get("layers") or [])
+            for m in describe.get("models", []) or []
+            if isinstance(m, dict) and m.get("name") and m.get("kind", "features") == kind}
+
+
+def resolve_feature_model(describe: dict[str, Any], model: str, precision: str,
+                          layers: Sequence[str] = (), layer_flag: str = "--layer") -> str:
+    """The feature model that will run for ``--model``/``--precision`` (the rule of
+    concept_engine.discovery.resolve_model), checked to exist and to have ``layers``:
+    UsageError naming the models or layers to choose from."""
+    from dff_protos.errors import DFFError
+
+    from feature_server.extractor import choose_model
+    from feature_server.models.precision import PRECISIONS
+
+    features = _models_of_kind(describe, "features")
+    resolved = model
+    if not (precision == "auto" and any(model.endswith(f"_{p}") for p in PRECISIONS)):
+        try:
+            resolved = choose_model(describe, model, precision)
+        except DFFError as exc:
+            raise UsageError(f"--precision {precision}: {_one_line(exc)}") from None
+    if features and resolved not in features:
+        raise UsageError(f"--model {model}: no such feature model; choose one of "
+                         f"{', '.join(sorted(features))} (`dff models list`)")
+    known = features.get(resolved) or []
+    unknown = [layer for layer in layers if layer not in known]
+    if known and unknown:
+        which = resolved if resolved == model else \
+            f"{resolved} (what --precision {precision} runs for {model} here)"
+        with_it = [n for n, ls in sorted(features.items())
+                   if n != resolved and all(x in ls for x in layers)]
+        hint = f"; or a model that has it: {', '.join(with_it)} (--model/--precision)" \
+            if with_it else ""
+        raise UsageError(f"{layer_flag} {','.join(unknown)}: {which} has no such layer; choose one "
+                         f"of {', '.join(known)}{hint}")
+    return resolved
+
+
+def check_classifier(describe: dict[str, Any], classifier: str) -> None:
+    """UsageError for a classifier name the source does not have, unless it is the default one
+    (not built or not served: the prediction filter is then skipped with a notice)."""
+    from feature_server.models.registry import DEFAULT_CLASSIFIER
+
+    classifiers = _models_of_kind(describe, "classifier")
+    if classifier != DEFAULT_CLASSIFIER and classifier not in classifiers:
+        choose = ", ".join(sorted(classifiers)) or "none is available"
+        raise UsageError(f"--classifier {classifier}: no such classifier model; choose one "
+                         f"of {choose} (`dff models list`)")
 
 
 def preflight_discover(args: argparse.Namespace) -> tuple[list[tuple[str, Path]], Any]:
@@ -541,6 +634,7 @@ def preflight_discover(args: argparse.Namespace) -> tuple[list[tuple[str, Path]]
     check_out_dir(args.out)
     try:
         classes = export.find_classes(args.data_dir, out=args.out)
+        export.check_class_names(classes)
     except DFFError as exc:
         raise UsageError(str(exc)) from None
     options = options_from_args(args)
@@ -561,10 +655,11 @@ def preflight_discover(args: argparse.Namespace) -> tuple[list[tuple[str, Path]]
         probe_service(args.engine, _ENGINE_SERVICE, _FEATURE_SERVICE, "--feature-server")
     for address in args.feature_server:
         probe_service(address, _FEATURE_SERVICE, _ENGINE_SERVICE, "--engine")
-    layers = _known_layers(args, options.model) if classes else None
-    if layers is not None and options.layer not in layers:
-        raise UsageError(f"--layer {options.layer}: {options.model} has no such layer; "
-                         f"choose one of {', '.join(layers)}")
+    if not args.engine and classes:  # an engine resolves the model against its own source
+        describe = source_describe(args.feature_server, args.timeout)
+        options = dataclasses.replace(options, model=resolve_feature_model(
+            describe, options.model, args.precision, [options.layer]))
+        check_classifier(describe, options.classifier)
     return classes, options
 
 
@@ -586,18 +681,6 @@ def run_discover(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"dff discover: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if not args.engine:  # resolved here so a missing variant is a usage error (exit 2); an
-        # engine resolves options.precision against its own feature source
-        import dataclasses
-
-        from feature_server.cli import resolve_precision
-
-        try:
-            options = dataclasses.replace(options, model=resolve_precision(
-                args.precision, options.model, args.feature_server, args.timeout))
-        except DFFError as exc:
-            print(f"dff discover: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
     settings = ExportSettings(
         out=args.out, discovery=options,
         feature_servers=tuple(args.feature_server), client_decode=args.client_decode,
@@ -648,31 +731,47 @@ def run_label(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
         names[int(index)] = name
-    try:
-        cs = label_concepts(args.concepts, names) if names else load_concept_set(args.concepts)
-    except DFFError as exc:
-        print(f"dff label: error: {exc}", file=sys.stderr)
+    try:  # every argument is checked before the names are stored
+        cs = load_concept_set(args.concepts)
+        paths = _label_images(cs, args.images) if args.images else {}
+        if names:
+            cs = label_concepts(args.concepts, names)
+    except (DFFError, UsageError) as exc:
+        print(f"dff label: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     for j in range(cs.k):
         print(f"{j}\t{cs.concept_label(j)}")
     if args.images:
-        return _redraw(cs, args)
+        return _redraw(cs, args, paths)
     return EXIT_OK
 
 
-def _redraw(cs: Any, args: argparse.Namespace) -> int:
+def _label_images(cs: Any, folder: Path) -> dict[str, Path]:
+    """id -> path of the concept set's training images in ``folder`` (--images); UsageError
+    when it is not a folder or lacks one of them."""
+    from exporter.export import list_images
+
+    if not folder.exists():
+        raise UsageError(f"--images {folder}: no such folder; give the class folder the "
+                         "concept set was made from")
+    if not folder.is_dir():
+        raise UsageError(f"--images {folder} is a file; give the class folder the concept set "
+                         "was made from")
+    paths = dict(list_images(folder))
+    missing = [i for i in cs.image_ids if i not in paths]
+    if missing:
+        raise UsageError(f"--images {folder}: {len(missing)} training image(s) are not in it, "
+                         f"e.g. {missing[0]}; give the class folder the concept set was made "
+                         "from")
+    return paths
+
+
+def _redraw(cs: Any, args: argparse.Namespace, paths: dict[str, Path]) -> int:
     """Pictures and index.html next to the concept set again, from the class's photos."""
     import numpy as np
 
-    from exporter.export import list_images
     from exporter.report import ImageResult, ReportData, decode_image, write_report
 
-    paths = dict(list_images(args.images))
-    missing = [i for i in cs.image_ids if i not in paths]
-    if missing:
-        print(f"dff label: error: {len(missing)} training image(s) not in {args.images}, "
-              f"e.g. {missing[0]}", file=sys.stderr)
-        return EXIT_USAGE
     out = args.concepts.parent
 
     def results():
@@ -716,26 +815,103 @@ def check_concept_set(path: Path) -> None:
                          f"(format {fmt!r}); {hint}")
 
 
-def preflight_explain(args: argparse.Namespace) -> None:
-    """The explain checks that need no feature (UsageError naming the item and the fix)."""
-    check_concept_set(args.concepts)
-    check_out_dir(args.out)
-    from exporter.export import list_images
+#: what `dff explain` writes into its --out folder (exporter.report's pictures, the copied
+#: exemplars, the record): a rerun removes them first, so the folder holds this run's only
+EXPLAIN_OUTPUTS = ("index.html", "explanations.json", "heatmaps.npz", "k_sweep.png",
+                   "overlays", "combined", "dominant", "grids", "thumbs", "exemplars")
 
+
+def _explain_inputs(entries: Sequence[Path]) -> list[tuple[str, Path]]:
+    """(id, path) of the images to explain: files as given, folders' image files (id = file
+    name); UsageError for a missing entry or two images with one id (also one file given
+    twice: it would be counted twice)."""
+    from exporter.export import file_id, list_images
+
+    items: list[tuple[str, Path]] = []
     seen: dict[str, Path] = {}
-    for entry in args.images:
-        if entry.is_file():
-            found = [(entry.name, entry)]
-        elif entry.is_dir():
+    for entry in entries:
+        if entry.is_dir():
             found = list_images(entry)
+        elif entry.is_file():
+            found = [(file_id(entry.name), entry)]
         else:
             raise UsageError(f"no such file or folder: {entry}")
         for image_id, path in found:
-            if image_id in seen and seen[image_id] != path:
+            if image_id in seen:
+                if _same_file(path, seen[image_id]):
+                    raise UsageError(f"{image_id!r} is given twice ({seen[image_id]} and {path} "
+                                     "are one file); give each image or folder once")
                 raise UsageError(f"{path} and {seen[image_id]} have the same file name "
                                  f"{image_id!r} (an image's id); explain them in two runs "
                                  "or rename one")
             seen[image_id] = path
+            items.append((image_id, path))
+    return items
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # a dangling link, a file gone: compare the paths
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_explain_out(out: Path) -> None:
+    """UsageError when --out holds a `dff discover` report (a class folder, or an OUT with
+    finished classes), or pictures explain did not write (they would be mixed)."""
+    from exporter.export import CONCEPTS_FILE, DONE_MARKER, is_done
+
+    check_out_dir(out)
+    if not out.is_dir():
+        return
+    found = [n for n in (DONE_MARKER, CONCEPTS_FILE) if (out / n).exists()]
+    if found:
+        raise UsageError(f"--out {out} holds a `dff discover` report ({', '.join(found)}); "
+                         "explain would overwrite it: give another folder, e.g. "
+                         f"{out.parent / (out.name + '-explained')}")
+    classes = [d.name for d in sorted(out.iterdir()) if d.is_dir() and is_done(d)]
+    if classes:
+        raise UsageError(f"--out {out} is a `dff discover` output folder (classes "
+                         f"{_some(classes, 3)}); explain would overwrite its index.html: give "
+                         "another folder")
+    if not (out / "explanations.json").is_file():  # not an earlier explain's folder
+        foreign = [n for n in EXPLAIN_OUTPUTS if (out / n).exists()]
+        if foreign:
+            raise UsageError(f"--out {out} already holds {', '.join(foreign)} not written by "
+                             "`dff explain` (no explanations.json); give an empty or new "
+                             "folder")
+
+
+def _clear_explain_outputs(out: Path) -> None:
+    """Remove what an earlier explain wrote into ``out`` (EXPLAIN_OUTPUTS only: nothing else
+    in the folder is touched), so that its pictures never mix with this run's."""
+    from exporter.export import _rmtree
+
+    if not (out / "explanations.json").is_file():
+        return
+    for name in EXPLAIN_OUTPUTS:
+        _rmtree(out / name)
+
+
+def preflight_explain(args: argparse.Namespace) -> tuple[Any, list[tuple[str, Path]]]:
+    """The explain checks that need no feature: (the concept set, the images), or UsageError
+    naming the item and the fix."""
+    from dff_protos.errors import DataLoss, InvalidInput, NotFound
+
+    from concept_engine.store import load_concept_set
+
+    check_concept_set(args.concepts)
+    try:
+        cs = load_concept_set(args.concepts)
+    except (DataLoss, InvalidInput, NotFound) as exc:
+        raise UsageError(f"--concepts {args.concepts} is not a usable concept set "
+                         f"({_one_line(exc)}); give OUT/<class>/concepts.h5 written by "
+                         "`dff discover`, or run discover again") from None
+    check_explain_out(args.out)
+    items = _explain_inputs(args.images)
+    if not items:
+        raise UsageError(f"no images in {', '.join(map(str, args.images))}")
+    return cs, items
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -743,13 +919,21 @@ def run_explain(args: argparse.Namespace) -> int:
     from dff_protos.security import client_security_from_args, set_default_client_security
 
     try:
-        preflight_explain(args)
         set_default_client_security(client_security_from_args(args))
+        cs, items = preflight_explain(args)
+        if args.feature_server:  # unreachable servers: a usage error, as for discover
+            source_describe(args.feature_server, args.timeout)
+        if args.precision != "auto":  # auto: the concept set's own model and precision
+            from feature_server.cli import resolve_precision
+
+            cs.provenance["model"] = resolve_precision(
+                args.precision, cs.provenance.get("model", "vgg19"), args.feature_server,
+                args.timeout)
     except (UsageError, DFFError) as exc:
-        print(f"dff explain: error: {exc}", file=sys.stderr)
+        print(f"dff explain: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return _explain(args)
+        return _explain(args, cs, items)
     except DFFError as exc:
         print(f"dff explain: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, InvalidInput | NotFound) else EXIT_PARTIAL
@@ -788,35 +972,15 @@ def _copy_exemplars(concept_dir: Path, out: Path, k: int) -> list[str]:
     return rels
 
 
-def _explain(args: argparse.Namespace) -> int:
+def _explain(args: argparse.Namespace, cs: Any, items: list[tuple[str, Path]]) -> int:
     import numpy as np
     from dff_protos.errors import InvalidInput
 
     from concept_engine.discovery import Explanation
-    from concept_engine.store import load_concept_set
-    from exporter.export import explain_items, list_images, output_stems, read_files
+    from exporter.export import explain_items, output_stems, read_files
     from exporter.progress import ProgressBar
     from exporter.report import ImageResult, ReportData, decode_image, write_report
 
-    cs = load_concept_set(args.concepts)
-    if args.precision != "auto":  # auto: the concept set's own model and precision
-        from feature_server.cli import resolve_precision
-
-        cs.provenance["model"] = resolve_precision(
-            args.precision, cs.provenance.get("model", "vgg19"), args.feature_server,
-            args.timeout)
-    items: list[tuple[str, Path]] = []
-    for entry in args.images:
-        if entry.is_dir():
-            items += list_images(entry)
-        elif entry.is_file():
-            items.append((entry.name, entry))
-        else:
-            print(f"dff explain: error: no such file or folder: {entry}", file=sys.stderr)
-            return EXIT_USAGE
-    if not items:
-        print("dff explain: error: no images given", file=sys.stderr)
-        return EXIT_USAGE
     threshold = cs.threshold if args.threshold is None else args.threshold
     min_area = cs.min_area if args.min_area is None else args.min_area
     bar = ProgressBar("explain", len(items), enabled=not args.no_progress, unit="img")
@@ -832,6 +996,7 @@ def _explain(args: argparse.Namespace) -> int:
     ok = [x for x in explanations if x.error is None]
     failed = [x for x in explanations if x.error is not None]
     args.out.mkdir(parents=True, exist_ok=True)
+    _clear_explain_outputs(args.out)
     record = {
         "concept_set": str(args.concepts), "concept_set_id": cs.id, "name": cs.name,
         "k": cs.k, "threshold": threshold, "min_area": min_area,
@@ -882,4 +1047,135 @@ def _explain(args: argparse.Namespace) -> int:
     for x in failed:
         print(f"    could not explain {x.id}: {x.error}", file=sys.stderr)
     print(f"explained {len(ok)} of {len(items)} image(s) -> {args.out / 'index.html'}")
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+# ---------------------------------------------------------------------------- extract
+
+def _extract_inputs(entries: Sequence[str]) -> list[tuple[str, Path]]:
+    """(id, path) of the images to extract: files as given (id = file name), a folder's image
+    files below it (id = path relative to it), including links and special files (a dangling
+    link or a FIFO becomes a per-image error, as for discover); UsageError for a missing entry
+    or two images with one id."""
+    from feature_server.images import IMAGE_SUFFIXES, file_id
+
+    items: list[tuple[str, Path]] = []
+    seen: dict[str, Path] = {}
+    for entry in map(Path, entries):
+        if entry.is_dir():
+            found = [(file_id(str(p.relative_to(entry))), p) for p in sorted(entry.rglob("*"))
+                     if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
+        elif entry.exists() or entry.is_symlink():
+            found = [(file_id(entry.name), entry)]
+        else:
+            raise UsageError(f"no such image file or folder: {entry}")
+        for image_id, path in found:
+            if image_id in seen:
+                if _same_file(path, seen[image_id]):
+                    raise UsageError(f"{image_id!r} is given twice ({seen[image_id]} and {path} "
+                                     "are one file); give each image or folder once")
+                raise UsageError(f"{path} and {seen[image_id]} have the same id {image_id!r} "
+                                 "(a file's name, or its path below the folder given); "
+                                 "extract them in two runs or rename one")
+            seen[image_id] = path
+            items.append((image_id, path))
+    return items
+
+
+def check_out_file(out: Path) -> None:
+    """--out of `dff extract`: a file this process can create (UsageError otherwise)."""
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name, e.g. "
+                         f"{out / 'features.h5'}")
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does "
+                         "not exist; remove the link or give another file")
+    check_out_dir(out.parent)
+
+
+def preflight_extract(args: argparse.Namespace, source: Any) -> tuple[Any, list[Any]]:
+    """(the ExtractOptions, the images) of `dff extract`, checked against what ``source``
+    offers before any image is read; UsageError naming the item and the fix."""
+    from dff_protos.errors import DFFError
+
+    from feature_server.extractor import MAX_SIZE, MIN_SIZE, ExtractOptions
+
+    if not MIN_SIZE <= args.size <= MAX_SIZE:
+        raise UsageError(f"--size {args.size}: the network input size must be between "
+                         f"{MIN_SIZE} and {MAX_SIZE} pixels (default 224)")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k {args.top_k}: must be >= 0 (0: no classes)")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout}: must be > 0 seconds")
+    layers = tuple(x.strip() for x in args.layers.split(",") if x.strip())
+    if not layers:
+        raise UsageError(f"--layers {args.layers!r}: give at least one layer, e.g. conv5_4")
+    try:
+        describe = source.describe()
+    except DFFError as exc:
+        where = f"--feature-server {args.feature_server}" if args.feature_server else \
+            "the models"
+        raise UsageError(f"{where} cannot be used ({type(exc).__name__}: {_one_line(exc)})"
+                         ) from None
+    model = resolve_feature_model(describe, args.model, args.precision, layers, "--layers")
+    options = ExtractOptions(
+        model=model, layers=layers, wire_dtype=args.dtype, resize_mode=args.resize,
+        size=args.size, return_probabilities=args.probabilities, top_k=args.top_k,
+        sparse=bool(args.sparse and args.feature_server))
+    if options.wants_classifier:
+        check_classifier(describe, options.classifier)
+    return options, _extract_inputs(args.images)
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    """`dff extract`: its arguments are the feature server's (feature_server.cli); the
+    checks before any image is read, the per-image errors and the exit codes are those of
+    discover and explain: 2 usage, 3 some image could not be read or extracted."""
+    from dff_protos.errors import DFFError, InvalidInput
+    from dff_protos.security import client_security_from_args
+
+    from exporter.export import DEFAULT_MAX_FILE_BYTES, read_files
+    from feature_server.extractor import ExtractResult
+    from feature_server.h5out import write_results
+
+    source: Any = None
+    try:
+        security = client_security_from_args(args)
+        out = Path(args.out)
+        check_out_file(out)
+        if args.feature_server:
+            from feature_server.client import FeatureClient
+
+            source = FeatureClient(args.feature_server, timeout=args.timeout, security=security,
+                                   decode_locally=args.client_decode or None,
+                                   prepare_locally=args.client_prepare or None)
+        else:
+            from feature_server.extractor import Extractor
+
+            source = Extractor.from_cache(args.home, batch_size=args.batch_size)
+        options, items = preflight_extract(args, source)
+    except (UsageError, DFFError) as exc:
+        _close(source)
+        print(f"dff extract: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        blobs, read_errors = read_files(items, DEFAULT_MAX_FILE_BYTES)
+        by_id = {r.id: ExtractResult(r.id, error=InvalidInput(r.reason)) for r in read_errors}
+        for result in source.extract(blobs, options):
+            by_id[result.id] = result
+        results = [by_id.get(i) or ExtractResult(i, error=InvalidInput("no result"))
+                   for i, _ in items]
+        provider = source.describe().get("execution_provider", "")
+        write_results(out, results, options, provider)
+    except DFFError as exc:
+        print(f"dff extract: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_PARTIAL
+    finally:
+        _close(source)
+    failed = [r for r in results if r.error is not None]
+    for r in failed:
+        print(f"    could not extract {r.id}: {r.error}", file=sys.stderr)
+    print(f"{len(results) - len(failed)} of {len(results)} images -> {out}")
     return EXIT_PARTIAL if failed else EXIT_OK

@@ -117,7 +117,9 @@ class ClassReport:
     concept_set_id: str = ""
     n_errors: int = 0  # images that could not be used (unreadable, too large, undecodable)
     stability: float | None = None  # split-half stability of the set at the chosen k
-    concept_stability: list[float] = field(default_factory=list)  # bootstrap, per concept
+    concept_stability: list[float | None] = field(default_factory=list)  # bootstrap, per concept
+    #: every image that could not be used, {"id", "reason"}, in the order of the decisions
+    errors: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -215,6 +217,21 @@ def find_classes(data_dir: Path, out: Path | None = None) -> list[tuple[str, Pat
         raise InvalidInput(f"{data_dir} holds no images and no sub-folders with images "
                            f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return classes
+
+
+#: names of the site-level files in OUT that a class folder OUT/<class>/ must not take
+#: (compared case-insensitively: case-insensitive file systems)
+SITE_FILES = frozenset({"index.html"})
+
+
+def check_class_names(classes: Sequence[tuple[str, Path]]) -> None:
+    """InvalidInput naming the folder when a class would be written over a site-level file of
+    OUT (a class folder named ``index.html`` would take the place of the site index; its lock
+    ``.index.html.lock`` would be the site index's lock)."""
+    for name, folder in classes:
+        if name.casefold() in SITE_FILES:
+            raise InvalidInput(f"class folder {folder} is named {name!r}, the name of the site "
+                               f"index OUT/{name}; rename the folder (e.g. {name}_class)")
 
 
 def list_images(folder: Path) -> list[tuple[str, Path]]:
@@ -418,8 +435,21 @@ class LocalDiscoverer:
         from concept_engine.discovery import discover
 
         self._gated.local.waited = 0.0
-        cs = discover(items, self._gated, discovery_options(name, options),
-                      progress=engine_progress(progress))
+        adapted = engine_progress(progress)
+        errors: list[Any] = []
+
+        def on_event(event: Any) -> None:
+            if hasattr(event, "kept") and getattr(event, "stage", None) == "error":
+                errors.append(event)  # an image that could not be used
+            if adapted is not None:
+                adapted(event)
+
+        try:
+            cs = discover(items, self._gated, discovery_options(name, options),
+                          progress=on_event)
+        except DFFError as exc:  # the images that failed name the files of a failed class
+            exc.decisions = errors  # type: ignore[attr-defined]
+            raise
         waited = self._gated.local.waited
         if waited > 0.0005 and "features" in cs.stage_seconds:
             # the features stage includes the wait for the previous class's extraction
@@ -435,8 +465,25 @@ class LocalDiscoverer:
 
 # ---------------------------------------------------------------------------- one class
 
-def is_done(class_dir: Path) -> bool:
+def _has_markers(class_dir: Path) -> bool:
     return (class_dir / DONE_MARKER).is_file() and (class_dir / CONCEPTS_FILE).is_file()
+
+
+def read_summary(class_dir: Path) -> tuple[dict[str, Any] | None, str]:
+    """(class_dir's summary.json as a dict, "") or (None, why it cannot be used)."""
+    try:
+        summary = json.loads((class_dir / DONE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return None, f"{type(exc).__name__}: {exc}"
+    if not isinstance(summary, dict):
+        return None, f"a JSON {type(summary).__name__}, not an object"
+    return summary, ""
+
+
+def is_done(class_dir: Path) -> bool:
+    """A finished class: summary.json (readable: a damaged one means unfinished, the class is
+    redone) and concepts.h5."""
+    return _has_markers(class_dir) and read_summary(class_dir)[0] is not None
 
 
 def _rmtree(path: Path) -> None:
@@ -457,6 +504,13 @@ def _decision_dicts(decisions: Sequence[Any]) -> list[dict[str, Any]]:
                 row[key] = None
         out.append(row)
     return out
+
+
+def error_list(decisions: Sequence[Any]) -> list[dict[str, str]]:
+    """[{"id", "reason"}] of the images that could not be used (error decisions), in order."""
+    return [{"id": str(d.get("id", "")), "reason": str(d.get("reason", ""))}
+            for d in _decision_dicts(decisions)
+            if d.get("stage") == "error" and not d.get("kept", True)]
 
 
 def dropped_counts(decisions: Sequence[Any]) -> dict[str, int]:
@@ -543,15 +597,17 @@ def write_class_outputs(class_dir: Path, cs: Any, data: dict[str, bytes], report
     report.stage_seconds["render"] = round(time.perf_counter() - t0, 3)
 
 
-def _stabilities(cs: Any) -> tuple[float | None, list[float]]:
+def _stabilities(cs: Any) -> tuple[float | None, list[float | None]]:
     """(split-half stability of the set, bootstrap stability per concept) for summary.json and
     the site index; (None, []) when not measured (a version-1 file, bootstrap off)."""
     import math
 
     split = getattr(cs, "set_stability", float("nan"))
-    per = getattr(cs, "stability", None)
+    stability = getattr(cs, "stability", None)
+    per = [] if stability is None else [float(v) for v in stability]
     return (None if split is None or math.isnan(float(split)) else round(float(split), 4),
-            [] if per is None else [round(float(v), 4) for v in per])
+            [] if all(math.isnan(v) for v in per) else
+            [None if math.isnan(v) else round(v, 4) for v in per])
 
 
 def _summary_table(report: ClassReport, cs: Any) -> dict[str, Any]:
@@ -607,7 +663,8 @@ def export_class(name: str, folder: Path, settings: ExportSettings, discoverer: 
 
 
 def _previous(final: Path) -> ClassReport:
-    previous = json.loads((final / DONE_MARKER).read_text())
+    previous, _ = read_summary(final)
+    assert previous is not None  # is_done(final)
     previous["status"] = "skipped"
     known = {f.name for f in dataclasses.fields(ClassReport)}
     return ClassReport(**{k: v for k, v in previous.items() if k in known})
@@ -620,7 +677,10 @@ def _export_class_locked(name: str, folder: Path, settings: ExportSettings,
     final = out / name
     if is_done(final) and not settings.force:  # finished by a run that held the lock before us
         return _previous(final)
-    if final.exists() and not is_done(final) and not settings.force:
+    if _has_markers(final) and not is_done(final):
+        log.warning("%s is unreadable (%s): %s is not finished, redoing it", final / DONE_MARKER,
+                    read_summary(final)[1], name)
+    elif final.exists() and not is_done(final) and not settings.force:
         report.status = "failed"
         report.error = (f"{final} exists but is not a finished dff export (no {DONE_MARKER}); "
                         "move it away or use --force to replace it")
@@ -643,8 +703,8 @@ def _export_class_locked(name: str, folder: Path, settings: ExportSettings,
         report.stage_seconds.update({k: round(float(v), 3) for k, v in cs.stage_seconds.items()})
         report.n_kept = cs.n_images
         report.dropped = dropped_counts(cs.decisions)
-        report.n_errors = sum(1 for d in _decision_dicts(cs.decisions)
-                              if d.get("stage") == "error" and not d.get("kept", True))
+        report.errors = error_list(cs.decisions)
+        report.n_errors = len(report.errors)
         report.k, report.k_reason, report.k_criterion = cs.k, cs.k_reason, cs.k_criterion
         report.stability, report.concept_stability = _stabilities(cs)
         report.notices = list(cs.notices)
@@ -663,15 +723,28 @@ def _export_class_locked(name: str, folder: Path, settings: ExportSettings,
         if read_errors:
             why = sorted({d.reason for d in read_errors})[:2]
             report.error += f" ({len(read_errors)} file(s) unreadable: {'; '.join(why)})"
-            report.n_errors = len(read_errors)
+        report.errors = error_list([*read_errors, *getattr(exc, "decisions", [])])
+        report.n_errors = len(report.errors)
     report.seconds = round(time.perf_counter() - start, 3)
     return report
+
+
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as null: JSON has no such numbers (Python would write
+    ``NaN``, which JSON readers refuse)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        json.dump(_json_safe(obj), fh, indent=2, sort_keys=True, default=str, allow_nan=False)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -749,6 +822,7 @@ def export(classes: Sequence[tuple[str, Path]], settings: ExportSettings,
     order of ``classes``; ``on_class`` is called in that order too. With ``settings.pipeline``
     and several classes to do, class i's fit/render/write overlaps class i+1's extraction.
     Finally OUT/index.html (every finished class in OUT) is rebuilt when ``site_index``."""
+    check_class_names(classes)
     pending = [n for n, _ in classes if settings.force or not is_done(Path(settings.out) / n)]
     own = discoverer is None and bool(pending)
     if own:  # models are loaded (or servers connected) only when there is work to do

@@ -4,8 +4,10 @@ Any run (or any shard of a sharded run) rebuilds it from what is in OUT - the fi
 folders (``OUT/<class>/summary.json`` + ``concepts.h5``) - so whichever shard finishes last
 leaves a page that lists every class. The page depends only on those files (no timestamps), so
 N shards leave the same page as one unsharded run. It is written atomically (a temporary file
-renamed over the old one) under a file lock (``OUT/.index.lock``), so two shards rebuilding at
-once never leave a half-written or stale page.
+renamed over the old one) under a file lock (``OUT/.index.html.lock``), so two shards rebuilding
+at once never leave a half-written or stale page. Class files cannot take these names: a class
+folder named ``index.html`` is refused (:func:`exporter.export.check_class_names`), and class
+locks are ``OUT/.<class>.lock``, so ``.index.html.lock`` is only ever the site index's.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from urllib.parse import quote
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.html"
-_LOCK = ".index.lock"
+_LOCK = f".{INDEX_FILE}.lock"  # not ".index.lock": that is the lock of a class named index
 
 
 @dataclass(frozen=True)

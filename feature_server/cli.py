@@ -289,47 +289,9 @@ def cmd_serve_features(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    import dataclasses
+    """`extract`: one implementation for `dff extract` and `python -m feature_server
+    extract` - the exporter's run, whose up-front checks, per-image errors and exit codes are
+    those of discover and explain (every image of this project carries the exporter)."""
+    from exporter.commands import run_extract
 
-    from feature_server.extractor import ExtractOptions, Extractor, FeatureSource, choose_model
-    from feature_server.h5out import write_results
-    from feature_server.images import read_items
-
-    options = ExtractOptions(
-        model=args.model, layers=tuple(x for x in args.layers.split(",") if x),
-        wire_dtype=args.dtype, resize_mode=args.resize, size=args.size,
-        return_probabilities=args.probabilities, top_k=args.top_k,
-        sparse=bool(args.sparse and args.feature_server))
-    paths = read_items(args.images)
-    items = [(item_id, path.read_bytes()) for item_id, path in paths]
-    source: FeatureSource
-    if args.feature_server:
-        from dff_protos.security import client_security_from_args
-
-        from feature_server.client import FeatureClient
-
-        source = FeatureClient(args.feature_server, timeout=args.timeout,
-                               security=client_security_from_args(args),
-                               decode_locally=args.client_decode or None,
-                               prepare_locally=args.client_prepare or None)
-    else:
-        source = Extractor.from_cache(args.home, batch_size=args.batch_size)
-    try:
-        model = choose_model(source.describe(), args.model, args.precision)
-    except DFFError as exc:
-        sys.stderr.write(f"dff extract: {exc}\n")
-        return 2
-    options = dataclasses.replace(options, model=model)
-    by_id: dict[str, int] = {}
-    for i, (item_id, _) in enumerate(items):
-        by_id.setdefault(item_id, i)
-    results: list = [None] * len(items)
-    for result in source.extract(items, options):
-        results[by_id[result.id]] = result
-    provider = source.describe().get("execution_provider", "")
-    write_results(args.out, results, options, provider)
-    failed = [r for r in results if r.error is not None]
-    for r in failed:
-        log.warning("%s: %s", r.id, r.error)
-    sys.stdout.write(f"{len(results) - len(failed)} of {len(results)} images -> {args.out}\n")
-    return 0
+    return run_extract(args)
