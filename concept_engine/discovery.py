@@ -39,6 +39,7 @@ The numerics use the array namespace of the backend (NumPy here, CuPy when V is 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import logging
 import math
 import os
@@ -231,6 +232,24 @@ class _Image:
     original_size: tuple[int, int]
     input_size: tuple[int, int]
     probabilities: np.ndarray | None
+    key: bytes = b""  # digest of the image's data: its place in the canonical order
+
+
+def _digest(data: Any) -> bytes:
+    """The content digest of an item's data (file bytes, or pixels with their shape)."""
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(data, np.ndarray):
+        h.update(f"{data.dtype.str}{data.shape}".encode())
+        data = np.ascontiguousarray(data)
+    h.update(memoryview(data).cast("B"))
+    return h.digest()
+
+
+def _content_order(images: Sequence[_Image]) -> np.ndarray:
+    """The images' positions sorted by content digest (ties - identical files - by position):
+    the k sweep's splits and the bootstrap's resamples are drawn over this order, so the same
+    photos give the same concept set whatever their order or file names."""
+    return np.array(sorted(range(len(images)), key=lambda i: images[i].key), dtype=np.int64)
 
 
 @dataclass
@@ -363,6 +382,7 @@ def _extract(items: Sequence[tuple[str, bytes]], source: FeatureSource, run: _Ru
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise InvalidInput(f"duplicate image ids: {dup}")
     order = {i: n for n, i in enumerate(ids)}
+    data = dict(items)
     # Each answer is checked and its activation made sparse as it ARRIVES: holding the dense
     # answers until the end cost 0.4 MB per image (2 GB for a 5000-image class).
     kept: dict[str, _Image] = {}
@@ -403,7 +423,7 @@ def _extract(items: Sequence[tuple[str, bytes]], source: FeatureSource, run: _Ru
             kept[answer.id] = _Image(answer.id, _rows(act),
                                      (int(act.shape[1]), int(act.shape[2])),
                                      _pair(answer.original_size), _pair(answer.input_size),
-                                     probs)
+                                     probs, _digest(data[answer.id]))
         run.emit(Progress("features", len(kept) + len(errors), total, answer.id))
     unanswered = [i for i in ids if i not in kept and i not in errors]
     if outage or unanswered:
@@ -585,7 +605,8 @@ def _k_stage(images: list[_Image], V: Any, run: _Run) -> _Sweep:
                    criterion=options.k_criterion, seed=options.seed,
                    solver=options.solver, init=options.init,
                    max_iter=options.max_iter, tol=options.tol, fits=prior,
-                   input_sizes=[im.input_size for im in images], progress=on_fit)
+                   input_sizes=[im.input_size for im in images], progress=on_fit,
+                   order=_content_order(images))
     for k, fit in sel.fits.items():
         run.cache.put(ids, k, options, fit)
     curves = {c: {int(a): float(b) for a, b in v.items()} for c, v in sel.curves.items()}
@@ -616,14 +637,16 @@ def _reliability_stage(images: list[_Image], V: Any, fit: Any, sweep: _Sweep, ru
     if options.bootstrap > 0:
         stab, interval = bootstrap_stability(V, sizes, fit.W, fit.H, n_boot=options.bootstrap,
                                              iters=options.bootstrap_iters, seed=options.seed,
-                                             solver=options.solver)
+                                             solver=options.solver,
+                                             order=_content_order(images))
     else:
         stab = np.full(k, np.nan, np.float32)
         interval = np.full((k, 2), np.nan, np.float32)
     split = sweep.curves.get("stability", {}).get(k)
     if split is None and len(images) >= 2 * k:  # also with --bootstrap 0: the set's warning
         split = split_half_at(V, sizes, k, seed=options.seed, solver=options.solver,
-                              max_iter=options.max_iter, tol=options.tol)
+                              max_iter=options.max_iter, tol=options.tol,
+                              order=_content_order(images))
     rel = Reliability(stab, interval, math.nan if split is None else float(split),
                       options.bootstrap)
     if rel.warning:

@@ -93,6 +93,11 @@ class Sweep:
     seed: int = 0
     input_sizes: tuple[tuple[int, int], ...] | None = None  # network input (H, W) per image
     tick: Callable[[str], None] = field(default=lambda _message: None)  # one call per NMF fit
+    #: the images in a canonical order (positions, e.g. by content: discovery sorts them by
+    #: their files' digests): splits are drawn over it and each half's rows follow it, so the
+    #: split-half fits do not depend on the order (or the names) the images came in. None:
+    #: the given order.
+    order: np.ndarray | None = None
 
     @property
     def offsets(self) -> np.ndarray:
@@ -194,7 +199,7 @@ class StabilityCriterion:
         labels: list[tuple[int, int]] = []
         kw = {**sweep.fit_kwargs, "init": self.init}
         for split in range(self.n_splits):
-            halves = _split_images(sweep.n_images, sweep.seed + split)
+            halves = _split_images(sweep.n_images, sweep.seed + split, sweep.order)
             parts = [sweep.V[to_device(_rows(idx, off), xp)] for idx in halves]
             for k in sweep.ks:
                 # Each half starts from its OWN random point: from a deterministic (NNDSVD)
@@ -294,9 +299,10 @@ class BiCrossValidationCriterion:
         xp = get_namespace(V)
         off = sweep.offsets
         rng = np.random.default_rng(np.random.SeedSequence([sweep.seed, 0xBC5]))
+        order = canonical_order(sweep.order, sweep.n_images)
         img = np.array_split(rng.permutation(sweep.n_images), 2)
         ch = np.array_split(rng.permutation(int(V.shape[1])), 2)
-        rows = [to_device(_rows(np.sort(g), off), xp) for g in img]
+        rows = [to_device(_rows(order[np.sort(g)], off), xp) for g in img]
         cols = [to_device(np.sort(g), xp) for g in ch]
         out: dict[int, float] = {}
         for k in sweep.ks:
@@ -348,11 +354,24 @@ def _half_seed(seed: int, split: int, half: int) -> int:
     return int(np.random.SeedSequence([seed, split, half]).generate_state(1)[0])
 
 
-def _split_images(n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two disjoint, sorted halves of range(n_images) from a seeded permutation."""
+def canonical_order(order: Any, n_images: int) -> np.ndarray:
+    """``order`` (a permutation of range(n_images)) as an int64 array; identity for None."""
+    if order is None:
+        return np.arange(n_images, dtype=np.int64)
+    out = np.asarray(order, dtype=np.int64)
+    if out.shape != (n_images,) or not np.array_equal(np.sort(out), np.arange(n_images)):
+        raise ValueError(f"order must be a permutation of range({n_images})")
+    return out
+
+
+def _split_images(n_images: int, seed: int, order: Any = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves of range(n_images) from a seeded permutation of the canonical
+    ``order`` (see :attr:`Sweep.order`); each half lists its images in that order."""
+    order = canonical_order(order, n_images)
     perm = np.random.default_rng(seed).permutation(n_images)
     half = n_images // 2
-    return np.sort(perm[:half]), np.sort(perm[half:])
+    return order[np.sort(perm[:half])], order[np.sort(perm[half:])]
 
 
 def _rows(images: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -399,6 +418,7 @@ def select_k(
     fits: dict[int, NMFResult] | None = None,
     input_sizes: Sequence[tuple[int, int]] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    order: Sequence[int] | None = None,
 ) -> KSelection:
     """Choose k for V (n_images * h * w, C) by ``criterion`` and return every curve and fit.
 
@@ -421,6 +441,8 @@ def select_k(
             each map to it (default: the seed's 224 x 224 for every image).
         progress: called as ``progress(done, total, message)`` after every NMF fit of the
             sweep (the full fits and the split-half fits), for progress bars.
+        order: the images in a canonical order (a permutation of range(n_images), e.g. by
+            content): the splits then do not depend on the order the images came in.
 
     Returns:
         KSelection; ``result.fit`` is the fit on all of V for the chosen k.
@@ -465,6 +487,7 @@ def select_k(
         input_sizes=(tuple((int(h), int(w)) for h, w in input_sizes)
                      if input_sizes is not None else None),
         fits=all_fits, fit_kwargs=fit_kwargs, seed=seed, tick=tick,
+        order=None if order is None else canonical_order(order, n_images),
     )
     curves = {c.name: c.curve(sweep) for c in recorded}
     k, reason = chosen.choose(curves[chosen.name])

@@ -93,11 +93,15 @@ def _row_index(images: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 def bootstrap_stability(V: Any, sizes: Sequence[tuple[int, int]], W: Any, H: Any, *,
                         n_boot: int = DEFAULT_B, iters: int = DEFAULT_ITERS, seed: int = 0,
-                        solver: str = "hals") -> tuple[np.ndarray, np.ndarray]:
+                        solver: str = "hals", order: Any = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """Per-concept bootstrap stability of the fit (W, H) of V (see the module docstring).
 
     V (sum h_i*w_i, C) rows image by image (NumPy, CuPy or SciPy CSR), sizes the (h, w) of each
-    image, W (rows, k), H (k, C) the final fit. Returns (stability (k,), interval (k, 2))."""
+    image, W (rows, k), H (k, C) the final fit. ``order``: the images in a canonical order
+    (see :attr:`concept_engine.kselect.Sweep.order`): resamples are drawn over it, so they do
+    not depend on the order the images came in. Returns (stability (k,), interval (k, 2))."""
+    from concept_engine.kselect import canonical_order
     from concept_engine.nmf import nmf_fit_many
 
     k = int(H.shape[0])
@@ -105,6 +109,7 @@ def bootstrap_stability(V: Any, sizes: Sequence[tuple[int, int]], W: Any, H: Any
     if n < 2 or n_boot < 1:
         return np.ones(k, np.float32), np.ones((k, 2), np.float32)
     offsets = np.concatenate([[0], np.cumsum([h * w for h, w in sizes])]).astype(np.int64)
+    canonical = canonical_order(order, n)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xB007]))
     W_host = to_host(W)
     cos = np.zeros((n_boot, k), np.float64)
@@ -117,7 +122,7 @@ def bootstrap_stability(V: Any, sizes: Sequence[tuple[int, int]], W: Any, H: Any
     for start in range(0, n_boot, batch):
         jobs = []
         for _ in range(start, min(n_boot, start + batch)):
-            pick = np.sort(rng.integers(0, n, size=n))
+            pick = canonical[np.sort(rng.integers(0, n, size=n))]
             rows = _row_index(pick, offsets)
             idx = rows if xp_like is None else to_device(rows, _ns(xp_like))
             W0 = np.ascontiguousarray(W_host[rows])
@@ -140,13 +145,16 @@ def _ns(a: Any) -> Any:
 
 
 def split_half_at(V: Any, sizes: Sequence[tuple[int, int]], k: int, *, seed: int = 0,
-                  solver: str = "hals", max_iter: int = 200, tol: float = 1e-4) -> float:
-    """Split-half stability of V at one k (the stability criterion's definition)."""
-    from concept_engine.kselect import StabilityCriterion, Sweep
+                  solver: str = "hals", max_iter: int = 200, tol: float = 1e-4,
+                  order: Any = None) -> float:
+    """Split-half stability of V at one k (the stability criterion's definition; ``order``
+    as in :func:`~concept_engine.kselect.select_k`)."""
+    from concept_engine.kselect import StabilityCriterion, Sweep, canonical_order
 
     sweep = Sweep(V=V, n_images=len(sizes), sizes=tuple(sizes), ks=(k,), fits={},
                   fit_kwargs={"solver": solver, "init": "random", "max_iter": max_iter,
-                              "tol": tol, "seed": seed}, seed=seed)
+                              "tol": tol, "seed": seed}, seed=seed,
+                  order=None if order is None else canonical_order(order, len(sizes)))
     return float(StabilityCriterion().curve(sweep)[k])
 
 
