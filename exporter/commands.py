@@ -688,7 +688,8 @@ def run_discover(args: argparse.Namespace) -> int:
         engine=args.engine or "", force=args.force, top_n=args.top, timeout=args.timeout,
         show_progress=not args.no_progress, max_file_bytes=args.max_file_size,
         pipeline=args.pipeline)
-    names = ", ".join(n for n, _ in classes[:8]) + (" ..." if len(classes) > 8 else "")
+    names = (", ".join(n for n, _ in classes[:8]) + (" ..." if len(classes) > 8 else "")
+             or "none falls to this shard; the site index is rebuilt")
     shard = f" (shard {args.shard[0]}/{args.shard[1]})" if args.shard else ""
     write_line(f"dff discover: {len(classes)} class(es) from {args.data_dir}{shard}: {names}",
                file=sys.stderr)

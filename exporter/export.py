@@ -477,7 +477,33 @@ def read_summary(class_dir: Path) -> tuple[dict[str, Any] | None, str]:
         return None, f"{type(exc).__name__}: {exc}"
     if not isinstance(summary, dict):
         return None, f"a JSON {type(summary).__name__}, not an object"
-    return summary, ""
+    why = _summary_problem(summary)
+    return (None, why) if why else (summary, "")
+
+
+#: what a finished class's summary.json must hold, and of which type (the rest is optional)
+_SUMMARY_KEYS: dict[str, type | tuple[type, ...]] = {
+    "name": str, "k": int, "n_images": int, "n_kept": int, "n_errors": int, "dropped": dict}
+
+
+def _summary_problem(summary: dict[str, Any]) -> str:
+    """Why a parsed summary.json is not a finished class's ("" when it is): a missing or
+    mistyped field (a hand edit, another program) would otherwise crash the resume or the
+    site index."""
+    for key, kind in _SUMMARY_KEYS.items():
+        value = summary.get(key)
+        if value is None:
+            return f"no {key!r}"
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{key!r} is {value!r}, not {getattr(kind, '__name__', kind)}"
+    if summary["k"] < 1 or summary["n_kept"] < summary["k"]:
+        return f"k={summary['k']} with {summary['n_kept']} images kept"
+    fields = {f.name for f in dataclasses.fields(ClassReport)}
+    try:
+        ClassReport(**{k: v for k, v in summary.items() if k in fields})
+    except TypeError as exc:
+        return str(exc)
+    return ""
 
 
 def is_done(class_dir: Path) -> bool:
@@ -628,9 +654,11 @@ def _summary_table(report: ClassReport, cs: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _class_lock(out: Path, name: str) -> Iterator[bool]:
-    """A portable advisory lock (filelock) on OUT/.<class>.lock: False when another run holds
-    it (e.g. a retried Kubernetes Job pod while the old one still runs, or another shard)."""
+def _class_lock(out: Path, name: str, wait: bool = True) -> Iterator[bool]:
+    """A portable advisory lock (filelock) on OUT/.<class>.lock. Another run holding it (a
+    retried Kubernetes Job pod while the old one still runs, an overlapping shard or
+    ``--force``) is waited for, with a message (locks are taken in class order, so runs cannot
+    wait for each other in a circle); ``wait=False``: False at once when it is held."""
     from filelock import FileLock, Timeout
 
     out.mkdir(parents=True, exist_ok=True)
@@ -638,8 +666,12 @@ def _class_lock(out: Path, name: str) -> Iterator[bool]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        yield False
-        return
+        if not wait:
+            yield False
+            return
+        log.warning("another dff discover is writing %s (lock %s): waiting for it",
+                    out / name, lock.lock_file)
+        lock.acquire()
     try:
         yield True
     finally:
@@ -653,12 +685,8 @@ def export_class(name: str, folder: Path, settings: ExportSettings, discoverer: 
     final = out / name
     report = ClassReport(name=name, status="done", out_dir=str(final))
     if is_done(final) and not settings.force:
-        return _previous(final)
-    with _class_lock(out, name) as locked:
-        if not locked:
-            report.status = "failed"
-            report.error = f"another dff discover is writing {final} (lock {out}/.{name}.lock)"
-            return report
+        return _skip_finished(out, name)
+    with _class_lock(out, name):
         return _export_class_locked(name, folder, settings, discoverer, progress, report)
 
 
@@ -666,8 +694,21 @@ def _previous(final: Path) -> ClassReport:
     previous, _ = read_summary(final)
     assert previous is not None  # is_done(final)
     previous["status"] = "skipped"
+    previous["out_dir"] = str(final)  # where it is now (OUT may have moved since)
     known = {f.name for f in dataclasses.fields(ClassReport)}
     return ClassReport(**{k: v for k, v in previous.items() if k in known})
+
+
+def _skip_finished(out: Path, name: str) -> ClassReport:
+    """A finished class, skipped; the ``.partial`` folder of a killed ``--force`` rerun of it
+    is removed (under the class's lock, unless another run holds it)."""
+    partial = out / f".{name}.partial"
+    if partial.exists():
+        with _class_lock(out, name, wait=False) as locked:
+            if locked:
+                log.warning("removing %s, left by a killed run", partial)
+                _rmtree(partial)
+    return _previous(out / name)
 
 
 def _export_class_locked(name: str, folder: Path, settings: ExportSettings,
@@ -677,13 +718,15 @@ def _export_class_locked(name: str, folder: Path, settings: ExportSettings,
     final = out / name
     if is_done(final) and not settings.force:  # finished by a run that held the lock before us
         return _previous(final)
-    if _has_markers(final) and not is_done(final):
-        log.warning("%s is unreadable (%s): %s is not finished, redoing it", final / DONE_MARKER,
-                    read_summary(final)[1], name)
+    missing = [n for n in (DONE_MARKER, CONCEPTS_FILE) if not (final / n).is_file()]
+    if len(missing) < 2 and not is_done(final):  # our own output, damaged: redone
+        why = (f"{' and '.join(missing)} missing" if missing else
+               f"{DONE_MARKER} cannot be used ({read_summary(final)[1]})")
+        log.warning("%s: %s, so the class is not finished: redoing it", final, why)
     elif final.exists() and not is_done(final) and not settings.force:
         report.status = "failed"
-        report.error = (f"{final} exists but is not a finished dff export (no {DONE_MARKER}); "
-                        "move it away or use --force to replace it")
+        report.error = (f"{final} exists but is not a dff export (no {DONE_MARKER} or "
+                        f"{CONCEPTS_FILE}); move it away or use --force to replace it")
         return report
     start = time.perf_counter()
     partial = out / f".{name}.partial"
@@ -713,7 +756,9 @@ def _export_class_locked(name: str, folder: Path, settings: ExportSettings,
         write_class_outputs(partial, cs, dict(data), report, top_n=settings.top_n,
                             progress=progress)
         report.seconds = round(time.perf_counter() - start, 3)
-        _write_json(partial / DONE_MARKER, report.to_json())
+        # out_dir relative to OUT in the file: OUT may be mounted elsewhere (a shard's pod) or
+        # moved, and N shards must write what one run writes
+        _write_json(partial / DONE_MARKER, {**report.to_json(), "out_dir": name})
         _publish(partial, final)
     except DFFError as exc:
         _rmtree(partial)
@@ -853,9 +898,10 @@ def export(classes: Sequence[tuple[str, Path]], settings: ExportSettings,
     finally:
         if own and discoverer is not None:
             discoverer.close()
-    if site_index:
+    if site_index:  # every run builds it, also a shard with no class of its own
         from exporter.site_index import write_site_index
 
+        Path(settings.out).mkdir(parents=True, exist_ok=True)
         write_site_index(Path(settings.out))
     return reports
 

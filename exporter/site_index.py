@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import json
 import logging
 import os
 import tempfile
@@ -56,7 +55,7 @@ def _stability(summary: dict[str, Any]) -> float | None:
 def finished_classes(out: Path) -> list[ClassEntry]:
     """Every finished class folder in ``out`` (sorted by name); unfinished, hidden and broken
     ones are left out."""
-    from exporter.export import CONCEPTS_FILE, DONE_MARKER, THUMBNAIL_FILE
+    from exporter.export import CONCEPTS_FILE, DONE_MARKER, THUMBNAIL_FILE, read_summary
 
     entries: list[ClassEntry] = []
     if not out.is_dir():
@@ -64,15 +63,11 @@ def finished_classes(out: Path) -> list[ClassEntry]:
     for d in sorted(out.iterdir()):
         if d.name.startswith(".") or not d.is_dir():
             continue
-        marker = d / DONE_MARKER
-        if not (marker.is_file() and (d / CONCEPTS_FILE).is_file()):
+        if not ((d / DONE_MARKER).is_file() and (d / CONCEPTS_FILE).is_file()):
             continue
-        try:
-            summary = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            log.warning("skipping %s in the index: unreadable %s (%s)", d, DONE_MARKER, exc)
-            continue
-        if not isinstance(summary, dict):
+        summary, why = read_summary(d)
+        if summary is None:
+            log.warning("skipping %s in the index: %s cannot be used (%s)", d, DONE_MARKER, why)
             continue
         thumb = f"{d.name}/{THUMBNAIL_FILE}" if (d / THUMBNAIL_FILE).is_file() else ""
         entries.append(ClassEntry(

@@ -177,16 +177,87 @@ def test_cli_explain(tmp_path, fake_source, capsys):
     assert (tmp_path / "ex" / "index.html").is_file()
 
 
-def test_a_class_locked_by_another_run_is_not_touched(tmp_path, fake_source):
+def _wait_for(predicate, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 120
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_a_class_locked_by_another_run_is_waited_for(tmp_path, fake_source, caplog):
+    """A run that finds a class locked (a retried Job pod, an overlapping shard or --force)
+    waits instead of failing (exit 3 would fail the Job although the class completes): it
+    then skips the class the other run finished, or does the one it left unfinished."""
+    import shutil
+    import threading
+
+    folder = make_class_folder(tmp_path / "data", "ant", 6)
+    done = export.export_class("ant", folder, _settings(tmp_path / "other"),
+                               LocalDiscoverer(fake_source))
+    assert done.status == "done"
+    calls = fake_source.calls
+    out = tmp_path / "out"
+    for finish_it in (True, False):
+        reports = []
+        with export._class_lock(out, "ant") as locked:
+            assert locked
+            waiter = threading.Thread(target=lambda: reports.append(export.export_class(
+                "ant", folder, _settings(out), LocalDiscoverer(fake_source))))
+            waiter.start()
+            _wait_for(lambda: "waiting for it" in caplog.text, "the waiting message")
+            assert waiter.is_alive() and fake_source.calls == calls  # nothing touched
+            if finish_it:  # the lock holder publishes the finished class
+                shutil.copytree(tmp_path / "other" / "ant", out / "ant")
+        waiter.join()
+        caplog.clear()
+        if finish_it:
+            assert reports[0].status == "skipped" and fake_source.calls == calls
+            shutil.rmtree(out / "ant")
+        else:
+            assert reports[0].status == "done" and fake_source.calls == calls + 1
+
+
+def test_damaged_or_moved_outputs_are_handled(tmp_path, fake_source):
+    """A summary.json that parses but is not a finished class's, a class folder missing its
+    concepts.h5 (both: redone, not a crash or a refusal), the .partial of a killed --force
+    run next to a finished class (removed), and an OUT that moved (skip messages and
+    summary.json name where the class is now, not where it was written)."""
+    from exporter.site_index import finished_classes
+
     folder = make_class_folder(tmp_path / "data", "ant", 6)
     out = tmp_path / "out"
-    with export._class_lock(out, "ant") as locked:
-        assert locked
-        report = export.export_class("ant", folder, _settings(out), LocalDiscoverer(fake_source))
-    assert report.status == "failed" and "another dff discover" in report.error
-    assert fake_source.calls == 0
-    report = export.export_class("ant", folder, _settings(out), LocalDiscoverer(fake_source))
-    assert report.status == "done"
+    first = export.export_class("ant", folder, _settings(out), LocalDiscoverer(fake_source))
+    summary = json.loads((out / "ant" / "summary.json").read_text())
+    assert summary["out_dir"] == "ant"  # relative to OUT: N shards write what one run writes
+    for edit in ({}, {**summary, "k": "two"}, {"name": "ant"}, {**summary, "n_kept": 0}):
+        (out / "ant" / "summary.json").write_text(json.dumps(edit))
+        assert not export.is_done(out / "ant") and finished_classes(out) == []
+        again = export.export_class("ant", folder, _settings(out), LocalDiscoverer(fake_source))
+        assert again.status == "done" and again.k == first.k
+    (out / "ant" / "concepts.h5").unlink()
+    again = export.export_class("ant", folder, _settings(out), LocalDiscoverer(fake_source))
+    assert again.status == "done" and (out / "ant" / "concepts.h5").is_file()
+    (out / ".ant.partial").mkdir()
+    (out / ".ant.partial" / "half.png").write_bytes(b"x")
+    skipped = export.export_class("ant", folder, _settings(out), LocalDiscoverer(fake_source))
+    assert skipped.status == "skipped" and not (out / ".ant.partial").exists()
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    skipped = export.export_class("ant", folder, _settings(moved), LocalDiscoverer(fake_source))
+    assert skipped.out_dir == str(moved / "ant")
+
+
+def test_an_empty_shard_still_builds_the_site_index(tmp_path, fake_source, capsys):
+    make_class_folder(tmp_path / "data", "ant", 6)
+    out = tmp_path / "out"
+    args = _parse(["discover", str(tmp_path / "data"), "--out", str(out), "--shard", "1/2",
+                   "--k", "3", "--no-progress"])
+    assert args.func(args) == commands.EXIT_OK
+    assert (out / "index.html").is_file()
+    assert "none falls to this shard" in capsys.readouterr().err
 
 
 def test_foreign_folder_is_not_replaced_without_force(tmp_path, fake_source):
