@@ -742,6 +742,7 @@ def _export_class_locked(name: str, folder: Path, settings: ExportSettings,
         cs = discoverer.discover(name, data, settings.discovery, progress)
         if read_errors:  # the files that never reached discovery are decisions too
             cs.decisions = list(read_errors) + list(cs.decisions)
+            cs.provenance["input_images"] = [i for i, _ in items]  # and inputs
         report.stage_seconds = {"read": round(read_s, 3)}
         report.stage_seconds.update({k: round(float(v), 3) for k, v in cs.stage_seconds.items()})
         report.n_kept = cs.n_images

@@ -270,6 +270,8 @@ def test_files_that_could_not_be_used_are_named(tmp_path, source, capsys):
     assert summary["n_errors"] == 2  # the keys of before are kept
     assert sorted(e["id"] for e in summary["errors"]) == ["gone.jpg", "notimg.png"]
     assert all(e["reason"] for e in summary["errors"])
+    with h5py.File(tmp_path / "out" / "ant" / "concepts.h5") as f:  # every input, also unread
+        assert "gone.jpg" in json.loads(f.attrs["provenance_json"])["input_images"]
     # a failed class names them too
     few = make_class_folder(tmp_path / "few", "bee", 1)
     (few / "empty.jpg").write_bytes(b"")
