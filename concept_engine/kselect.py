@@ -418,7 +418,7 @@ def select_k(
     fits: dict[int, NMFResult] | None = None,
     input_sizes: Sequence[tuple[int, int]] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
-    order: Sequence[int] | None = None,
+    order: Sequence[int] | np.ndarray | None = None,
 ) -> KSelection:
     """Choose k for V (n_images * h * w, C) by ``criterion`` and return every curve and fit.
 

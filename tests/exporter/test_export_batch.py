@@ -201,11 +201,15 @@ def test_a_class_locked_by_another_run_is_waited_for(tmp_path, fake_source, capl
     calls = fake_source.calls
     out = tmp_path / "out"
     for finish_it in (True, False):
-        reports = []
+        reports: list[export.ClassReport] = []
+
+        def wait_and_export(into: list = reports) -> None:
+            into.append(export.export_class("ant", folder, _settings(out),
+                                            LocalDiscoverer(fake_source)))
+
         with export._class_lock(out, "ant") as locked:
             assert locked
-            waiter = threading.Thread(target=lambda: reports.append(export.export_class(
-                "ant", folder, _settings(out), LocalDiscoverer(fake_source))))
+            waiter = threading.Thread(target=wait_and_export)
             waiter.start()
             _wait_for(lambda: "waiting for it" in caplog.text, "the waiting message")
             assert waiter.is_alive() and fake_source.calls == calls  # nothing touched
