@@ -273,9 +273,24 @@ class ConceptEngineServicer(engine_pb2_grpc.ConceptEngineServicer):
             return self.store.get(concept_set_id)
         except NotFound:
             raise
-        except (OSError, KeyError, ValueError, InvalidInput) as exc:
+        except Exception as exc:
+            if not path.is_file():  # deleted (or replaced by something else) meanwhile
+                raise NotFound(f"no concept set {concept_set_id!r}") from None
+            if not isinstance(exc, (OSError, KeyError, ValueError, TypeError, InvalidInput)):
+                raise
             raise DataLoss(f"concept set {concept_set_id!r}: the stored file {path} is "
                            f"unreadable or corrupt ({type(exc).__name__}: {exc})") from None
+
+    def _read_file(self, concept_set_id: str) -> bytes:
+        """store.read_bytes, with a file that cannot be read as DataLoss naming it."""
+        try:
+            return self.store.read_bytes(concept_set_id)
+        except OSError as exc:
+            path = self.store.path(concept_set_id)
+            if not path.is_file():
+                raise NotFound(f"no concept set {concept_set_id!r}") from None
+            raise DataLoss(f"concept set {concept_set_id!r}: the stored file {path} cannot be "
+                           f"read ({exc.strerror or exc})") from None
 
     # -- RPCs
     @map_errors
@@ -399,9 +414,15 @@ class ConceptEngineServicer(engine_pb2_grpc.ConceptEngineServicer):
         threshold = msg.threshold or None
         min_area = msg.min_area or None
         kept: dict[str, bytes] = {}
+        seen: set[str] = set()
 
         def images() -> Iterator[tuple[str, bytes]]:
             for item_id, data in self._images(requests):
+                # answers are matched by id (and overlays drawn on the image of that id)
+                if item_id in seen:
+                    raise InvalidInput(f"duplicate image ids: [{item_id!r}] (each image of a "
+                                       "call needs its own id)")
+                seen.add(item_id)
                 if msg.render_overlay:
                     kept[item_id] = data
                 yield item_id, data
@@ -423,7 +444,7 @@ class ConceptEngineServicer(engine_pb2_grpc.ConceptEngineServicer):
 
     @map_errors
     def GetConceptSet(self, request, context):  # noqa: N802
-        data = self.store.read_bytes(request.id) if request.include_file else b""
+        data = self._read_file(request.id) if request.include_file else b""
         msg = concept_set_to_proto(self._load(request.id))
         if request.include_file:
             msg.hdf5 = data

@@ -64,7 +64,8 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 FORMAT = "dff-concept-set"
 SUFFIX = ".h5"
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# matched with fullmatch: '$' alone would let a trailing newline through ("ant\n")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class Names:
@@ -553,7 +554,7 @@ class ConceptSetStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, concept_set_id: str) -> Path:
-        if not isinstance(concept_set_id, str) or not _ID_RE.match(concept_set_id) \
+        if not isinstance(concept_set_id, str) or not _ID_RE.fullmatch(concept_set_id) \
                 or ".." in concept_set_id:
             raise InvalidInput(f"invalid concept set id {concept_set_id!r}")
         p = self.root / f"{concept_set_id}{SUFFIX}"
@@ -581,38 +582,54 @@ class ConceptSetStore:
         return cs.id
 
     def ids(self) -> list[str]:
+        """The ids of the stored files (a folder named like one is not a concept set)."""
         return sorted(p.name[:-len(SUFFIX)] for p in self.root.glob(f"*{SUFFIX}")
-                      if _ID_RE.match(p.name[:-len(SUFFIX)]))
+                      if _ID_RE.fullmatch(p.name[:-len(SUFFIX)]) and not p.is_dir())
 
     def list(self) -> list[ConceptSetSummary]:
+        """The summaries of the readable sets; an unreadable file (whatever is wrong with it:
+        not HDF5, cut short, a malformed attribute) is skipped with a warning."""
         out = []
         for i in self.ids():
             try:
                 out.append(read_summary(self.path(i)))
-            except (OSError, InvalidInput, KeyError) as exc:
-                log.warning("skipping unreadable concept set %s: %s", i, exc)
+            except Exception as exc:  # noqa: BLE001 - one bad file must not fail the listing
+                log.warning("skipping unreadable concept set %s: %s: %s", i,
+                            type(exc).__name__, exc)
         return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.ids())
 
     def get(self, concept_set_id: str) -> ConceptSet:
+        """The concept set; NotFound when there is no such file - also when it vanished
+        (deleted) while it was read."""
         p = self.path(concept_set_id)
         if not p.is_file():
             raise NotFound(f"no concept set {concept_set_id!r}")
-        return load_concept_set(p)
+        try:
+            return load_concept_set(p)
+        except Exception:
+            if not p.is_file():
+                raise NotFound(f"no concept set {concept_set_id!r}") from None
+            raise
 
     def read_bytes(self, concept_set_id: str) -> bytes:
-        """The stored HDF5 file of a concept set, byte for byte."""
+        """The stored HDF5 file of a concept set, byte for byte (NotFound as :meth:`get`:
+        no file, or something else - a folder - under its name)."""
         p = self.path(concept_set_id)
         try:
+            if not p.is_file():
+                raise FileNotFoundError(p)
             return p.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"no concept set {concept_set_id!r}") from None
 
     def delete(self, concept_set_id: str) -> bool:
         """True if a set was deleted, False if there was none."""
         p = self.path(concept_set_id)
+        if p.is_dir():  # a folder under a set's name is no concept set (get: NotFound)
+            return False
         try:
             p.unlink()
         except FileNotFoundError:

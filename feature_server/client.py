@@ -159,6 +159,46 @@ class ClientClosed(errors.Unavailable):
     """The client was closed while items were still to be sent: they are not retried."""
 
 
+#: the longest error message the client makes of several (attempts, replicas)
+MAX_ERROR_CHARS = 1000
+
+
+def _bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} chars)"
+
+
+def _attempts(tried: Sequence[str]) -> str:
+    """'a: UNAVAILABLE (x12); b: RESOURCE_EXHAUSTED' - each outcome once, with its count."""
+    counts = collections.Counter(tried)
+    return _bounded("; ".join(f"{t} (x{n})" if n > 1 else t for t, n in counts.items()))
+
+
+def _local_error(exc: BaseException, what: str) -> errors.DFFError:
+    """A failure on this side (building a request): not a replica's, never retried. A domain
+    error as it is; anything else as Internal naming it (bounded)."""
+    if isinstance(exc, errors.DFFError):
+        return exc
+    err = errors.Internal(_bounded(f"{what} failed in the client: {type(exc).__name__}: {exc}",
+                                   500))
+    err.__cause__ = exc
+    return err
+
+
+class _Local(Exception):
+    """A stream ended by a failure on the client's side: its items fail with ``error``."""
+
+    def __init__(self, error: errors.DFFError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """What the client could not make of one item (its conversion raised)."""
+
+    error: BaseException
+
+
 @dataclass
 class _Run:
     """One ``extract`` call's shared state: ``stop`` is set when its caller stops reading
@@ -366,6 +406,9 @@ class FeatureClient:
                     break
                 if exc is None and struck and not set(struck) & set(pending):
                     continue  # the struck items are done: the rest, normally, same replica
+                if isinstance(exc, _Local):  # our own failure: no replica is to blame
+                    fail(pending, exc.error)
+                    break
                 if exc is None:  # a stream that ended cleanly without answering them all
                     fail(pending, errors.Internal(
                         f"{address} ended the stream without answering {len(pending)} item(s)"))
@@ -375,10 +418,12 @@ class FeatureClient:
                 tried.append(f"{address}: {name}")
                 if code in _NOT_RETRYABLE:
                     fail(pending, error_from_rpc(exc) if isinstance(exc, grpc.RpcError)
-                         else errors.DFFError(str(exc)))
+                         else errors.DFFError(_bounded(str(exc))))
                     break
                 nxt = (address_index + 1) % len(self._stubs)
-                if delivered(exc):
+                # a stream that failed before any of these items was sent made no progress:
+                # retried with backoff within the budget like a refusal, never in a tight loop
+                if delivered(exc) and sent & set(pending):
                     for i in pending:
                         if i in sent:
                             failed_on.setdefault(i, []).append(f"{address} ({name})")
@@ -397,8 +442,9 @@ class FeatureClient:
                         err = error_from_rpc(exc) if isinstance(exc, grpc.RpcError) else \
                             errors.Unavailable(str(exc))
                         fail(pending, type(err)(
-                            f"{err} - gave up after {len(tried)} attempts in {elapsed:.1f}s "
-                            f"(retry budget {self.retry_budget:g}s): {'; '.join(tried)}"))
+                            f"{_bounded(str(err), 300)} - gave up after {len(tried)} attempts "
+                            f"in {elapsed:.1f}s (retry budget {self.retry_budget:g}s): "
+                            f"{_attempts(tried)}"))
                         break
                     pause = backoff * (0.5 + random.random())  # jitter: 0.5x..1.5x
                     log.info("stream to %s refused (%s); retrying on %s in %.2fs", address,
@@ -410,13 +456,14 @@ class FeatureClient:
             results.put(None)
 
     def _payloads(self, items: list[tuple[str, ImageData]], indices: list[int],
-                  options: ExtractOptions) -> Iterator[ImageData | PreparedInputs]:
-        """What is sent for each of ``indices``, in order: the item itself; with
-        ``decode_locally`` a file's pixels; with ``prepare_locally`` the network inputs made
-        here - converted on the client's threads a few items ahead (bounded: at most
-        ``2 * threads`` images and :data:`LOOKAHEAD_BYTES` wait). What a server does not take
-        (it predates it) is not sent to it: files go as they are, arrays as PNGs of their
-        pixels, which it decodes to the very same pixels."""
+                  options: ExtractOptions) -> Iterator[ImageData | PreparedInputs | _Failed]:
+        """What is sent for each of ``indices``, in order (``_Failed`` where making it
+        raised): the item itself; with ``decode_locally`` a file's pixels; with
+        ``prepare_locally`` the network inputs made here - converted on the client's threads
+        a few items ahead (bounded: at most ``2 * threads`` images and
+        :data:`LOOKAHEAD_BYTES` wait). What a server does not take (it predates it) is not
+        sent to it: files go as they are, arrays as PNGs of their pixels, which it decodes to
+        the very same pixels."""
         arrays = any(isinstance(items[i][1], np.ndarray) for i in indices)
         convert: Callable[[ImageData], ImageData | PreparedInputs] | None = None
         if self.prepare_locally and self._accepts("accepts_prepared_images"):
@@ -439,14 +486,21 @@ class FeatureClient:
         pool = self._pool()
         ahead = 2 * self._decode_threads
         window: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+
+        def take() -> ImageData | PreparedInputs | _Failed:
+            try:
+                return window.popleft().result()
+            except Exception as exc:  # noqa: BLE001 - that item's failure, the rest go on
+                return _Failed(exc)
+
         try:
             for i in indices:
                 window.append(pool.submit(convert, items[i][1]))
                 while len(window) >= ahead or (len(window) > 1 and
                                                _ready_bytes(window) > LOOKAHEAD_BYTES):
-                    yield window.popleft().result()
+                    yield take()
             while window:
-                yield window.popleft().result()
+                yield take()
         finally:
             for fut in window:
                 fut.cancel()
@@ -571,20 +625,47 @@ class FeatureClient:
         progressed = threading.Semaphore(0)
         stuck: list[bool] = []
 
+        try:
+            first = features_pb2.ExtractRequest(options=options_to_proto(options))
+        except Exception as exc:  # noqa: BLE001 - options no server could take: every item
+            return answered, sent, _Local(_local_error(exc, "encoding the options"))
         payloads = self._payloads(items, indices, options)
+        broken: list[BaseException] = []  # the request generator itself failed (a bug here)
+
+        def local_failure(i: int, exc: BaseException) -> None:
+            # an item this side could not turn into a request: answered here, at once
+            answered.add(i)
+            results.put((i, ExtractResult(items[i][0], error=_local_error(
+                exc, f"making the request for {items[i][0]!r}"))))
+            progressed.release()
 
         def requests() -> Iterator[features_pb2.ExtractRequest]:
-            yield features_pb2.ExtractRequest(options=options_to_proto(options))
-            for n, i in enumerate(indices):
-                if one_at_a_time and n > 0:
-                    while not progressed.acquire(timeout=0.5):
-                        if done.is_set():
-                            return
-                if done.is_set():
-                    return
-                sent.add(i)
-                # the wire id is the item's index, so duplicate caller ids stay distinct
-                yield image_request(str(i), next(payloads))
+            # nothing may escape: gRPC would log each exception with its traceback and end the
+            # call as UNKNOWN, which reads like a replica failure and is retried
+            try:
+                yield first
+                for n, i in enumerate(indices):
+                    if one_at_a_time and n > 0:
+                        while not progressed.acquire(timeout=0.5):
+                            if done.is_set():
+                                return
+                    if done.is_set():
+                        return
+                    payload = next(payloads)
+                    try:
+                        if isinstance(payload, _Failed):
+                            raise payload.error
+                        # the wire id is the item's index, so duplicate caller ids stay distinct
+                        request = image_request(str(i), payload)
+                    except Exception as exc:  # noqa: BLE001 - that item's error, not sent
+                        local_failure(i, exc)
+                        continue
+                    sent.add(i)
+                    yield request
+            except Exception as exc:  # noqa: BLE001 - ends the stream; its items fail here
+                log.error("making the requests of a stream failed: %s: %s",
+                          type(exc).__name__, _bounded(str(exc), 300))
+                broken.append(exc)
 
         deadline = self.timeout + self.timeout_per_item * len(indices)
         try:
@@ -608,7 +689,14 @@ class FeatureClient:
         try:
             for resp in call:
                 last[0] = time.monotonic()
-                i = int(resp.id)
+                try:
+                    i = int(resp.id)
+                except ValueError:
+                    i = -1
+                if i not in sent or i in answered:
+                    log.warning("ignoring an answer for an item not in flight (id %r)",
+                                resp.id[:40])
+                    continue
                 answered.add(i)
                 results.put((i, result_from_proto(resp, items[i][0])))
                 progressed.release()
@@ -616,9 +704,13 @@ class FeatureClient:
             if stuck:
                 return answered, sent, errors.DeadlineExceeded(
                     f"no answer for {self.item_deadline:g}s (per-item deadline)")
+            if broken:
+                return answered, sent, _Local(_local_error(broken[0], "making the requests"))
             return answered, sent, exc
         finally:
             done.set()
+        if broken:
+            return answered, sent, _Local(_local_error(broken[0], "making the requests"))
         return answered, sent, None
 
     # ------------------------------------------------------------------ metadata

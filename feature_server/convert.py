@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from dff_protos import status, wire
@@ -102,12 +102,27 @@ def prepared_from_proto(msg: features_pb2.PreparedImage) -> PreparedInputs:
                           (int(msg.original_height), int(msg.original_width)))
 
 
+def _enum_name(enum: Any, value: int) -> str:
+    """What a client sent for an enum field: its name, or 'unknown N' when it has none."""
+    return enum.Name(value) if value in enum.values() else f"{value} (unknown)"
+
+
 def options_from_proto(msg: features_pb2.ExtractOptions) -> ExtractOptions:
+    """ExtractOptions of a request; InvalidInput naming the value the client sent for a resize
+    mode or wire dtype this server does not take."""
+    wire_dtype = _DTYPE_FROM_PROTO.get(msg.wire_dtype)
+    if wire_dtype is None:
+        raise InvalidInput(f"wire_dtype {_enum_name(common_pb2.DType, msg.wire_dtype)} is not "
+                           "an activation wire dtype (FLOAT32 or FLOAT16)")
+    resize_mode = _RESIZE_FROM_PROTO.get(msg.resize.mode)
+    if resize_mode is None:
+        raise InvalidInput(f"resize mode {_enum_name(common_pb2.ResizeMode, msg.resize.mode)} "
+                           "is not taken by Extract (SQUASH or KEEP_ASPECT)")
     return ExtractOptions(
         model=msg.model or DEFAULT_FEATURE_MODEL,
         layers=tuple(msg.layers) or ("conv5_4",),
-        wire_dtype=_DTYPE_FROM_PROTO.get(msg.wire_dtype, "invalid"),
-        resize_mode=_RESIZE_FROM_PROTO.get(msg.resize.mode, "invalid"),
+        wire_dtype=wire_dtype,
+        resize_mode=resize_mode,
         size=msg.resize.size or 224,
         return_probabilities=msg.return_probabilities,
         top_k=msg.top_k,
@@ -229,9 +244,13 @@ def result_from_proto(resp: features_pb2.ExtractResponse, item_id: str | None = 
             a.layer: (sparse_from_proto(a.sparse) if a.HasField("sparse")
                       else wire.from_tensor(a.tensor))
             for a in resp.activations}
+        probs = wire.from_tensor(resp.probabilities) if resp.HasField("probabilities") else None
     except InvalidInput as exc:
         return ExtractResult(rid, error=InvalidInput(f"feature server answer for {rid!r}: {exc}"))
-    probs = wire.from_tensor(resp.probabilities) if resp.HasField("probabilities") else None
+    except Exception as exc:  # noqa: BLE001 - a malformed answer fails its item, not the stream
+        return ExtractResult(rid, error=InvalidInput(
+            f"feature server answer for {rid!r} does not decode: {type(exc).__name__}: "
+            f"{str(exc)[:200]}"))
     top = [(s.index, s.name, float(s.probability)) for s in resp.top_k]
     return ExtractResult(rid, acts, probs, top,
                          (resp.info.original_height, resp.info.original_width),

@@ -30,7 +30,13 @@ from typing import Any
 import grpc
 import numpy as np
 from dff_protos import serving
-from dff_protos.errors import DeadlineExceeded, DFFError, ImageTooLarge, InvalidInput
+from dff_protos.errors import (
+    DeadlineExceeded,
+    DFFError,
+    ImageTooLarge,
+    Internal,
+    InvalidInput,
+)
 from dff_protos.metrics import Metrics
 from dff_protos.status import map_errors
 from dff_protos.v1 import features_pb2, features_pb2_grpc
@@ -47,6 +53,7 @@ from feature_server.convert import (
 )
 from feature_server.extractor import ExtractOptions, Extractor, Prepared
 from feature_server.images import DEFAULT_FORMATS, DecodeLimits, check_header
+from feature_server.models.precision import PRECISIONS, variant_name
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +169,8 @@ class _Stream:
         self._pending = 0
         self._reading = True
         self._closed = False
-        self.last_request = time.monotonic()
+        self.last_request = time.monotonic()  # the last image item (not options, not empty)
+        self.failure: BaseException | None = None  # the reader itself failed: end the stream
         self.stop = threading.Event()
         self.futures: set[futures.Future] = set()  # submitted to the batcher, not yet done
 
@@ -228,6 +236,8 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         self._decoders = futures.ThreadPoolExecutor(
             max_workers=config.decode_workers or min(16, os.cpu_count() or 1),
             thread_name_prefix="decode")
+        # set once the server has stopped (after its grace): every stream still running ends
+        self._stopped = threading.Event()
 
     @map_errors
     def DescribeModel(self, request: features_pb2.DescribeModelRequest,  # noqa: N802
@@ -247,15 +257,26 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
             idle_s = self.config.idle_timeout_s
             try:
                 while True:
+                    if stream.failure is not None:
+                        raise Internal("reading the request stream failed (see server log)")
                     try:
                         item, cost = stream.out.get(timeout=min(1.0, idle_s))
                     except queue.Empty:
+                        if self._stopped.is_set() or not context.is_active():
+                            # the caller went away (cancelled, deadline) or the server stopped
+                            # after its grace: nothing more to answer, the slot goes back
+                            log.info("Extract stream from %s ended: %s", context.peer(),
+                                     "server stopped" if self._stopped.is_set()
+                                     else "the caller went away")
+                            return
                         if stream.idle() and time.monotonic() - stream.last_request > idle_s:
                             raise DeadlineExceeded(
-                                f"no request for {idle_s:g}s with nothing in flight: idle "
+                                f"no image for {idle_s:g}s with nothing in flight: idle "
                                 "Extract stream closed") from None
                         continue
                     if item is _Stream._END:
+                        if stream.failure is not None:
+                            raise Internal("reading the request stream failed (see server log)")
                         break
                     stream.slots.release()
                     try:
@@ -308,26 +329,49 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         if not 1 <= options.size <= self.config.max_input_size:
             raise InvalidInput(f"size {options.size} is outside 1..{self.config.max_input_size} "
                                "(this server's --max-input-size)")
+        self._check_precision(options)
         self.extractor.validate(options)
+
+    def _check_precision(self, options: ExtractOptions) -> None:
+        """A precision (or variant) of a model this server serves at other precisions only:
+        say so, and which it serves (not "unknown feature model ... built by dff models
+        build", which sends the client to build what this server was started without)."""
+        registry = self.extractor.registry
+        if options.model in registry:
+            return
+        base = options.model
+        for p in PRECISIONS[1:]:
+            if base.endswith(f"_{p}"):
+                base = base[: -len(p) - 1]
+        served = [p for p in PRECISIONS
+                  if getattr(registry.get(variant_name(base, p)), "kind", "") == "features"]
+        if served:
+            wanted = options.precision or next(
+                (p for p in PRECISIONS[1:] if options.model.endswith(f"_{p}")), "fp32")
+            raise InvalidInput(f"this server does not serve {base} at precision {wanted!r}; "
+                               f"it serves {', '.join(served)} (its --precision)")
 
     def _read(self, request_iterator: Iterator[features_pb2.ExtractRequest],
               context: grpc.ServicerContext, stream: _Stream) -> None:
+        """Read the requests. Every image item started here gets exactly one answer: whatever
+        goes wrong with one item (a malformed message included) is that item's error, never a
+        pending item. A failure of the reading itself ends the stream with an error status."""
         options = ExtractOptions()
         options_error: DFFError | None = None
         try:
             for request in request_iterator:
-                stream.last_request = time.monotonic()
                 kind = request.WhichOneof("kind")
                 if kind == "options":
-                    options = options_from_proto(request.options)
                     try:
+                        options = options_from_proto(request.options)
                         self._check_options(options)
                         options_error = None
                     except DFFError as exc:
                         options_error = exc
                     continue
                 if kind not in ("image", "pixels", "prepared"):
-                    continue
+                    continue  # an empty message: not activity (the idle timeout goes on)
+                stream.last_request = time.monotonic()
                 stream.slots.acquire()
                 if stream.stop.is_set() or not context.is_active():
                     break
@@ -336,54 +380,54 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
                 if options_error is not None:
                     stream.put(("error", (item_id, options_error, False)))
                     continue
-                if kind == "prepared":  # nothing to decode: checked and batched from here
-                    self._adopt(request.prepared, options, stream)
-                    continue
-                data: bytes | np.ndarray
-                try:
-                    if kind == "image":
-                        data = request.image.data
-                        cost = image_cost(data, self.config.limits, options)
-                    else:  # decoded by the client: checked, then a view of the message
-                        data = pixels_from_proto(request.pixels.pixels, self.config.limits)
-                        cost = pixels_cost(data, options)
-                    if not self.budget.acquire(cost, stream.stop):
-                        stream.put(("error", (item_id, DeadlineExceeded("stream ended"),
-                                              False)))
-                        break
-                except DFFError as exc:  # refused from its header: never decoded
-                    stream.put(("error", (item_id, exc, True)))
-                    continue
-                # decoding runs on the shared pool, so one stream can use several cores
-                self._decoders.submit(self._prepare, item_id, data, options, stream, cost)
+                if not self._read_item(kind, request, item_id, options, stream):
+                    break
         except grpc.RpcError:
             log.info("client stream ended early (cancelled or deadline)")
-        except Exception:  # noqa: BLE001 - the reader must always end the stream
+        except Exception as exc:  # noqa: BLE001 - the reader must always end the stream
             log.exception("reading the request stream failed")
+            stream.failure = exc
         finally:
             stream.reading_done()
 
-    def _adopt(self, msg: features_pb2.PreparedImage, options: ExtractOptions,
-               stream: _Stream) -> None:
-        """A PreparedImage: its inputs checked against the options and the original size,
-        then straight to the batcher (no decoding, no preprocessing)."""
+    def _read_item(self, kind: str, request: features_pb2.ExtractRequest, item_id: str,
+                   options: ExtractOptions, stream: _Stream) -> bool:
+        """Check one started item and hand it to the decoders (or, prepared, to the batcher);
+        on any failure answer it with its error. False: the stream ended, stop reading."""
+        held = 0  # memory budget taken for it and not yet handed on
         try:
-            inputs = prepared_from_proto(msg)
-            prepared = self.extractor.adopt(msg.id, inputs.features_input,
-                                            inputs.classifier_input, inputs.original_size,
-                                            options)
-            cost = sum(x.nbytes for x in (prepared.features_input, prepared.classifier_input)
-                       if x is not None)
+            if kind == "prepared":  # nothing to decode: checked and batched from here
+                inputs = prepared_from_proto(request.prepared)
+                prepared = self.extractor.adopt(item_id, inputs.features_input,
+                                                inputs.classifier_input, inputs.original_size,
+                                                options)
+                cost = sum(x.nbytes for x in (prepared.features_input,
+                                              prepared.classifier_input) if x is not None)
+            else:
+                data: bytes | np.ndarray
+                if kind == "image":
+                    data = request.image.data
+                    cost = image_cost(data, self.config.limits, options)
+                else:  # decoded by the client: checked, then a view of the message
+                    data = pixels_from_proto(request.pixels.pixels, self.config.limits)
+                    cost = pixels_cost(data, options)
             if not self.budget.acquire(cost, stream.stop):
-                stream.put(("error", (msg.id, DeadlineExceeded("stream ended"), False)))
-                return
-        except DFFError as exc:
-            stream.put(("error", (msg.id, exc, True)))
-            return
-        try:
-            self._submit(prepared, options, stream, cost)
-        except Exception as exc:  # noqa: BLE001 - e.g. the batcher is shut down
-            stream.put(("error", (msg.id, exc, False)), cost)
+                stream.put(("error", (item_id, DeadlineExceeded("stream ended"), False)))
+                return False
+            held = cost
+            if kind == "prepared":
+                self._submit(prepared, options, stream, cost)
+            else:
+                # decoding runs on the shared pool, so one stream can use several cores
+                self._decoders.submit(self._prepare, item_id, data, options, stream, cost)
+            return True
+        except DFFError as exc:  # refused from its header or its shape: never decoded
+            # a file's or pixels' InvalidInput is INVALID_IMAGE; prepared inputs are arguments
+            stream.put(("error", (item_id, exc, kind != "prepared" and not held)), held)
+        except Exception as exc:  # noqa: BLE001 - e.g. a malformed message: this item's error
+            # INTERNAL for the client, the traceback in the log (status.item_error)
+            stream.put(("error", (item_id, exc, False)), held)
+        return True
 
     def _prepare(self, item_id: str, data: bytes | np.ndarray, options: ExtractOptions,
                  stream: _Stream,
@@ -400,6 +444,10 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
             self._submit(prepared, options, stream, cost)
         except Exception as exc:  # noqa: BLE001 - e.g. the batcher is shut down
             stream.put(("error", (item_id, exc, False)), cost)
+
+    def stopped(self) -> None:
+        """The server has stopped: every stream still running ends now (its slot goes back)."""
+        self._stopped.set()
 
     def close(self) -> None:
         """Stop the decoding pool (after the server has drained)."""
@@ -460,7 +508,10 @@ class RunningServer:
         log.info("shutting down: health NOT_SERVING, draining in-flight streams (grace %.0fs)",
                  grace)
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        # after the grace gRPC cancels what still runs; a stream that is blocked anyway (its
+        # caller neither sends nor reads) ends at its next check of the stop flag (<= 1 s)
+        self.server.stop(grace).wait(grace + 10.0)
+        self.servicer.stopped()
         self.servicer.close()
         self.batcher.close(timeout=grace)
         if self.extras is not None:

@@ -16,7 +16,8 @@ DFF_CLIENT_TLS_CA, DFF_CLIENT_TLS_CERT, DFF_CLIENT_TLS_KEY, DFF_TOKEN_FILE, DFF_
 their channels with :meth:`ClientSecurity.channel`. A process-wide default (set by the CLI,
 else read from the environment) is used by clients that are not given one explicitly.
 
-Every DeleteConceptSet is written to the ``dff.audit`` logger with the caller's role and peer.
+Every DeleteConceptSet is written to the ``dff.audit`` logger with the caller's role and peer,
+refused attempts (UNAUTHENTICATED, PERMISSION_DENIED) too.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def parse_tokens(text: str, source: str = "token file") -> dict[str, str]:
     """``TOKEN ROLE`` lines -> {token: role}. Comments (#) and blank lines are skipped; a bad
     line is refused naming its number (never its token)."""
     tokens: dict[str, str] = {}
+    lines: dict[str, int] = {}  # token -> the line that gave it
+    text = text.removeprefix("\ufeff")  # a BOM would become part of the first token
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -96,6 +99,11 @@ def parse_tokens(text: str, source: str = "token file") -> dict[str, str]:
                                f"{', '.join(ROLES)}")
         if len(parts[0]) < 16:
             raise InvalidInput(f"{source} line {n}: a token needs at least 16 characters")
+        if parts[0] in lines:
+            # which role would it have? refuse rather than let the last line win
+            raise InvalidInput(f"{source} lines {lines[parts[0]]} and {n}: the same token is "
+                               "listed twice (each token once, with one role)")
+        lines[parts[0]] = n
         tokens[parts[0]] = parts[1]
     if not tokens:
         raise InvalidInput(f"{source} holds no token")
@@ -105,7 +113,7 @@ def parse_tokens(text: str, source: str = "token file") -> dict[str, str]:
 def load_tokens(path: str) -> dict[str, str]:
     data = _read(path, "token file")
     assert data is not None
-    return parse_tokens(data.decode("utf-8", errors="replace"), path)
+    return parse_tokens(data.decode("utf-8-sig", errors="replace"), path)
 
 
 def read_client_token(path: str | None) -> str | None:
@@ -114,7 +122,7 @@ def read_client_token(path: str | None) -> str | None:
     data = _read(path, "token file")
     if data is None:
         return None
-    for raw in data.decode("utf-8", errors="replace").splitlines():
+    for raw in data.decode("utf-8-sig", errors="replace").splitlines():
         line = raw.split("#", 1)[0].strip()
         if line:
             return line.split()[0]
@@ -181,9 +189,55 @@ class ServerSecurity:
     @classmethod
     def from_files(cls, cert: str | None = None, key: str | None = None,
                    client_ca: str | None = None, tokens: str | None = None) -> ServerSecurity:
-        return cls(cert=_read(cert, "TLS certificate"), key=_read(key, "TLS key"),
-                   client_ca=_read(client_ca, "client CA"),
-                   tokens=load_tokens(tokens) if tokens else {})
+        security = cls(cert=_read(cert, "TLS certificate"), key=_read(key, "TLS key"),
+                       client_ca=_read(client_ca, "client CA"),
+                       tokens=load_tokens(tokens) if tokens else {})
+        if cert and key:
+            check_tls_files(cert, key, client_ca)
+        return security
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    return str(reason).strip() or type(exc).__name__
+
+
+def check_tls_files(cert: str, key: str, client_ca: str | None = None) -> None:
+    """InvalidInput naming the file and the problem when the TLS material cannot serve: a
+    certificate that is not one, a key that is not one or does not match the certificate, a
+    client CA that holds no certificate. (gRPC itself only fails to add the port, which reads
+    like a port in use.)"""
+    import ssl
+
+    def certificates(path: str, flag: str, what: str) -> None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            text = Path(path).read_text("ascii", errors="replace")
+            ctx.load_verify_locations(cadata=text)
+        except (ssl.SSLError, ValueError, OSError) as exc:
+            hint = " (it holds a private key: are --tls-cert and --tls-key swapped?)" \
+                if flag == "--tls-cert" and "PRIVATE KEY-----" in text else \
+                " (it holds a private key, not a certificate)" if "PRIVATE KEY-----" in text \
+                else ""
+            raise InvalidInput(f"{flag} {path}: not a PEM {what}: {_ssl_reason(exc)}"
+                               f"{hint}") from None
+
+    certificates(cert, "--tls-cert", "certificate")
+    key_text = Path(key).read_text("ascii", errors="replace")
+    if "PRIVATE KEY-----" not in key_text:
+        hint = " (it holds a certificate: are --tls-cert and --tls-key swapped?)" \
+            if "CERTIFICATE-----" in key_text else ""
+        raise InvalidInput(f"--tls-key {key}: not a PEM private key{hint}")
+    try:
+        # never an interactive prompt for an encrypted key's passphrase
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: "")
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        reason = _ssl_reason(exc)
+        problem = ("does not match the certificate" if "MISMATCH" in reason.upper()
+                   else f"cannot be used with the certificate ({reason})")
+        raise InvalidInput(f"--tls-key {key} {problem} --tls-cert {cert}") from None
+    if client_ca:
+        certificates(client_ca, "--tls-client-ca", "CA certificate")
 
 
 def add_server_security_args(p: argparse.ArgumentParser) -> None:
@@ -215,18 +269,24 @@ def _bearer(metadata: Sequence[Any] | None) -> str | None:
     return None
 
 
-def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
+                   audit: Callable[[Any, grpc.ServicerContext], None] | None = None
                    ) -> grpc.RpcMethodHandler:
     def abort(_request: Any, context: grpc.ServicerContext) -> Any:
+        if audit is not None:
+            audit(_request, context)
         context.abort(code, message)
 
+    # an audited refusal decodes the request, so that the audit line can name its id
+    codec = {"request_deserializer": handler.request_deserializer,
+             "response_serializer": handler.response_serializer} if audit is not None else {}
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
+        return grpc.stream_stream_rpc_method_handler(abort, **codec)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
+        return grpc.stream_unary_rpc_method_handler(abort, **codec)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+        return grpc.unary_stream_rpc_method_handler(abort, **codec)
+    return grpc.unary_unary_rpc_method_handler(abort, **codec)
 
 
 def wrap_handler(handler: grpc.RpcMethodHandler,
@@ -260,24 +320,40 @@ class AuthInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         needed = METHOD_ROLES.get(method, "admin")
         role = "anonymous"
+        audited = method in AUDITED
+        name = method.rsplit("/", 1)[-1]
+
+        def refused(code: grpc.StatusCode, role: str) -> Callable[[Any, grpc.ServicerContext],
+                                                                  None] | None:
+            # a refused attempt at an audited method is audited too (never its token)
+            if not audited:
+                return None
+
+            def audit(request: Any, context: grpc.ServicerContext) -> None:
+                audit_log.warning("AUDIT refused %s (%s) id=%r role=%s peer=%s", name, code.name,
+                                  getattr(request, "id", ""), role, context.peer())
+            return audit
+
         if self._tokens and needed is not None:
             token = _bearer(handler_call_details.invocation_metadata)
             found = role_for(self._tokens, token) if token else None
             if found is None:
                 log.info("refused %s: %s token", method, "unknown" if token else "missing")
                 return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                      "a valid 'authorization: Bearer TOKEN' is required")
+                                      "a valid 'authorization: Bearer TOKEN' is required",
+                                      refused(grpc.StatusCode.UNAUTHENTICATED,
+                                              f"none ({'unknown' if token else 'missing'} "
+                                              "token)"))
             if not allowed(found, needed):
                 log.info("refused %s: role %s, needs %s", method, found, needed)
                 return _abort_handler(handler, grpc.StatusCode.PERMISSION_DENIED,
-                                      f"{method.rsplit('/', 1)[-1]} needs the {needed} role; "
-                                      f"this token has {found}")
+                                      f"{name} needs the {needed} role; this token has {found}",
+                                      refused(grpc.StatusCode.PERMISSION_DENIED, found))
             role = found
-        audited = method in AUDITED
 
         def enter(request: Any, context: grpc.ServicerContext) -> contextvars.Token[str]:
             if audited:
-                audit_log.warning("AUDIT %s id=%r role=%s peer=%s", method.rsplit("/", 1)[-1],
+                audit_log.warning("AUDIT %s id=%r role=%s peer=%s", name,
                                   getattr(request, "id", ""), role, context.peer())
             return _ROLE.set(role)
 

@@ -107,6 +107,13 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
         def final(context: grpc.ServicerContext, failed: bool) -> None:
             code = context.code() if hasattr(context, "code") else None
+            if code is None and not context.is_active():
+                # the call ended before the handler did: the caller cancelled it (or went
+                # away), or its deadline passed - not a failure here, and not an OK answer
+                remaining = context.time_remaining()
+                code = (grpc.StatusCode.DEADLINE_EXCEEDED
+                        if remaining is not None and remaining <= 0
+                        else grpc.StatusCode.CANCELLED)
             if code is None:
                 code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dff_protos.errors import InvalidInput
@@ -13,6 +15,8 @@ _TO_NUMPY: dict[int, np.dtype] = {
     common_pb2.FLOAT16: np.dtype("<f2"),
     common_pb2.UINT8: np.dtype("u1"),  # decoded pixels (features.DecodedImage)
 }
+#: the most bytes an error message spells out (a shape may claim any number)
+MAX_TENSOR_BYTES = 2**62
 
 
 def dtype_from_name(name: str) -> common_pb2.DType:
@@ -47,11 +51,16 @@ def from_tensor(tensor: common_pb2.Tensor, *, as_float32: bool = True) -> np.nda
     except KeyError:
         raise InvalidInput(f"unknown tensor dtype {tensor.dtype}") from None
     shape = tuple(int(s) for s in tensor.shape)
-    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    if any(s < 0 for s in shape):
+        raise InvalidInput(f"tensor of shape {list(shape)}: a dimension is negative")
+    # in Python ints: an int64 product wraps (3 x (2^63-1) x (2^63-1) is 3 in int64)
+    expected = math.prod(shape) * np_dtype.itemsize
     data = tensor.data  # each access copies the bytes out of the message: once
     if len(data) != expected:
+        need = f"{expected} bytes" if expected <= MAX_TENSOR_BYTES else \
+            f"more than {MAX_TENSOR_BYTES} bytes"
         raise InvalidInput(
-            f"tensor of shape {shape} and dtype {np_dtype.name} needs {expected} bytes, "
+            f"tensor of shape {list(shape)} and dtype {np_dtype.name} needs {need}, "
             f"got {len(data)}")
     array = np.frombuffer(data, dtype=np_dtype).reshape(shape)
     if as_float32 and array.dtype != np.float32:

@@ -464,3 +464,85 @@ def test_serve_engine_process_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------- store edge cases
+def _a_set(stub) -> str:
+    events = _discover(stub, engine_pb2.DiscoverOptions(name="ant", k=2), make_items(8))
+    return _split(events)[2].concept_set_id
+
+
+def test_list_skips_a_file_with_a_malformed_attribute(stub, fake_engine):
+    import h5py
+
+    running, _ = fake_engine
+    sid = _a_set(stub)
+    store = Path(running.config.store_dir)
+    shutil.copy(store / f"{sid}.h5", store / "badattr.h5")
+    with h5py.File(store / "badattr.h5", "r+") as f:
+        f.attrs["k"] = "not-a-number"  # read_summary: int() -> ValueError
+    try:
+        listed = stub.ListConceptSets(engine_pb2.ListConceptSetsRequest(), timeout=10)
+    finally:
+        (store / "badattr.h5").unlink()
+    ids = [c.id for c in listed.concept_sets]
+    assert sid in ids and "badattr" not in ids
+
+
+def test_a_folder_named_like_a_set_is_not_found_with_or_without_its_file(stub, fake_engine):
+    running, _ = fake_engine
+    folder = Path(running.config.store_dir) / "adir.h5"
+    folder.mkdir()
+    try:
+        codes = []
+        for include_file in (False, True):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetConceptSet(engine_pb2.GetConceptSetRequest(
+                    id="adir", include_file=include_file), timeout=10)
+            codes.append(err.value.code())
+        deleted = stub.DeleteConceptSet(engine_pb2.DeleteConceptSetRequest(id="adir"),
+                                        timeout=10).deleted
+        listed = stub.ListConceptSets(engine_pb2.ListConceptSetsRequest(), timeout=10)
+    finally:
+        folder.rmdir()
+    assert codes == [grpc.StatusCode.NOT_FOUND, grpc.StatusCode.NOT_FOUND]
+    assert not deleted and "adir" not in [c.id for c in listed.concept_sets]
+
+
+def test_a_set_deleted_while_it_is_read_is_not_found(stub, fake_engine, monkeypatch):
+    """Get racing Delete: the file vanishes between the existence check and its reading."""
+    from concept_engine import store as store_module
+
+    running, _ = fake_engine
+    sid = _a_set(stub)
+    path = Path(running.config.store_dir) / f"{sid}.h5"
+
+    def deleted_meanwhile(p, *a, **kw):
+        path.unlink()  # DeleteConceptSet ran while h5py was opening the file
+        raise OSError("Unable to synchronously open file (truncated file: eof = 96)")
+
+    monkeypatch.setattr(store_module, "load_concept_set", deleted_meanwhile)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetConceptSet(engine_pb2.GetConceptSetRequest(id=sid), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
+    assert "unreadable or corrupt" not in err.value.details()
+
+
+def test_an_id_with_a_trailing_newline_is_invalid(stub):
+    for call in (lambda: stub.GetConceptSet(engine_pb2.GetConceptSetRequest(id="ant\n"),
+                                            timeout=10),
+                 lambda: stub.DeleteConceptSet(engine_pb2.DeleteConceptSetRequest(id="ant\n"),
+                                               timeout=10)):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_explain_refuses_duplicate_image_ids(stub):
+    sid = _a_set(stub)
+    a, b = make_items(2, start=300)
+    with pytest.raises(grpc.RpcError) as err:
+        _explain(stub, engine_pb2.ExplainOptions(concept_set_id=sid, render_overlay=True),
+                 [("dup", a[1]), ("dup", b[1])])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "duplicate image ids" in err.value.details() and "'dup'" in err.value.details()
