@@ -21,7 +21,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -828,26 +828,34 @@ def _explain_inputs(entries: Sequence[Path]) -> list[tuple[str, Path]]:
     twice: it would be counted twice)."""
     from exporter.export import file_id, list_images
 
-    items: list[tuple[str, Path]] = []
-    seen: dict[str, Path] = {}
-    for entry in entries:
+    def found(entry: Path) -> list[tuple[str, Path]]:
         if entry.is_dir():
-            found = list_images(entry)
-        elif entry.is_file():
-            found = [(file_id(entry.name), entry)]
-        else:
-            raise UsageError(f"no such file or folder: {entry}")
-        for image_id, path in found:
-            if image_id in seen:
-                if _same_file(path, seen[image_id]):
-                    raise UsageError(f"{image_id!r} is given twice ({seen[image_id]} and {path} "
-                                     "are one file); give each image or folder once")
-                raise UsageError(f"{path} and {seen[image_id]} have the same file name "
-                                 f"{image_id!r} (an image's id); explain them in two runs "
-                                 "or rename one")
-            seen[image_id] = path
-            items.append((image_id, path))
-    return items
+            return list_images(entry)
+        if entry.is_file():
+            return [(file_id(entry.name), entry)]
+        raise UsageError(f"no such file or folder: {entry}")
+
+    return _unique_ids((pair for entry in entries for pair in found(entry)), "explain",
+                       "file name")
+
+
+def _unique_ids(items: Iterable[tuple[str, Path]], command: str, id_is: str
+                ) -> list[tuple[str, Path]]:
+    """``items`` as a list, UsageError for an id seen twice: one file given twice (it would
+    be counted twice), or two files with one id (``id_is`` says what an id is here)."""
+    out: list[tuple[str, Path]] = []
+    seen: dict[str, Path] = {}
+    for image_id, path in items:
+        if image_id in seen:
+            if _same_file(path, seen[image_id]):
+                raise UsageError(f"{image_id!r} is given twice ({seen[image_id]} and {path} "
+                                 "are one file); give each image or folder once")
+            raise UsageError(f"{path} and {seen[image_id]} have the same {id_is} {image_id!r} "
+                             f"(an image's id is its file name, or its path below a folder "
+                             f"given); {command} them in two runs or rename one")
+        seen[image_id] = path
+        out.append((image_id, path))
+    return out
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -1060,27 +1068,16 @@ def _extract_inputs(entries: Sequence[str]) -> list[tuple[str, Path]]:
     or two images with one id."""
     from feature_server.images import IMAGE_SUFFIXES, file_id
 
-    items: list[tuple[str, Path]] = []
-    seen: dict[str, Path] = {}
-    for entry in map(Path, entries):
+    def found(entry: Path) -> list[tuple[str, Path]]:
         if entry.is_dir():
-            found = [(file_id(str(p.relative_to(entry))), p) for p in sorted(entry.rglob("*"))
-                     if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
-        elif entry.exists() or entry.is_symlink():
-            found = [(file_id(entry.name), entry)]
-        else:
-            raise UsageError(f"no such image file or folder: {entry}")
-        for image_id, path in found:
-            if image_id in seen:
-                if _same_file(path, seen[image_id]):
-                    raise UsageError(f"{image_id!r} is given twice ({seen[image_id]} and {path} "
-                                     "are one file); give each image or folder once")
-                raise UsageError(f"{path} and {seen[image_id]} have the same id {image_id!r} "
-                                 "(a file's name, or its path below the folder given); "
-                                 "extract them in two runs or rename one")
-            seen[image_id] = path
-            items.append((image_id, path))
-    return items
+            return [(file_id(str(p.relative_to(entry))), p) for p in sorted(entry.rglob("*"))
+                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
+        if entry.exists() or entry.is_symlink():
+            return [(file_id(entry.name), entry)]
+        raise UsageError(f"no such image file or folder: {entry}")
+
+    return _unique_ids((pair for entry in map(Path, entries) for pair in found(entry)),
+                       "extract", "id")
 
 
 def check_out_file(out: Path) -> None:
