@@ -158,8 +158,9 @@ class DiscoveryOptions:
             problems.append(f"prediction_mode {self.prediction_mode!r} not in {PREDICTION_MODES}")
         if self.prediction_top_n < 1 or not self.temperature > 0:
             problems.append("prediction_top_n must be >= 1 and temperature > 0")
-        if self.bootstrap < 0 or self.bootstrap_iters < 1:
-            problems.append("bootstrap must be >= 0 and bootstrap_iters >= 1")
+        if not (0 <= self.bootstrap <= MAX_BOOTSTRAP and 1 <= self.bootstrap_iters <= 10_000):
+            problems.append(f"bootstrap must be in 0..{MAX_BOOTSTRAP} and bootstrap_iters in "
+                            f"1..10000, got {self.bootstrap} and {self.bootstrap_iters}")
         if not 0.0 <= self.min_probability <= 1.0:
             problems.append(f"min_probability must be in 0..1, got {self.min_probability}")
         if not 0.0 <= self.certainty_quantile <= 1.0:
@@ -168,8 +169,9 @@ class DiscoveryOptions:
             problems.append(f"solver {self.solver!r} not in {SOLVERS}")
         if self.init not in INITS:
             problems.append(f"init {self.init!r} not in {INITS}")
-        if self.max_iter < 1 or not self.tol >= 0:
-            problems.append("max_iter must be >= 1 and tol >= 0")
+        if not 1 <= self.max_iter <= MAX_ITER or not self.tol >= 0:
+            problems.append(f"max_iter must be in 1..{MAX_ITER} and tol >= 0, got "
+                            f"{self.max_iter} and {self.tol}")
         if self.precision not in PRECISION_CHOICES:
             problems.append(f"precision {self.precision!r} not in {PRECISION_CHOICES}")
         if self.resize_mode not in RESIZE_MODES:
@@ -233,6 +235,13 @@ class _Image:
     input_size: tuple[int, int]
     probabilities: np.ndarray | None
     key: bytes = b""  # digest of the image's data: its place in the canonical order
+
+
+#: Upper bounds of options whose cost grows without limit (an engine's Discover slot is held
+#: for as long as they take): 1000 resamples is ~80x the default's cost, 100000 iterations
+#: 500x the default's.
+MAX_BOOTSTRAP = 1000
+MAX_ITER = 100_000
 
 
 def _digest(data: Any) -> bytes:
@@ -635,10 +644,12 @@ def _reliability_stage(images: list[_Image], V: Any, fit: Any, sweep: _Sweep, ru
     sizes = [im.feature_size for im in images]
     run.emit(Progress("reliability", 0, 1, f"bootstrap stability, B={options.bootstrap}"))
     if options.bootstrap > 0:
-        stab, interval = bootstrap_stability(V, sizes, fit.W, fit.H, n_boot=options.bootstrap,
-                                             iters=options.bootstrap_iters, seed=options.seed,
-                                             solver=options.solver,
-                                             order=_content_order(images))
+        stab, interval = bootstrap_stability(
+            V, sizes, fit.W, fit.H, n_boot=options.bootstrap, iters=options.bootstrap_iters,
+            seed=options.seed, solver=options.solver, order=_content_order(images),
+            # an event per batch of resamples: a cancelled discovery stops here too
+            progress=lambda done, total: run.emit(Progress(
+                "reliability", 0, 1, f"bootstrap {done}/{total} resamples")))
     else:
         stab = np.full(k, np.nan, np.float32)
         interval = np.full((k, 2), np.nan, np.float32)
@@ -881,6 +892,11 @@ class Explanation:
     out_of_distribution: bool = False  # error beyond the training images' 95th percentile
 
 
+def _set_label(concept_set: ConceptSet) -> str:
+    name = concept_set.name or concept_set.id
+    return f"concept set {name!r}" if name else "the concept set"
+
+
 def _check_same_weights(concept_set: ConceptSet, source: FeatureSource, model: str) -> None:
     """InvalidInput when the source's ``model`` has other weights than the set was made with
     (a model re-registered under the same name, or another server's build): its channels are
@@ -890,7 +906,7 @@ def _check_same_weights(concept_set: ConceptSet, source: FeatureSource, model: s
     current = str(_model_info(source.describe(), model).get("weights_sha256") or "")
     if recorded and current and recorded != current:
         raise InvalidInput(
-            f"concept set {concept_set.name or concept_set.id!r} was made with model {model!r} "
+            f"{_set_label(concept_set)} was made with model {model!r} "
             f"of weights sha256 {recorded[:16]}..., but the feature source's {model!r} has "
             f"weights {current[:16]}...: its bases do not describe this network's channels. "
             "Explain with the original weights, or discover the concepts again")

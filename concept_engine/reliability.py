@@ -93,14 +93,16 @@ def _row_index(images: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 def bootstrap_stability(V: Any, sizes: Sequence[tuple[int, int]], W: Any, H: Any, *,
                         n_boot: int = DEFAULT_B, iters: int = DEFAULT_ITERS, seed: int = 0,
-                        solver: str = "hals", order: Any = None
-                        ) -> tuple[np.ndarray, np.ndarray]:
+                        solver: str = "hals", order: Any = None,
+                        progress: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-concept bootstrap stability of the fit (W, H) of V (see the module docstring).
 
     V (sum h_i*w_i, C) rows image by image (NumPy, CuPy or SciPy CSR), sizes the (h, w) of each
     image, W (rows, k), H (k, C) the final fit. ``order``: the images in a canonical order
     (see :attr:`concept_engine.kselect.Sweep.order`): resamples are drawn over it, so they do
-    not depend on the order the images came in. Returns (stability (k,), interval (k, 2))."""
+    not depend on the order the images came in. ``progress(done, total)`` is called after
+    every batch of resamples (it may raise to cancel). Returns (stability (k,), interval
+    (k, 2))."""
     from concept_engine.kselect import canonical_order
     from concept_engine.nmf import nmf_fit_many
 
@@ -133,6 +135,8 @@ def bootstrap_stability(V: Any, sizes: Sequence[tuple[int, int]], W: Any, H: Any
         for b, fit in enumerate(nmf_fit_many(jobs), start=start):
             _, c = match_bases(H, fit.H)
             cos[b] = c
+        if progress is not None:
+            progress(min(n_boot, start + batch), n_boot)
     stab = cos.mean(axis=0).astype(np.float32)
     interval = np.quantile(cos, [0.05, 0.95], axis=0).T.astype(np.float32)
     return stab, interval

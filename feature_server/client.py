@@ -159,6 +159,9 @@ class ClientClosed(errors.Unavailable):
     """The client was closed while items were still to be sent: they are not retried."""
 
 
+#: the longest wait between two attempts to reconnect to a replica that is down
+RECONNECT_BACKOFF_MAX_MS = 3000
+
 #: the longest error message the client makes of several (attempts, replicas)
 MAX_ERROR_CHARS = 1000
 
@@ -268,7 +271,12 @@ class FeatureClient:
                    ("grpc.max_send_message_length", limit),
                    ("grpc.lb_policy_name", "round_robin"),
                    ("grpc.keepalive_time_ms", 30_000),
-                   ("grpc.keepalive_timeout_ms", 10_000)]
+                   ("grpc.keepalive_timeout_ms", 10_000),
+                   # a replica that comes back is seen within seconds: gRPC's reconnect
+                   # backoff grows to 120 s by default, so an engine stayed UNAVAILABLE for
+                   # about a minute after its feature server had restarted
+                   ("grpc.initial_reconnect_backoff_ms", 500),
+                   ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS)]
         self.security = security if security is not None else default_client_security()
         if connections_per_address is None:
             connections_per_address = int(os.environ.get("DFF_CONNECTIONS_PER_ADDRESS") or 1)

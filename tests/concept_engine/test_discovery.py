@@ -163,6 +163,31 @@ def test_the_order_the_images_come_in_does_not_change_the_set(items):
     assert sorted(a.image_ids) == sorted(b.image_ids)
 
 
+def test_the_bootstrap_is_bounded_and_can_be_cancelled(items):
+    """An engine's Discover slot is held while the bootstrap runs: a client that gave up on
+    bootstrap=100000 held the only slot ~80 s after its deadline. The option is bounded, and
+    every batch of resamples emits an event, where a cancel (a raising callback) stops it."""
+    with pytest.raises(InvalidInput, match="bootstrap must be in 0..1000"):
+        discover(items, FakeSource(), DiscoveryOptions(name="ant", k=2, bootstrap=100_000))
+    with pytest.raises(InvalidInput, match="max_iter must be in 1..100000"):
+        discover(items, FakeSource(), DiscoveryOptions(name="ant", k=2, max_iter=10**9))
+
+    class Cancelled(Exception):
+        pass
+
+    seen = []
+
+    def progress(event):
+        if isinstance(event, Progress) and event.message.endswith(" resamples"):
+            seen.append(event.message)
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        discover(items, FakeSource(), DiscoveryOptions(name="ant", k=2, bootstrap=1000),
+                 progress)
+    assert len(seen) == 1 and seen[0].endswith("/1000 resamples")
+
+
 def test_fit_cache_shared_between_calls(items):
     from concept_engine.discovery import FitCache
 
