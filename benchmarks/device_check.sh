@@ -21,6 +21,19 @@
 # without a GPU (what the test suite does), with the local venv's python.
 set -uo pipefail
 
+case "${1:-}" in
+    ""|--prepare|--prepare-ort|--install-ort) ;;
+    -h|--help)
+        # the comment block above, without its '# ' (everything up to `set -uo pipefail`)
+        sed -n '2,/^set -uo pipefail/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
+        echo "usage: bash benchmarks/device_check.sh [--prepare | --prepare-ort | --install-ort]"
+        exit 0 ;;
+    *)
+        echo "device_check.sh: unknown argument '$1'" >&2
+        echo "usage: bash benchmarks/device_check.sh [--prepare | --prepare-ort | --install-ort | --help]" >&2
+        exit 2 ;;
+esac
+
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${DFF_DEVICE_CACHE:-$ROOT/.device-cache}"
 REDUCED="${DFF_DEVICE_CHECK_CPU:-0}"

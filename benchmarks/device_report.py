@@ -127,6 +127,10 @@ def report(logs: Path, out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] in ("-h", "--help"):
+        out = sys.stdout if args[:1] in (["-h"], ["--help"]) else sys.stderr
+        out.write(f"usage: python benchmarks/device_report.py LOGS WORK\n{__doc__ or ''}")
+        return 0 if out is sys.stdout else 2
     sys.stdout.write(report(Path(args[0]), Path(args[1])))
     return 0
 

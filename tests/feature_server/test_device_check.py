@@ -22,6 +22,20 @@ def test_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "device_check.sh")], check=True)
 
 
+def test_help_and_unknown_arguments_run_nothing(tmp_path):
+    """`--help` ran the whole check (it unpacked 300 MB of onnxruntime-gpu into /tmp): it
+    prints the usage; an unknown argument exits 2 - neither writes anything."""
+    script = str(ROOT / "benchmarks" / "device_check.sh")
+    env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path), "OUT": str(tmp_path / "out")}
+    shown = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, env=env)
+    assert shown.returncode == 0 and "usage: bash benchmarks/device_check.sh" in shown.stdout
+    assert "One GPU check, one table" in shown.stdout
+    bad = subprocess.run(["bash", script, "--bogus"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "unknown argument '--bogus'" in bad.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert device_report.main(["--help"]) == 0 and device_report.main([]) == 2
+
+
 @pytest.mark.slow
 def test_carried_int8_model_rebuilds_the_weights(registry, tmp_path):
     from feature_server.models import build
