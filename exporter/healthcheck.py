@@ -4,9 +4,10 @@
                                    [--tls-ca FILE [--tls-cert FILE --tls-key FILE]]
 
 Exit status 0 when the server answers SERVING, 1 otherwise (NOT_SERVING, unreachable, timeout,
-unknown service). ADDR defaults to localhost:50051; the empty service name asks about the
-server as a whole. A TLS server is asked over TLS with --tls-ca (env DFF_CLIENT_TLS_CA); the
-plaintext health-only port (``--health-port``) needs no flags. Used by the Dockerfiles'
+unknown service), 2 for a usage error (a port out of 1..65535, half-given TLS flags). ADDR
+defaults to localhost:50051; the empty service name asks about the server as a whole. A TLS
+server is asked over TLS with --tls-ca (env DFF_CLIENT_TLS_CA); the plaintext health-only port
+(``--health-port``) needs no flags. Used by the Dockerfiles'
 HEALTHCHECK; Kubernetes uses its native gRPC probe.
 """
 
@@ -47,7 +48,17 @@ def main(argv: list[str] | None = None) -> int:
 
     add_client_security_args(p)
     args = p.parse_args(argv)
-    ok, text = check(args.address, args.service, args.timeout, client_security_from_args(args))
+    from dff_protos.errors import DFFError
+    from dff_protos.serving import check_address
+
+    try:
+        # gRPC would take 'host:70000' as port 4464 and probe that
+        check_address(args.address, "ADDR")
+        security = client_security_from_args(args)
+    except DFFError as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    ok, text = check(args.address, args.service, args.timeout, security)
     if not args.quiet:
         print(text, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1

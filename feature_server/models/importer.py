@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 NEGATIVE_POLICIES = ("clamp", "shift")
 NON_NEGATIVE_OPS = frozenset({"Relu", "Sigmoid", "Softplus", "Softmax"})
 VERIFY_SIZE = 224
+#: the smallest --input-size of export-torch (as the built-in VGG-19: any size >= 32)
+MIN_INPUT_SIZE = 32
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 RAW_PREPROCESSING = Preprocessing(
@@ -135,8 +137,8 @@ def _image_input(model: Any) -> Any:
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
-        raise InvalidInput(f"the model must take exactly one input (an image batch); it takes "
-                           f"{[i.name for i in inputs]}")
+        raise InvalidInput("the model must take exactly one input (an image batch); it takes "
+                           + (f"{[i.name for i in inputs]}" if inputs else "none"))
     inp = inputs[0]
     dims = inp.type.tensor_type.shape.dim
     if len(dims) != 4:
@@ -253,13 +255,18 @@ def rewrite_graph(model: Any, layers: dict[str, str], negative: str,
     return m, policies
 
 
-def verify_run(path: Path, input_name: str, outputs: Sequence[str], size: int) -> dict[str, list]:
+def verify_run(path: Path, input_name: str, outputs: Sequence[str], size: int,
+               classifier_output: str | None = None) -> dict[str, list]:
     """Run the model once on a deterministic input; the shape of every output. Raises
-    InvalidInput when an output is missing, not finite, negative, or of the wrong rank."""
+    InvalidInput when an output is missing, not finite, negative, or of the wrong rank.
+    ``classifier_output`` (the tensor ``probabilities`` is made of) names that output in
+    the messages."""
     import onnxruntime as ort
 
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # a wrong output is reported below, not as ORT noise
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
         results = session.run(list(outputs), {input_name: x})
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
@@ -269,17 +276,22 @@ def verify_run(path: Path, input_name: str, outputs: Sequence[str], size: int) -
     for name, value in zip(outputs, results, strict=True):
         value = np.asarray(value)
         want = 2 if name == "probabilities" else 4
+        label = (f"--classifier-output {classifier_output!r}"
+                 if name == "probabilities" and classifier_output else f"output {name!r}")
         if value.ndim != want or value.shape[0] != 1:
-            raise InvalidInput(f"output {name!r} has shape {value.shape}; expected rank {want} "
-                               "with the batch first")
+            fix = ("; a classifier output is (N, classes): name the logits" if want == 2
+                   else "")
+            raise InvalidInput(f"{label} has shape {value.shape}; expected rank {want} "
+                               f"with the batch first{fix}")
         if value.size == 0:
-            raise InvalidInput(f"output {name!r} has shape {value.shape}: no values (0 "
+            raise InvalidInput(f"{label} has shape {value.shape}: no values (0 "
                                "channels or an empty map); choose another layer")
         if not np.all(np.isfinite(value)):
-            raise InvalidInput(f"output {name!r} is not finite on the verification input")
+            raise InvalidInput(f"{label} is not finite on the verification input")
         if name == "probabilities":
             if abs(float(value.sum()) - 1.0) > 1e-3:
-                raise InvalidInput(f"probabilities sum to {float(value.sum()):.4g}, not 1")
+                raise InvalidInput(f"{label}: probabilities sum to {float(value.sum()):.4g}, "
+                                   "not 1")
         elif float(value.min()) < 0:
             raise InvalidInput(f"layer {name!r} is negative after the policy (a bug)")
         shapes[name] = list(value.shape[1:])
@@ -288,7 +300,13 @@ def verify_run(path: Path, input_name: str, outputs: Sequence[str], size: int) -
 
 def _class_names(path: str | None, n: int) -> tuple[list[str], list[str]]:
     if path:
-        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"--class-names {path}: cannot be read "
+                               f"({getattr(exc, 'strerror', None) or exc}); give a text "
+                               "file with one class name a line") from None
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         if len(names) != n:
             raise InvalidInput(f"--class-names {path} has {len(names)} names; the classifier "
                                f"has {n} outputs")
@@ -323,6 +341,12 @@ def import_onnx(path: str | os.PathLike[str], name: str, layers: str | Sequence[
     layer_map = parse_layers(layers)
     if "probabilities" in layer_map:
         raise InvalidInput("'probabilities' is reserved for --classifier-output")
+    if class_names and not classifier_output:
+        raise InvalidInput("--class-names needs --classifier-output NAME (the class names "
+                           "are those of the classifier made from that output)")
+    if class_names and not Path(class_names).is_file():
+        raise NotFound(f"--class-names {class_names}: no such file; give a text file with "
+                       "one class name a line")
     pre = parse_preprocessing(preprocessing)
     directory = models_dir(home)
     target = directory / f"{name}.onnx"
@@ -334,6 +358,10 @@ def import_onnx(path: str | os.PathLike[str], name: str, layers: str | Sequence[
         model = onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and others
         raise InvalidInput(f"{path} is not a readable ONNX model: {exc}") from None
+    if not model.HasField("graph") or not (model.graph.node or model.graph.input):
+        # an empty file parses as an empty ModelProto
+        raise InvalidInput(f"{path} is not a readable ONNX model: it holds no graph (empty "
+                           "or not an ONNX file)")
     inp = _image_input(model)
     fixed = _fixed_size(inp)
     if fixed is not None and fixed != pre.size:
@@ -350,7 +378,8 @@ def import_onnx(path: str | os.PathLike[str], name: str, layers: str | Sequence[
         staged = Path(tmp) / "model.onnx"
         staged.write_bytes(rewritten.SerializeToString())
         outputs = list(layer_map) + (["probabilities"] if classifier_output else [])
-        shapes = verify_run(staged, inp.name, outputs, fixed or VERIFY_SIZE)
+        shapes = verify_run(staged, inp.name, outputs, fixed or VERIFY_SIZE,
+                            classifier_output)
         staged.replace(target)
     size = fixed or VERIFY_SIZE
     spec_layers: dict[str, tuple[int, int]] = {}
@@ -405,6 +434,12 @@ def _load_factory(target: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise NotFound(f"cannot import {module_name!r}: {exc}") from None
+    except SyntaxError as exc:
+        raise InvalidInput(f"cannot import {module_name!r}: syntax error in {exc.filename}, "
+                           f"line {exc.lineno}: {exc.msg}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the module's own code raises
+        raise InvalidInput(f"cannot import {module_name!r}: importing it raised "
+                           f"{type(exc).__name__}: {exc}") from None
     factory: Any = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
@@ -445,10 +480,28 @@ def export_torch(target: str, name: str, layers: str | Sequence[str], *,
     classifier output when ``classifier_output`` names it (any name, e.g. ``logits``)."""
     import torch
 
+    if not isinstance(input_size, int) or input_size < MIN_INPUT_SIZE:
+        raise InvalidInput(f"--input-size {input_size}: the export input must be at least "
+                           f"{MIN_INPUT_SIZE} pixels square (default {VERIFY_SIZE})")
     factory = _load_factory(target)
-    net = factory() if callable(factory) else factory
+    if callable(factory) and not isinstance(factory, torch.nn.Module):
+        try:
+            net = factory()
+        except DFFError:
+            raise
+        except TypeError as exc:
+            raise InvalidInput(f"{target}: calling it with no arguments failed ({exc}); "
+                               "FACTORY must be a callable that takes no arguments and "
+                               "returns a torch.nn.Module") from None
+        except Exception as exc:  # noqa: BLE001 - whatever the factory raises
+            raise InvalidInput(f"{target}: calling it raised {type(exc).__name__}: "
+                               f"{exc}") from None
+    else:
+        net = factory
     if not isinstance(net, torch.nn.Module):
-        raise InvalidInput(f"{target} gave a {type(net).__name__}, not a torch.nn.Module")
+        kind = type(net).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise InvalidInput(f"{target} gave {article} {kind}, not a torch.nn.Module")
     net.eval()
     names = list(parse_layers(layers))
     modules = dict(net.named_modules())
@@ -488,8 +541,15 @@ def export_torch(target: str, name: str, layers: str | Sequence[str], *,
     dynamic.update({n: {0: "batch"} for n in out_names})
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / f"{name}.onnx"
-        torch_to_onnx(Taps(net), onnx_path, input_size, input_names=["input"],
-                      output_names=out_names, dynamic_axes=dynamic)
+        try:
+            torch_to_onnx(Taps(net), onnx_path, input_size, input_names=["input"],
+                          output_names=out_names, dynamic_axes=dynamic)
+        except DFFError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch's exporter and the module's forward
+            raise InvalidInput(f"{target}: torch could not run or export it on a (1, 3, "
+                               f"{input_size}, {input_size}) input ({type(exc).__name__}: "
+                               f"{str(exc)[:300]}); check --input-size and --layers") from None
         # the exported graph names each output after our names: expose them as they are
         layer_map = [n if t == n else f"{n}={t}" for n, t in zip(names, tensors, strict=True)]
         return import_onnx(onnx_path, name, layer_map, classifier_output=classifier_output,
@@ -552,7 +612,7 @@ def cmd_models_import(args: argparse.Namespace) -> int:
     try:
         return _report(import_onnx(args.file, args.name, args.layers, **_kwargs(args)))
     except DFFError as exc:
-        sys.stderr.write(f"dff models import: {exc}\n")
+        sys.stderr.write(f"dff models import: error: {exc}\n")
         return 2
 
 
@@ -561,5 +621,5 @@ def cmd_models_export_torch(args: argparse.Namespace) -> int:
         return _report(export_torch(args.target, args.name, args.layers,
                                     input_size=args.input_size, **_kwargs(args)))
     except DFFError as exc:
-        sys.stderr.write(f"dff models export-torch: {exc}\n")
+        sys.stderr.write(f"dff models export-torch: error: {exc}\n")
         return 2

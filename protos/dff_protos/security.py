@@ -202,6 +202,24 @@ def _ssl_reason(exc: BaseException) -> str:
     return str(reason).strip() or type(exc).__name__
 
 
+def _check_certificates(path: str, flag: str, what: str) -> None:
+    """InvalidInput naming ``flag`` when ``path`` holds no PEM certificate."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    text = ""
+    try:
+        text = Path(path).read_text("ascii", errors="replace")
+        ctx.load_verify_locations(cadata=text)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        hint = " (it holds a private key: are --tls-cert and --tls-key swapped?)" \
+            if flag.endswith("tls-cert") and "PRIVATE KEY-----" in text else \
+            " (it holds a private key, not a certificate)" if "PRIVATE KEY-----" in text \
+            else ""
+        raise InvalidInput(f"{flag} {path}: not a PEM {what}: {_ssl_reason(exc)}"
+                           f"{hint}") from None
+
+
 def check_tls_files(cert: str, key: str, client_ca: str | None = None) -> None:
     """InvalidInput naming the file and the problem when the TLS material cannot serve: a
     certificate that is not one, a key that is not one or does not match the certificate, a
@@ -209,20 +227,7 @@ def check_tls_files(cert: str, key: str, client_ca: str | None = None) -> None:
     like a port in use.)"""
     import ssl
 
-    def certificates(path: str, flag: str, what: str) -> None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            text = Path(path).read_text("ascii", errors="replace")
-            ctx.load_verify_locations(cadata=text)
-        except (ssl.SSLError, ValueError, OSError) as exc:
-            hint = " (it holds a private key: are --tls-cert and --tls-key swapped?)" \
-                if flag == "--tls-cert" and "PRIVATE KEY-----" in text else \
-                " (it holds a private key, not a certificate)" if "PRIVATE KEY-----" in text \
-                else ""
-            raise InvalidInput(f"{flag} {path}: not a PEM {what}: {_ssl_reason(exc)}"
-                               f"{hint}") from None
-
-    certificates(cert, "--tls-cert", "certificate")
+    _check_certificates(cert, "--tls-cert", "certificate")
     key_text = Path(key).read_text("ascii", errors="replace")
     if "PRIVATE KEY-----" not in key_text:
         hint = " (it holds a certificate: are --tls-cert and --tls-key swapped?)" \
@@ -237,7 +242,7 @@ def check_tls_files(cert: str, key: str, client_ca: str | None = None) -> None:
                    else f"cannot be used with the certificate ({reason})")
         raise InvalidInput(f"--tls-key {key} {problem} --tls-cert {cert}") from None
     if client_ca:
-        certificates(client_ca, "--tls-client-ca", "CA certificate")
+        _check_certificates(client_ca, "--tls-client-ca", "CA certificate")
 
 
 def add_server_security_args(p: argparse.ArgumentParser) -> None:
@@ -492,12 +497,34 @@ def add_client_security_args(p: argparse.ArgumentParser | Any, prefix: str = "")
 
 
 def client_security_from_args(args: argparse.Namespace, prefix: str = "") -> ClientSecurity:
+    """The ClientSecurity of the ``--{prefix}tls-*`` / ``--{prefix}token-file`` flags; a
+    half-given pair is refused naming the flags as the command spells them."""
     a = prefix.replace("-", "_")
     token = None if prefix else _env("DFF_TOKEN")
-    return ClientSecurity.from_files(getattr(args, f"{a}tls_ca", None),
-                                     getattr(args, f"{a}tls_cert", None),
-                                     getattr(args, f"{a}tls_key", None),
-                                     getattr(args, f"{a}token_file", None), token)
+    ca, cert, key = (getattr(args, f"{a}tls_{n}", None) for n in ("ca", "cert", "key"))
+    if bool(cert) != bool(key):
+        given, missing = ("cert", "key") if cert else ("key", "cert")
+        raise InvalidInput(f"--{prefix}tls-{given} {cert or key}: needs --{prefix}tls-{missing} "
+                           f"(--{prefix}tls-cert and --{prefix}tls-key go together)")
+    if cert and not ca:
+        raise InvalidInput(f"--{prefix}tls-cert {cert}: a client certificate needs "
+                           f"--{prefix}tls-ca")
+    return ClientSecurity.from_files(ca, cert, key, getattr(args, f"{a}token_file", None), token)
+
+
+def check_client_tls_files(args: argparse.Namespace, prefix: str = "") -> None:
+    """InvalidInput naming the flag when ``--{prefix}tls-ca`` / ``--{prefix}tls-cert`` is not
+    a PEM certificate or ``--{prefix}tls-key`` holds no PEM private key (gRPC would only fail
+    later, at every connection). Files that cannot be read are left to ``from_files``."""
+    a = prefix.replace("-", "_")
+    for name, what in (("ca", "CA certificate"), ("cert", "certificate")):
+        path = getattr(args, f"{a}tls_{name}", None)
+        if path and Path(path).is_file():
+            _check_certificates(path, f"--{prefix}tls-{name}", what)
+    key = getattr(args, f"{a}tls_key", None)
+    if key and Path(key).is_file() and \
+            "PRIVATE KEY-----" not in Path(key).read_text("ascii", errors="replace"):
+        raise InvalidInput(f"--{prefix}tls-key {key}: not a PEM private key")
 
 
 _default: ClientSecurity | None = None

@@ -293,15 +293,17 @@ def test_no_data_root_refuses_data_dir(tmp_path):
         running.stop(grace=1)
 
 
-def test_cli_registers_serve_engine():
+def test_cli_registers_serve_engine(tmp_path):
     from exporter.cli import build_parser
 
-    args = build_parser().parse_args(["serve", "engine", "--port", "0", "--store", "s",
-                                      "--data-root", "d", "--feature-server", "a:1,b:2"])
+    data = str(tmp_path)  # --data-root must exist (checked at start)
+    args = build_parser().parse_args(["serve", "engine", "--port", "0", "--store",
+                                      str(tmp_path / "s"), "--data-root", data,
+                                      "--feature-server", "a:1,b:2"])
     from concept_engine.cli import config_from_args
 
     config = config_from_args(args)
-    assert config.feature_servers == ("a:1", "b:2") and config.data_root == "d"
+    assert config.feature_servers == ("a:1", "b:2") and config.data_root == data
     assert config.port == 0 and callable(args.func)
 
 
@@ -450,6 +452,11 @@ def test_serve_engine_process_sigterm(tmp_path):
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="dff.v1.ConceptEngine"), timeout=10)
             assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # ... while the process itself is alive: what the k8s liveness probe asks (the
+            # engine was restarted during every feature-server outage longer than a minute)
+            alive = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="liveness"), timeout=10)
+            assert alive.status == health_pb2.HealthCheckResponse.SERVING
             stub = engine_pb2_grpc.ConceptEngineStub(channel)
             listed = stub.ListConceptSets(engine_pb2.ListConceptSetsRequest(), timeout=10)
             assert list(listed.concept_sets) == []
