@@ -426,17 +426,6 @@ def start(server: grpc.Server, service_name: str, host: str, port: int,
 LIVENESS_SERVICE = "liveness"
 
 
-def add_health_and_reflection(server: grpc.Server, service_name: str) -> health.HealthServicer:
-    """Register grpc.health.v1 and server reflection for ``service_name`` (a full name taken
-    from a generated DESCRIPTOR); returns the health servicer, not yet SERVING."""
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
-    return health_servicer
-
-
 def mark_serving(health_servicer: health.HealthServicer, service_name: str,
                  serving: bool = True) -> None:
     """The overall status ("") and the service's own status go SERVING (or NOT_SERVING)."""
